@@ -1,0 +1,265 @@
+"""The decoder shared by Llama, Qwen2 and Qwen3: pure functions over a parameter pytree.
+
+Design decisions:
+- Parameters are a nested dict of arrays with the layers stacked on a leading axis, so the forward
+  pass is one `lax.scan` over layers: compile time does not grow with depth, and remat wraps one body.
+- `param_specs(cfg)` is the single declaration of every parameter's shape and logical axis names;
+  initialisation, sharding and the HF name tables all read it, so they cannot drift apart.
+- Attention masks are derived from positions alone: a key at position p is visible to a query at
+  position q iff 0 <= p <= q. Padding and empty cache slots carry position -1. The same code serves
+  the full forward, cached prefill and one-token decode, and a padded row computes exactly what the
+  unpadded row would (masked keys get probability exactly 0).
+- Norms, RoPE, softmax and logits are float32 whatever the compute dtype; the KV cache is kept in the
+  compute dtype.
+- The LM head is stored as [vocab, embed] like the embedding, so tied and untied models share one code
+  path and the loss can slice the vocabulary for chunked log-softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from mllmjax.models.config import ModelConfig
+
+Params = dict[str, Any]
+ParamSpec = tuple[tuple[int, ...], tuple[str | None, ...]]
+
+_MASKED = -1e30  # finite, so a row with no visible key gives a uniform (not NaN) softmax
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """Shape and logical axis names of every parameter, as a tree shaped like the params."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n, k, L, v = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, cfg.vocab_size
+    layers: dict[str, ParamSpec] = {
+        "attn_norm": ((L, d), ("layers", "norm")),
+        "q": ((L, d, n, h), ("layers", "embed", "heads", "head_dim")),
+        "k": ((L, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+        "v": ((L, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+        "o": ((L, n, h, d), ("layers", "heads", "head_dim", "embed")),
+        "mlp_norm": ((L, d), ("layers", "norm")),
+        "gate": ((L, d, f), ("layers", "embed", "mlp")),
+        "up": ((L, d, f), ("layers", "embed", "mlp")),
+        "down": ((L, f, d), ("layers", "mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        layers["q_bias"] = ((L, n, h), ("layers", "heads", "head_dim"))
+        layers["k_bias"] = ((L, k, h), ("layers", "kv_heads", "head_dim"))
+        layers["v_bias"] = ((L, k, h), ("layers", "kv_heads", "head_dim"))
+    if cfg.o_bias:
+        layers["o_bias"] = ((L, d), ("layers", "norm"))
+    if cfg.qk_norm:
+        layers["q_norm"] = ((L, h), ("layers", "head_dim"))
+        layers["k_norm"] = ((L, h), ("layers", "head_dim"))
+    specs: dict[str, Any] = {
+        "embed": ((v, d), ("vocab", "embed")),
+        "final_norm": ((d,), ("norm",)),
+        "layers": layers,
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ((v, d), ("vocab", "embed"))
+    return specs
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
+def map_specs(fn: Callable[[str, ParamSpec], Any], specs: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Apply fn(path, spec) to every leaf of a spec tree; paths look like 'layers/q'."""
+    return {
+        key: fn(f"{prefix}{key}", val) if _is_spec(val) else map_specs(fn, val, f"{prefix}{key}/")
+        for key, val in specs.items()
+    }
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters (normal(0, 0.02) weights, unit norms, zero biases), for tests and benches."""
+    leaves: list[str] = []
+    map_specs(lambda path, _: leaves.append(path), param_specs(cfg))
+    keys = dict(zip(leaves, jax.random.split(rng, len(leaves)), strict=True))
+
+    def make(path: str, spec: ParamSpec) -> jax.Array:
+        shape, _ = spec
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith("norm"):
+            return jnp.ones(shape, dtype)
+        if name.endswith("bias"):
+            return jnp.zeros(shape, dtype)
+        return (0.02 * jax.random.normal(keys[path], shape, jnp.float32)).astype(dtype)
+
+    return map_specs(make, param_specs(cfg))
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values for incremental decoding.
+
+    k, v: [L, B, S, K, H] in the compute dtype. pos: [B, S] position held by each slot (-1 = empty).
+    index: [B] next slot each row writes to, so rows of different prompt lengths decode in step.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    index: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        pos=jnp.full((batch, length), -1, jnp.int32),
+        index=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the HF convention). x: [B, T, N, H]; positions: [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
+) -> jax.Array:
+    """Grouped-query attention with a position-derived causal mask.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key).
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)  # head n reads kv head n // (N/K), as HF's repeat_kv
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Write new[b] into buf[b, index[b]:index[b]+T] for every row b."""
+    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(buf, new, index)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    cache: KVCache | None = None,
+    compute_dtype: Any = None,
+    remat: Callable[..., Any] | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Run the decoder; return (final-normed hidden states [B, T, D], updated cache or None).
+
+    tokens, positions: [B, T] int. valid: [B, T] bool, False for padding (default all True).
+    With a cache, the T new tokens are written at each row's `cache.index`, and attend to everything
+    already cached plus themselves; invalid tokens are stored with position -1 (never attended) and do
+    not advance the row's index.
+    remat: a `jax.checkpoint` policy (e.g. jax.checkpoint_policies.nothing_saveable) to recompute the
+    layer body in the backward pass, or None to keep its activations.
+    """
+    cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
+    if valid is None:
+        valid = jnp.ones(tokens.shape, bool)
+    positions = positions.astype(jnp.int32)
+    key_pos = jnp.where(valid, positions, -1)
+    inv_freq = jnp.asarray(cfg.inv_freq())
+    eps = cfg.rms_norm_eps
+    x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)  # [B, T, D]
+
+    if cache is not None:
+        cache_pos = _write_rows(cache.pos, key_pos, cache.index)  # [B, S]
+    else:
+        cache_pos = key_pos
+
+    def body(x: jax.Array, layer: tuple[Params, jax.Array | None, jax.Array | None]):
+        lp, ck, cv = layer
+        lp = jax.tree.map(lambda p: p.astype(cdt), lp)
+        h = rms_norm(x, lp["attn_norm"], eps)
+        q = jnp.einsum("BTD,DNH->BTNH", h, lp["q"])
+        k = jnp.einsum("BTD,DKH->BTKH", h, lp["k"])
+        v = jnp.einsum("BTD,DKH->BTKH", h, lp["v"])
+        if cfg.qkv_bias:
+            q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+        if cfg.qk_norm:
+            q, k = rms_norm(q, lp["q_norm"], eps), rms_norm(k, lp["k_norm"], eps)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if ck is not None:
+            ck = _write_rows(ck, k.astype(ck.dtype), cache.index)
+            cv = _write_rows(cv, v.astype(cv.dtype), cache.index)
+            keys, values = ck.astype(cdt), cv.astype(cdt)
+        else:
+            keys, values = k, v
+        a = attention(q, keys, values, positions, cache_pos)
+        o = jnp.einsum("BTNH,NHD->BTD", a, lp["o"])
+        if cfg.o_bias:
+            o = o + lp["o_bias"]
+        x = x + o
+        h = rms_norm(x, lp["mlp_norm"], eps)
+        gate = jnp.einsum("BTD,DF->BTF", h, lp["gate"])
+        up = jnp.einsum("BTD,DF->BTF", h, lp["up"])
+        x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["down"])
+        return x, (ck, cv)
+
+    if remat is not None:
+        body = jax.checkpoint(body, policy=remat, prevent_cse=False)
+    xs = (params["layers"], cache.k if cache else None, cache.v if cache else None)
+    x, (new_k, new_v) = jax.lax.scan(body, x, xs)
+    hidden = rms_norm(x, params["final_norm"], eps)
+    if cache is None:
+        return hidden, None
+    new_cache = KVCache(
+        k=new_k, v=new_v, pos=cache_pos, index=cache.index + valid.sum(axis=1).astype(jnp.int32)
+    )
+    return hidden, new_cache
+
+
+def lm_head(params: Params) -> jax.Array:
+    """The output projection [V, D] (the embedding when tied)."""
+    return params["lm_head"] if "lm_head" in params else params["embed"]
+
+
+def logits_from_hidden(params: Params, hidden: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] from final hidden states [..., D]."""
+    head = lm_head(params).astype(hidden.dtype)
+    return jnp.einsum("...D,VD->...V", hidden, head, preferred_element_type=jnp.float32)
+
+
+def logits(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None, **kw: Any
+) -> jax.Array:
+    """Full-sequence float32 logits [B, T, V]; positions default to 0..T-1."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, _ = forward(params, cfg, tokens, positions, **kw)
+    return logits_from_hidden(params, hidden)
+
+
+def param_bytes(params: Params) -> int:
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))

@@ -1,0 +1,1 @@
+"""The `mllmjax` command line: a thin Typer layer over the `mllmjax` library."""
