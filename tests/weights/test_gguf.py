@@ -294,6 +294,11 @@ def test_tokenizer_and_stop_ids(tmp_path):
     cfg = tiny_cfg("qwen3")
     path = tmp_path / "tok.gguf"
     write_tiny_gguf(path, cfg)
+    # Unrelated tokenizer files beside the GGUF must not leak into the saved tokenizer (transformers
+    # reads only the GGUF when given gguf_file; this guards that).
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "WRONG", "model_max_length": 7})
+    )
     source = open_gguf(path)
     assert source.stop_ids() == [0, 2]  # eos <|endoftext|>, then ChatML's <|im_end|>
     out = tmp_path / "ckpt"
@@ -305,6 +310,7 @@ def test_tokenizer_and_stop_ids(tmp_path):
         [{"role": "user", "content": "hello world"}], add_generation_prompt=True, tokenize=False
     )
     assert prompt == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.model_max_length != 7
 
     tokens, merges, _ = tiny_vocab()
     reference = Tokenizer(
@@ -508,3 +514,51 @@ def test_smollm2_tokenizer(smollm2, tmp_path):
         assert ids == reference(text)["input_ids"], text
         assert tok.decode(ids) == text
     assert tok(texts[0])["input_ids"][0] != 1  # the GGUF says add_bos_token=false
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16])
+def test_quantized_llama_q_is_dequantized_and_unpermuted(tmp_path, qtype):
+    """A quantized, permuted Llama q projection comes back in HF row order, within quantization error."""
+    cfg = tiny_cfg("llama")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    original = hf_tensors(cfg, seed=3)[name]
+    permuted = llama_cpp_permute(original, cfg.num_heads, cfg.num_heads)
+    packed = gguf.quants.quantize(permuted, qtype)
+    path = tmp_path / "quant.gguf"
+    write_tiny_gguf(path, cfg)
+    # Rewrite the file with the one tensor quantized (GGUFWriter infers the shape from the packed bytes).
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "quant2.gguf"), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture")):
+            continue
+        value = field.contents()
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensor.name == "blk.1.attn_q.weight":
+            writer.add_tensor(tensor.name, packed, raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    source = open_gguf(tmp_path / "quant2.gguf")
+    assert source.tensor_shape(name) == original.shape
+    loaded = source.load(name)
+    # Reference: dequantize the packed rows, then put row i of the file back at row perm[i], where perm
+    # is llama.cpp's permutation applied to row indices.
+    perm = llama_cpp_permute(np.arange(original.shape[0]), cfg.num_heads, cfg.num_heads)
+    expected = np.empty_like(original)
+    expected[perm] = gguf.quants.dequantize(packed, qtype).reshape(original.shape)
+    np.testing.assert_array_equal(loaded, expected)
+    # and it is the original up to quantization error (Q8_0: half a step of max|block|/127).
+    step = (
+        np.abs(original).max() / 127
+        if qtype == gguf.GGMLQuantizationType.Q8_0
+        else np.abs(original).max() / 128
+    )
+    assert np.abs(loaded - original).max() <= step
