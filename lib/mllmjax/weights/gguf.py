@@ -19,20 +19,19 @@ Design decisions:
   metadata. We recover the HF `llama3` rope_scaling dict from it when the standard Llama-3 parameters
   reproduce the tensor exactly, and refuse the file otherwise rather than run with the wrong RoPE.
 - The tokenizer is built by transformers from the GGUF vocabulary/merges (`AutoTokenizer` with
-  `gguf_file=`) and saved with the file's chat template; `generation_config.json` lists the stop ids:
-  the GGUF eos id and the chat template's end-of-turn token.
+  `gguf_file=`) and saved with the file's chat template; `generation_config.json` lists the stop ids
+  by the same rule as for HF folders (`checkpoint.stop_ids_for`): the GGUF eos id and the chat
+  end-of-turn token (`<|im_end|>`, `<|eot_id|>`) when the vocabulary has it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
 
 SUPPORTED_GGUF_ARCHITECTURES = {
@@ -66,9 +65,6 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 # Not model parameters in HF: folded into hf_config()["rope_scaling"].
 _ROPE_FREQS = "rope_freqs.weight"
-
-# End-of-turn tokens of the chat templates we recognise, in the order we look for them.
-_CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>")
 
 
 def open_gguf(path: str | Path) -> GGUFSource:
@@ -280,25 +276,8 @@ class GGUFSource:
         return np.ascontiguousarray(array)
 
     # ------------------------------------------------------------------ tokenizer
-    def stop_ids(self) -> list[int]:
-        """The GGUF eos id, then the chat template's end-of-turn token if the vocabulary has it."""
-        ids: list[int] = []
-        eos = self._config.get("eos_token_id")
-        if eos is not None:
-            ids.append(eos)
-        template = self._field("tokenizer.chat_template") or ""
-        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
-        for end in _CHAT_END_TOKENS:
-            if end in template and tokens is not None:
-                for index, part in enumerate(tokens.data):
-                    if tokens.parts[part].tobytes() == end.encode():
-                        if index not in ids:
-                            ids.append(index)
-                        break
-                break
-        return ids
-
     def save_tokenizer(self, out_dir: Path) -> None:
+        from mllmjax.checkpoint import stop_ids_for, write_generation_config
         from transformers import AutoTokenizer
 
         out_dir = Path(out_dir)
@@ -313,11 +292,9 @@ class GGUFSource:
             tokenizer.chat_template = template
         out_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(out_dir))
-        generation: dict[str, Any] = {"eos_token_id": self.stop_ids()}
-        for key in ("bos_token_id", "pad_token_id"):
-            if key in self._config:
-                generation[key] = self._config[key]
-        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        # One stop-id policy for every source: the GGUF eos plus the chat end-of-turn token, if present.
+        base = {key: self._config[key] for key in ("bos_token_id", "pad_token_id") if key in self._config}
+        write_generation_config(out_dir, stop_ids_for(tokenizer, self._config.get("eos_token_id")), base)
 
     def close(self) -> None:
         # Drop the memory map; numpy closes the file once no array views remain.
