@@ -19,7 +19,7 @@ import pytest
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.weights.embedded import EMBEDDED_MODELS, embedded_gguf_path
-from mllmjax.weights.gguf import GGUFSource, open_gguf
+from mllmjax.weights.gguf import GGUFSource, _field_value, open_gguf
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -536,7 +536,7 @@ def test_quantized_llama_q_is_dequantized_and_unpermuted(tmp_path, qtype):
     for key, field in reader.fields.items():
         if key.startswith(("GGUF.", "general.architecture")):
             continue
-        value = field.contents()
+        value = _field_value(field)
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, value_type, sub_type=sub_type)

@@ -112,19 +112,13 @@ class GGUFSource:
 
     # ------------------------------------------------------------------ metadata
     def _field(self, key: str, default: Any = None) -> Any:
-        import gguf
-
         field = self._reader.fields.get(key)
         if field is None:
             return default
         try:
-            value = field.contents()
+            return _field_value(field)
         except Exception as e:
             raise WeightsError(f"{self.path}: cannot read GGUF metadata {key!r}: {_one_line(e)}") from e
-        if field.types and field.types[0] == gguf.GGUFValueType.FLOAT32:
-            # The shortest decimal that round-trips through float32 is what the converter was given.
-            value = float(str(np.float32(value)))
-        return value
 
     def _require(self, key: str) -> Any:
         value = self._field(key)
@@ -336,6 +330,30 @@ def _llama3_rope_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.asarray(out, dtype=np.float64)
+
+
+def _field_value(field: Any) -> Any:
+    """A metadata value as Python (str, int, float, bool or a list of them).
+
+    Decoded from the reader's raw parts (as gguf's own gguf_dump does) rather than
+    `ReaderField.contents()`, which older gguf releases lack.
+    """
+    import gguf
+
+    kinds = field.types
+    if not kinds:
+        return None
+    if kinds[0] == gguf.GGUFValueType.ARRAY:
+        if kinds[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [v for i in field.data for v in field.parts[i].tolist()]
+    if kinds[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    value = field.parts[field.data[0]].tolist()[0]
+    if kinds[0] == gguf.GGUFValueType.FLOAT32:
+        # The shortest decimal that round-trips through float32 is what the converter was given.
+        value = float(str(np.float32(value)))
+    return value
 
 
 def _one_line(error: BaseException) -> str:
