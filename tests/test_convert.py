@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from hf_models import save_hf_model
+from typer.testing import CliRunner
+
 from mllmjax.checkpoint import FORMAT, load_checkpoint, read_stop_ids
 from mllmjax.convert import convert
 from mllmjax.models import decoder
 from mllmjax.sharding import make_mesh
-from typer.testing import CliRunner
-
 from mllmjax_cli.main import app
 
 runner = CliRunner()

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+
 from mllmjax.errors import BadInputError
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig

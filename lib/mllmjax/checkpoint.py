@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.decoder import Params, map_specs, param_specs
@@ -140,6 +141,7 @@ def load_checkpoint(
     ckpt = Checkpoint(path=path, meta=meta, hf_config=hf_config, cfg=cfg)
     if load_params:
         import orbax.checkpoint as ocp
+
         from mllmjax.sharding import param_shardings
 
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(meta.get("dtype", "float32"))

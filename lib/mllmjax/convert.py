@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
 from mllmjax.checkpoint import (
     atomic_dir,
     check_output,

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+
 from mllmjax.errors import UnsupportedModelError
 from mllmjax.models.config import ModelConfig
 

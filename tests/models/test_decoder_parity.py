@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from hf_models import TINY_CONFIGS, save_hf_model
+
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax.convert import convert
 from mllmjax.models import decoder

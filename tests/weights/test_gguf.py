@@ -16,6 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.weights.embedded import EMBEDDED_MODELS, embedded_gguf_path
@@ -572,6 +573,7 @@ def test_quantized_llama_q_is_dequantized_and_unpermuted(tmp_path, qtype):
 def test_smollm2_logits_match_transformers(smollm2):
     """End to end: GGUF -> our param tree (the shared name table) -> our decoder == HF on the GGUF."""
     import jax.numpy as jnp
+
     from mllmjax.models.decoder import logits
     from mllmjax.weights.table import params_from_hf
 

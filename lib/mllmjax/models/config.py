@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from mllmjax.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = {

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
 from mllmjax.models.config import ModelConfig
 
 Params = dict[str, Any]

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
 
 SUPPORTED_GGUF_ARCHITECTURES = {
@@ -271,8 +272,9 @@ class GGUFSource:
 
     # ------------------------------------------------------------------ tokenizer
     def save_tokenizer(self, out_dir: Path) -> None:
-        from mllmjax.checkpoint import stop_ids_for, write_generation_config
         from transformers import AutoTokenizer
+
+        from mllmjax.checkpoint import stop_ids_for, write_generation_config
 
         out_dir = Path(out_dir)
         try:

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
 from mllmjax.errors import WeightsError
 
 _DTYPES: dict[str, Any] = {

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+
 from mllmjax.errors import WeightsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.decoder import Params, map_specs, param_specs
