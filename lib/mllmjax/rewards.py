@@ -166,14 +166,13 @@ def correct_reward(completion: str, answer: str, record: Mapping[str, Any]) -> f
 # ------------------------------------------------------------------------------------ format & tags
 
 _NO_TAG = r"(?:(?!</?think>|</?answer>).)"
-_FORMAT = re.compile(
-    rf"<think>(?={_NO_TAG}*?\S){_NO_TAG}*</think>\n<answer>(?={_NO_TAG}*?\S){_NO_TAG}*</answer>", re.DOTALL
-)
+_FORMAT = re.compile(rf"<think>({_NO_TAG}*)</think>\n<answer>({_NO_TAG}*)</answer>", re.DOTALL)
 
 
 def format_reward(completion: str, answer: str, record: Mapping[str, Any]) -> float:
     """1.0 if the whole completion is `<think>...</think>\\n<answer>...</answer>`, else 0.0."""
-    return 1.0 if _FORMAT.fullmatch(completion) else 0.0
+    m = _FORMAT.fullmatch(completion)
+    return 1.0 if m and m.group(1).strip() and m.group(2).strip() else 0.0
 
 
 def tags_reward(completion: str, answer: str, record: Mapping[str, Any]) -> float:
