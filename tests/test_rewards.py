@@ -98,6 +98,27 @@ def test_correct_off_the_main_thread_is_recorded_not_silent():
     assert "main thread" in got["o"].errors["correct"]
 
 
+def test_correct_time_limit_is_enforced_and_recorded(monkeypatch):
+    import math_verify.parser
+
+    from mllmjax import rewards
+
+    real = math_verify.parser.extract_target_from_pred
+
+    def slow(pred, *args, **kwargs):
+        if pred == "1234567":
+            time.sleep(3)
+        return real(pred, *args, **kwargs)
+
+    monkeypatch.setattr(math_verify.parser, "extract_target_from_pred", slow)
+    monkeypatch.setattr(rewards, "_correct_timeout_s", 1)
+    started = time.perf_counter()
+    outcome = evaluate_rewards(resolve_rewards((("correct", 1.0),)), "<answer>1234567</answer>", "4", {})
+    assert time.perf_counter() - started < 2.5
+    assert outcome.values == {"correct": 0.0}
+    assert outcome.errors["correct"].startswith("TimeoutException")
+
+
 @pytest.mark.parametrize(
     ("completion", "expected"),
     [

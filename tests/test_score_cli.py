@@ -135,3 +135,26 @@ def test_bad_reward_function_spec(tmp_path):
 def test_single_sample_groups(tmp_path):
     _, message = _bad(tmp_path, _jsonl([ROWS[0], ROWS[2]]))
     assert "G must be >= 2" in message
+
+
+def test_real_shell_pipe_with_worker_processes(tmp_path):
+    """A real process reading a pipe (`cat r.jsonl | mllmjax score - ...`), scoring in worker processes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "lib"), str(root)]))
+    dst = tmp_path / "s.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mllmjax_cli.main", "score", "-", "-o", str(dst), "--workers", "2"],
+        input=_jsonl(ROWS),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [r.rewards["correct"] for r in read_records(dst)] == [1.0, 0.0, 1.0, 1.0]

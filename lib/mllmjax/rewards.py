@@ -245,8 +245,8 @@ def resolve_rewards(weights: tuple[tuple[str, float], ...]) -> tuple[tuple[str, 
     out: list[tuple[str, RewardFn, float]] = []
     for name, weight in weights:
         if ":" in name:
+            # not registered: a custom reward lives for this run only and never shadows a built-in
             short, fn = load_reward_fn(name)
-            register_reward(short, fn)
             out.append((short, fn, weight))
             continue
         fn = REWARDS.get(name)
@@ -283,7 +283,9 @@ def evaluate_rewards(
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise TypeError(f"returned {value!r}, expected a finite number")
             values[name] = float(value)
-        except Exception as e:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # math-verify's TimeoutException derives from BaseException
             values[name] = 0.0
             message = " ".join(str(e).split())
             errors[name] = f"{type(e).__name__}: {message[:300]}" if message else type(e).__name__
