@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mllmjax.errors import BadInputError
+from mllmjax.errors import BadInputError, RuntimeFailure
 from mllmjax.records import RolloutRecord
 from mllmjax.rewards import (
     REWARDS,
@@ -31,6 +32,10 @@ GSM8K_TEST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "g
 
 def exploding_reward(completion: str, answer: str, record: dict) -> float:
     raise RuntimeError(f"boom on {record['prompt_id']}")
+
+
+def dying_reward(completion: str, answer: str, record: dict) -> float:
+    os._exit(3)  # a worker killed mid-task (OOM, segfault): the run must fail, not hang
 
 
 def length_reward(completion: str, answer: str, record: dict) -> float:
@@ -328,3 +333,9 @@ def test_worker_processes_match_in_process_and_rescue_threads():
     thread.start()
     thread.join()
     assert got["out"] == in_process
+
+
+def test_a_dying_worker_fails_the_run_instead_of_hanging():
+    records = [_record(0, s, "x", "4") for s in range(2)]
+    with pytest.raises(RuntimeFailure, match="reward worker processes failed"):
+        score_records(records, ScoreConfig(rewards="test_rewards:dying_reward", workers=1))

@@ -30,6 +30,8 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal
 
 import numpy as np
@@ -88,7 +90,13 @@ class ScoreConfig:
             )
         if self.group_size is not None and (type(self.group_size) is not int or self.group_size < 2):
             raise BadInputError(f"group size G must be an integer >= 2, got {self.group_size!r}")
-        self.resolved_rewards()  # unknown names fail here, before any record is read
+        names = [
+            name for name, _, _ in self.resolved_rewards()
+        ]  # unknown names fail before any input is read
+        if self.overlong == "penalty" and OVERLONG_REWARD in names:
+            raise BadInputError(
+                f"--overlong penalty adds a reward named {OVERLONG_REWARD!r}; rename the custom one"
+            )
 
     def weights(self) -> tuple[tuple[str, float], ...]:
         items = parse_reward_weights(self.rewards)
@@ -147,9 +155,13 @@ def _evaluate_all(
     chunksize = max(1, min(256, len(items) // (workers * 4) or 1))
     try:
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-        with _pool_context().Pool(workers, initializer=_init_worker, initargs=(resolved, timeout_s)) as pool:
-            return [outcome for chunk in pool.map(_score_items, chunks, chunksize=1) for outcome in chunk]
-    except (OSError, EOFError) as e:
+        # concurrent.futures rather than multiprocessing.Pool: a worker that dies (OOM, segfault in a
+        # custom reward) raises BrokenProcessPool here instead of hanging the run forever.
+        with ProcessPoolExecutor(
+            workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(resolved, timeout_s)
+        ) as pool:
+            return [outcome for chunk in pool.map(_score_items, chunks) for outcome in chunk]
+    except (OSError, EOFError, BrokenProcessPool) as e:
         raise RuntimeFailure(f"reward worker processes failed: {e}") from e
 
 
