@@ -9,7 +9,14 @@ import sys
 import pytest
 
 from mllmjax.errors import ArtifactError, OutputExistsError, RecordError
-from mllmjax.records import SCHEMA, RolloutRecord, group_records, read_records, write_records
+from mllmjax.records import (
+    SCHEMA,
+    RolloutRecord,
+    group_records,
+    read_records,
+    require_scored,
+    write_records,
+)
 
 
 def make(group: int = 0, sample: int = 0, **overrides) -> RolloutRecord:
@@ -135,3 +142,10 @@ def test_group_records_duplicates_and_mixed_prompts():
         group_records([make(0, 0), make(0, 1), make(0, 1)])
     with pytest.raises(ArtifactError, match="group 0 mixes prompts: sample 1 has a different answer"):
         group_records([make(0, 0), make(0, 1, answer="5")])
+
+
+def test_require_scored():
+    scored = make().with_scores(rewards={}, reward=0.0, advantage=0.0, reward_errors={})
+    require_scored([scored])
+    with pytest.raises(ArtifactError, match=r"s\.jsonl: record 2 \(group 0, sample 1\) has no rewards"):
+        require_scored([scored, make(sample=1)], source="s.jsonl")

@@ -55,6 +55,7 @@ def length_reward(completion: str, answer: str, record: dict) -> float:
         ("12-5", "5"),  # a minus after a digit is subtraction, not a sign
         ("a total of 1,234,567.25 dollars.", "1,234,567.25"),
         ("version 3.14 then 2", "2"),
+        ("the sides are 3,4,5", "5"),  # a list, not thousands separators
         ("<answer>unclosed 18", "18"),  # no closed tag: fall through to the last number
         ("no numbers here", None),
     ],

@@ -298,6 +298,16 @@ def write_records(
         raise
 
 
+def require_scored(records: Sequence[RolloutRecord], *, source: str = "records") -> None:
+    """Raise ArtifactError unless every record carries score fields (what `train` consumes)."""
+    for position, record in enumerate(records):
+        if not record.scored:
+            raise ArtifactError(
+                f"{source}: record {position + 1} (group {record.group}, sample {record.sample}) has no rewards "
+                "or advantage; run 'mllmjax score' on the rollouts first"
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Groups:
     """Records arranged as complete groups: `index[g][s]` is the position (in the input sequence) of

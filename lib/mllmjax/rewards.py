@@ -69,7 +69,7 @@ def register_reward(name: str, fn: RewardFn | None = None) -> Any:
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A number: thousands-grouped (1,234,567.5) or plain (1234.5); the sign is handled in last_number.
-_NUMBER = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?![\d])")
+_NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?![\d])")
 
 
 def last_boxed(text: str) -> str | None:
