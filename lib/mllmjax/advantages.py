@@ -84,23 +84,34 @@ def _global_z(rewards: np.ndarray, all_gather: AllGather) -> np.ndarray:
 
 
 def grpo(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
+    """(r - mean_g) / (std_g + 1e-4), population std; 0 for an all-equal group."""
     return _centred(rewards) / (rewards.std(axis=1, keepdims=True) + EPS)
 
 
 def dr_grpo(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
+    """r - mean_g (Dr. GRPO: no division by the group std)."""
     return _centred(rewards)
 
 
 def rloo(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
+    """r minus the mean of the other G-1 rewards of its group."""
     g = rewards.shape[1]
     return _centred(rewards) * (g / (g - 1))
 
 
 def reinforce(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
+    """(r - mean) / (std + 1e-4) over all rewards of all hosts (via all_gather)."""
     return _global_z(rewards, all_gather)
 
 
 def grpo_clip2(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
+    """The predecessor's estimator (see the module docstring for the exact definition).
+
+    a = grpo + 0.02 * global z; positives scaled so the group max is 1.5; floor -4 x the group max.
+    Sign flip: an all-equal group below the global mean (e.g. all wrong) has max a = 0.02 z < 0, so the
+    floor -4 x max is positive and every member gets +0.08 |z|: the group is reinforced, not penalised.
+    An all-equal group above the global mean gets 1.5 for every member.
+    """
     a = grpo(rewards) + 0.02 * _global_z(rewards, all_gather)
     m = a.max(axis=1, keepdims=True)
     scale = np.where(m > 0, 1.5 / np.where(m > 0, m, 1.0), 1.0)
