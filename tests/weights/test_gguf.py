@@ -349,6 +349,14 @@ def test_unsupported_architecture(tmp_path, arch):
         open_gguf(path)
     message = str(info.value)
     assert arch in message and "llama, qwen2, qwen3" in message and "\n" not in message
+    # and through the CLI: one line, exit 2, nothing written
+    from typer.testing import CliRunner
+
+    from mllmjax_cli.main import app
+
+    result = CliRunner().invoke(app, ["convert", str(path), "-o", str(tmp_path / "ck")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and arch in result.output
+    assert not (tmp_path / "ck").exists()
 
 
 def test_unknown_tensor_names(tmp_path):
