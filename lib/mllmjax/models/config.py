@@ -18,7 +18,6 @@ import math
 from typing import Any
 
 import numpy as np
-
 from mllmjax.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = {
@@ -55,8 +54,15 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unknown model family {self.family!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UnsupportedModelError(f"{name} must be a positive integer, got {value!r}")
@@ -156,9 +162,19 @@ class ModelConfig:
     def tiny(cls, family: str = "llama", **overrides: Any) -> ModelConfig:
         """A small config for tests: GQA, head_dim != hidden/heads for qwen3."""
         base: dict[str, Any] = dict(
-            family=family, vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
-            tie_word_embeddings=family == "llama", qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+            family=family,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=96,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            max_position_embeddings=512,
+            tie_word_embeddings=family == "llama",
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
         )
         if family == "qwen3":
             base["head_dim"] = 24
@@ -168,9 +184,18 @@ class ModelConfig:
     @classmethod
     def smollm2_135m(cls) -> ModelConfig:
         return cls(
-            family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-            num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-            max_position_embeddings=8192, tie_word_embeddings=True,
+            family="llama",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
         )
 
     def num_params(self) -> int:

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-
 from mllmjax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -140,9 +139,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
-) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     """Grouped-query attention with a position-derived causal mask.
 
     q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key).
