@@ -20,8 +20,9 @@ def tiny():
 
 
 # ---------------------------------------------------------------- cache == full forward
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
-def test_cached_decode_matches_full_forward(tiny, padding):
+def test_cached_decode_matches_full_forward(tiny, padding, per_layer):
     """Prefill a batch of prompts of different lengths, then decode the rest of each sequence one
     token per step; every step's logits equal the full (uncached, unpadded) forward pass's."""
     cfg, params = tiny
@@ -41,7 +42,7 @@ def test_cached_decode_matches_full_forward(tiny, padding):
             sl = slice(p - n, p) if padding == "left" else slice(0, n)
             tok[r, sl], val[r, sl] = seqs[i, :n], True
         pos = np.maximum(np.cumsum(val, axis=1) - 1, 0)
-        cache = decoder.init_cache(cfg, len(group), 32)
+        cache = decoder.init_cache(cfg, len(group), 32, per_layer=per_layer)
         hidden, cache = prefill(jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(val), cache)
         last = np.array([np.nonzero(v)[0][-1] for v in val])
         cache = cache.replace(index=jnp.asarray(last + 1, jnp.int32))
@@ -60,13 +61,14 @@ def test_cached_decode_matches_full_forward(tiny, padding):
             np.testing.assert_allclose(np.stack(got[r][: total - n + 1]), want, atol=1e-4, rtol=0)
 
 
-def test_batched_padded_rows_equal_each_row_alone(tiny):
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_batched_padded_rows_equal_each_row_alone(tiny, unroll):
     cfg, params = tiny
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (1, 7, 3, 20, 12)]
-    batch = generate(params, cfg, prompts, Greedy(), max_new_tokens=9)
+    batch = generate(params, cfg, prompts, Greedy(), max_new_tokens=9, unroll_layers=unroll)
     for i, prompt in enumerate(prompts):
-        alone = generate(params, cfg, [prompt], Greedy(), max_new_tokens=9)[0]
+        alone = generate(params, cfg, [prompt], Greedy(), max_new_tokens=9, unroll_layers=not unroll)[0]
         assert batch[i].ids == alone.ids
         np.testing.assert_allclose(batch[i].logprobs, alone.logprobs, atol=1e-5, rtol=0)
 

@@ -154,12 +154,13 @@ def _prefill(
     cache_len: int,
     out_len: int,
     compute_dtype: Any,
+    unroll: bool,
 ) -> DecodeState:
     """Prefill B prompts [B, P] once, repeat for n samples each, sample every row's first token."""
     b, p = tokens.shape
     cdt = jnp.dtype(compute_dtype)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    cache = decoder.init_cache(cfg, b, cache_len, cdt)
+    cache = decoder.init_cache(cfg, b, cache_len, cdt, per_layer=unroll)
     hidden, cache = decoder.forward(
         params, cfg, tokens, positions, valid=valid, cache=cache, compute_dtype=cdt
     )
@@ -173,7 +174,11 @@ def _prefill(
     def rep(x: jax.Array, axis: int = 0) -> jax.Array:
         return jnp.repeat(x, n, axis=axis) if n > 1 else x
 
-    cache = decoder.KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), pos=rep(cache.pos), index=rep(cache.index))
+    if unroll:
+        cache = cache.replace(k=tuple(rep(x) for x in cache.k), v=tuple(rep(x) for x in cache.v))
+    else:
+        cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1))
+    cache = cache.replace(pos=rep(cache.pos), index=rep(cache.index))
     rows = b * n
     state = DecodeState(
         cache=cache,
@@ -203,6 +208,12 @@ def _decode(
 ) -> DecodeState:
     """Decode until every row is done or `until` tokens have been sampled."""
     cdt = jnp.dtype(compute_dtype)
+    if state.cache.per_layer:
+        # Slice the stacked layers once, outside the loop: inside it XLA:CPU would copy every
+        # layer's weights out of the stack at every step.
+        params = {**params, "layers": tuple(
+            jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(cfg.num_layers)
+        )}
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < until) & ~jnp.all(s.done)
@@ -221,7 +232,7 @@ def _decode(
 
 @functools.cache
 def _programs(cfg_key: tuple[Any, ...], strategy: Strategy, compute_dtype: str, n: int,
-              cache_len: int, out_len: int) -> tuple[Callable, Callable, Callable]:
+              cache_len: int, out_len: int, unroll: bool) -> tuple[Callable, Callable, Callable]:
     """(whole run, prefill, decode) jitted for one configuration and shape bucket."""
     cfg = ModelConfig(**{k: (dict(v) if k == "rope_scaling" and v is not None else v) for k, v in cfg_key})
     static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype)
@@ -229,14 +240,14 @@ def _programs(cfg_key: tuple[Any, ...], strategy: Strategy, compute_dtype: str, 
     def run(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
         state = _prefill(params, tokens, valid, limit, keys, stop_ids, n=n, cache_len=cache_len,
-                         out_len=out_len, **static)
+                         out_len=out_len, unroll=unroll, **static)
         state = _decode(params, state, jnp.int32(out_len), stop_ids, **static)
         return state.out_ids, state.out_logprobs, state.count, state.stopped
 
     def prefill(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
         return _prefill(params, tokens, valid, limit, keys, stop_ids, n=n, cache_len=cache_len,
-                        out_len=out_len, **static)
+                        out_len=out_len, unroll=unroll, **static)
 
     def decode(params, state, until, stop_ids):
         _count_trace()
@@ -306,6 +317,7 @@ def generate(
     max_batch: int = 64,
     compute_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
+    unroll_layers: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
     """Sample n completions for every prompt; returns them prompt-major (prompt 0's n samples first).
@@ -314,6 +326,8 @@ def generate(
     max_batch: most rows (prompts x n) decoded together; prompts are packed by length into batches.
     mesh: run under this mesh (params placed by `mllmjax.sharding`); batches are split over its
         data-parallel axes when they divide evenly.
+    unroll_layers: unroll the layer loop with a per-layer cache (default: on CPU, where XLA would
+        otherwise copy each layer's weights and cache at every step; see decoder.KVCache).
     on_batch(done_tokens, done_samples): called after each batch, for progress bars.
     """
     strategy = strategy if strategy is not None else Greedy()
@@ -334,7 +348,8 @@ def generate(
         prompts = [prompts_ids[i] for i in chunk]
         tokens, valid, limit = _pack(cfg, prompts, rows, max_new_tokens)
         keys = _row_keys(seed, chunk + [0] * (rows - len(chunk)), n)  # filler rows are discarded
-        run, _, _ = _programs(_cfg_key(cfg), strategy, cdt.name, n, tokens.shape[1] + out_len, out_len)
+        run, _, _ = _programs(_cfg_key(cfg), strategy, cdt.name, n, tokens.shape[1] + out_len, out_len,
+                              _unroll(unroll_layers))
         args = (tokens, valid, limit, keys)
         if mesh is not None:
             args = _place_batch(mesh, args)
@@ -370,6 +385,7 @@ def stream(
     seed: int = 0,
     chunk: int = 8,
     compute_dtype: Any = None,
+    unroll_layers: bool | None = None,
 ) -> Iterator[StreamChunk]:
     """Decode one prompt, yielding its tokens every `chunk` steps (the same tokens `generate` gives
     for prompt 0 with this seed). The loop state is donated between chunks, so the cache stays in
@@ -383,7 +399,8 @@ def stream(
     stops = jnp.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], jnp.int32)
     out_len = bucket(max_new_tokens, MIN_NEW_BUCKET)
     tokens, valid, limit = _pack(cfg, [prompt_ids], 1, max_new_tokens)
-    _, prefill, decode = _programs(_cfg_key(cfg), strategy, cdt.name, 1, tokens.shape[1] + out_len, out_len)
+    _, prefill, decode = _programs(_cfg_key(cfg), strategy, cdt.name, 1, tokens.shape[1] + out_len, out_len,
+                                   _unroll(unroll_layers))
     state = prefill(params, tokens, valid, limit, _row_keys(seed, [0], 1), stops)
     sent = 0
     while True:
@@ -396,6 +413,10 @@ def stream(
         if done:
             return
         state = decode(params, state, jnp.int32(count + chunk), stops)
+
+
+def _unroll(unroll_layers: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if unroll_layers is None else bool(unroll_layers)
 
 
 def _place_batch(mesh: jax.sharding.Mesh, arrays: tuple[Any, ...]) -> tuple[Any, ...]:
