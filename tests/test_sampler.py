@@ -11,6 +11,7 @@ from mllmjax.errors import BadInputError
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig
 from mllmjax.sampling import Greedy, Sample, compile_count, generate, stream
+from mllmjax.weights.table import params_from_hf
 
 
 @pytest.fixture(scope="module")
@@ -96,38 +97,6 @@ def _hf_model(family: str):
     return model, ModelConfig.from_hf_config(hf_cfg.to_dict())
 
 
-def _params_from_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray]) -> decoder.Params:
-    """Test-local HF -> ours mapping (transposes and head reshapes), independent of the library's."""
-    d, n, k, h, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-
-    def stack(name, fn):
-        return jnp.asarray(np.stack([fn(sd[f"model.layers.{i}.{name}"]) for i in range(L)]))
-
-    layers = {
-        "attn_norm": stack("input_layernorm.weight", lambda w: w),
-        "mlp_norm": stack("post_attention_layernorm.weight", lambda w: w),
-        "q": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h)),
-        "k": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h)),
-        "v": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h)),
-        "o": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d)),
-        "gate": stack("mlp.gate_proj.weight", lambda w: w.T),
-        "up": stack("mlp.up_proj.weight", lambda w: w.T),
-        "down": stack("mlp.down_proj.weight", lambda w: w.T),
-    }
-    if cfg.qkv_bias:
-        layers["q_bias"] = stack("self_attn.q_proj.bias", lambda w: w.reshape(n, h))
-        layers["k_bias"] = stack("self_attn.k_proj.bias", lambda w: w.reshape(k, h))
-        layers["v_bias"] = stack("self_attn.v_proj.bias", lambda w: w.reshape(k, h))
-    if cfg.qk_norm:
-        layers["q_norm"] = stack("self_attn.q_norm.weight", lambda w: w)
-        layers["k_norm"] = stack("self_attn.k_norm.weight", lambda w: w)
-    params = {"embed": jnp.asarray(sd["model.embed_tokens.weight"]),
-              "final_norm": jnp.asarray(sd["model.norm.weight"]), "layers": layers}
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = jnp.asarray(sd["lm_head.weight"])
-    return params
-
-
 def _hf_greedy(model, prompt: list[int], max_new: int, eos: int | None = None):
     import torch
 
@@ -143,8 +112,7 @@ def _hf_greedy(model, prompt: list[int], max_new: int, eos: int | None = None):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_greedy_matches_transformers(family):
     model, cfg = _hf_model(family)
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = _params_from_state_dict(cfg, sd)
+    params = params_from_hf(cfg, model.state_dict())
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (1, 2, 5, 8, 13, 17, 30, 4, 11)]
     max_new = 12
