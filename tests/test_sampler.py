@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from mllmjax.errors import BadInputError
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig
@@ -79,10 +78,20 @@ def _hf_model(family: str):
     torch = pytest.importorskip("torch")
     import transformers
 
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  rms_norm_eps=1e-6, initializer_range=0.2, bos_token_id=None, eos_token_id=None,
-                  pad_token_id=None)
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     if family == "llama":
         hf_cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0)
         cls = transformers.LlamaForCausalLM
@@ -101,10 +110,17 @@ def _hf_greedy(model, prompt: list[int], max_new: int, eos: int | None = None):
     import torch
 
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new, output_logits=True,
-                             return_dict_in_generate=True, eos_token_id=eos, pad_token_id=0)
-    ids = out.sequences[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    ids = out.sequences[0, len(prompt) :].tolist()
     logps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, ids, strict=False)]
     return ids, logps
 

@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-
 from mllmjax.errors import BadInputError
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig
@@ -211,16 +210,24 @@ def _decode(
     if state.cache.per_layer:
         # Slice the stacked layers once, outside the loop: inside it XLA:CPU would copy every
         # layer's weights out of the stack at every step.
-        params = {**params, "layers": tuple(
-            jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(cfg.num_layers)
-        )}
+        params = {
+            **params,
+            "layers": tuple(
+                jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(cfg.num_layers)
+            ),
+        }
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < until) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
         hidden, cache = decoder.forward(
-            params, cfg, s.last[:, None], s.pos[:, None], valid=~s.done[:, None], cache=s.cache,
+            params,
+            cfg,
+            s.last[:, None],
+            s.pos[:, None],
+            valid=~s.done[:, None],
+            cache=s.cache,
             compute_dtype=cdt,
         )
         logits = decoder.logits_from_hidden(params, hidden[:, 0])
@@ -231,23 +238,52 @@ def _decode(
 
 
 @functools.cache
-def _programs(cfg_key: tuple[Any, ...], strategy: Strategy, compute_dtype: str, n: int,
-              cache_len: int, out_len: int, unroll: bool) -> tuple[Callable, Callable, Callable]:
+def _programs(
+    cfg_key: tuple[Any, ...],
+    strategy: Strategy,
+    compute_dtype: str,
+    n: int,
+    cache_len: int,
+    out_len: int,
+    unroll: bool,
+) -> tuple[Callable, Callable, Callable]:
     """(whole run, prefill, decode) jitted for one configuration and shape bucket."""
     cfg = ModelConfig(**{k: (dict(v) if k == "rope_scaling" and v is not None else v) for k, v in cfg_key})
     static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype)
 
     def run(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
-        state = _prefill(params, tokens, valid, limit, keys, stop_ids, n=n, cache_len=cache_len,
-                         out_len=out_len, unroll=unroll, **static)
+        state = _prefill(
+            params,
+            tokens,
+            valid,
+            limit,
+            keys,
+            stop_ids,
+            n=n,
+            cache_len=cache_len,
+            out_len=out_len,
+            unroll=unroll,
+            **static,
+        )
         state = _decode(params, state, jnp.int32(out_len), stop_ids, **static)
         return state.out_ids, state.out_logprobs, state.count, state.stopped
 
     def prefill(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
-        return _prefill(params, tokens, valid, limit, keys, stop_ids, n=n, cache_len=cache_len,
-                        out_len=out_len, unroll=unroll, **static)
+        return _prefill(
+            params,
+            tokens,
+            valid,
+            limit,
+            keys,
+            stop_ids,
+            n=n,
+            cache_len=cache_len,
+            out_len=out_len,
+            unroll=unroll,
+            **static,
+        )
 
     def decode(params, state, until, stop_ids):
         _count_trace()
@@ -259,9 +295,7 @@ def _programs(cfg_key: tuple[Any, ...], strategy: Strategy, compute_dtype: str, 
 
 def _row_keys(seed: int, prompt_indices: Sequence[int], n: int) -> jax.Array:
     base = jax.random.key(seed)
-    keys = [
-        jax.random.fold_in(jax.random.fold_in(base, i), j) for i in prompt_indices for j in range(n)
-    ]
+    keys = [jax.random.fold_in(jax.random.fold_in(base, i), j) for i in prompt_indices for j in range(n)]
     return jnp.stack(keys)
 
 
@@ -276,7 +310,9 @@ def _check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]]) -> None:
             )
         bad = [t for t in ids if not 0 <= int(t) < cfg.vocab_size]
         if bad:
-            raise BadInputError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+            raise BadInputError(
+                f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})"
+            )
 
 
 def _pack(
@@ -291,7 +327,7 @@ def _pack(
         tokens[r, : len(ids)] = ids
         valid[r, : len(ids)] = True
         limit[r] = min(max_new_tokens, cfg.max_position_embeddings - len(ids))
-    valid[len(prompts):, 0] = True  # filler rows hold one token so nothing is all-padding
+    valid[len(prompts) :, 0] = True  # filler rows hold one token so nothing is all-padding
     return tokens, valid, limit
 
 
@@ -348,8 +384,9 @@ def generate(
         prompts = [prompts_ids[i] for i in chunk]
         tokens, valid, limit = _pack(cfg, prompts, rows, max_new_tokens)
         keys = _row_keys(seed, chunk + [0] * (rows - len(chunk)), n)  # filler rows are discarded
-        run, _, _ = _programs(_cfg_key(cfg), strategy, cdt.name, n, tokens.shape[1] + out_len, out_len,
-                              _unroll(unroll_layers))
+        run, _, _ = _programs(
+            _cfg_key(cfg), strategy, cdt.name, n, tokens.shape[1] + out_len, out_len, _unroll(unroll_layers)
+        )
         args = (tokens, valid, limit, keys)
         if mesh is not None:
             args = _place_batch(mesh, args)
@@ -399,8 +436,9 @@ def stream(
     stops = jnp.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], jnp.int32)
     out_len = bucket(max_new_tokens, MIN_NEW_BUCKET)
     tokens, valid, limit = _pack(cfg, [prompt_ids], 1, max_new_tokens)
-    _, prefill, decode = _programs(_cfg_key(cfg), strategy, cdt.name, 1, tokens.shape[1] + out_len, out_len,
-                                   _unroll(unroll_layers))
+    _, prefill, decode = _programs(
+        _cfg_key(cfg), strategy, cdt.name, 1, tokens.shape[1] + out_len, out_len, _unroll(unroll_layers)
+    )
     state = prefill(params, tokens, valid, limit, _row_keys(seed, [0], 1), stops)
     sent = 0
     while True:

@@ -22,7 +22,6 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-
 from mllmjax.errors import BadInputError
 
 _NEG_INF = -jnp.inf
@@ -65,9 +64,7 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better-ranked tokens
     keep_sorted = mass_before < p
     keep_sorted = keep_sorted.at[..., 0].set(True)
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(logits.shape[0])[:, None], order
-    ].set(keep_sorted)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
     return jnp.where(keep, logits, _NEG_INF)
 
 
