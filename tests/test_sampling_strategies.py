@@ -117,3 +117,11 @@ def test_greedy_and_make_strategy():
 def test_bad_parameters_are_rejected(kw, match):
     with pytest.raises(BadInputError, match=match):
         Sample(**kw)
+
+
+def test_top_k_keeps_exactly_k_with_ties_to_lower_ids():
+    logits = jnp.asarray([[0.5, 1.0, 1.0, 1.0, -2.0]])
+    kept = np.isfinite(np.asarray(Sample(top_k=2).filtered_logits(logits)))[0]
+    assert kept.tolist() == [False, True, True, False, False]
+    draws = Sample(top_k=2).next_tokens(jnp.broadcast_to(logits, (2000, 5)), jax.random.key(0))[0]
+    assert set(np.asarray(draws).tolist()) == {1, 2}
