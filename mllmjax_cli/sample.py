@@ -1,19 +1,250 @@
-"""`mllmjax sample`: not built yet (issue 3)."""
+"""`mllmjax sample`: generate completions from a checkpoint with the JAX decoder.
+
+Plain text for a person (one prompt streams as it decodes), JSON Lines for scripts (`--json`, the
+rollout record's field names). Prompts come from arguments, a file, or stdin (`--prompts -`): one JSON
+object with a "prompt" field per line, or one plain-text prompt per line.
+"""
 
 from __future__ import annotations
 
-import typer
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, TextIO
 
-from mllmjax.errors import NotBuiltError
-from mllmjax_cli.errors import handle_errors
+import typer
+from mllmjax.errors import BadInputError, OutputExistsError, RecordError
+
+from mllmjax_cli.errors import err_console, handle_errors
+from mllmjax_cli.options import DEFAULT_MESH, Dtype, Force, Json, Mesh, Seed
+
+EXAMPLES = """
+Examples:
+
+  mllmjax sample CKPT "What is 12*7?"                       # streams one greedy-free sample
+  mllmjax sample CKPT "Name a prime." -n 4 --temperature 0.7
+  mllmjax sample CKPT --prompts questions.txt --json -o out.jsonl
+  cat prompts.jsonl | mllmjax sample CKPT --prompts - --greedy --json
+"""
+
+
+def read_prompts(spec: str, stdin: TextIO | None = None) -> list[str]:
+    """Prompts from a file (or '-' for stdin): JSON objects with a "prompt" field, or plain lines."""
+    name = "<stdin>" if spec == "-" else spec
+    if spec == "-":
+        lines = (stdin or sys.stdin).read().splitlines()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise BadInputError(f"--prompts {spec}: no such file")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(name, number, f"not valid JSON: {e.msg}") from None
+            if not isinstance(record.get("prompt"), str):
+                raise RecordError(name, number, 'a JSON line needs a string "prompt" field')
+            prompts.append(record["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise BadInputError(f"--prompts {spec}: no prompts in {name} (it is empty)")
+    return prompts
+
+
+def encode(tokenizer: Any, prompt: str, *, chat: bool, system: str | None) -> list[int]:
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        name="sample",
-        help="Generate completions with the JAX decoder. (Not built yet.)",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command(name="sample", help="Generate completions with the JAX decoder." + EXAMPLES)
     @handle_errors
-    def sample(ctx: typer.Context) -> None:
-        raise NotBuiltError("'mllmjax sample' is not built yet")
+    def sample(
+        ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (from `mllmjax convert`/`train`).")],
+        prompt: Annotated[list[str] | None, typer.Argument(help="Prompt text; several give a batch.")] = None,
+        prompts_file: Annotated[
+            str | None,
+            typer.Option(
+                "--prompts", help='File of prompts ("-" = stdin): JSON lines with "prompt", or plain lines.'
+            ),
+        ] = None,
+        n: Annotated[int, typer.Option("-n", help="Samples per prompt (the prompt is prefilled once).")] = 1,
+        max_new_tokens: Annotated[
+            int, typer.Option("--max-new-tokens", help="Most tokens per completion.")
+        ] = 256,
+        temperature: Annotated[
+            float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")
+        ] = 1.0,
+        greedy: Annotated[bool, typer.Option("--greedy", help="Shorthand for --temperature 0.")] = False,
+        top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most probable tokens; 0 = off.")] = 50,
+        top_p: Annotated[float, typer.Option("--top-p", help="Nucleus: keep the top mass p; 1 = off.")] = 1.0,
+        min_p: Annotated[
+            float, typer.Option("--min-p", help="Drop tokens below p x the top probability; 0 = off.")
+        ] = 0.0,
+        seed: Seed = 0,
+        chat: Annotated[
+            bool | None,
+            typer.Option(
+                "--chat/--no-chat", help="Wrap prompts in the chat template (default: if it has one)."
+            ),
+        ] = None,
+        system: Annotated[str | None, typer.Option("--system", help="System message (chat mode).")] = None,
+        json_out: Json = False,
+        out: Annotated[str, typer.Option("-o", "--out", help='Write the output here ("-" = stdout).')] = "-",
+        force: Force = False,
+        mesh: Mesh = DEFAULT_MESH,
+        dtype: Dtype = "auto",
+        batch_size: Annotated[
+            int, typer.Option("--batch-size", help="Most rows (prompts x n) decoded at once.")
+        ] = 64,
+    ) -> None:
+        from mllmjax.sampling import make_strategy
+
+        texts = list(prompt or [])
+        if prompts_file is not None:
+            texts += read_prompts(prompts_file)
+        if not texts:
+            raise BadInputError("no prompts: give PROMPT arguments or --prompts FILE (- for stdin)")
+        if out != "-" and Path(out).exists() and not force:
+            raise OutputExistsError(f"{out} exists; pass --force to replace it")
+        strategy = make_strategy(
+            temperature=temperature,
+            greedy=greedy,
+            top_k=top_k or None,
+            top_p=top_p if top_p < 1 else None,
+            min_p=min_p or None,
+        )
+
+        checkpoint, params, device_mesh = _load(ckpt, mesh, dtype)
+        cfg = checkpoint.cfg
+        tokenizer = checkpoint.tokenizer()
+        use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+        if use_chat and not getattr(tokenizer, "chat_template", None):
+            raise BadInputError(f"{ckpt}: the tokenizer has no chat template; use --no-chat")
+        from mllmjax.checkpoint import stop_ids_for
+
+        stop_ids = stop_ids_for(tokenizer, checkpoint.stop_ids)
+        ids = [encode(tokenizer, t, chat=use_chat, system=system) for t in texts]
+        for i, p in enumerate(ids):
+            if len(p) >= cfg.max_position_embeddings:
+                raise BadInputError(
+                    f"prompt {i + 1} is {len(p)} tokens; the model's context is {cfg.max_position_embeddings}"
+                )
+
+        sink = sys.stdout if out == "-" else open(out + ".tmp", "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            if len(texts) == 1 and n == 1 and not json_out and out == "-":
+                _stream_one(params, cfg, ids[0], strategy, tokenizer, max_new_tokens, stop_ids, seed)
+            else:
+                completions = _run_batch(
+                    params, cfg, ids, strategy, n, max_new_tokens, stop_ids, seed, batch_size, device_mesh
+                )
+                _write(sink, completions, texts, ids, tokenizer, json_out)
+        finally:
+            if sink is not sys.stdout:
+                sink.close()
+        if sink is not sys.stdout:
+            Path(out + ".tmp").replace(out)
+
+
+def _load(ckpt: Path, mesh_spec: str, dtype: str):
+    from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype
+    from mllmjax.sharding import make_mesh
+
+    read_meta(ckpt)  # a clear one-line error before any device work if CKPT is not a checkpoint
+    device_mesh = make_mesh(mesh_spec)
+    checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
+    return checkpoint, checkpoint.params, device_mesh
+
+
+def _stream_one(params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, stop_ids, seed) -> None:
+    from mllmjax.sampling import stream
+
+    ids: list[int] = []
+    shown = ""
+    finish = None
+    for chunk in stream(
+        params, cfg, prompt_ids, strategy, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed
+    ):
+        ids += chunk.ids
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        # Print only the settled prefix: a partial multi-byte character decodes to U+FFFD until its
+        # last token arrives.
+        settled = text.rstrip("\ufffd") if chunk.finish_reason is None else text
+        if settled.startswith(shown):
+            sys.stdout.write(settled[len(shown) :])
+            sys.stdout.flush()
+            shown = settled
+        finish = chunk.finish_reason
+    sys.stdout.write("\n")
+    err_console.print(f"[dim]({len(ids)} tokens, finish: {finish})[/]", markup=True)
+
+
+def _run_batch(params, cfg, ids, strategy, n, max_new_tokens, stop_ids, seed, batch_size, device_mesh):
+    from mllmjax.sampling import generate
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("sample", total=len(ids) * n, rate="")
+
+        def on_batch(tokens: int, samples: int) -> None:
+            rate = tokens / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, completed=samples, rate=f"{rate:.1f} tok/s")
+
+        use_mesh = device_mesh if device_mesh.devices.size > 1 else None
+        return generate(
+            params,
+            cfg,
+            ids,
+            strategy,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            seed=seed,
+            max_batch=batch_size,
+            mesh=use_mesh,
+            on_batch=on_batch,
+        )
+
+
+def _write(sink: TextIO, completions, texts, ids, tokenizer, json_out: bool) -> None:
+    for c in completions:
+        text = tokenizer.decode(c.ids, skip_special_tokens=True)
+        if json_out:
+            record = {
+                "prompt": texts[c.prompt_index],
+                "prompt_ids": ids[c.prompt_index],
+                "sample": c.sample_index,
+                "completion": text,
+                "completion_ids": c.ids,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+            }
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            sink.write(
+                f"--- prompt {c.prompt_index + 1}, sample {c.sample_index + 1} "
+                f"({len(c.ids)} tokens, {c.finish_reason}) ---\n{text}\n"
+            )
+    sink.flush()

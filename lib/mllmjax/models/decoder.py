@@ -102,25 +102,46 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> P
 class KVCache:
     """Per-layer keys and values for incremental decoding.
 
-    k, v: [L, B, S, K, H] in the compute dtype. pos: [B, S] position held by each slot (-1 = empty).
+    k, v: [L, B, S, K, H] in the compute dtype, or (per-layer layout) a tuple of L arrays [B, K, S, H]
+    (heads first, so attention reads each head's keys contiguously instead of transposing the whole
+    cache at every step).
+    pos: [B, S] position held by each slot (-1 = empty).
     index: [B] next slot each row writes to, so rows of different prompt lengths decode in step.
+
+    The per-layer layout is for decode loops on CPU: `forward` then unrolls the layers, so each
+    layer's cache is its own buffer that XLA updates in place inside a while loop, and the stacked
+    weights are sliced once per program (XLA hoists the loop-invariant slices) instead of being
+    dynamic-sliced, i.e. copied, at every layer of every step as the layer scan does on CPU.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: Any
+    v: Any
     pos: jax.Array
     index: jax.Array
 
     @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
+
+    @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.pos.shape[1]
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(
+    cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32, *, per_layer: bool = False
+) -> KVCache:
+    """An empty cache; per_layer=True gives the per-layer layout (see KVCache)."""
+    if per_layer:
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    else:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=k,
+        v=v,
         pos=jnp.full((batch, length), -1, jnp.int32),
         index=jnp.zeros((batch,), jnp.int32),
     )
@@ -141,25 +162,35 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *, heads_first: bool = False
+) -> jax.Array:
     """Grouped-query attention with a position-derived causal mask.
 
-    q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key).
+    q: [B, T, N, H]; k, v: [B, S, K, H] ([B, K, S, H] with heads_first); q_pos: [B, T];
+    k_pos: [B, S] (-1 = not a key).
     """
     b, t, n, h = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1] if heads_first else k.shape[2]
+    kspec = "BKSH" if heads_first else "BSKH"
     q = q.reshape(b, t, kv, n // kv, h)  # head n reads kv head n // (N/K), as HF's repeat_kv
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    scores = jnp.einsum(f"BTKGH,{kspec}->BKGTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
     visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    out = jnp.einsum(f"BKGTS,{kspec}->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """Write new[b] into buf[b, index[b]:index[b]+T] for every row b."""
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(buf, new, index)
+
+
+def _write_rows_heads_first(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """buf: [B, K, S, H]; new: [B, T, K, H]; write new[b] at slots index[b]:index[b]+T."""
+    new = new.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(buf, new, index)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
@@ -210,14 +241,19 @@ def forward(
             q, k = rms_norm(q, lp["q_norm"], eps), rms_norm(k, lp["k_norm"], eps)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        heads_first = ck is not None and cache.per_layer
         if ck is not None:
-            ck = _write_rows(ck, k.astype(ck.dtype), cache.index)
-            cv = _write_rows(cv, v.astype(cv.dtype), cache.index)
+            write = _write_rows_heads_first if heads_first else _write_rows
+            ck = write(ck, k.astype(ck.dtype), cache.index)
+            cv = write(cv, v.astype(cv.dtype), cache.index)
             keys, values = ck.astype(cdt), cv.astype(cdt)
         else:
             keys, values = k, v
-        a = attention(q, keys, values, positions, cache_pos)
-        o = jnp.einsum("BTNH,NHD->BTD", a, lp["o"])
+        a = attention(q, keys, values, positions, cache_pos, heads_first=heads_first)
+        # One [B, T, N*H] x [N*H, D] product: contracting two dims lets XLA:CPU transpose the whole
+        # o weight at every call instead of the small activation.
+        nh = cfg.num_heads * cfg.head_dim
+        o = jnp.einsum("BTE,ED->BTD", a.reshape(*a.shape[:2], nh), lp["o"].reshape(nh, -1))
         if cfg.o_bias:
             o = o + lp["o_bias"]
         x = x + o
@@ -229,8 +265,20 @@ def forward(
 
     if remat is not None:
         body = jax.checkpoint(body, policy=remat, prevent_cse=False)
-    xs = (params["layers"], cache.k if cache else None, cache.v if cache else None)
-    x, (new_k, new_v) = jax.lax.scan(body, x, xs)
+    if cache is not None and cache.per_layer:
+        new_k, new_v = [], []
+        layers = params["layers"]
+        for i in range(cfg.num_layers):
+            # A caller looping over decode steps passes the layers pre-sliced (a sequence of per-layer
+            # trees, sliced outside its loop); stacked layers are sliced here.
+            lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda p, i=i: p[i], layers)
+            x, (ck, cv) = body(x, (lp, cache.k[i], cache.v[i]))
+            new_k.append(ck)
+            new_v.append(cv)
+        new_k, new_v = tuple(new_k), tuple(new_v)
+    else:
+        xs = (params["layers"], cache.k if cache else None, cache.v if cache else None)
+        x, (new_k, new_v) = jax.lax.scan(body, x, xs)
     hidden = rms_norm(x, params["final_norm"], eps)
     if cache is None:
         return hidden, None

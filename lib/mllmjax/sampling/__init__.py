@@ -1,0 +1,17 @@
+"""Sampling: strategies (how a token is drawn) and the compiled decoder loop (`generate`, `stream`)."""
+
+from mllmjax.sampling.sampler import Completion, StreamChunk, bucket, compile_count, generate, stream
+from mllmjax.sampling.strategies import Greedy, Sample, Strategy, make_strategy
+
+__all__ = [
+    "Completion",
+    "Greedy",
+    "Sample",
+    "Strategy",
+    "StreamChunk",
+    "bucket",
+    "compile_count",
+    "generate",
+    "make_strategy",
+    "stream",
+]

@@ -1,0 +1,151 @@
+"""Sampling strategies: how the next token is drawn from a row of logits.
+
+Design decisions:
+- A strategy is a small frozen dataclass with one method, `next_tokens(logits, rng) -> (tokens,
+  logprobs)`, so the decode loop is written once and a user can plug in their own (gemma's
+  `_sampling.py` shape).
+- The filters compose in the order transformers applies its logits warpers: temperature, then top-k,
+  then top-p (nucleus), then min-p. Each filter sees the distribution the previous one left
+  (renormalised), which is what HF does by setting removed logits to -inf before the next warper.
+- The log-prob returned for each sampled token is log softmax(logits / temperature) over the FULL
+  vocabulary in float32, not the truncated distribution the token was drawn from: it is the policy
+  probability the GRPO trainer recomputes (logits divided by the sampling temperature), so the first
+  PPO epoch has ratio exactly 1. Greedy reports temperature-1 log-probs.
+- Everything is a pure jnp function of (logits, rng): seeded runs are reproducible, and the same
+  strategy runs inside the compiled decode loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from mllmjax.errors import BadInputError
+
+_NEG_INF = -jnp.inf
+
+
+class Strategy(Protocol):
+    def next_tokens(self, logits: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """logits: [B, V] float; returns (tokens [B] int32, log-probs [B] float32)."""
+        ...
+
+
+def _token_logprobs(scaled: jax.Array, tokens: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Greedy:
+    """The most probable token (ties: the lowest id, as torch.argmax); log-probs at temperature 1."""
+
+    def next_tokens(self, logits: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = logits.astype(jnp.float32)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, _token_logprobs(logits, tokens)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the k largest logits per row, -inf the rest.
+
+    Exactly k survive: a tie at the k-th value goes to the lower id (lax.top_k's order), where HF
+    keeps every tied token. Exact float ties at that boundary do not occur with real logits, and a
+    fixed k lets sampling run over the k candidates instead of the whole vocabulary.
+    """
+    if k >= logits.shape[-1]:
+        return logits
+    _, idx = jax.lax.top_k(logits, k)
+    keep = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], idx].set(True)
+    return jnp.where(keep, logits, _NEG_INF)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Keep the smallest most-probable set whose mass reaches p (at least one token)."""
+    order = jnp.argsort(-logits, axis=-1)  # stable: equal logits keep id order
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better-ranked tokens
+    keep_sorted = mass_before < p
+    keep_sorted = keep_sorted.at[..., 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, _NEG_INF)
+
+
+def min_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Keep tokens whose probability is at least p times the most probable one's."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    threshold = p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs >= threshold, logits, _NEG_INF)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sample:
+    """Ancestral sampling from softmax(logits / temperature), optionally truncated.
+
+    Filters apply in transformers' order: temperature, top-k, top-p, min-p. None (or top_k 0,
+    top_p 1, min_p 0) switches a filter off. Temperature 1 with no filter is plain sampling.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise BadInputError(
+                f"temperature must be > 0 for sampling (use Greedy for 0), got {self.temperature!r}"
+            )
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise BadInputError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BadInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not 0 <= self.min_p < 1:
+            raise BadInputError(f"min_p must be in [0, 1), got {self.min_p!r}")
+
+    def filtered_logits(self, logits: jax.Array) -> jax.Array:
+        """The temperature-scaled logits with removed tokens at -inf: the distribution drawn from."""
+        x = logits.astype(jnp.float32) / self.temperature
+        if self.top_k:
+            x = top_k_filter(x, self.top_k)
+        if self.top_p is not None and self.top_p < 1:
+            x = top_p_filter(x, self.top_p)
+        if self.min_p:
+            x = min_p_filter(x, self.min_p)
+        return x
+
+    def next_tokens(self, logits: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        scaled = logits.astype(jnp.float32) / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            # Draw among the k candidates only: the same distribution as filtered_logits, but k
+            # Gumbel draws per row instead of one per vocabulary entry (at batch 64 and a 49k
+            # vocabulary, the full draw costs as much as the model's forward step on a CPU).
+            vals, idx = jax.lax.top_k(scaled, self.top_k)  # [B, k], descending
+            if self.top_p is not None and self.top_p < 1:
+                vals = top_p_filter(vals, self.top_p)
+            if self.min_p:
+                vals = min_p_filter(vals, self.min_p)
+            choice = jax.random.categorical(rng, vals, axis=-1)
+            tokens = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        else:
+            tokens = jax.random.categorical(rng, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
+        return tokens, _token_logprobs(scaled, tokens)
+
+
+def make_strategy(
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    greedy: bool = False,
+) -> Greedy | Sample:
+    """The strategy for the CLI's flag vocabulary: temperature 0 (or greedy) means Greedy."""
+    if temperature < 0:
+        raise BadInputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if greedy or temperature == 0:
+        return Greedy()
+    return Sample(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
