@@ -1,0 +1,296 @@
+"""Problems (question + gold answer) from every source behind one function, `load_problems`.
+
+Specs (the `--data` value):
+
+- `gsm8k`: short name for the hub dataset `openai/gsm8k`, config `main`.
+- `owner/name[:config]`: any hub dataset, through `datasets.load_dataset` (its cache, or the network).
+- a path to a `.jsonl`, `.json` or `.parquet` file, or a directory holding `{split}.jsonl` /
+  `{split}.parquet` (so `../shared/data/gsm8k --split test` works).
+- `builtin:TASK[:level=N,seed=S]`: a task generated offline from a seed (`mllmjax.data.builtin`);
+  `DEFAULT_TASK` is the embedded default's.
+
+Design decisions:
+
+- The gold answer is extracted once, here, and kept in `Problem.answer`: GSM8K's text after the last
+  `####`, stripped, with thousands separators inside numbers removed (`1,234` -> `1234`). A source whose
+  answer field has no `####` is taken to hold the gold itself. The whole source record stays in `meta`.
+- Field names default to GSM8K's (`question`, `answer`) and can be changed per call (`--question-field`,
+  `--answer-field`); a record without them is an error that names the file, the line and the fields
+  the record does have, never a silently skipped problem.
+- Selection is `offset`/`num` over the split, after an optional shuffle that is a pure function of
+  `seed` (`random.Random(seed)` over the indices), so a run's data order can be replayed on resume.
+- A hub dataset that cannot be fetched (no network, no cache) is one `BadInputError` that says so and
+  suggests a local file; `datasets`' own retries and messages stay behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from mllmjax.data import builtin
+from mllmjax.errors import BadInputError, RecordError
+
+__all__ = [
+    "DEFAULT_TASK",
+    "Problem",
+    "extract_gold",
+    "load_problems",
+    "resolve_spec",
+]
+
+DEFAULT_TASK = "builtin:arith:level=1"
+"""The embedded default's task: measured in scripts/measure_default_task.py (see the README)."""
+
+SHORT_NAMES = {"gsm8k": ("openai/gsm8k", "main")}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?$")
+# A comma between a digit and exactly three digits is a thousands separator (1,234 / 12,345,678);
+# other commas (lists such as "3, 4") are text and stay.
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One question with its extracted gold answer; `meta` holds the source record as read."""
+
+    id: str
+    question: str
+    answer: str
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise BadInputError(
+                f"problem {self.id!r}: question must be non-empty text, got {self.question!r}"
+            )
+        if not isinstance(self.answer, str) or not self.answer.strip():
+            raise BadInputError(
+                f"problem {self.id!r}: gold answer must be non-empty text, got {self.answer!r}"
+            )
+
+
+def extract_gold(answer: Any) -> str:
+    """The gold answer from a source's answer field: GSM8K's text after the last `####`, or the whole
+    field when it has none; stripped, thousands separators removed. Numbers are turned into text."""
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        raise ValueError(f"answer must be text or a number, got {type(answer).__name__}")
+    text = str(answer)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    return _THOUSANDS.sub("", text.strip())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Source:
+    kind: str  # "hub" | "file" | "builtin"
+    name: str  # hub id, file path or builtin spec
+    config: str | None = None
+
+
+def resolve_spec(spec: str, split: str = "train") -> _Source:
+    """What a `--data` spec names; raises `BadInputError` listing the accepted forms when it names
+    nothing."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise BadInputError(f"--data must name a dataset, got {spec!r}")
+    spec = spec.strip()
+    if spec in SHORT_NAMES:
+        hub_id, config = SHORT_NAMES[spec]
+        return _Source(kind="hub", name=hub_id, config=config)
+    if spec.startswith("builtin:"):
+        return _Source(kind="builtin", name=spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for suffix in (".jsonl", ".parquet", ".json"):
+            candidate = path / f"{split}{suffix}"
+            if candidate.is_file():
+                return _Source(kind="file", name=str(candidate))
+        raise BadInputError(f"directory {spec!r} has no {split}.jsonl, {split}.parquet or {split}.json")
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise BadInputError(f"data file {spec!r} does not exist")
+        return _Source(kind="file", name=str(path))
+    if _HUB_ID.match(spec):
+        hub_id, _, config = spec.partition(":")
+        return _Source(kind="hub", name=hub_id, config=config or None)
+    raise BadInputError(
+        f"cannot tell what --data {spec!r} names; use gsm8k, a hub id owner/name[:config], "
+        f"a .jsonl/.json/.parquet file or directory, or builtin:TASK (known: {', '.join(builtin.BUILTIN_TASKS)})"
+    )
+
+
+def load_problems(
+    spec: str,
+    *,
+    split: str = "train",
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    num: int | None = None,
+    offset: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> list[Problem]:
+    """Problems `offset .. offset+num` of `split` of the dataset `spec` names (all of them when `num` is
+    None), after a deterministic shuffle by `seed` when `shuffle` is set.
+
+    `question_field`/`answer_field` name the record fields for hub and file sources (GSM8K's
+    `question`/`answer` by default). A file is the split itself, so `split` only picks the file inside
+    a directory, the hub split, or the built-in task's split.
+    """
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        raise BadInputError(f"--num-prompts must be a positive integer, got {num!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise BadInputError(f"--offset must be a non-negative integer, got {offset!r}")
+    if not isinstance(split, str) or not split:
+        raise BadInputError(f"--split must be a split name, got {split!r}")
+    source = resolve_spec(spec, split)
+    if source.kind == "builtin":
+        if question_field is not None or answer_field is not None:
+            raise BadInputError("--question-field/--answer-field do not apply to built-in tasks")
+        return _load_builtin(source.name, split, num, offset, shuffle, seed)
+
+    qf, af = question_field or "question", answer_field or "answer"
+    if source.kind == "hub":
+        records, label = _read_hub(source, split), f"{source.name} ({split})"
+        where = lambda i: f"{label} record {i}"  # noqa: E731
+        id_prefix = f"{source.name}:{source.config + ':' if source.config else ''}{split}"
+    else:
+        records, where = _read_file(Path(source.name))
+        id_prefix = Path(source.name).name
+    order = _select(len(records), num, offset, shuffle, seed, label=source.name)
+    return [_to_problem(records[i], i, qf, af, where, f"{id_prefix}:{i}") for i in order]
+
+
+def _select(size: int, num: int | None, offset: int, shuffle: bool, seed: int, *, label: str) -> list[int]:
+    if size == 0:
+        raise BadInputError(f"{label} holds no problems")
+    if offset >= size:
+        raise BadInputError(f"--offset {offset} is past the end of {label} ({size} problems)")
+    indices = list(range(size))
+    if shuffle:
+        random.Random(seed).shuffle(indices)
+    end = size if num is None else min(size, offset + num)
+    return indices[offset:end]
+
+
+def _to_problem(record: Any, index: int, qf: str, af: str, where: Any, pid: str) -> Problem:
+    if not isinstance(record, dict):
+        raise _record_error(where(index), f"expected a JSON object, got {type(record).__name__}")
+    for field in (qf, af):
+        if field not in record:
+            have = ", ".join(sorted(map(str, record))) or "none"
+            raise _record_error(
+                where(index),
+                f"no field {field!r} (fields: {have}); name it with --question-field/--answer-field",
+            )
+    question = record[qf]
+    if not isinstance(question, str) or not question.strip():
+        raise _record_error(where(index), f"field {qf!r} must be non-empty text, got {question!r}")
+    try:
+        gold = extract_gold(record[af])
+    except ValueError as e:
+        raise _record_error(where(index), f"field {af!r}: {e}") from None
+    if not gold:
+        raise _record_error(where(index), f"field {af!r} holds no gold answer: {record[af]!r}")
+    return Problem(id=pid, question=question, answer=gold, meta=dict(record))
+
+
+class _Where:
+    """Names a record's position: `file:line` for JSON Lines, `file: record N` / `row N` otherwise."""
+
+    def __init__(self, path: Path, lines: list[int] | None, unit: str):
+        self.path, self.lines, self.unit = path, lines, unit
+
+    def __call__(self, index: int) -> tuple[str, int] | str:
+        if self.lines is not None:
+            return (str(self.path), self.lines[index])
+        return f"{self.path}: {self.unit} {index + 1}"
+
+
+def _record_error(where: tuple[str, int] | str, message: str) -> BadInputError:
+    if isinstance(where, tuple):
+        return RecordError(where[0], where[1], message)
+    return BadInputError(f"{where}: {message}")
+
+
+def _read_file(path: Path) -> tuple[list[Any], _Where]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path), _Where(path, None, "row")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"data file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read data file {str(path)!r}: {e}") from None
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(str(path), e.lineno, f"not valid JSON: {e.msg}") from None
+        return records, _Where(path, None, "record")
+    records: list[Any] = []
+    lines: list[int] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RecordError(str(path), lineno, f"not valid JSON: {e.msg} (column {e.colno})") from None
+        lines.append(lineno)
+    return records, _Where(path, lines, "line")
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq  # comes with `datasets`; imported here so JSONL users never load it
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except FileNotFoundError:
+        raise BadInputError(f"data file {str(path)!r} does not exist") from None
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        raise BadInputError(f"cannot read Parquet file {str(path)!r}: {e}") from None
+
+
+def _read_hub(source: _Source, split: str) -> list[dict[str, Any]]:
+    import datasets  # heavy; only hub specs need it
+
+    label = source.name + (f" (config {source.config!r})" if source.config else "")
+    try:
+        ds = datasets.load_dataset(source.name, source.config, split=split)
+    except Exception as e:  # ConnectionError, DatasetNotFoundError, ValueError for a split, ...
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(
+            f"could not fetch hub dataset {label}, split {split!r}: {cause}; without network access, "
+            f"pass a local .jsonl/.parquet file (or a directory with {split}.jsonl) to --data instead"
+        ) from e
+    return list(ds)
+
+
+def _load_builtin(
+    spec: str, split: str, num: int | None, offset: int, shuffle: bool, seed: int
+) -> list[Problem]:
+    parsed = builtin.parse_builtin_spec(spec)
+    if split not in builtin.SPLIT_SIZES:
+        raise BadInputError(f"built-in tasks have splits {', '.join(builtin.SPLIT_SIZES)}, got {split!r}")
+    order = _select(builtin.SPLIT_SIZES[split], num, offset, shuffle, seed, label=f"{parsed.name} ({split})")
+    problems = []
+    for i in order:
+        g = builtin.generate(parsed, split, i)
+        meta = {
+            "task": parsed.task,
+            "level": parsed.level,
+            "seed": parsed.seed,
+            "split": split,
+            "index": i,
+            "expression": g.expression,
+        }
+        problems.append(
+            Problem(id=f"{parsed.name}:{split}:{i}", question=g.question, answer=str(g.answer), meta=meta)
+        )
+    return problems
