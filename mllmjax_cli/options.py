@@ -27,3 +27,49 @@ Dtype = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 DEFAULT_MESH = "data=1,fsdp=-1,tensor=1"
+
+# Sampling: the same flags on sample, rollout, eval and grpo.
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens per completion.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")]
+Greedy = Annotated[bool, typer.Option("--greedy", help="Shorthand for --temperature 0.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most probable tokens; 0 = off.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus: keep the top probability mass p; 1 = off.")]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below p x the top probability; 0 = off.")]
+GroupSize = Annotated[int, typer.Option("-G", "--group-size", help="Completions per prompt (one group).")]
+MaxBatch = Annotated[int, typer.Option("--batch-size", help="Most rows (prompts x samples) decoded at once.")]
+
+# Data: the same flags on rollout, eval and grpo.
+Data = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="gsm8k, a hub id owner/name[:config], a .jsonl/.parquet file, or builtin:TASK (offline).",
+    ),
+]
+Split = Annotated[str, typer.Option("--split", help="Dataset split.")]
+NumPrompts = Annotated[int | None, typer.Option("--num-prompts", help="How many prompts (default: all).")]
+Offset = Annotated[int, typer.Option("--offset", help="Skip this many prompts first.")]
+Shuffle = Annotated[bool, typer.Option("--shuffle", help="Shuffle the prompts (deterministic for --seed).")]
+QuestionField = Annotated[
+    str | None,
+    typer.Option("--question-field", help="Record field holding the question (default: question)."),
+]
+AnswerField = Annotated[
+    str | None, typer.Option("--answer-field", help="Record field holding the gold answer (default: answer).")
+]
+SystemPromptFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--system-prompt", help="File whose text replaces the built-in system prompt (--show-prompt)."
+    ),
+]
+
+
+def sampling_strategy_args(temperature: float, greedy: bool, top_k: int, top_p: float, min_p: float) -> dict:
+    """The flag values as make_strategy keywords (0 / 1 mean off)."""
+    return {
+        "temperature": 0.0 if greedy else temperature,
+        "top_k": top_k or None,
+        "top_p": top_p if top_p < 1 else None,
+        "min_p": min_p or None,
+    }

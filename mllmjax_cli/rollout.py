@@ -1,19 +1,142 @@
-"""`mllmjax rollout`: not built yet (issue 4)."""
+"""`mllmjax rollout`: G sampled completions per prompt -> rollout records (JSON Lines)."""
 
 from __future__ import annotations
 
-import typer
+import time
+from pathlib import Path
+from typing import Annotated
 
-from mllmjax.errors import NotBuiltError
-from mllmjax_cli.errors import handle_errors
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mllmjax_cli.errors import err_console, handle_errors
+from mllmjax_cli.options import (
+    DEFAULT_MESH,
+    AnswerField,
+    Data,
+    Dtype,
+    Force,
+    Greedy,
+    GroupSize,
+    MaxBatch,
+    MaxNewTokens,
+    Mesh,
+    MinP,
+    NumPrompts,
+    Offset,
+    QuestionField,
+    Seed,
+    Shuffle,
+    Split,
+    SystemPromptFile,
+    Temperature,
+    TopK,
+    TopP,
+    sampling_strategy_args,
+)
+
+HELP = """Sample G completions per prompt and write rollout records (schema mllmjax.rollout/1), one
+completion per line, with prompt and completion ids, the sampled tokens' log-probs, the finish reason, the
+gold answer and the checkpoint they came from. Deterministic for a seed. `-o -` streams to stdout so
+`mllmjax score -` can read it.
+
+Examples:
+
+  mllmjax rollout ckpt/smollm2-135m --data builtin:arith --num-prompts 8 -G 8 -o r.jsonl
+
+  mllmjax rollout ckpt/qwen --data gsm8k --num-prompts 64 --shuffle --seed 1 -o - | mllmjax score - -o s.jsonl
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        name="rollout",
-        help="Sample G completions per prompt into rollout records (JSON Lines). (Not built yet.)",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command(name="rollout", help=HELP)
     @handle_errors
-    def rollout(ctx: typer.Context) -> None:
-        raise NotBuiltError("'mllmjax rollout' is not built yet")
+    def rollout(
+        ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+        data: Data = "gsm8k",
+        split: Split = "train",
+        num_prompts: NumPrompts = None,
+        offset: Offset = 0,
+        shuffle: Shuffle = False,
+        seed: Seed = 0,
+        group_size: GroupSize = 16,
+        max_new_tokens: MaxNewTokens = 1024,
+        temperature: Temperature = 1.0,
+        greedy: Greedy = False,
+        top_k: TopK = 50,
+        top_p: TopP = 1.0,
+        min_p: MinP = 0.0,
+        system_prompt: SystemPromptFile = None,
+        show_prompt: Annotated[
+            bool, typer.Option("--show-prompt", help="Print the system prompt in use and exit.")
+        ] = False,
+        question_field: QuestionField = None,
+        answer_field: AnswerField = None,
+        out: Annotated[str, typer.Option("-o", "--out", help='Records file ("-" = stdout).')] = "-",
+        force: Force = False,
+        mesh: Mesh = DEFAULT_MESH,
+        dtype: Dtype = "auto",
+        batch_size: MaxBatch = 64,
+    ) -> None:
+        from mllmjax.checkpoint import check_output, load_checkpoint, read_meta, resolve_dtype
+        from mllmjax.data import load_problems
+        from mllmjax.prompts import load_system_prompt
+        from mllmjax.records import write_records
+        from mllmjax.rollout import RolloutConfig, make_rollouts
+        from mllmjax.sharding import make_mesh
+
+        system = load_system_prompt(system_prompt)
+        if show_prompt:
+            typer.echo(system)
+            return
+        if out != "-":
+            check_output(Path(out), force)
+        cfg = RolloutConfig(
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            max_batch=batch_size,
+            system_prompt=system,
+            **sampling_strategy_args(temperature, greedy, top_k, top_p, min_p),
+        )
+        meta = read_meta(ckpt)
+        problems = load_problems(
+            data, split=split, question_field=question_field, answer_field=answer_field,
+            num=num_prompts, offset=offset, shuffle=shuffle, seed=seed,
+        )  # fmt: skip
+        device_mesh = make_mesh(mesh)
+        checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
+        tokenizer = checkpoint.tokenizer()
+        policy = f"{ckpt}@{meta.get('step', 0)}"
+        total = len(problems) * group_size
+        start = time.perf_counter()
+        with Progress(
+            TextColumn("[bold]rollout[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("", total=total)
+
+            def on_batch(tokens: int, samples: int) -> None:
+                dt = max(time.perf_counter() - start, 1e-9)
+                rate = f"{samples / group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
+                progress.update(task, completed=samples, description=rate)
+
+            records = make_rollouts(
+                checkpoint.params, checkpoint.cfg, tokenizer, problems, cfg,
+                stop_ids=checkpoint.stop_ids, policy=policy, mesh=device_mesh,
+                meta={"data": data, "split": split}, on_batch=on_batch,
+            )  # fmt: skip
+        write_records(records, out, force=force)
+        dt = time.perf_counter() - start
+        tokens = sum(len(r.completion_ids) for r in records)
+        stopped = sum(r.finish_reason == "stop" for r in records)
+        err_console.print(
+            f"{len(problems)} prompts x {group_size} = {len(records)} completions, {tokens} tokens in {dt:.1f}s "
+            f"({tokens / dt:.0f} tok/s); {stopped / max(len(records), 1):.0%} stopped, the rest hit the length limit"
+            + ("" if out == "-" else f"; wrote {out}")
+        )
