@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from mllmjax_cli import convert, eval as eval_cmd, export, grpo, rollout, sample, score, train
+from mllmjax_cli import convert, export, grpo, rollout, sample, score, train
+from mllmjax_cli import eval as eval_cmd
 from mllmjax_cli.errors import set_debug
 
 app = typer.Typer(

@@ -42,8 +42,9 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or a dict with "rope_type" in SUPPORTED_ROPE_TYPES and that type's keys.
-    rope_scaling: dict[str, Any] | None = None
+    # None, or {"rope_type": one of SUPPORTED_ROPE_TYPES, plus that type's keys}; stored as a sorted
+    # tuple of items so the config is hashable (it is a static argument of jitted functions).
+    rope_scaling: tuple[tuple[str, Any], ...] | dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -55,8 +56,15 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unknown model family {self.family!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UnsupportedModelError(f"{name} must be a positive integer, got {value!r}")
@@ -66,8 +74,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type")
+            kind = dict(self.rope_scaling).get("rope_type")
             if kind not in SUPPORTED_ROPE_TYPES:
                 raise UnsupportedModelError(
                     f"rope scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -134,7 +144,7 @@ class ModelConfig:
         """Rotary inverse frequencies [head_dim // 2], float32, with the configured scaling."""
         dim = self.head_dim
         inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        scaling = self.rope_scaling or {"rope_type": "default"}
+        scaling = dict(self.rope_scaling or {"rope_type": "default"})
         kind = scaling["rope_type"]
         if kind == "linear":
             inv = inv / float(scaling["factor"])
@@ -156,9 +166,19 @@ class ModelConfig:
     def tiny(cls, family: str = "llama", **overrides: Any) -> ModelConfig:
         """A small config for tests: GQA, head_dim != hidden/heads for qwen3."""
         base: dict[str, Any] = dict(
-            family=family, vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
-            tie_word_embeddings=family == "llama", qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+            family=family,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=96,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            max_position_embeddings=512,
+            tie_word_embeddings=family == "llama",
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
         )
         if family == "qwen3":
             base["head_dim"] = 24
@@ -168,9 +188,18 @@ class ModelConfig:
     @classmethod
     def smollm2_135m(cls) -> ModelConfig:
         return cls(
-            family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-            num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-            max_position_embeddings=8192, tie_word_embeddings=True,
+            family="llama",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
         )
 
     def num_params(self) -> int:

@@ -17,6 +17,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -140,9 +141,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
-) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     """Grouped-query attention with a position-derived causal mask.
 
     q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key).
@@ -163,6 +162,7 @@ def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(buf, new, index)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -251,13 +251,20 @@ def logits_from_hidden(params: Params, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("...D,VD->...V", hidden, head, preferred_element_type=jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
 def logits(
-    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None, **kw: Any
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    compute_dtype: Any = None,
+    remat: Callable[..., Any] | None = None,
 ) -> jax.Array:
-    """Full-sequence float32 logits [B, T, V]; positions default to 0..T-1."""
+    """Full-sequence float32 logits [B, T, V] (jitted; positions default to 0..T-1)."""
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, _ = forward(params, cfg, tokens, positions, **kw)
+    hidden, _ = forward(params, cfg, tokens, positions, valid=valid, compute_dtype=compute_dtype, remat=remat)
     return logits_from_hidden(params, hidden)
 
 

@@ -1,0 +1,184 @@
+"""HF / GGUF weights -> mllmjax checkpoint, and back (export).
+
+convert: resolve the source, check the output path first (nothing is read before we know we may
+write), build the config, stream tensors through the name table onto the mesh, and write the
+checkpoint atomically. export: restore the params to host memory, write config + safetensors shards
+(+ index) + tokenizer into a temporary folder renamed onto the output at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mllmjax.checkpoint import (
+    atomic_dir,
+    check_output,
+    dtype_name,
+    load_checkpoint,
+    read_meta,
+    resolve_dtype,
+    write_checkpoint,
+)
+from mllmjax.errors import BadInputError
+from mllmjax.models.config import ModelConfig
+from mllmjax.models.decoder import param_bytes
+from mllmjax.sharding import DEFAULT_MESH, make_mesh, param_shardings
+from mllmjax.weights import WeightSource
+from mllmjax.weights.table import hf_tensors_from_params, params_from_hf
+
+EMBEDDED_NAMES = ("smollm2-135m",)
+_SHARD_BYTES = 2 * 1024**3
+
+
+def resolve_source(spec: str) -> WeightSource:
+    """A short name of an embedded model, a .gguf file, a local HF folder or weights file, or a hub id."""
+    from mllmjax.weights.hf import HUB_ID, download_hub, open_hf_folder, open_weights_file
+
+    if spec in EMBEDDED_NAMES:
+        from mllmjax.weights.embedded import embedded_gguf_path
+
+        spec = str(embedded_gguf_path(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BadInputError(f"no such GGUF file: {path}")
+        from mllmjax.weights.gguf import open_gguf
+
+        return open_gguf(path)
+    if path.is_dir():
+        if (path / "mllmjax.json").is_file():
+            raise BadInputError(
+                f"{path} is already an mllmjax checkpoint (use `mllmjax export` to go back to HF)"
+            )
+        return open_hf_folder(path)
+    if path.is_file():
+        return open_weights_file(path)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return open_hf_folder(download_hub(spec))
+    raise BadInputError(
+        f"source {spec!r} is not a file, a folder, a hub id (owner/name) or an embedded model "
+        f"({', '.join(EMBEDDED_NAMES)})"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    cfg: ModelConfig
+    dtype: str
+    num_params: int
+    param_bytes: int
+    seconds: float
+
+
+def convert(
+    source: str,
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    mesh: str = DEFAULT_MESH,
+    force: bool = False,
+    on_tensor: Callable[[str, int, int], None] | None = None,
+) -> ConvertResult:
+    """Convert `source` into a checkpoint at `out`. on_tensor(name, done, total) reports progress."""
+    start = time.perf_counter()
+    out = Path(out)
+    check_output(out, force)
+    jdtype = resolve_dtype(dtype)
+    device_mesh = make_mesh(mesh)
+    src = resolve_source(source)
+    tok_dir = Path(tempfile.mkdtemp(prefix="mllmjax-tokenizer-"))
+    try:
+        hf_config = src.hf_config()
+        cfg = ModelConfig.from_hf_config(hf_config)
+        # The tokenizer first: building it (from a GGUF vocabulary, say) needs memory of its own, which is
+        # better spent before the parameters occupy theirs.
+        src.save_tokenizer(tok_dir)
+        total = len(src.tensor_names())
+        counter = [0]
+
+        def tick(name: str) -> None:
+            counter[0] += 1
+            if on_tensor is not None:
+                on_tensor(name, counter[0], total)
+
+        params = params_from_hf(
+            cfg, src, dtype=np.dtype(jdtype), shardings=param_shardings(cfg, device_mesh), on_tensor=tick
+        )
+        write_checkpoint(
+            out,
+            params=params,
+            hf_config=hf_config,
+            write_tokenizer=lambda d: shutil.copytree(tok_dir, d, dirs_exist_ok=True),
+            source=src.description,
+            force=force,
+        )
+    finally:
+        src.close()
+        shutil.rmtree(tok_dir, ignore_errors=True)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return ConvertResult(out, cfg, dtype_name(jdtype), n, param_bytes(params), time.perf_counter() - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    files: list[str]
+    dtype: str
+
+
+def export(
+    ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, force: bool = False
+) -> ExportResult:
+    """Write CKPT as an HF folder (config.json, safetensors, tokenizer) that transformers loads."""
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    read_meta(ckpt_path)
+    check_output(out, force)
+    ckpt = load_checkpoint(ckpt_path)
+    target = np.dtype(resolve_dtype(dtype)) if dtype not in (None, "") else None
+    params = jax.tree.map(np.asarray, ckpt.params)
+    out_dtype = dtype_name(target if target is not None else jax.tree.leaves(params)[0].dtype)
+    files: list[str] = []
+    with atomic_dir(out, force) as tmp:
+        from mllmjax.weights.safetensors_io import write_safetensors
+
+        shards: list[list[tuple[str, np.ndarray]]] = [[]]
+        size = 0
+        for name, arr in hf_tensors_from_params(ckpt.cfg, params, target):
+            if shards[-1] and size + arr.nbytes > _SHARD_BYTES:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, arr))
+            size += arr.nbytes
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            fname = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            write_safetensors(tmp / fname, shard)
+            files.append(fname)
+            weight_map.update(dict.fromkeys((n for n, _ in shard), fname))
+        if len(shards) > 1:
+            total = sum(a.nbytes for s in shards for a in (x[1] for x in s))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        hf = dict(ckpt.hf_config)
+        hf["dtype"] = out_dtype
+        hf["tie_word_embeddings"] = ckpt.cfg.tie_word_embeddings
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for f in ckpt_path.iterdir():
+            if f.is_file() and f.name not in ("config.json", "mllmjax.json"):
+                shutil.copy2(f, tmp / f.name)
+                files.append(f.name)
+    return ExportResult(out, sorted(files), out_dtype)

@@ -1,0 +1,150 @@
+"""Device meshes and the logical-axis rules that place parameters on them.
+
+Sharding stays out of the architecture: `param_specs` gives every parameter logical axis names
+("vocab", "embed", "heads", ...), and one rules table maps those onto the mesh axes (data, fsdp,
+tensor). A mesh axis that does not divide a dimension is dropped for that array (it is replicated
+along it) rather than failing, so one rules table serves every model size; two logical axes of one
+array that map to the same mesh axis are rejected, since that sharding is meaningless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mllmjax.errors import BadInputError
+from mllmjax.models.config import ModelConfig
+from mllmjax.models.decoder import Params, map_specs, param_specs
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_MESH = "data=1,fsdp=-1,tensor=1"
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated)."""
+
+    rules: Mapping[str, MeshAxes]
+
+    def __post_init__(self) -> None:
+        for logical, axes in self.rules.items():
+            for axis in _as_tuple(axes):
+                if axis not in MESH_AXES:
+                    raise ValueError(f"rule {logical!r} -> {axes!r}: unknown mesh axis {axis!r}")
+
+    def spec(self, shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
+        used: dict[str, str] = {}
+        parts: list[MeshAxes] = []
+        for dim, name in zip(shape, logical, strict=True):
+            axes = tuple(
+                a for a in _as_tuple(self.rules.get(name) if name else None) if mesh.shape.get(a, 1) > 1
+            )
+            for a in axes:
+                if a in used:
+                    raise ValueError(
+                        f"logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r} in one array"
+                    )
+                used[a] = name or ""
+            if axes and dim % math.prod(mesh.shape[a] for a in axes):
+                axes = ()  # not divisible: replicate this dimension
+            parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*parts)
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+# fsdp shards the model dimension (all-gathered per layer); tensor shards heads/mlp/vocab.
+DEFAULT_RULES = ShardingRules(
+    {
+        "batch": ("data", "fsdp"),
+        "vocab": "tensor",
+        "embed": "fsdp",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+        "head_dim": None,
+        "layers": None,
+        "norm": None,
+    }
+)
+
+
+def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
+    """'data=2,fsdp=-1,tensor=1' -> sizes per axis; -1 takes the devices left; missing axes are 1."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise BadInputError(
+                f"bad --mesh entry {part!r}: expected AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}"
+            )
+        if name in sizes:
+            raise BadInputError(f"--mesh names axis {name!r} twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise BadInputError(f"bad --mesh size {value!r} for axis {name!r}: expected an integer") from None
+        if size == 0 or size < -1:
+            raise BadInputError(
+                f"bad --mesh size {size} for axis {name!r}: expected a positive integer or -1"
+            )
+        sizes[name] = size
+    auto = [a for a, s in sizes.items() if s == -1]
+    if len(auto) > 1:
+        raise BadInputError(f"--mesh {spec!r}: at most one axis may be -1")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if auto:
+        if num_devices % fixed:
+            raise BadInputError(f"--mesh {spec!r}: {num_devices} devices are not divisible by {fixed}")
+        sizes[auto[0]] = num_devices // fixed
+    for a in MESH_AXES:
+        sizes.setdefault(a, 1)
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise BadInputError(f"--mesh {spec!r} uses {total} devices but {num_devices} are available")
+    return {a: sizes[a] for a in MESH_AXES}
+
+
+def make_mesh(spec: str = DEFAULT_MESH, devices: Sequence[Any] | None = None) -> Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # fake CPU devices and odd shapes: keep the given order
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Params:
+    """A tree of NamedShardings shaped like the params."""
+    return map_specs(
+        lambda _, spec: NamedSharding(mesh, rules.spec(spec[0], spec[1], mesh)), param_specs(cfg)
+    )
+
+
+def shard_params(
+    params: Params, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+) -> Params:
+    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+    """Shard the leading (batch) dimension over the data-parallel axes, replicate the rest."""
+    axes = tuple(a for a in _as_tuple(rules.rules["batch"]) if mesh.shape[a] > 1)
+    lead = None if not axes else axes[0] if len(axes) == 1 else axes
+    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))

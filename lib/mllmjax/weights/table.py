@@ -1,0 +1,292 @@
+"""The declarative HF <-> mllmjax name table and the streaming loader built on it.
+
+One table serves Llama, Qwen2 and Qwen3 (their names agree; each family just lacks some rows), and
+every source format, because each WeightSource presents HF names in the HF layout.
+
+`params_from_hf` streams: it reads one source tensor at a time into a host buffer for its (layer-
+stacked) parameter, and as soon as a parameter is complete it is placed on the devices with its
+sharding and the host buffer is dropped. Every source tensor must be used and every expected tensor
+present with the right shape, else a WeightsError names the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mllmjax.errors import WeightsError
+from mllmjax.models.config import ModelConfig
+from mllmjax.models.decoder import Params, map_specs, param_specs
+
+# Source tensors that carry no weights (old checkpoints saved RoPE buffers).
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """hf: the HF name, with {i} for the layer index; ours: our param path; kind: the layout change."""
+
+    hf: str
+    ours: str
+    kind: str = "copy"
+
+
+# kind -> (hf layout -> ours, ours -> hf layout), given (array, cfg)
+def _heads_in(n_attr: str) -> tuple[Callable, Callable]:
+    def fwd(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:  # [N*H, D] -> [D, N, H]
+        return w.T.reshape(cfg.hidden_size, getattr(cfg, n_attr), cfg.head_dim)
+
+    def inv(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        return w.reshape(cfg.hidden_size, -1).T
+
+    return fwd, inv
+
+
+def _heads_bias(n_attr: str) -> tuple[Callable, Callable]:
+    return (
+        lambda b, cfg: b.reshape(getattr(cfg, n_attr), cfg.head_dim),
+        lambda b, cfg: b.reshape(-1),
+    )
+
+
+_KINDS: dict[str, tuple[Callable, Callable]] = {
+    "copy": (lambda w, cfg: w, lambda w, cfg: w),
+    "transpose": (lambda w, cfg: w.T, lambda w, cfg: w.T),
+    "q_in": _heads_in("num_heads"),
+    "kv_in": _heads_in("num_kv_heads"),
+    "q_bias": _heads_bias("num_heads"),
+    "kv_bias": _heads_bias("num_kv_heads"),
+    # o_proj [D, N*H] -> [N, H, D]
+    "o_out": (
+        lambda w, cfg: w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size),
+        lambda w, cfg: w.reshape(-1, cfg.hidden_size).T,
+    ),
+}
+
+RULES: tuple[Rule, ...] = (
+    Rule("model.embed_tokens.weight", "embed"),
+    Rule("model.norm.weight", "final_norm"),
+    Rule("lm_head.weight", "lm_head"),
+    Rule("model.layers.{i}.input_layernorm.weight", "layers/attn_norm"),
+    Rule("model.layers.{i}.self_attn.q_proj.weight", "layers/q", "q_in"),
+    Rule("model.layers.{i}.self_attn.k_proj.weight", "layers/k", "kv_in"),
+    Rule("model.layers.{i}.self_attn.v_proj.weight", "layers/v", "kv_in"),
+    Rule("model.layers.{i}.self_attn.q_proj.bias", "layers/q_bias", "q_bias"),
+    Rule("model.layers.{i}.self_attn.k_proj.bias", "layers/k_bias", "kv_bias"),
+    Rule("model.layers.{i}.self_attn.v_proj.bias", "layers/v_bias", "kv_bias"),
+    Rule("model.layers.{i}.self_attn.o_proj.weight", "layers/o", "o_out"),
+    Rule("model.layers.{i}.self_attn.o_proj.bias", "layers/o_bias"),
+    Rule("model.layers.{i}.self_attn.q_norm.weight", "layers/q_norm"),
+    Rule("model.layers.{i}.self_attn.k_norm.weight", "layers/k_norm"),
+    Rule("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm"),
+    Rule("model.layers.{i}.mlp.gate_proj.weight", "layers/gate", "transpose"),
+    Rule("model.layers.{i}.mlp.up_proj.weight", "layers/up", "transpose"),
+    Rule("model.layers.{i}.mlp.down_proj.weight", "layers/down", "transpose"),
+)
+
+_PATTERNS = [(re.compile(re.escape(r.hf).replace(r"\{i\}", r"(\d+)") + "$"), r) for r in RULES]
+
+
+def _flat_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    flat: dict[str, Any] = {}
+    map_specs(lambda path, spec: flat.__setitem__(path, spec), param_specs(cfg))
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> Params:
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, int | None, tuple[int, ...]]]:
+    """Every HF tensor the config implies: name -> (rule, layer or None, HF shape)."""
+    flat = _flat_specs(cfg)
+    out: dict[str, tuple[Rule, int | None, tuple[int, ...]]] = {}
+    for rule in RULES:
+        if rule.ours not in flat:
+            continue
+        shape = flat[rule.ours][0]
+        inv = _KINDS[rule.kind][1]
+        if "{i}" in rule.hf:
+            layer_shape = inv(np.empty(shape[1:], np.int8), cfg).shape
+            for i in range(cfg.num_layers):
+                out[rule.hf.format(i=i)] = (rule, i, layer_shape)
+        else:
+            out[rule.hf] = (rule, None, inv(np.empty(shape, np.int8), cfg).shape)
+    return out
+
+
+def match_hf_name(name: str) -> tuple[Rule, int | None] | None:
+    for pattern, rule in _PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return rule, int(m.group(1)) if m.groups() else None
+    return None
+
+
+class _Source:
+    """Adapts a mapping name -> array to the subset of WeightSource that the loader needs."""
+
+    def __init__(self, tensors: Mapping[str, Any]):
+        self._t = tensors
+
+    def tensor_names(self) -> list[str]:
+        return list(self._t)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t[name].shape)
+
+    def load(self, name: str) -> np.ndarray:
+        return _to_numpy(self._t[name])
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            return x.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def params_from_hf(
+    cfg: ModelConfig,
+    source: Any,
+    *,
+    dtype: Any = np.float32,
+    shardings: Params | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Params:
+    """Build our parameter tree from HF-named tensors.
+
+    source: a WeightSource, or a mapping name -> array (numpy or torch, e.g. a state_dict).
+    dtype: the parameter dtype. shardings: a tree of jax Shardings shaped like the params (default:
+    the default device). on_tensor: called with each source name as it is consumed (for progress).
+    """
+    if isinstance(source, Mapping):
+        source = _Source(source)
+    dtype = np.dtype(dtype)
+    flat_specs = _flat_specs(cfg)
+    flat_shardings = _flatten(shardings) if shardings is not None else {}
+    expected = expected_hf_tensors(cfg)
+    names = [n for n in source.tensor_names() if not _IGNORED.match(n)]
+
+    tied_head = cfg.tie_word_embeddings and "lm_head.weight" in names
+    for name in names:
+        if name in expected or (tied_head and name == "lm_head.weight"):
+            continue
+        raise WeightsError(
+            f"unexpected tensor {name!r} in the source for a {cfg.family} model "
+            "(the config and the weights disagree, or the architecture is not what config.json says)"
+        )
+    missing = [n for n in expected if n not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"missing tensor {missing[0]!r}{more} in the source")
+    for name in names:
+        if name in expected:
+            want = expected[name][2]
+            got = tuple(source.tensor_shape(name))
+            if got != want:
+                raise WeightsError(f"tensor {name!r} has shape {list(got)}, expected {list(want)}")
+
+    # Each parameter is allocated on the devices (with its sharding) when its first tensor arrives, and
+    # every layer is written into it in place (the buffer is donated), so host memory holds one source
+    # tensor at a time and device memory never holds more than the parameters themselves.
+    done: dict[str, Any] = {}
+    for name in (n for n in names if n in expected):
+        rule, layer, _ = expected[name]
+        try:
+            value = _KINDS[rule.kind][0](np.asarray(source.load(name)), cfg).astype(dtype, copy=False)
+        except WeightsError:
+            raise
+        except Exception as e:
+            raise WeightsError(f"could not read tensor {name!r}: {e}") from e
+        if not np.isfinite(value).all():
+            raise WeightsError(f"tensor {name!r} contains NaN or infinite values (corrupt source?)")
+        path = rule.ours
+        sharding = flat_shardings.get(path)
+        if layer is None:
+            done[path] = _place(value, sharding)
+        else:
+            if path not in done:
+                done[path] = _zeros(flat_specs[path][0], dtype, sharding)
+            done[path] = _set_layer(done[path], _place(value, _drop_leading_axis(sharding)), layer)
+        del value
+        if on_tensor is not None:
+            on_tensor(name)
+    if tied_head:
+        _check_tied(source.load("lm_head.weight"), done["embed"], dtype)
+        if on_tensor is not None:
+            on_tensor("lm_head.weight")
+    return _unflatten({p: done[p] for p in flat_specs})
+
+
+def _place(value: np.ndarray, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def _drop_leading_axis(sharding: Any) -> Any:
+    """The sharding of one layer's slice of a layer-stacked parameter (the layer axis is never sharded)."""
+    if sharding is None:
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+# The stacked buffer is donated: XLA writes the layer in place instead of copying the whole parameter.
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: jax.Array, layer: int) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, axis=0)
+
+
+def _check_tied(head: np.ndarray, embed: jax.Array, dtype: np.dtype) -> None:
+    if not np.array_equal(np.asarray(head).astype(dtype), np.asarray(embed)):
+        raise WeightsError(
+            "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight"
+        )
+
+
+def hf_tensors_from_params(
+    cfg: ModelConfig, params: Params, dtype: Any = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, array in HF layout) for export; a tied head is not written (HF re-ties it)."""
+    flat = _flatten(params)
+    for name, (rule, layer, _) in expected_hf_tensors(cfg).items():
+        arr = np.asarray(flat[rule.ours] if layer is None else flat[rule.ours][layer])
+        out = np.ascontiguousarray(_KINDS[rule.kind][1](arr, cfg))
+        yield name, out if dtype is None else out.astype(dtype)
