@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import NamedSharding
 
 from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig, aggregation_weights, combine_metrics, grpo_loss, sequence_logprobs
@@ -157,7 +158,7 @@ class Trainer:
             self.ref_params = None  # beta 0: keep no reference copy alive
         self._compute_dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else None
         self._remat = REMAT_POLICIES[cfg.remat]
-        self.update = jax.jit(self._update)
+        self._update_jits: dict[Any, Any] = {}
         self.logprobs = jax.jit(self._logprobs)
         self.grads = jax.jit(self._grads, static_argnames=("micro_batch",))
 
@@ -258,6 +259,32 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         return new_state, metrics, logps
+
+    def update(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+        """Jitted `_update` whose new state keeps the placement of the state it was given.
+
+        Left to itself XLA may hand back a parameter with a different (equally valid) sharding than it
+        came in with, and the next call would then compile again; pinning the outputs to the inputs'
+        NamedShardings keeps one program per placement. Unplaced (single-device) leaves are left alone.
+        """
+        leaves, treedef = jax.tree.flatten(state)
+        pins = tuple(
+            x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else None for x in leaves
+        )
+        key = (treedef, pins)
+        fn = self._update_jits.get(key)
+        if fn is None:
+
+            def pinned(state: TrainState, batch: Batch):
+                new, metrics, logps = self._update(state, batch)
+                out = [
+                    x if pin is None else jax.lax.with_sharding_constraint(x, pin)
+                    for x, pin in zip(jax.tree.leaves(new), pins, strict=True)
+                ]
+                return jax.tree.unflatten(treedef, out), metrics, logps
+
+            fn = self._update_jits[key] = jax.jit(pinned)
+        return fn(state, batch)
 
     # ----------------------------------------------------------------------------- driver
     def train_on_batch(self, state: TrainState, batch: Batch) -> tuple[TrainState, list[dict[str, float]]]:
