@@ -1,0 +1,302 @@
+"""The GRPO/PPO loss: chunked per-token log-probs, clipped policy gradient, KL to a reference.
+
+Design decisions:
+- Log-probs are computed from the final hidden states and the LM head in chunks of tokens, under
+  `jax.checkpoint`, so the float32 logits of the whole batch ([B, T, V]: 400 MB for SmolLM2 at 8 x 256)
+  never exist at once, in the forward or the backward pass. The backward recomputes one chunk's logits
+  at a time. The target logit is a dot product with the target's head row, not a gather from [C, V].
+- Only the positions that predict completion tokens go through the LM head: batches put every
+  completion at or after a static `completion_start` (prompts left-padded to a common width), so the
+  prompt's hidden states are sliced off before the head.
+- Logits are divided by the sampling temperature before the softmax (the predecessor divided log-probs).
+- Aggregation is expressed as per-token weights computed once from the whole (mini)batch's completion
+  mask: the loss is sum(weight * per-token loss). Any split of the rows into micro-batches then sums to
+  exactly the same loss and gradient, which is what makes gradient accumulation correct.
+  - `token`: weight 1/N, N = completion tokens in the whole batch (DAPO-style, the default).
+  - `sequence`: weight 1/(n_b * B), the mean per sequence, then over sequences (original GRPO).
+  - `dr_grpo`: weight 1/(B * L), L = `LossConfig.max_completion_len` (the sampler's max new tokens),
+    or the batch's completion width T - completion_start when unset (Dr. GRPO's constant normaliser).
+- KL to the frozen reference is added to the per-token loss (beta * kl) before aggregation, with
+  Schulman's estimators k1, k2, k3 of KL(pi || ref) on tokens sampled from pi.
+- Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+  off-policy RL training"): when the sampler's log-probs are given alongside recomputed old log-probs,
+  each token's policy-gradient term is multiplied by min(pi_old / pi_sampler, cap), without gradient.
+  Sampler log-probs can instead be passed as the old log-probs themselves (skipping the recompute).
+- Entropy (full vocabulary, completion tokens) is a metric: computed in the same chunk, no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mllmjax.errors import BadInputError
+
+# ---------------------------------------------------------------------------------------------
+# per-token log-probs
+
+
+def token_logprobs(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    with_entropy: bool = True,
+    recompute: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Float32 log p(targets) and full-vocabulary entropy from hidden states, chunked over tokens.
+
+    hidden: [B, T, D] states that predict `targets` [B, T]; head: [V, D]. Returns (logp [B, T],
+    entropy [B, T] or None). At most `chunk_size` tokens' logits [chunk, V] are live at a time;
+    `recompute=False` keeps each chunk's softmax for the backward instead (faster, all of [B*T, V]).
+    """
+    if temperature <= 0:
+        raise BadInputError(f"temperature must be > 0 to score log-probs, got {temperature!r}")
+    b, t, d = hidden.shape
+    n = b * t
+    chunk = max(1, min(chunk_size, n))
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = hidden.reshape(n, d)
+    y = targets.reshape(n).astype(jnp.int32)
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        y = jnp.pad(y, (0, pad))
+    h = h.reshape(n_chunks, chunk, d)
+    y = y.reshape(n_chunks, chunk)
+    head = head.astype(hidden.dtype)
+    inv_t = 1.0 / temperature
+
+    def one(hc: jax.Array, yc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = jnp.einsum("CD,VD->CV", hc, head, preferred_element_type=jnp.float32) * inv_t
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
+        target = jnp.einsum("CD,CD->C", hc, head[yc], preferred_element_type=jnp.float32) * inv_t
+        logp = target - lse
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        sl, slse = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
+        probs = jnp.exp(sl - slse[:, None])
+        ent = slse - jnp.sum(probs * sl, axis=-1)
+        return logp, ent
+
+    if recompute:
+        one = jax.checkpoint(one, policy=jax.checkpoint_policies.nothing_saveable)
+    logp, ent = jax.lax.map(lambda xs: one(*xs), (h, y))
+    logp = logp.reshape(-1)[:n].reshape(b, t)
+    ent = ent.reshape(-1)[:n].reshape(b, t)
+    return logp, (ent if with_entropy else None)
+
+
+def sequence_logprobs(
+    hidden: jax.Array,
+    head: jax.Array,
+    tokens: jax.Array,
+    *,
+    completion_start: int = 1,
+    **kw: Any,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs aligned with `tokens` [B, T]: out[:, t] = log p(tokens[t] | tokens[<t]).
+
+    Only positions t >= completion_start are scored (earlier ones are 0), so the LM head never sees
+    the prompt's states. hidden: [B, T, D] from `decoder.forward`; head: [V, D].
+    """
+    t = tokens.shape[1]
+    start = max(1, completion_start)
+    if start >= t:
+        raise BadInputError(f"completion_start {completion_start} leaves no tokens to score in width {t}")
+    logp, ent = token_logprobs(hidden[:, start - 1 : t - 1], head, tokens[:, start:], **kw)
+    zeros = jnp.zeros((tokens.shape[0], start), jnp.float32)
+    logp = jnp.concatenate([zeros, logp], axis=1)
+    if ent is not None:
+        ent = jnp.concatenate([zeros, ent], axis=1)
+    return logp, ent
+
+
+# ---------------------------------------------------------------------------------------------
+# registries
+
+KLEstimator = Callable[[jax.Array, jax.Array], jax.Array]
+KL_ESTIMATORS: dict[str, KLEstimator] = {}
+
+
+def register_kl(name: str) -> Callable[[KLEstimator], KLEstimator]:
+    def deco(fn: KLEstimator) -> KLEstimator:
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_kl("k1")
+def kl_k1(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """log(pi / ref): unbiased, high variance, can be negative per token."""
+    return logp - ref_logp
+
+
+@register_kl("k2")
+def kl_k2(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """0.5 * log(ref / pi)^2: biased, low variance, >= 0."""
+    return 0.5 * jnp.square(ref_logp - logp)
+
+
+@register_kl("k3")
+def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """ref/pi - 1 - log(ref/pi): unbiased, >= 0 (the GRPO paper's choice)."""
+    log_r = ref_logp - logp
+    return jnp.exp(log_r) - 1.0 - log_r
+
+
+# (completion mask [B, T], dr_grpo's constant length) -> per-token weights [B, T]
+Aggregation = Callable[[jax.Array, int], jax.Array]
+AGGREGATIONS: dict[str, Aggregation] = {}
+
+
+def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
+    def deco(fn: Aggregation) -> Aggregation:
+        AGGREGATIONS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_aggregation("token")
+def agg_token(mask: jax.Array, length: int) -> jax.Array:
+    m = mask.astype(jnp.float32)
+    return m / jnp.maximum(m.sum(), 1.0)
+
+
+@register_aggregation("sequence")
+def agg_sequence(mask: jax.Array, length: int) -> jax.Array:
+    m = mask.astype(jnp.float32)
+    per_row = jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)  # an empty row contributes 0, not NaN
+    return m / (per_row * m.shape[0])
+
+
+@register_aggregation("dr_grpo")
+def agg_dr_grpo(mask: jax.Array, length: int) -> jax.Array:
+    m = mask.astype(jnp.float32)
+    return m / (m.shape[0] * float(length))
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    aggregation: str = "token"
+    beta: float = 0.04
+    kl_estimator: str = "k3"
+    # dr_grpo's constant: the sampler's max new tokens; None = the batch's completion width.
+    max_completion_len: int | None = None
+    # Truncated importance sampling cap (applied only when sampler log-probs are given).
+    tis_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.clip_low < 1:
+            raise BadInputError(f"clip_low must be in [0, 1), got {self.clip_low!r}")
+        if self.clip_high < 0:
+            raise BadInputError(f"clip_high must be >= 0, got {self.clip_high!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise BadInputError(
+                f"unknown loss aggregation {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
+            )
+        if self.beta < 0:
+            raise BadInputError(f"beta must be >= 0, got {self.beta!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise BadInputError(
+                f"unknown KL estimator {self.kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}"
+            )
+        if self.max_completion_len is not None and self.max_completion_len <= 0:
+            raise BadInputError(f"max_completion_len must be > 0, got {self.max_completion_len!r}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise BadInputError(f"tis_cap must be > 0, got {self.tis_cap!r}")
+
+
+def aggregation_weights(mask: jax.Array, cfg: LossConfig, completion_width: int | None = None) -> jax.Array:
+    """Per-token weights [B, T] of the whole (mini)batch; the loss is sum(weight * token loss).
+
+    completion_width: how many positions of a row can hold completion tokens (dr_grpo's constant when
+    `cfg.max_completion_len` is unset); default the mask's width.
+    """
+    length = cfg.max_completion_len or completion_width or int(mask.shape[1])
+    return AGGREGATIONS[cfg.aggregation](mask, length)
+
+
+def grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array | None,
+    advantages: jax.Array,
+    mask: jax.Array,
+    weights: jax.Array,
+    cfg: LossConfig,
+    *,
+    ref_logp: jax.Array | None = None,
+    sampler_logp: jax.Array | None = None,
+    token_count: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped policy-gradient loss plus beta * KL, aggregated with `weights`.
+
+    logp, old_logp, ref_logp, sampler_logp, mask, weights: [B, T]; advantages: [B]. old_logp None means
+    stop_gradient(logp) (ratio 1, PPO epoch 0). `token_count` is the number of completion tokens the
+    token-mean metrics divide by (the whole batch's when this is one micro-batch of it); default this
+    mask's count. Metrics that are sums (`loss`, `policy_loss`, `kl`, `entropy`, `clip_low`,
+    `clip_high`, `ratio_mean`) add up over micro-batches; `ratio_min`/`ratio_max` combine by min/max.
+    """
+    m = mask.astype(jnp.float32)
+    if token_count is None:
+        token_count = jnp.maximum(m.sum(), 1.0)
+    tok_w = m / token_count
+    old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
+    ratio = jnp.exp(logp - old)
+    clipped = jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    a = advantages.astype(jnp.float32)[:, None]
+    pg = -jnp.minimum(ratio * a, clipped * a)
+    if sampler_logp is not None and cfg.tis_cap is not None:
+        tis = jnp.minimum(jnp.exp(old - sampler_logp), cfg.tis_cap)
+        pg = pg * jax.lax.stop_gradient(tis)
+    policy_loss = jnp.sum(weights * pg)
+    per_token = pg
+    kl_value = jnp.zeros((), jnp.float32)
+    if cfg.beta > 0:
+        if ref_logp is None:
+            raise BadInputError("beta > 0 needs reference log-probs (ref_logp)")
+        kl = KL_ESTIMATORS[cfg.kl_estimator](logp, ref_logp)
+        per_token = pg + cfg.beta * kl
+        kl_value = jnp.sum(weights * kl)
+    elif ref_logp is not None:
+        kl_value = jnp.sum(weights * KL_ESTIMATORS[cfg.kl_estimator](logp, ref_logp))
+    loss = jnp.sum(weights * per_token)
+    sg_ratio = jax.lax.stop_gradient(ratio)
+    on = mask.astype(bool)
+    metrics = {
+        "loss": loss,
+        "policy_loss": policy_loss,
+        "kl": jax.lax.stop_gradient(kl_value),
+        # Clipping is active (and the gradient zero) only on the side the advantage pushes toward.
+        "clip_low": jnp.sum(tok_w * ((sg_ratio < 1.0 - cfg.clip_low) & (a < 0))),
+        "clip_high": jnp.sum(tok_w * ((sg_ratio > 1.0 + cfg.clip_high) & (a > 0))),
+        "ratio_mean": jnp.sum(tok_w * sg_ratio),
+        "ratio_min": jnp.min(jnp.where(on, sg_ratio, jnp.inf)),
+        "ratio_max": jnp.max(jnp.where(on, sg_ratio, -jnp.inf)),
+    }
+    return loss, metrics
+
+
+SUM_METRICS = ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean")
+
+
+def combine_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Merge two micro-batches' metrics (sums add, extremes take min/max)."""
+    out = {k: a[k] + b[k] for k in a if k not in ("ratio_min", "ratio_max")}
+    out["ratio_min"] = jnp.minimum(a["ratio_min"], b["ratio_min"])
+    out["ratio_max"] = jnp.maximum(a["ratio_max"], b["ratio_max"])
+    return out
