@@ -199,6 +199,7 @@ def write_checkpoint(
     parent: str | None = None,
     force: bool = False,
     opt_state: Any = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically. write_tokenizer(dir) writes the tokenizer files and
     generation_config.json into dir."""
@@ -231,6 +232,7 @@ def write_checkpoint(
                 "parent": parent,
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "num_params": int(sum(np.prod(x.shape) for x in leaves)),
+                **(extra_meta or {}),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -287,8 +288,14 @@ class Trainer:
         return fn(state, batch)
 
     # ----------------------------------------------------------------------------- driver
-    def train_on_batch(self, state: TrainState, batch: Batch) -> tuple[TrainState, list[dict[str, float]]]:
-        """PPO epochs x minibatches of updates on one batch; returns (state, metrics per update)."""
+    def train_on_batch(
+        self,
+        state: TrainState,
+        batch: Batch,
+        on_update: Callable[[dict[str, float]], None] | None = None,
+    ) -> tuple[TrainState, list[dict[str, float]]]:
+        """PPO epochs x minibatches of updates on one batch; returns (state, metrics per update).
+        on_update(metrics) is called after each update (for progress displays)."""
         validate_batch(batch)
         cfg = self.cfg
         b = batch.size
@@ -318,6 +325,8 @@ class Trainer:
                 metrics["tokens_per_s"] = metrics["tokens"] / max(metrics["seconds"], 1e-9)
                 metrics["epoch"] = float(epoch)
                 history.append(metrics)
+                if on_update is not None:
+                    on_update(metrics)
                 if recorded is not None:
                     recorded = recorded.at[idx].set(logps)
             if recorded is not None:

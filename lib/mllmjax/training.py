@@ -1,0 +1,219 @@
+"""Training on scored rollout records: records -> batch, PPO epochs, a resumable checkpoint.
+
+The one library function `mllmjax train` calls (`train_checkpoint`); the grpo loop uses the pieces
+(`batch_from_records`, `save_train_state`, `restore_train_state`) in process.
+
+Design decisions:
+- Batch layout: prompts left-padded to a common width P and completions right-padded to C, so every
+  completion starts at the static `completion_start = P` and the LM head only sees completion positions.
+  P and C are rounded up to multiples of `LENGTH_BUCKET`, so a run compiles a bounded number of times.
+- Records are checked against the checkpoint before any compute: token ids inside the vocabulary, and the
+  first prompt re-encoded by the checkpoint's tokenizer must give the record's prompt_ids; otherwise the
+  records came from another tokenizer and the message says so.
+- The train state (optimizer state, update count, RNG) is saved beside the params as `opt_state/`, so
+  `--resume` continues bit for bit. The KL reference is the policy the run started from: its path is
+  kept in mllmjax.json as `reference` and reloaded on resume (only when beta > 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllmjax.checkpoint import Checkpoint, check_output, load_checkpoint, write_checkpoint
+from mllmjax.errors import ArtifactError, BadInputError
+from mllmjax.records import RolloutRecord, require_scored
+from mllmjax.sharding import batch_sharding, make_mesh
+from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState
+
+LENGTH_BUCKET = 32
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, -(-n // m) * m)
+
+
+def check_records(records: Sequence[RolloutRecord], tokenizer: Any, vocab_size: int, source: str) -> None:
+    """Fail early, with a clear message, on records the checkpoint cannot train on."""
+    if not records:
+        raise BadInputError(f"{source}: no records to train on")
+    require_scored(records, source=source)
+    for i, r in enumerate(records, start=1):
+        ids = r.prompt_ids + r.completion_ids
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise BadInputError(
+                f"{source}:{i}: token id {max(ids)} is outside the checkpoint's vocabulary of {vocab_size}: "
+                "the records come from a different tokenizer"
+            )
+        if not np.isfinite(r.advantage):
+            raise BadInputError(f"{source}:{i}: advantage is {r.advantage}; re-score the rollouts")
+    if not any(r.completion_ids for r in records):
+        raise BadInputError(f"{source}: no completion tokens to train on")
+    first = records[0]
+    if list(tokenizer(first.prompt, add_special_tokens=False)["input_ids"]) != list(first.prompt_ids):
+        raise BadInputError(
+            f"{source}: prompt_ids do not match the checkpoint's tokenizer on the first record: "
+            "the records come from a different tokenizer"
+        )
+
+
+def batch_from_records(records: Sequence[RolloutRecord], *, pad_id: int = 0) -> Batch:
+    """Left-pad prompts, right-pad completions; sampler log-probs ride along for truncated IS."""
+    p = _round_up(max(len(r.prompt_ids) for r in records), LENGTH_BUCKET)
+    c = _round_up(max(len(r.completion_ids) for r in records), LENGTH_BUCKET)
+    b, t = len(records), p + c
+    tokens = np.full((b, t), pad_id, np.int32)
+    positions = np.zeros((b, t), np.int32)
+    valid = np.zeros((b, t), bool)
+    completion = np.zeros((b, t), bool)
+    sampler = np.zeros((b, t), np.float32)
+    for i, r in enumerate(records):
+        n, m = len(r.prompt_ids), len(r.completion_ids)
+        tokens[i, p - n : p] = r.prompt_ids
+        tokens[i, p : p + m] = r.completion_ids
+        positions[i, p - n : p + m] = np.arange(n + m)
+        valid[i, p - n : p + m] = True
+        completion[i, p : p + m] = True
+        sampler[i, p : p + m] = r.logprobs
+    advantages = np.asarray([r.advantage for r in records], np.float32)
+    return Batch(
+        tokens=jnp.asarray(tokens),
+        positions=jnp.asarray(positions),
+        valid=jnp.asarray(valid),
+        completion=jnp.asarray(completion),
+        advantages=jnp.asarray(advantages),
+        sampler_logps=jnp.asarray(sampler),
+        completion_start=p,
+    )
+
+
+def place_batch(batch: Batch, mesh: Any) -> Batch:
+    """Shard the batch's rows over the data-parallel mesh axes (replicated when they do not divide)."""
+
+    def put(x: Any) -> Any:
+        sharding = batch_sharding(mesh, x.ndim)
+        spec = sharding.spec[0]
+        axes = (spec,) if isinstance(spec, str) else (spec or ())
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if x.shape[0] % size:
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, batch)
+
+
+# ----------------------------------------------------------------------------------------- state I/O
+def _state_extras(state: TrainState) -> dict[str, Any]:
+    return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+
+def restore_train_state(ckpt: Checkpoint, trainer: Trainer) -> TrainState:
+    """The TrainState saved with a checkpoint, placed like its params."""
+    import orbax.checkpoint as ocp
+
+    if not ckpt.has_opt_state:
+        raise ArtifactError(f"{ckpt.path} has no opt_state/ to resume from (only train/grpo outputs do)")
+    params = ckpt.params
+    template = jax.eval_shape(
+        lambda p: _state_extras(trainer.init_state(p, jax.random.key_data(jax.random.key(0)))), params
+    )
+    leaves, treedef = jax.tree.flatten(template)
+    # Optimizer moments mirror the params: give each the sharding of the param with its shape.
+    by_shape = {(x.shape, x.dtype): x.sharding for x in jax.tree.leaves(params)}
+    some = jax.tree.leaves(params)[0].sharding
+    if isinstance(some, jax.sharding.NamedSharding):  # step and rng: replicated over the params' mesh
+        default: Any = jax.sharding.NamedSharding(some.mesh, jax.sharding.PartitionSpec())
+    else:
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = [
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_shape.get((x.shape, x.dtype), default))
+        for x in leaves
+    ]
+    try:
+        restored = ocp.StandardCheckpointer().restore(
+            (ckpt.path / "opt_state").absolute(), jax.tree.unflatten(treedef, abstract)
+        )
+    except Exception as e:
+        raise ArtifactError(
+            f"{ckpt.path}/opt_state: cannot restore the optimizer state ({type(e).__name__}); "
+            "was it written with another --optimizer?"
+        ) from e
+    return TrainState(
+        params=params, opt_state=restored["opt_state"], step=restored["step"], rng=restored["rng"]
+    )
+
+
+# ----------------------------------------------------------------------------------------- train
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    updates: int
+    step: int
+    history: list[dict[str, float]]
+
+
+def train_checkpoint(
+    ckpt_path: str | Path,
+    records: Sequence[RolloutRecord],
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    source: str = "records",
+    mesh: str = "data=1,fsdp=-1,tensor=1",
+    resume: bool = False,
+    seed: int = 0,
+    force: bool = False,
+    on_update: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """PPO epochs on scored records from CKPT; write a new checkpoint (with opt_state) at OUT."""
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    check_output(out, force)
+    device_mesh = make_mesh(mesh)
+    ckpt = load_checkpoint(ckpt_path, mesh=device_mesh)
+    check_records(records, ckpt.tokenizer(), ckpt.cfg.vocab_size, source)
+    reference = ckpt.meta.get("reference", str(ckpt_path)) if resume else str(ckpt_path)
+    ref_params = None
+    if cfg.loss.beta > 0:
+        if reference == str(ckpt_path):
+            ref_params = ckpt.params  # arrays are immutable: the updates never touch these
+        else:
+            if not Path(reference).is_dir():
+                raise ArtifactError(f"the KL reference {reference} (from {ckpt_path}/mllmjax.json) is gone")
+            ref_params = load_checkpoint(reference, mesh=device_mesh).params
+    trainer = Trainer(ckpt.cfg, cfg, ref_params=ref_params)
+    if resume:
+        state = restore_train_state(ckpt, trainer)
+    else:
+        state = trainer.init_state(ckpt.params, jax.random.key_data(jax.random.key(seed)))
+    batch = place_batch(batch_from_records(records), device_mesh)
+    state, history = trainer.train_on_batch(state, batch, on_update=on_update)
+    step = int(ckpt.meta.get("step", 0)) + 1
+    metrics = "".join(json.dumps(m) + "\n" for m in history)
+
+    def write_extras(d: Path) -> None:
+        for f in ckpt_path.iterdir():
+            if f.is_file() and f.name not in ("config.json", "mllmjax.json"):
+                shutil.copy2(f, d / f.name)
+        (d / "train_metrics.jsonl").write_text(metrics)
+
+    write_checkpoint(
+        out,
+        params=state.params,
+        hf_config=ckpt.hf_config,
+        write_tokenizer=write_extras,
+        source=ckpt.meta.get("source", str(ckpt_path)),
+        step=step,
+        parent=str(ckpt_path),
+        force=force,
+        opt_state=_state_extras(state),
+        extra_meta={"reference": reference, "updates": int(state.step)},
+    )
+    return TrainResult(out, len(history), step, history)

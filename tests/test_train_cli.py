@@ -1,0 +1,142 @@
+"""`mllmjax train`: the checkpoint it writes, bit-for-bit resume, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+from hf_models import save_hf_model
+from typer.testing import CliRunner
+
+from mllmjax.checkpoint import load_checkpoint
+from mllmjax.convert import convert
+from mllmjax.loss import LossConfig
+from mllmjax.optim import OptimConfig
+from mllmjax.records import read_records, write_records
+from mllmjax.trainer import TrainConfig, Trainer
+from mllmjax.training import batch_from_records
+from mllmjax_cli.main import app
+
+runner = CliRunner()
+TRAIN = [
+    "--ppo-epochs",
+    "2",
+    "--minibatches",
+    "2",
+    "--lr",
+    "1e-3",
+    "--steps",
+    "2",
+    "--beta",
+    "0.04",
+    "--seed",
+    "5",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A converted tiny model and two scored rollout files with random advantages."""
+    folder = tmp_path_factory.mktemp("train")
+    save_hf_model("llama-tied", folder / "hf", seed=1)
+    convert(str(folder / "hf"), folder / "ck0")
+    rng = np.random.default_rng(0)
+    for name, seed in (("s1", "1"), ("s2", "2")):
+        args = ["rollout", str(folder / "ck0"), "--data", "builtin:sums", "--num-prompts", "2", "-G", "4",
+                "--max-new-tokens", "5", "--seed", seed, "-o", str(folder / f"{name}-raw.jsonl")]  # fmt: skip
+        assert runner.invoke(app, args).exit_code == 0
+        records = [
+            dataclasses.replace(
+                r, rewards={"x": 0.0}, reward=0.0, advantage=float(rng.normal()), reward_errors={}
+            )
+            for r in read_records(folder / f"{name}-raw.jsonl")
+        ]
+        write_records(records, folder / f"{name}.jsonl")
+    return folder
+
+
+def train(setup, ckpt, scored, out, *extra):
+    return runner.invoke(
+        app, ["train", str(setup / ckpt), str(setup / scored), "-o", str(setup / out), *TRAIN, *extra]
+    )
+
+
+def test_writes_a_resumable_child_checkpoint(setup):
+    result = train(setup, "ck0", "s1.jsonl", "ck1")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((setup / "ck1/mllmjax.json").read_text())
+    assert meta["parent"] == str(setup / "ck0") and meta["step"] == 1 and meta["updates"] == 4
+    assert (setup / "ck1/opt_state").is_dir() and (setup / "ck1/tokenizer.json").is_file()
+    history = [json.loads(line) for line in (setup / "ck1/train_metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 4
+    for key in ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean", "ratio_min",
+                "ratio_max", "grad_norm", "lr", "tokens_per_s"):  # fmt: skip
+        assert all(np.isfinite(m[key]) for m in history), key
+    assert history[0]["kl"] == 0 and history[-1]["kl"] > 0  # KL to the start policy grows
+    assert history[0]["lr"] > 0
+    before, after = load_checkpoint(setup / "ck0").params, load_checkpoint(setup / "ck1").params
+    assert not np.array_equal(np.asarray(before["embed"]), np.asarray(after["embed"]))
+
+
+def test_resume_equals_an_uninterrupted_run_bitwise(setup):
+    assert train(setup, "ck0", "s1.jsonl", "r1").exit_code == 0
+    result = train(setup, "r1", "s2.jsonl", "r2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((setup / "r2/mllmjax.json").read_text())["updates"] == 8
+
+    ck0 = load_checkpoint(setup / "ck0")
+    cfg = TrainConfig(
+        loss=LossConfig(beta=0.04),
+        optim=OptimConfig(peak_lr=1e-3, total_updates=8),
+        ppo_epochs=2,
+        minibatches=2,
+    )
+    trainer = Trainer(ck0.cfg, cfg, ref_params=ck0.params)
+    state = trainer.init_state(ck0.params, jax.random.key_data(jax.random.key(5)))
+    for name in ("s1", "s2"):
+        state, _ = trainer.train_on_batch(state, batch_from_records(read_records(setup / f"{name}.jsonl")))
+    resumed = load_checkpoint(setup / "r2").params
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _bad(setup, records, out, fragment, *extra):
+    if isinstance(records, str):
+        (setup / "bad.jsonl").write_text(records)
+    else:
+        write_records(records, setup / "bad.jsonl", force=True)
+    existed = (setup / out).exists()
+    result = runner.invoke(
+        app, ["train", str(setup / "ck0"), str(setup / "bad.jsonl"), "-o", str(setup / out), *extra]
+    )
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and result.output.strip().count("\n") == 0, result.output
+    assert (setup / out).exists() == existed and (not existed or not any((setup / out).iterdir()))
+
+
+def test_bad_input(setup):
+    good = read_records(setup / "s1.jsonl")
+    _bad(setup, [dataclasses.replace(r, completion_ids=[999] * len(r.completion_ids)) for r in good], "x1",
+         "different tokenizer")  # fmt: skip
+    _bad(
+        setup,
+        [dataclasses.replace(r, prompt_ids=r.prompt_ids[1:]) for r in good],
+        "x2",
+        "different tokenizer",
+    )
+    _bad(
+        setup,
+        [dataclasses.replace(r, completion_ids=[], logprobs=[]) for r in good],
+        "x3",
+        "no completion tokens",
+    )
+    nan = re.sub(r'"advantage": ?[-0-9.e]+', '"advantage": NaN', (setup / "s1.jsonl").read_text())
+    _bad(setup, nan, "x4", "advantage")
+    _bad(setup, read_records(setup / "s1-raw.jsonl"), "x5", "score")
+    (setup / "x6").mkdir()
+    _bad(setup, good, "x6", "--force")
+    _bad(setup, good, "x7", "no opt_state", "--resume")  # ck0 has no optimizer state
