@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.options import DEFAULT_MESH, Dtype, Force, Mesh
+from mllmjax_cli.progress import stage_progress
 
 HELP = """Convert HF or GGUF weights into an mllmjax checkpoint (sharded Orbax params + config + tokenizer).
 
@@ -42,15 +42,7 @@ def register(app: typer.Typer) -> None:
         from mllmjax.convert import convert as run
 
         target = out if out is not None else Path(Path(source).name.removesuffix(".gguf") + "-mllmjax")
-        with Progress(
-            TextColumn("[bold]convert[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        ) as progress:
+        with stage_progress("convert") as progress:
             task = progress.add_task("", total=None)
 
             def on_tensor(name: str, done: int, total: int) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mllmjax_cli.errors import err_console, handle_errors
@@ -34,6 +33,7 @@ from mllmjax_cli.options import (
     TopP,
     sampling_strategy_args,
 )
+from mllmjax_cli.rollout import sample_problems
 
 HELP = """Evaluate a checkpoint on a held-out split: pass@1 (greedy by default), and with -k K samples per
 problem pass@k and maj@k (majority vote over extracted answers), plus the strict-format rate, mean length
@@ -80,14 +80,13 @@ def register(app: typer.Typer) -> None:
         dtype: Dtype = "auto",
         batch_size: MaxBatch = 64,
     ) -> None:
-        from mllmjax.checkpoint import check_output, load_checkpoint, read_meta, resolve_dtype
+        from mllmjax.checkpoint import check_output, read_meta
         from mllmjax.data import load_problems
         from mllmjax.errors import BadInputError
         from mllmjax.evaluation import summarize
         from mllmjax.prompts import load_system_prompt
         from mllmjax.records import write_records
-        from mllmjax.rollout import RolloutConfig, make_rollouts
-        from mllmjax.sharding import make_mesh
+        from mllmjax.rollout import RolloutConfig
 
         if k < 1:
             raise BadInputError(f"-k must be >= 1, got {k}")
@@ -102,34 +101,15 @@ def register(app: typer.Typer) -> None:
             system_prompt=load_system_prompt(system_prompt),
             **sampling_strategy_args(temp, greedy, top_k, top_p, min_p),
         )
-        meta = read_meta(ckpt)
+        read_meta(ckpt)  # a clear error before the data is read
         problems = load_problems(
             data, split=split, question_field=question_field, answer_field=answer_field,
             num=num_prompts, offset=offset,
         )  # fmt: skip
-        device_mesh = make_mesh(mesh)
-        checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
         start = time.perf_counter()
-        with Progress(
-            TextColumn("[bold]eval[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("", total=len(problems) * k)
-
-            def on_batch(tokens: int, samples: int) -> None:
-                rate = tokens / max(time.perf_counter() - start, 1e-9)
-                progress.update(task, completed=samples, description=f"{rate:.0f} tok/s")
-
-            records = make_rollouts(
-                checkpoint.params, checkpoint.cfg, checkpoint.tokenizer(), problems, cfg,
-                stop_ids=checkpoint.stop_ids, policy=f"{ckpt}@{meta.get('step', 0)}", mesh=device_mesh,
-                meta={"data": data, "split": split}, on_batch=on_batch,
-            )  # fmt: skip
+        records = sample_problems(
+            ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta={"data": data, "split": split}, label="eval"
+        )
         result, _ = summarize(records)
         if out is not None:
             write_records(records, out, force=force)

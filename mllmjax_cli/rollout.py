@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.options import (
@@ -34,6 +33,7 @@ from mllmjax_cli.options import (
     TopP,
     sampling_strategy_args,
 )
+from mllmjax_cli.progress import stage_progress
 
 HELP = """Sample G completions per prompt and write rollout records (schema mllmjax.rollout/1), one
 completion per line, with prompt and completion ids, the sampled tokens' log-probs, the finish reason, the
@@ -46,6 +46,34 @@ Examples:
 
   mllmjax rollout ckpt/qwen --data gsm8k --num-prompts 64 --shuffle --seed 1 -o - | mllmjax score - -o s.jsonl
 """
+
+
+def sample_problems(
+    ckpt: Path, problems: list, cfg: Any, *, mesh: str, dtype: str, meta: dict, label: str = "rollout"
+) -> list:
+    """Load CKPT onto the mesh and sample cfg.group_size completions per problem, with a progress bar
+    (prompts/s, tokens/s). Shared by rollout and eval."""
+    from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype
+    from mllmjax.rollout import make_rollouts
+    from mllmjax.sharding import make_mesh
+
+    step = read_meta(ckpt).get("step", 0)
+    device_mesh = make_mesh(mesh)
+    checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
+    start = time.perf_counter()
+    with stage_progress(label) as progress:
+        task = progress.add_task("", total=len(problems) * cfg.group_size)
+
+        def on_batch(tokens: int, samples: int) -> None:
+            dt = max(time.perf_counter() - start, 1e-9)
+            rate = f"{samples / cfg.group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
+            progress.update(task, completed=samples, description=rate)
+
+        return make_rollouts(
+            checkpoint.params, checkpoint.cfg, checkpoint.tokenizer(), problems, cfg,
+            stop_ids=checkpoint.stop_ids, policy=f"{ckpt}@{step}", mesh=device_mesh, meta=meta,
+            on_batch=on_batch,
+        )  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
@@ -78,12 +106,11 @@ def register(app: typer.Typer) -> None:
         dtype: Dtype = "auto",
         batch_size: MaxBatch = 64,
     ) -> None:
-        from mllmjax.checkpoint import check_output, load_checkpoint, read_meta, resolve_dtype
+        from mllmjax.checkpoint import check_output, read_meta
         from mllmjax.data import load_problems
         from mllmjax.prompts import load_system_prompt
         from mllmjax.records import write_records
-        from mllmjax.rollout import RolloutConfig, make_rollouts
-        from mllmjax.sharding import make_mesh
+        from mllmjax.rollout import RolloutConfig
 
         system = load_system_prompt(system_prompt)
         if show_prompt:
@@ -99,38 +126,15 @@ def register(app: typer.Typer) -> None:
             system_prompt=system,
             **sampling_strategy_args(temperature, greedy, top_k, top_p, min_p),
         )
-        meta = read_meta(ckpt)
+        read_meta(ckpt)  # a clear error before the data is read
         problems = load_problems(
             data, split=split, question_field=question_field, answer_field=answer_field,
             num=num_prompts, offset=offset, shuffle=shuffle, seed=seed,
         )  # fmt: skip
-        device_mesh = make_mesh(mesh)
-        checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
-        tokenizer = checkpoint.tokenizer()
-        policy = f"{ckpt}@{meta.get('step', 0)}"
-        total = len(problems) * group_size
         start = time.perf_counter()
-        with Progress(
-            TextColumn("[bold]rollout[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("", total=total)
-
-            def on_batch(tokens: int, samples: int) -> None:
-                dt = max(time.perf_counter() - start, 1e-9)
-                rate = f"{samples / group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
-                progress.update(task, completed=samples, description=rate)
-
-            records = make_rollouts(
-                checkpoint.params, checkpoint.cfg, tokenizer, problems, cfg,
-                stop_ids=checkpoint.stop_ids, policy=policy, mesh=device_mesh,
-                meta={"data": data, "split": split}, on_batch=on_batch,
-            )  # fmt: skip
+        records = sample_problems(
+            ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta={"data": data, "split": split}
+        )
         write_records(records, out, force=force)
         dt = time.perf_counter() - start
         tokens = sum(len(r.completion_ids) for r in records)

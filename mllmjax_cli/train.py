@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.options import DEFAULT_MESH, Force, Json, Mesh, Seed, Temperature
+from mllmjax_cli.progress import stage_progress
 
 HELP = """Run PPO epochs of the GRPO loss on scored rollout records and write a new checkpoint whose
 `parent` is CKPT. The checkpoint holds the optimizer state too, so `--resume` continues bit for bit.
@@ -102,15 +102,7 @@ def register(app: typer.Typer) -> None:
             temperature=temperature,
         )  # fmt: skip
         records = read_records(scored)
-        with Progress(
-            TextColumn("[bold]train[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        ) as progress:
+        with stage_progress("train") as progress:
             task = progress.add_task("compiling", total=ppo_epochs * minibatches)
 
             def on_update(m: dict[str, float]) -> None:
