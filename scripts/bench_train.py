@@ -8,6 +8,12 @@ The torch side asks HF for logits only at the positions that predict completion 
 (`logits_to_keep`), the same saving the JAX side makes, so the comparison is like for like.
 The two run alternately in one process with the same thread count; seconds per update are medians.
 
+Measured (2-core machine shared with other jobs, load 8-11, so absolute seconds are inflated; jax 0.10.2,
+torch 2.13): median JAX 62.4 s wall / 34.9 s CPU per update against torch 88.6 s / 41.9 s (1.42x wall,
+1.20x CPU); with --torch-full-logits JAX 60.7 / 32.6 against torch 71.4 / 42.5 (1.18x wall, 1.30x CPU).
+JAX alone, back to back at load ~7: --remat dots_with_no_batch_dims_saveable 44.5 s / 28.4 s CPU against
+--remat none 48.1 s / 30.7 s CPU (saving only the matmuls moves less memory than saving everything).
+
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512
 """
