@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-from mllmjax.errors import MllmjaxError
 from rich.console import Console
+
+from mllmjax.errors import MllmjaxError
 
 F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import typer
-from mllmjax.errors import NotBuiltError
 
+from mllmjax.errors import NotBuiltError
 from mllmjax_cli.errors import handle_errors
 
 

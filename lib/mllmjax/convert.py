@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
+
 from mllmjax.checkpoint import (
     atomic_dir,
     check_output,
@@ -94,9 +96,13 @@ def convert(
     jdtype = resolve_dtype(dtype)
     device_mesh = make_mesh(mesh)
     src = resolve_source(source)
+    tok_dir = Path(tempfile.mkdtemp(prefix="mllmjax-tokenizer-"))
     try:
         hf_config = src.hf_config()
         cfg = ModelConfig.from_hf_config(hf_config)
+        # The tokenizer first: building it (from a GGUF vocabulary, say) needs memory of its own, which is
+        # better spent before the parameters occupy theirs.
+        src.save_tokenizer(tok_dir)
         total = len(src.tensor_names())
         counter = [0]
 
@@ -112,12 +118,13 @@ def convert(
             out,
             params=params,
             hf_config=hf_config,
-            write_tokenizer=src.save_tokenizer,
+            write_tokenizer=lambda d: shutil.copytree(tok_dir, d, dirs_exist_ok=True),
             source=src.description,
             force=force,
         )
     finally:
         src.close()
+        shutil.rmtree(tok_dir, ignore_errors=True)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return ConvertResult(out, cfg, dtype_name(jdtype), n, param_bytes(params), time.perf_counter() - start)
 

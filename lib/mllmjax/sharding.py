@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from mllmjax.errors import BadInputError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.decoder import Params, map_specs, param_specs

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from mllmjax.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = {
@@ -41,8 +42,9 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or a dict with "rope_type" in SUPPORTED_ROPE_TYPES and that type's keys.
-    rope_scaling: dict[str, Any] | None = None
+    # None, or {"rope_type": one of SUPPORTED_ROPE_TYPES, plus that type's keys}; stored as a sorted
+    # tuple of items so the config is hashable (it is a static argument of jitted functions).
+    rope_scaling: tuple[tuple[str, Any], ...] | dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -72,8 +74,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type")
+            kind = dict(self.rope_scaling).get("rope_type")
             if kind not in SUPPORTED_ROPE_TYPES:
                 raise UnsupportedModelError(
                     f"rope scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -140,7 +144,7 @@ class ModelConfig:
         """Rotary inverse frequencies [head_dim // 2], float32, with the configured scaling."""
         dim = self.head_dim
         inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        scaling = self.rope_scaling or {"rope_type": "default"}
+        scaling = dict(self.rope_scaling or {"rope_type": "default"})
         kind = scaling["rope_type"]
         if kind == "linear":
             inv = inv / float(scaling["factor"])

@@ -17,6 +17,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
 from mllmjax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -107,9 +109,9 @@ class KVCache:
     index: [B] next slot each row writes to, so rows of different prompt lengths decode in step.
 
     The per-layer layout is for decode loops on CPU: `forward` then unrolls the layers, so each
-    layer's cache is its own buffer that XLA updates in place inside a while loop, and the stacked
-    weights are sliced once per program (XLA hoists the loop-invariant slices) instead of being
-    dynamic-sliced, i.e. copied, at every layer of every step as the layer scan does on CPU.
+    layer's cache is its own buffer that XLA updates in place inside a while loop. A decode loop
+    also passes params["layers"] as a tuple of per-layer trees sliced once outside the loop: the
+    layer scan dynamic-slices, i.e. copies, every layer's weights and cache at every step on CPU.
     """
 
     k: Any
@@ -191,6 +193,7 @@ def _write_rows_heads_first(buf: jax.Array, new: jax.Array, index: jax.Array) ->
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(buf, new, index)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -296,13 +299,20 @@ def logits_from_hidden(params: Params, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("...D,VD->...V", hidden, head, preferred_element_type=jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
 def logits(
-    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None, **kw: Any
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    compute_dtype: Any = None,
+    remat: Callable[..., Any] | None = None,
 ) -> jax.Array:
-    """Full-sequence float32 logits [B, T, V]; positions default to 0..T-1."""
+    """Full-sequence float32 logits [B, T, V] (jitted; positions default to 0..T-1)."""
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, _ = forward(params, cfg, tokens, positions, **kw)
+    hidden, _ = forward(params, cfg, tokens, positions, valid=valid, compute_dtype=compute_dtype, remat=remat)
     return logits_from_hidden(params, hidden)
 
 

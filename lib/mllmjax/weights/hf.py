@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mllmjax.checkpoint import stop_ids_for, write_generation_config
 from mllmjax.errors import ArtifactError, BadInputError, WeightsError
 from mllmjax.weights.safetensors_io import SafetensorsFile

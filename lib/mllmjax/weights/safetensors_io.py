@@ -1,15 +1,15 @@
 """A small streaming safetensors reader and writer.
 
-Our own, rather than the `safetensors` package, for three reasons: it memory-maps and returns one
-tensor at a time (streaming conversion), it reads bfloat16 into numpy via ml_dtypes without torch or
-jax, and it validates the header against the file size so a truncated download fails with the name of
-the tensor it cut, instead of a bus error or garbage.
+Our own, rather than the `safetensors` package, for three reasons: it reads one tensor at a time with
+a positioned read (not a memory map, whose touched pages would stay resident and count against the
+converter's memory until the whole file was read), it reads bfloat16 into numpy via ml_dtypes without
+torch or jax, and it validates the header against the file size so a truncated download fails with
+the name of the tensor it cut, instead of a bus error or garbage.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
 from mllmjax.errors import WeightsError
 
 _DTYPES: dict[str, Any] = {
@@ -70,7 +71,6 @@ class SafetensorsFile:
                 raise WeightsError(f"{self.path}: tensor {name!r} is truncated (the file is incomplete)")
             self._entries[name] = (dtype, shape, start, end)
         self._file = open(self.path, "rb")
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -79,16 +79,15 @@ class SafetensorsFile:
         return self._entries[name][1]
 
     def load(self, name: str) -> np.ndarray:
-        """A read-only view into the mapped file."""
-        dtype, shape, start, _ = self._entries[name]
-        count = int(np.prod(shape))
-        return np.frombuffer(self._mm, dtype=dtype, count=count, offset=self._data_start + start).reshape(
-            shape
-        )
+        dtype, shape, start, end = self._entries[name]
+        out = np.empty(shape, dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = os.preadv(self._file.fileno(), [view], self._data_start + start) if end > start else 0
+        if got != end - start:
+            raise WeightsError(f"{self.path}: tensor {name!r} is truncated (short read)")
+        return out
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
         self._file.close()
 
 

@@ -12,13 +12,17 @@ present with the right shape, else a WeightsError names the tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
 from mllmjax.errors import WeightsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.decoder import Params, map_specs, param_specs
@@ -213,55 +217,65 @@ def params_from_hf(
             if got != want:
                 raise WeightsError(f"tensor {name!r} has shape {list(got)}, expected {list(want)}")
 
-    needed = {path: (spec[0][0] if path.startswith("layers/") else 1) for path, spec in flat_specs.items()}
-    buffers: dict[str, np.ndarray] = {}
-    filled: dict[str, int] = dict.fromkeys(flat_specs, 0)
+    # Each parameter is allocated on the devices (with its sharding) when its first tensor arrives, and
+    # every layer is written into it in place (the buffer is donated), so host memory holds one source
+    # tensor at a time and device memory never holds more than the parameters themselves.
     done: dict[str, Any] = {}
-
-    def finish(path: str) -> None:
-        buf = buffers.pop(path)
-        sharding = flat_shardings.get(path)
-        if sharding is None:
-            done[path] = jax.device_put(buf)
-        else:
-            done[path] = jax.make_array_from_callback(buf.shape, sharding, lambda idx, b=buf: b[idx])
-
-    order = [n for n in names if n in expected]
-    if tied_head:
-        order.append("lm_head.weight")
-    for name in order:
-        if name == "lm_head.weight" and tied_head:
-            _check_tied(source.load(name), buffers.get("embed"), done.get("embed"), dtype)
-            continue
+    for name in (n for n in names if n in expected):
         rule, layer, _ = expected[name]
         try:
-            value = _KINDS[rule.kind][0](np.asarray(source.load(name)), cfg)
+            value = _KINDS[rule.kind][0](np.asarray(source.load(name)), cfg).astype(dtype, copy=False)
         except WeightsError:
             raise
         except Exception as e:
             raise WeightsError(f"could not read tensor {name!r}: {e}") from e
-        if not np.all(np.isfinite(value.astype(np.float32))):
+        if not np.isfinite(value).all():
             raise WeightsError(f"tensor {name!r} contains NaN or infinite values (corrupt source?)")
         path = rule.ours
-        if path not in buffers:
-            buffers[path] = np.empty(flat_specs[path][0], dtype)
+        sharding = flat_shardings.get(path)
         if layer is None:
-            buffers[path][...] = value
+            done[path] = _place(value, sharding)
         else:
-            buffers[path][layer] = value
-        filled[path] += 1
+            if path not in done:
+                done[path] = _zeros(flat_specs[path][0], dtype, sharding)
+            done[path] = _set_layer(done[path], _place(value, _drop_leading_axis(sharding)), layer)
+        del value
         if on_tensor is not None:
             on_tensor(name)
-        if filled[path] == needed[path] and not (tied_head and path == "embed"):
-            finish(path)
-    if tied_head and "embed" in buffers:
-        finish("embed")
+    if tied_head:
+        _check_tied(source.load("lm_head.weight"), done["embed"], dtype)
+        if on_tensor is not None:
+            on_tensor("lm_head.weight")
     return _unflatten({p: done[p] for p in flat_specs})
 
 
-def _check_tied(head: np.ndarray, embed_buf: np.ndarray | None, embed_arr: Any, dtype: np.dtype) -> None:
-    embed = embed_buf if embed_buf is not None else np.asarray(embed_arr)
-    if embed is None or not np.array_equal(np.asarray(head).astype(dtype), embed):
+def _place(value: np.ndarray, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def _drop_leading_axis(sharding: Any) -> Any:
+    """The sharding of one layer's slice of a layer-stacked parameter (the layer axis is never sharded)."""
+    if sharding is None:
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+# The stacked buffer is donated: XLA writes the layer in place instead of copying the whole parameter.
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: jax.Array, layer: int) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, axis=0)
+
+
+def _check_tied(head: np.ndarray, embed: jax.Array, dtype: np.dtype) -> None:
+    if not np.array_equal(np.asarray(head).astype(dtype), np.asarray(embed)):
         raise WeightsError(
             "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight"
         )

@@ -1,0 +1,1 @@
+"""Model definitions: one decoder (`decoder`) configured per family by `config.ModelConfig`."""

@@ -1,0 +1,373 @@
+"""Rollout records: the `mllmjax.rollout/1` JSON Lines schema that rollout, score, train and
+`sample --json` exchange.
+
+One line per completion (DESIGN.md, "Artifacts"):
+
+    {"schema": "mllmjax.rollout/1", "prompt_id", "group", "sample", "prompt", "prompt_ids",
+     "completion", "completion_ids", "logprobs", "finish_reason": "stop"|"length",
+     "answer", "policy", "meta": {...}}
+
+and `score` adds "rewards" {name: value}, "reward" (weighted sum), "advantage", "reward_errors"
+{name: "ExceptionType: message"}.
+
+Design decisions:
+- A frozen, keyword-only dataclass validated in `__post_init__`, so a record built in process (rollout,
+  the grpo loop) is checked exactly like one read from disk. Reading turns the validation error into a
+  `RecordError` naming the file and line.
+- Field types: `prompt_id` is a string or an int (a dataset row index or a stable hash, the producer's
+  choice); `group` (>= 0) identifies the prompt's group within a file and `sample` (0..G-1) the member;
+  `logprobs` has one entry per completion id; `policy` is a free-form checkpoint id or step.
+- The four score fields are all present or all absent: a half-scored record is a bug, not a state.
+- Writes are atomic (a temp file in the destination directory, then `os.replace`), and an existing file
+  is never replaced without `force`. `-` means stdin / stdout so stages pipe.
+- `group_records` is the one place that checks groups are complete (every group has samples 0..G-1
+  exactly once, the same G everywhere, and one prompt), so estimators can assume a dense [groups, G]
+  array and never mix groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError, RecordError
+
+SCHEMA = "mllmjax.rollout/1"
+FINISH_REASONS = ("stop", "length")
+STDIO = "-"
+
+_BASE_FIELDS = (
+    "prompt_id",
+    "group",
+    "sample",
+    "prompt",
+    "prompt_ids",
+    "completion",
+    "completion_ids",
+    "logprobs",
+    "finish_reason",
+    "answer",
+    "policy",
+    "meta",
+)
+_SCORE_FIELDS = ("rewards", "reward", "advantage", "reward_errors")
+
+
+class RecordValueError(ValueError):
+    """A field has the wrong type or value; `read_records` adds the file and line."""
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool is an int subclass and never a valid id or index
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _require(ok: bool, field: str, expected: str, value: Any) -> None:
+    if not ok:
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        raise RecordValueError(f"field {field!r} must be {expected}, got {shown}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutRecord:
+    """One completion of one prompt, optionally scored.
+
+    Build one in process with keyword arguments (rollout, the grpo loop, `sample --json`), then
+    `to_dict()` / `write_records`. Score fields are None until `score` fills them (`with_scores`).
+    """
+
+    prompt_id: str | int
+    group: int
+    sample: int
+    prompt: str
+    prompt_ids: list[int]
+    completion: str
+    completion_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    answer: str
+    policy: str
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rewards: dict[str, float] | None = None
+    reward: float | None = None
+    advantage: float | None = None
+    reward_errors: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            (isinstance(self.prompt_id, str) or _is_int(self.prompt_id)),
+            "prompt_id",
+            "a string or an integer",
+            self.prompt_id,
+        )
+        _require(_is_int(self.group) and self.group >= 0, "group", "an integer >= 0", self.group)
+        _require(_is_int(self.sample) and self.sample >= 0, "sample", "an integer >= 0", self.sample)
+        for name in ("prompt", "completion", "answer", "policy"):
+            value = getattr(self, name)
+            _require(isinstance(value, str), name, "a string", value)
+        for name in ("prompt_ids", "completion_ids"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, list) and all(type(x) is int and x >= 0 for x in value),
+                name,
+                "a list of token ids (integers >= 0)",
+                value,
+            )
+        _require(
+            isinstance(self.logprobs, list) and all(_is_number(x) for x in self.logprobs),
+            "logprobs",
+            "a list of numbers",
+            self.logprobs,
+        )
+        if len(self.logprobs) != len(self.completion_ids):
+            raise RecordValueError(
+                f"field 'logprobs' must have one entry per completion id: {len(self.logprobs)} log-probs "
+                f"for {len(self.completion_ids)} completion ids"
+            )
+        _require(
+            self.finish_reason in FINISH_REASONS,
+            "finish_reason",
+            " or ".join(repr(r) for r in FINISH_REASONS),
+            self.finish_reason,
+        )
+        _require(isinstance(self.meta, dict), "meta", "an object", self.meta)
+        present = [getattr(self, name) is not None for name in _SCORE_FIELDS]
+        if any(present) and not all(present):
+            missing = [n for n, p in zip(_SCORE_FIELDS, present, strict=True) if not p]
+            raise RecordValueError(
+                f"a scored record needs all of {', '.join(_SCORE_FIELDS)}; missing {', '.join(missing)}"
+            )
+        if self.rewards is not None:
+            _require(
+                isinstance(self.rewards, dict)
+                and all(isinstance(k, str) and _is_number(v) for k, v in self.rewards.items()),
+                "rewards",
+                "an object of name -> number",
+                self.rewards,
+            )
+            _require(
+                _is_number(self.reward) and math.isfinite(self.reward),
+                "reward",
+                "a finite number",
+                self.reward,
+            )
+            _require(
+                _is_number(self.advantage) and math.isfinite(self.advantage),
+                "advantage",
+                "a finite number",
+                self.advantage,
+            )
+            _require(
+                isinstance(self.reward_errors, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in self.reward_errors.items()),
+                "reward_errors",
+                "an object of name -> message",
+                self.reward_errors,
+            )
+
+    @property
+    def scored(self) -> bool:
+        return self.rewards is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of one line: schema first, score fields only when scored."""
+        out: dict[str, Any] = {"schema": SCHEMA}
+        for name in _BASE_FIELDS:
+            out[name] = getattr(self, name)
+        if self.scored:
+            for name in _SCORE_FIELDS:
+                out[name] = getattr(self, name)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    def with_scores(
+        self, *, rewards: dict[str, float], reward: float, advantage: float, reward_errors: dict[str, str]
+    ) -> RolloutRecord:
+        return dataclasses.replace(
+            self, rewards=rewards, reward=reward, advantage=advantage, reward_errors=reward_errors
+        )
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> RolloutRecord:
+        """Validate one decoded JSON line. Raises RecordValueError saying what was expected."""
+        if not isinstance(obj, dict):
+            raise RecordValueError(f"expected a JSON object, got {type(obj).__name__}")
+        schema = obj.get("schema")
+        if schema != SCHEMA:
+            raise RecordValueError(f"expected schema {SCHEMA!r}, got {schema!r}")
+        missing = [name for name in _BASE_FIELDS if name not in obj]
+        if missing:
+            raise RecordValueError(f"missing field(s) {', '.join(missing)} (schema {SCHEMA})")
+        known = {"schema", *_BASE_FIELDS, *_SCORE_FIELDS}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise RecordValueError(
+                f"unknown field(s) {', '.join(unknown)} (schema {SCHEMA}; put extra data in 'meta')"
+            )
+        return cls(**{k: v for k, v in obj.items() if k != "schema"})
+
+
+def _display_name(path: str | os.PathLike[str]) -> str:
+    return "<stdin>" if str(path) == STDIO else str(path)
+
+
+def parse_records(lines: Iterable[str], source: str) -> list[RolloutRecord]:
+    """Parse JSON Lines text; blank lines are skipped, line numbers are 1-based in the message."""
+    records: list[RolloutRecord] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(source, number, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        try:
+            records.append(RolloutRecord.from_dict(obj))
+        except RecordValueError as e:
+            raise RecordError(source, number, str(e)) from None
+        except TypeError as e:  # an unexpected keyword that slipped past from_dict's checks
+            raise RecordError(source, number, str(e)) from None
+    return records
+
+
+def read_records(path: str | os.PathLike[str]) -> list[RolloutRecord]:
+    """Read rollout records from a JSON Lines file, or from stdin when `path` is `-`."""
+    source = _display_name(path)
+    if str(path) == STDIO:
+        return parse_records(sys.stdin, source)
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"{source}: no such file (expected rollout records, JSON Lines)")
+    try:
+        with p.open(encoding="utf-8") as f:
+            return parse_records(f, source)
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{source}: not UTF-8 text ({e.reason}); expected JSON Lines") from None
+
+
+def records_to_jsonl(records: Iterable[RolloutRecord]) -> str:
+    return "".join(r.to_json() + "\n" for r in records)
+
+
+def write_records(
+    records: Iterable[RolloutRecord], path: str | os.PathLike[str], *, force: bool = False
+) -> None:
+    """Write records as JSON Lines to `path` atomically, or to stdout when `path` is `-`.
+
+    The text is built in full before anything touches the destination, so a bad record leaves no file;
+    an existing file is replaced only with `force` (OutputExistsError otherwise).
+    """
+    text = records_to_jsonl(records)
+    if str(path) == STDIO:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise OutputExistsError(f"{p} is a directory; give a file name for the records")
+    if p.exists() and not force:
+        raise OutputExistsError(f"{p} exists; pass --force to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInputError(f"{parent}: no such directory for the output {p}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def require_scored(records: Sequence[RolloutRecord], *, source: str = "records") -> None:
+    """Raise ArtifactError unless every record carries score fields (what `train` consumes)."""
+    for position, record in enumerate(records):
+        if not record.scored:
+            raise ArtifactError(
+                f"{source}: record {position + 1} (group {record.group}, sample {record.sample}) has no rewards "
+                "or advantage; run 'mllmjax score' on the rollouts first"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Groups:
+    """Records arranged as complete groups: `index[g][s]` is the position (in the input sequence) of
+    sample s of the g-th group, groups in order of first appearance."""
+
+    group_ids: list[int]
+    index: list[list[int]]
+    group_size: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_ids)
+
+
+def group_records(
+    records: Sequence[RolloutRecord], *, group_size: int | None = None, source: str = "records"
+) -> Groups:
+    """Check that records form complete groups and return their layout.
+
+    Every group must hold samples 0..G-1 exactly once, with one prompt_id, prompt and answer; G is the
+    same for every group (`group_size` if given, else the largest sample index + 1 seen). Raises
+    ArtifactError naming the group otherwise.
+    """
+    if not records:
+        raise ArtifactError(f"{source}: no records")
+    if group_size is not None and (not _is_int(group_size) or group_size < 1):
+        raise BadInputError(f"group size must be an integer >= 1, got {group_size!r}")
+    members: dict[int, dict[int, int]] = {}
+    for position, record in enumerate(records):
+        samples = members.setdefault(record.group, {})
+        if record.sample in samples:
+            raise ArtifactError(
+                f"{source}: group {record.group} has sample {record.sample} twice "
+                f"(records {samples[record.sample] + 1} and {position + 1})"
+            )
+        samples[record.sample] = position
+    largest = max(max(samples) for samples in members.values()) + 1
+    size = group_size if group_size is not None else largest
+    if largest > size:
+        raise ArtifactError(f"{source}: sample index {largest - 1} does not fit group size {size}")
+    group_ids = list(members)
+    index: list[list[int]] = []
+    for gid in group_ids:
+        samples = members[gid]
+        if len(samples) != size:
+            missing = [s for s in range(size) if s not in samples]
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise ArtifactError(
+                f"{source}: group {gid} is incomplete: {len(samples)} of {size} samples, missing sample(s) "
+                f"{shown}"
+            )
+        row = [samples[s] for s in range(size)]
+        first = records[row[0]]
+        for pos in row[1:]:
+            other = records[pos]
+            for name in ("prompt_id", "prompt", "answer"):
+                if getattr(other, name) != getattr(first, name):
+                    raise ArtifactError(
+                        f"{source}: group {gid} mixes prompts: sample {other.sample} has a different "
+                        f"{name} from sample {first.sample}"
+                    )
+        index.append(row)
+    return Groups(group_ids=group_ids, index=index, group_size=size)

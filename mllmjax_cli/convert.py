@@ -1,0 +1,64 @@
+"""`mllmjax convert`: HF / GGUF weights -> a sharded Orbax checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mllmjax_cli.errors import err_console, handle_errors
+from mllmjax_cli.options import DEFAULT_MESH, Dtype, Force, Mesh
+
+HELP = """Convert HF or GGUF weights into an mllmjax checkpoint (sharded Orbax params + config + tokenizer).
+
+SOURCE is a hub id (Qwen/Qwen2.5-7B), a local HF folder (safetensors, sharded with an index, or .bin),
+a single .safetensors/.bin file with config.json beside it, a .gguf file, or `smollm2-135m` for the
+embedded SmolLM2-135M-Instruct.
+
+Examples:
+
+  mllmjax convert smollm2-135m -o ckpt/smollm2
+
+  mllmjax convert Qwen/Qwen2.5-7B -o ckpt/qwen7b --dtype bfloat16 --mesh fsdp=-1
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(name="convert", help=HELP)
+    @handle_errors
+    def convert(
+        source: Annotated[
+            str, typer.Argument(help="Hub id, HF folder, weights file, .gguf, or smollm2-135m.")
+        ],
+        out: Annotated[
+            Path | None, typer.Option("-o", "--out", help="Checkpoint directory to write.")
+        ] = None,
+        dtype: Dtype = "auto",
+        mesh: Mesh = DEFAULT_MESH,
+        force: Force = False,
+    ) -> None:
+        from mllmjax.convert import convert as run
+
+        target = out if out is not None else Path(Path(source).name.removesuffix(".gguf") + "-mllmjax")
+        with Progress(
+            TextColumn("[bold]convert[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("", total=None)
+
+            def on_tensor(name: str, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total, description=name)
+
+            result = run(source, target, dtype=dtype, mesh=mesh, force=force, on_tensor=on_tensor)
+        c = result.cfg
+        err_console.print(
+            f"wrote {result.out}: {c.family}, {result.num_params / 1e6:.1f}M params, {result.dtype}, "
+            f"{c.num_layers} layers, {result.param_bytes / 2**20:.0f} MiB, {result.seconds:.1f}s"
+        )

@@ -1,0 +1,37 @@
+"""`mllmjax export`: a checkpoint back to an HF folder (safetensors) that transformers and vLLM load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mllmjax_cli.errors import err_console, handle_errors
+from mllmjax_cli.options import Force, Out
+
+HELP = """Export a checkpoint as an HF folder: config.json, safetensors (sharded with an index when large),
+tokenizer and generation_config.json. `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads it.
+
+Example:
+
+  mllmjax export runs/grpo/checkpoints/step_400 -o qwen-grpo-hf --dtype bfloat16
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(name="export", help=HELP)
+    @handle_errors
+    def export(
+        ckpt: Annotated[Path, typer.Argument(help="mllmjax checkpoint directory.")],
+        out: Out,
+        dtype: Annotated[
+            str | None,
+            typer.Option("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+        ] = None,
+        force: Force = False,
+    ) -> None:
+        from mllmjax.convert import export as run
+
+        result = run(ckpt, out, dtype=dtype, force=force)
+        err_console.print(f"wrote {result.out} ({result.dtype}): {', '.join(result.files)}")
