@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, TextIO
 
 import typer
-from mllmjax.errors import BadInputError, OutputExistsError, RecordError
 
+from mllmjax.errors import BadInputError, OutputExistsError, RecordError
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.options import DEFAULT_MESH, Dtype, Force, Json, Mesh, Seed
 
@@ -193,8 +193,9 @@ def _stream_one(params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, st
 
 
 def _run_batch(params, cfg, ids, strategy, n, max_new_tokens, stop_ids, seed, batch_size, device_mesh):
-    from mllmjax.sampling import generate
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mllmjax.sampling import generate
 
     start = time.perf_counter()
     with Progress(
