@@ -43,6 +43,7 @@ def main() -> None:
     import numpy as np
     import torch
     import transformers
+
     from mllmjax.models.config import ModelConfig
     from mllmjax.sampling import Greedy, compile_count, generate
     from mllmjax.weights.table import params_from_hf

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from mllmjax.checkpoint import load_checkpoint, stop_ids_for
 from mllmjax.convert import convert
 from mllmjax.sampling import Greedy, generate
-from typer.testing import CliRunner
-
 from mllmjax_cli import sample as sample_cmd
 from tests.hf_models import save_hf_model
 

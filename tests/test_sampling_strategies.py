@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from mllmjax.errors import BadInputError
 from mllmjax.sampling import Greedy, Sample, make_strategy
 

@@ -109,9 +109,9 @@ class KVCache:
     index: [B] next slot each row writes to, so rows of different prompt lengths decode in step.
 
     The per-layer layout is for decode loops on CPU: `forward` then unrolls the layers, so each
-    layer's cache is its own buffer that XLA updates in place inside a while loop, and the stacked
-    weights are sliced once per program (XLA hoists the loop-invariant slices) instead of being
-    dynamic-sliced, i.e. copied, at every layer of every step as the layer scan does on CPU.
+    layer's cache is its own buffer that XLA updates in place inside a while loop. A decode loop
+    also passes params["layers"] as a tuple of per-layer trees sliced once outside the loop: the
+    layer scan dynamic-slices, i.e. copies, every layer's weights and cache at every step on CPU.
     """
 
     k: Any

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+
 from mllmjax.errors import BadInputError
 
 _NEG_INF = -jnp.inf
