@@ -261,6 +261,8 @@ def main() -> None:
         "reward",
         "groups_var",
         "groups_var_correct",
+        "greedy_correct",
+        "greedy_strict",
         "len",
         "cut",
         "tok_s",
