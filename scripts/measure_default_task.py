@@ -85,7 +85,7 @@ def _candidates() -> dict[str, Candidate]:
         ),
     ]
     for task in ("sums", "arith"):
-        for level in (1, 2, 3):
+        for level in (0, 1, 2, 3):
             rows.append(
                 Candidate(
                     name=f"{task}{level}",
@@ -261,6 +261,8 @@ def main() -> None:
         "reward",
         "groups_var",
         "groups_var_correct",
+        "greedy_correct",
+        "greedy_strict",
         "len",
         "cut",
         "tok_s",

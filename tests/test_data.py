@@ -276,7 +276,7 @@ def _evaluate(expression: str) -> int:
 
 
 @pytest.mark.parametrize("task", sorted(B.BUILTIN_TASKS))
-@pytest.mark.parametrize("level", [1, 2, 3])
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_builtin_answers_are_verifiable(task, level):
     problems = load_problems(f"builtin:{task}:level={level}", num=300, shuffle=True, seed=1)
     for p in problems:
@@ -331,7 +331,7 @@ def test_builtin_train_and_test_never_share_a_question(task):
     "spec, match",
     [
         ("builtin:nope", r"unknown built-in task 'nope'; known: arith, sums"),
-        ("builtin:arith:level=9", "level must be an integer 1..3, got 9"),
+        ("builtin:arith:level=9", "level must be an integer 0..3, got 9"),
         ("builtin:arith:level=x", "option level in 'builtin:arith:level=x' must be an integer"),
         ("builtin:arith:depth=2", "bad option 'depth=2'"),
         ("builtin:arith:seed=-1", "seed must be a non-negative integer"),

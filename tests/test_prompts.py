@@ -91,6 +91,7 @@ def test_plain_fallback_for_base_models():
     assert text == "Be brief.\n\nQuestion: What is 1 + 1?\nAnswer: 2\n\nQuestion: What is 2 + 3?\nAnswer:"
     assert build_prompt(tok, "Q?", system="", examples=()) == "Question: Q?\nAnswer:"
     default = build_prompt(tok, "Q?")
+    assert build_prompt(None, "Q?") == default  # the display form
     assert default.startswith(SYSTEM_PROMPT + "\n\nQuestion: " + EXAMPLES[0][0])
     assert default.endswith("\n\nQuestion: Q?\nAnswer:")
 

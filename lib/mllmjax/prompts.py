@@ -7,10 +7,11 @@ Design decisions:
   the final answer alone inside `<answer>`, which is what the format and correct rewards look for.
 - Two worked examples of the exact output format (`EXAMPLES`) go before the question as earlier
   user/assistant turns. SmolLM2-135M-Instruct, given only a description of the tags, wrote no
-  `<answer>` tag at all (issue 6: 0 of 96 samples); with the same example inside the system prompt it
-  wrote one in 1 of 8 here; as chat turns, in about 6 of 10 (scripts/measure_default_task.py). The
-  examples restate the answer after the check ("so 23 is right"): with a bare check the model often
-  copied the check's number into `<answer>`.
+  `<answer>` tag at all (issue 6: 0 of 96 samples; 0 of 48 here on GSM8K); with one example inside
+  the system prompt it wrote one in 1 of 20 probe samples; as chat turns, in 59% of 96 samples on
+  `builtin:arith:level=0` (scripts/measure_default_task.py). The examples restate the answer after
+  the check ("so 23 is right"): with a bare check the model often copied the check's number into
+  `<answer>`.
 - `build_prompt` uses the tokenizer's chat template with the generation prompt added, so the completion
   starts where the assistant's reply does. A base model without a chat template gets a plain
   "system text / Question: ... Answer: ..." layout instead, so any tokenizer works.
@@ -87,7 +88,8 @@ def build_prompt(
 ) -> str:
     """The text the model continues for `question`: the tokenizer's chat template over a system turn
     (left out when `system` is empty), one user/assistant pair per example, the user's question and the
-    assistant's generation prompt; or `PLAIN_TEMPLATE` blocks when the tokenizer has no chat template.
+    assistant's generation prompt; or `PLAIN_TEMPLATE` blocks when the tokenizer has no chat template
+    (`tokenizer=None` gives that layout too, which is how the CLI shows the prompt).
 
     The returned string already holds any special tokens the template writes (such as a BOS token), so
     encode it with `add_special_tokens=False`.

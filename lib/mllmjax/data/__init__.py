@@ -36,6 +36,7 @@ from mllmjax.data import builtin
 from mllmjax.errors import BadInputError, RecordError
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_TASK",
     "Problem",
     "extract_gold",
@@ -43,8 +44,14 @@ __all__ = [
     "resolve_spec",
 ]
 
-DEFAULT_TASK = "builtin:arith:level=1"
-"""The embedded default's task: measured in scripts/measure_default_task.py (see the README)."""
+DEFAULT_TASK = "builtin:arith:level=0"
+"""The embedded default's task. Measured with scripts/measure_default_task.py on SmolLM2-135M-Instruct
+(12 problems x G=8, temperature 1.0, top-k 50, 160 new tokens): 10% of samples correct, 52% in the
+strict format, 58% of groups hold at least one correct sample and every group's rewards vary, so GRPO
+has signal from step one; level 1 (numbers to 20) gave 4% correct, level 2 1%."""
+
+DEFAULT_MAX_NEW_TOKENS = 160
+"""Length budget measured with `DEFAULT_TASK`: mean completion 86 tokens, 15% cut at 160."""
 
 SHORT_NAMES = {"gsm8k": ("openai/gsm8k", "main")}
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -12,9 +12,10 @@ Design decisions:
 - Each problem keeps the arithmetic expression it was built from in `meta["expression"]`, so tests
   (and users) can check the answer independently of the generator.
 - Two tasks: `arith` (word problems) and `sums` (bare expressions, "What is 17 - 8?"). Levels set
-  the difficulty: 1 is one addition or subtraction with numbers up to 20, 2 adds multiplication and
-  larger numbers, 3 chains two operations. The embedded default uses the level
-  that gives SmolLM2-135M-Instruct some right answers from the start (scripts/measure_default_task.py).
+  the difficulty: 0 is one addition or subtraction with numbers up to 9, 1 the same up to 20, 2 adds
+  multiplication and larger numbers, 3 chains two operations. The embedded default is `arith` level 0,
+  the one where SmolLM2-135M-Instruct gets some answers right from the start (10% of samples at
+  temperature 1; scripts/measure_default_task.py).
 - Generators are registered by name (`BUILTIN_TASKS`), so a user can add a task in code.
 """
 
@@ -117,7 +118,9 @@ def _two_step(r: random.Random, hi: int) -> Generated:
 
 
 def arith(r: random.Random, level: int) -> Generated:
-    """Arithmetic word problems; `level` 1 to 3 (see the module docstring)."""
+    """Arithmetic word problems; `level` 0 to 3 (see the module docstring)."""
+    if level == 0:
+        return r.choice((_add, _sub))(r, 9)
     if level == 1:
         return r.choice((_add, _sub))(r, 20)
     if level == 2:
@@ -126,10 +129,10 @@ def arith(r: random.Random, level: int) -> Generated:
 
 
 def sums(r: random.Random, level: int) -> Generated:
-    """Bare expressions ("What is 17 - 8?"): level 1 adds or subtracts two numbers up to 20, level 2
-    goes up to 100 and adds one-digit products, level 3 chains three numbers up to 50. Results are never
-    negative."""
-    hi = {1: 20, 2: 100, 3: 50}[level]
+    """Bare expressions ("What is 17 - 8?"): level 0 adds or subtracts two numbers up to 9, level 1 up
+    to 20, level 2 up to 100 with one-digit products too, level 3 chains three numbers up to 50. Results
+    are never negative."""
+    hi = {0: 9, 1: 20, 2: 100, 3: 50}[level]
     if level == 2 and r.random() < 1 / 3:
         a, b = r.randint(2, 9), r.randint(2, 9)
         return Generated(question=f"What is {a} * {b}?", answer=a * b, expression=f"{a} * {b}")
@@ -137,9 +140,13 @@ def sums(r: random.Random, level: int) -> Generated:
     if level == 3:
         c = r.randint(2, hi)
         if r.random() < 0.5:
-            return Generated(question=f"What is {a} + {b} + {c}?", answer=a + b + c, expression=f"{a} + {b} + {c}")
+            return Generated(
+                question=f"What is {a} + {b} + {c}?", answer=a + b + c, expression=f"{a} + {b} + {c}"
+            )
         c = r.randint(1, a + b - 1)
-        return Generated(question=f"What is {a} + {b} - {c}?", answer=a + b - c, expression=f"{a} + {b} - {c}")
+        return Generated(
+            question=f"What is {a} + {b} - {c}?", answer=a + b - c, expression=f"{a} + {b} - {c}"
+        )
     if r.random() < 0.5:
         return Generated(question=f"What is {a} + {b}?", answer=a + b, expression=f"{a} + {b}")
     a, b = max(a, b), min(a, b)
@@ -163,8 +170,8 @@ class BuiltinSpec:
             raise BadInputError(
                 f"unknown built-in task {self.task!r}; known: {', '.join(sorted(BUILTIN_TASKS))}"
             )
-        if not isinstance(self.level, int) or not 1 <= self.level <= MAX_LEVEL:
-            raise BadInputError(f"built-in task level must be an integer 1..{MAX_LEVEL}, got {self.level!r}")
+        if not isinstance(self.level, int) or not 0 <= self.level <= MAX_LEVEL:
+            raise BadInputError(f"built-in task level must be an integer 0..{MAX_LEVEL}, got {self.level!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise BadInputError(f"built-in task seed must be a non-negative integer, got {self.seed!r}")
 
