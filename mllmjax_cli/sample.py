@@ -17,7 +17,23 @@ import typer
 
 from mllmjax.errors import BadInputError, OutputExistsError, RecordError
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import DEFAULT_MESH, Dtype, Force, Json, Mesh, Seed
+from mllmjax_cli.options import (
+    DEFAULT_MESH,
+    Dtype,
+    Force,
+    Greedy,
+    Json,
+    MaxBatch,
+    MaxNewTokens,
+    Mesh,
+    MinP,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+    sampling_strategy_args,
+)
+from mllmjax_cli.progress import stage_progress
 
 EXAMPLES = """
 Examples:
@@ -81,18 +97,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         n: Annotated[int, typer.Option("-n", help="Samples per prompt (the prompt is prefilled once).")] = 1,
-        max_new_tokens: Annotated[
-            int, typer.Option("--max-new-tokens", help="Most tokens per completion.")
-        ] = 256,
-        temperature: Annotated[
-            float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")
-        ] = 1.0,
-        greedy: Annotated[bool, typer.Option("--greedy", help="Shorthand for --temperature 0.")] = False,
-        top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most probable tokens; 0 = off.")] = 50,
-        top_p: Annotated[float, typer.Option("--top-p", help="Nucleus: keep the top mass p; 1 = off.")] = 1.0,
-        min_p: Annotated[
-            float, typer.Option("--min-p", help="Drop tokens below p x the top probability; 0 = off.")
-        ] = 0.0,
+        max_new_tokens: MaxNewTokens = 256,
+        temperature: Temperature = 1.0,
+        greedy: Greedy = False,
+        top_k: TopK = 50,
+        top_p: TopP = 1.0,
+        min_p: MinP = 0.0,
         seed: Seed = 0,
         chat: Annotated[
             bool | None,
@@ -106,9 +116,7 @@ def register(app: typer.Typer) -> None:
         force: Force = False,
         mesh: Mesh = DEFAULT_MESH,
         dtype: Dtype = "auto",
-        batch_size: Annotated[
-            int, typer.Option("--batch-size", help="Most rows (prompts x n) decoded at once.")
-        ] = 64,
+        batch_size: MaxBatch = 64,
     ) -> None:
         from mllmjax.sampling import make_strategy
 
@@ -119,13 +127,7 @@ def register(app: typer.Typer) -> None:
             raise BadInputError("no prompts: give PROMPT arguments or --prompts FILE (- for stdin)")
         if out != "-" and Path(out).exists() and not force:
             raise OutputExistsError(f"{out} exists; pass --force to replace it")
-        strategy = make_strategy(
-            temperature=temperature,
-            greedy=greedy,
-            top_k=top_k or None,
-            top_p=top_p if top_p < 1 else None,
-            min_p=min_p or None,
-        )
+        strategy = make_strategy(**sampling_strategy_args(temperature, greedy, top_k, top_p, min_p))
 
         checkpoint, params, device_mesh = _load(ckpt, mesh, dtype)
         cfg = checkpoint.cfg
@@ -193,25 +195,15 @@ def _stream_one(params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, st
 
 
 def _run_batch(params, cfg, ids, strategy, n, max_new_tokens, stop_ids, seed, batch_size, device_mesh):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from mllmjax.sampling import generate
 
     start = time.perf_counter()
-    with Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("sample", total=len(ids) * n, rate="")
+    with stage_progress("sample") as progress:
+        task = progress.add_task("", total=len(ids) * n)
 
         def on_batch(tokens: int, samples: int) -> None:
             rate = tokens / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, completed=samples, rate=f"{rate:.1f} tok/s")
+            progress.update(task, completed=samples, description=f"{rate:.1f} tok/s")
 
         use_mesh = device_mesh if device_mesh.devices.size > 1 else None
         return generate(

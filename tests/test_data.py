@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from mllmjax.data import Problem, extract_gold, load_problems, resolve_spec
 from mllmjax.data import builtin as B
 from mllmjax.errors import BadInputError, RecordError

@@ -10,10 +10,11 @@ import os
 import re
 
 import pytest
-from mllmjax.errors import BadInputError
-from mllmjax.prompts import EXAMPLES, SYSTEM_PROMPT, build_prompt, has_chat_template, load_system_prompt
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from mllmjax.errors import BadInputError
+from mllmjax.prompts import EXAMPLES, SYSTEM_PROMPT, build_prompt, has_chat_template, load_system_prompt
 
 # ChatML, as Qwen2.5 and SmolLM2 write it (without their default system prompts).
 CHATML = (

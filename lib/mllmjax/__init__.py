@@ -30,6 +30,19 @@ _EXPORTS = {
     "register_advantage": "mllmjax.advantages",
     "ScoreConfig": "mllmjax.scoring",
     "score_records": "mllmjax.scoring",
+    "generate": "mllmjax.sampling",
+    "stream": "mllmjax.sampling",
+    "Greedy": "mllmjax.sampling",
+    "Sample": "mllmjax.sampling",
+    "make_strategy": "mllmjax.sampling",
+    "load_problems": "mllmjax.data",
+    "build_prompt": "mllmjax.prompts",
+    "RolloutConfig": "mllmjax.rollout",
+    "make_rollouts": "mllmjax.rollout",
+    "Trainer": "mllmjax.trainer",
+    "TrainConfig": "mllmjax.trainer",
+    "train_checkpoint": "mllmjax.training",
+    "summarize": "mllmjax.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)
