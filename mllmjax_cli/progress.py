@@ -8,7 +8,8 @@ from mllmjax_cli.errors import err_console
 
 
 def stage_progress(label: str) -> Progress:
-    """`label [bar] done/total description elapsed`; update the task's description with live rates."""
+    """`label [bar] done/total description elapsed`; update the task's description with live rates.
+    Off when stderr is not a terminal (logs and pipes get the one-line summary, not bar redraws)."""
     return Progress(
         TextColumn(f"[bold]{label}[/]"),
         BarColumn(),
@@ -17,4 +18,5 @@ def stage_progress(label: str) -> Progress:
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
+        disable=not err_console.is_terminal,
     )

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +31,7 @@ from mllmjax.checkpoint import (
     resolve_dtype,
     write_checkpoint,
 )
-from mllmjax.errors import BadInputError
+from mllmjax.errors import BadInputError, WeightsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.decoder import param_bytes
 from mllmjax.sharding import DEFAULT_MESH, make_mesh, param_shardings
@@ -70,6 +73,33 @@ def resolve_source(spec: str) -> WeightSource:
     )
 
 
+def _save_tokenizer(src: WeightSource, out_dir: Path) -> None:
+    """Write the source's tokenizer files. A GGUF tokenizer is built in a child process: transformers
+    materialises the whole vocabulary and merges as Python objects and keeps ~270 MB of them (SmolLM2)
+    after it is done; in a child that memory goes back to the OS before the weights stream in."""
+    from mllmjax.weights.gguf import GGUFSource
+
+    if not isinstance(src, GGUFSource):
+        src.save_tokenizer(out_dir)
+        return
+    code = (
+        "import sys\n"
+        "from mllmjax.errors import MllmjaxError\n"
+        "from mllmjax.weights.gguf import open_gguf\n"
+        "try:\n"
+        "    open_gguf(sys.argv[1]).save_tokenizer(sys.argv[2])\n"
+        "except MllmjaxError as e:\n"
+        "    sys.exit(str(e))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(src.path), str(out_dir)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise WeightsError(lines[-1] if lines else f"building the tokenizer of {src.path} failed")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvertResult:
     out: Path
@@ -100,9 +130,8 @@ def convert(
     try:
         hf_config = src.hf_config()
         cfg = ModelConfig.from_hf_config(hf_config)
-        # The tokenizer first: building it (from a GGUF vocabulary, say) needs memory of its own, which is
-        # better spent before the parameters occupy theirs.
-        src.save_tokenizer(tok_dir)
+        # The tokenizer first, before the parameters occupy memory.
+        _save_tokenizer(src, tok_dir)
         total = len(src.tensor_names())
         counter = [0]
 

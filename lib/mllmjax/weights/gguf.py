@@ -110,6 +110,10 @@ class GGUFSource:
                 )
             self._hf_to_gguf[hf_name] = gguf_name
         self._config = self._build_hf_config()
+        # The vocabulary and merges (~100k small arrays) are only needed by the tokenizer, which
+        # transformers reads from the file itself: drop them so they do not sit beside the weights.
+        for key in [k for k in self._reader.fields if k.startswith("tokenizer.ggml.")]:
+            del self._reader.fields[key]
 
     # ------------------------------------------------------------------ metadata
     def _field(self, key: str, default: Any = None) -> Any:
