@@ -270,3 +270,16 @@ def test_smollm2_greedy_matches_transformers():
         ids, logps = _hf_greedy(model, prompt, max_new, eos=tok.eos_token_id)
         assert got.ids == ids
         np.testing.assert_allclose(got.logprobs, logps, atol=1e-4, rtol=0)
+
+
+def test_rope_scaled_config_samples_like_the_full_forward():
+    """A config with rope scaling (stored as a tuple so the config is hashable) goes through the
+    sampler's program cache; greedy tokens equal the argmax of full forwards over the growing prefix."""
+    cfg = ModelConfig.tiny("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    params = decoder.init_params(cfg, jax.random.key(3))
+    prompt = [5, 9, 17, 2, 33]
+    (out,) = generate(params, cfg, [prompt], Greedy(), max_new_tokens=4, stop_ids=[])
+    seq = list(prompt)
+    for _ in range(4):
+        seq.append(int(np.asarray(decoder.logits(params, cfg, np.asarray([seq])))[0, -1].argmax()))
+    assert out.ids == seq[len(prompt) :]

@@ -105,13 +105,6 @@ class DecodeState:
     step: jax.Array  # [] int32, tokens sampled so far (= the next column of out_ids)
 
 
-def _cfg_key(cfg: ModelConfig) -> tuple[Any, ...]:
-    items = dataclasses.asdict(cfg)
-    if items.get("rope_scaling") is not None:
-        items["rope_scaling"] = tuple(sorted(items["rope_scaling"].items()))
-    return tuple(sorted(items.items()))
-
-
 def _sample_rows(strategy: Strategy, logits: jax.Array, keys: jax.Array, step: jax.Array):
     """Draw one token per row with that row's own key, so rows never share randomness."""
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
@@ -240,7 +233,7 @@ def _decode(
 
 @functools.cache
 def _programs(
-    cfg_key: tuple[Any, ...],
+    cfg: ModelConfig,
     strategy: Strategy,
     compute_dtype: str,
     n: int,
@@ -249,42 +242,18 @@ def _programs(
     unroll: bool,
 ) -> tuple[Callable, Callable, Callable]:
     """(whole run, prefill, decode) jitted for one configuration and shape bucket."""
-    cfg = ModelConfig(**{k: (dict(v) if k == "rope_scaling" and v is not None else v) for k, v in cfg_key})
     static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype)
+    shapes = dict(n=n, cache_len=cache_len, out_len=out_len, unroll=unroll)
 
     def run(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
-        state = _prefill(
-            params,
-            tokens,
-            valid,
-            limit,
-            keys,
-            stop_ids,
-            n=n,
-            cache_len=cache_len,
-            out_len=out_len,
-            unroll=unroll,
-            **static,
-        )
+        state = _prefill(params, tokens, valid, limit, keys, stop_ids, **shapes, **static)
         state = _decode(params, state, jnp.int32(out_len), stop_ids, **static)
         return state.out_ids, state.out_logprobs, state.count, state.stopped
 
     def prefill(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
-        return _prefill(
-            params,
-            tokens,
-            valid,
-            limit,
-            keys,
-            stop_ids,
-            n=n,
-            cache_len=cache_len,
-            out_len=out_len,
-            unroll=unroll,
-            **static,
-        )
+        return _prefill(params, tokens, valid, limit, keys, stop_ids, **shapes, **static)
 
     def decode(params, state, until, stop_ids):
         _count_trace()
@@ -386,7 +355,7 @@ def generate(
         tokens, valid, limit = _pack(cfg, prompts, rows, max_new_tokens)
         keys = _row_keys(seed, chunk + [0] * (rows - len(chunk)), n)  # filler rows are discarded
         run, _, _ = _programs(
-            _cfg_key(cfg), strategy, cdt.name, n, tokens.shape[1] + out_len, out_len, _unroll(unroll_layers)
+            cfg, strategy, cdt.name, n, tokens.shape[1] + out_len, out_len, _unroll(unroll_layers)
         )
         args = (tokens, valid, limit, keys)
         if mesh is not None:
@@ -438,7 +407,7 @@ def stream(
     out_len = bucket(max_new_tokens, MIN_NEW_BUCKET)
     tokens, valid, limit = _pack(cfg, [prompt_ids], 1, max_new_tokens)
     _, prefill, decode = _programs(
-        _cfg_key(cfg), strategy, cdt.name, 1, tokens.shape[1] + out_len, out_len, _unroll(unroll_layers)
+        cfg, strategy, cdt.name, 1, tokens.shape[1] + out_len, out_len, _unroll(unroll_layers)
     )
     state = prefill(params, tokens, valid, limit, _row_keys(seed, [0], 1), stops)
     sent = 0
