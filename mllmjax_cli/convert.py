@@ -26,7 +26,7 @@ Examples:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(name="convert", help=HELP)
+    @app.command(name="convert", help=HELP, short_help="HF / GGUF weights -> a sharded Orbax checkpoint.")
     @handle_errors
     def convert(
         source: Annotated[

@@ -49,7 +49,7 @@ Examples:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(name="eval", help=HELP)
+    @app.command(name="eval", help=HELP, short_help="Held-out accuracy: pass@1, pass@k, maj@k, format rate.")
     @handle_errors
     def eval_(
         ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory.")],

@@ -20,7 +20,11 @@ Example:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(name="export", help=HELP)
+    @app.command(
+        name="export",
+        help=HELP,
+        short_help="A checkpoint -> an HF folder (safetensors) for transformers / vLLM.",
+    )
     @handle_errors
     def export(
         ckpt: Annotated[Path, typer.Argument(help="mllmjax checkpoint directory.")],

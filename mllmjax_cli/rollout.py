@@ -77,7 +77,11 @@ def sample_problems(
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(name="rollout", help=HELP)
+    @app.command(
+        name="rollout",
+        help=HELP,
+        short_help="G sampled completions per prompt -> rollout records (JSON Lines).",
+    )
     @handle_errors
     def rollout(
         ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory.")],

@@ -85,7 +85,11 @@ def encode(tokenizer: Any, prompt: str, *, chat: bool, system: str | None) -> li
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(name="sample", help="Generate completions with the JAX decoder." + EXAMPLES)
+    @app.command(
+        name="sample",
+        help="Generate completions with the JAX decoder." + EXAMPLES,
+        short_help="Generate completions with the JAX decoder.",
+    )
     @handle_errors
     def sample(
         ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (from `mllmjax convert`/`train`).")],

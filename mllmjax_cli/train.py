@@ -29,7 +29,11 @@ Examples:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(name="train", help=HELP)
+    @app.command(
+        name="train",
+        help=HELP,
+        short_help="PPO epochs of the GRPO loss on scored rollouts -> a new checkpoint.",
+    )
     @handle_errors
     def train(
         ckpt: Annotated[Path, typer.Argument(help="Checkpoint to start from.")],
