@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -60,7 +59,3 @@ def handle_errors(fn: F) -> F:
 
 def _one_line(message: str) -> str:
     return " ".join(message.split()) if message else "(no message)"
-
-
-def echo_err(message: str) -> None:
-    print(message, file=sys.stderr)

@@ -78,6 +78,9 @@ def test_writes_a_resumable_child_checkpoint(setup):
         assert all(np.isfinite(m[key]) for m in history), key
     assert history[0]["kl"] == 0 and history[-1]["kl"] > 0  # KL to the start policy grows
     assert history[0]["lr"] > 0
+    exported = runner.invoke(app, ["export", str(setup / "ck1"), "-o", str(setup / "ck1-hf")])
+    assert exported.exit_code == 0, exported.output
+    assert (setup / "ck1-hf/tokenizer.json").is_file() and not (setup / "ck1-hf/train_metrics.jsonl").exists()
     before, after = load_checkpoint(setup / "ck0").params, load_checkpoint(setup / "ck1").params
     assert not np.array_equal(np.asarray(before["embed"]), np.asarray(after["embed"]))
 

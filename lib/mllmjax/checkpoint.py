@@ -157,6 +157,21 @@ def load_checkpoint(
     return ckpt
 
 
+# Files of a checkpoint that describe the checkpoint itself rather than the model: not carried over
+# when a checkpoint is derived from another, or exported.
+_OWN_FILES = (META_FILE, "config.json", "train_metrics.jsonl")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer, chat template and generation config of checkpoint src into dst."""
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.name not in _OWN_FILES:
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
 def check_output(out: Path, force: bool) -> None:
     """Fail early (before any work) if OUT exists and --force was not given."""
     if out.exists() and not force:

@@ -25,6 +25,7 @@ import numpy as np
 from mllmjax.checkpoint import (
     atomic_dir,
     check_output,
+    copy_side_files,
     dtype_name,
     load_checkpoint,
     read_meta,
@@ -206,8 +207,5 @@ def export(
         hf["dtype"] = out_dtype
         hf["tie_word_embeddings"] = ckpt.cfg.tie_word_embeddings
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        for f in ckpt_path.iterdir():
-            if f.is_file() and f.name not in ("config.json", "mllmjax.json"):
-                shutil.copy2(f, tmp / f.name)
-                files.append(f.name)
+        files += copy_side_files(ckpt_path, tmp)
     return ExportResult(out, sorted(files), out_dtype)

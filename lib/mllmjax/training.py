@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllmjax.checkpoint import Checkpoint, check_output, load_checkpoint, write_checkpoint
+from mllmjax.checkpoint import Checkpoint, check_output, copy_side_files, load_checkpoint, write_checkpoint
 from mllmjax.errors import ArtifactError, BadInputError
 from mllmjax.records import RolloutRecord, require_scored
 from mllmjax.sharding import batch_sharding, make_mesh
@@ -199,9 +198,7 @@ def train_checkpoint(
     metrics = "".join(json.dumps(m) + "\n" for m in history)
 
     def write_extras(d: Path) -> None:
-        for f in ckpt_path.iterdir():
-            if f.is_file() and f.name not in ("config.json", "mllmjax.json"):
-                shutil.copy2(f, d / f.name)
+        copy_side_files(ckpt_path, d)
         (d / "train_metrics.jsonl").write_text(metrics)
 
     write_checkpoint(

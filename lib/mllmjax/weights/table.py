@@ -93,8 +93,6 @@ RULES: tuple[Rule, ...] = (
     Rule("model.layers.{i}.mlp.down_proj.weight", "layers/down", "transpose"),
 )
 
-_PATTERNS = [(re.compile(re.escape(r.hf).replace(r"\{i\}", r"(\d+)") + "$"), r) for r in RULES]
-
 
 def _flat_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     flat: dict[str, Any] = {}
@@ -139,14 +137,6 @@ def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, int | None, t
         else:
             out[rule.hf] = (rule, None, inv(np.empty(shape, np.int8), cfg).shape)
     return out
-
-
-def match_hf_name(name: str) -> tuple[Rule, int | None] | None:
-    for pattern, rule in _PATTERNS:
-        m = pattern.match(name)
-        if m:
-            return rule, int(m.group(1)) if m.groups() else None
-    return None
 
 
 class _Source:
