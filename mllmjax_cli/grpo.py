@@ -1,19 +1,331 @@
-"""`mllmjax grpo`: not built yet (issue 6)."""
+"""`mllmjax grpo`: the whole GRPO loop in one process, with a live display, in a run directory."""
 
 from __future__ import annotations
 
-import typer
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
-from mllmjax.errors import NotBuiltError
-from mllmjax_cli.errors import handle_errors
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from mllmjax_cli.errors import err_console, handle_errors
+from mllmjax_cli.options import Dtype, Force, Json, MaxNewTokens, Mesh, MinP, Seed, Temperature, TopK, TopP
+
+HELP = """Run GRPO: each step samples G completions per prompt with the current parameters, scores them,
+computes group advantages and runs the PPO epochs, all in memory; the same library functions as
+rollout, score and train. The run directory (--out) holds config.json (every resolved setting),
+metrics.jsonl (one line per step), checkpoints/step_N/ (every --save-every steps and at the end, the last
+--keep kept), rollouts/ (--save-rollouts) and plots/*.png at the end.
+
+With no --model and no --data it runs the embedded default: SmolLM2-135M-Instruct on the built-in
+arithmetic task, sized for a CPU (the recipe `embedded-default`). Otherwise the defaults are the
+predecessor's GSM8K recipe (G=16, 1 prompt per step, 2 PPO epochs, temperature 1, top-k 50, 1024 new
+tokens, rewards 1/0.5/0.5, Lion 1e-6, KL beta 0.04) with DESIGN.md's fixes.
+
+--config FILE (TOML or YAML, keys are flag names) or a shipped recipe name sets any flag; flags given on
+the command line override it. Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and
+exits 0 printing the resume command; a second Ctrl-C abandons the step. --resume RUN continues from the
+last checkpoint with the same data order and RNG, so the result equals an uninterrupted run.
+
+Examples:
+
+  mllmjax grpo                                   # the embedded default, ~20 minutes on a laptop CPU
+
+  mllmjax grpo --config gsm8k-qwen2.5-3b --out runs/qwen3b --mesh fsdp=-1
+
+  mllmjax grpo --model ckpt/smollm2 --data ../shared/data/gsm8k --steps 400 --eval-every 50
+
+  mllmjax grpo --resume runs/qwen3b
+"""
+
+# Flag name -> GRPOConfig field, for the flags a config file can also set.
+_SETTINGS = (
+    "model", "data", "split", "question_field", "answer_field", "system_prompt", "steps", "prompts_per_step",
+    "seed", "group_size", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "batch_size", "reward",
+    "reward_fn", "advantage", "overlong", "overlong_penalty", "dynamic_sampling", "max_sampling_rounds",
+    "ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup", "beta", "kl",
+    "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "eval_every", "eval_data", "eval_split",
+    "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "dtype",
+)  # fmt: skip
+
+
+def _flags_given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The settings the user typed (not defaults), so they override a config file."""
+    given = {}
+    for name in _SETTINGS:
+        source = ctx.get_parameter_source(name)
+        # By name: typer vendors its own copy of click, so its enum is not click's.
+        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+            value = values[name]
+            given[name] = tuple(value) if isinstance(value, list) else value
+    return given
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+class Display:
+    """Live rich display on a terminal; one plain log line per step otherwise."""
+
+    def __init__(self, steps: int):
+        self.live_mode = err_console.is_terminal
+        self.steps = steps
+        self.last: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}
+        self.phase = "starting"
+        self.rollout_tokens = 0
+        self.progress = Progress(
+            TextColumn("[bold]grpo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+        )  # fmt: skip
+        self.task = self.progress.add_task("starting", total=steps)
+        self.live = (
+            Live(self._render(), console=err_console, refresh_per_second=4, transient=False)
+            if self.live_mode
+            else None
+        )
+
+    def __enter__(self) -> Display:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+
+    def _table(self) -> Table:
+        m = self.last
+        t = Table(show_header=False, box=None, pad_edge=False)
+        for _ in range(4):
+            t.add_column(style="dim")
+            t.add_column(justify="right")
+        rewards = " ".join(
+            f"{k.split('/', 1)[1]} {_fmt(v, '.2f')}" for k, v in m.items() if k.startswith("reward/")
+        )
+        rows = [
+            ("reward", _fmt(m.get("reward")), "accuracy", _fmt(m.get("accuracy")),
+             "eval acc", _fmt(self.last_eval.get("eval/accuracy")), "lr", _fmt(m.get("lr"), ".2e")),
+            ("kl", _fmt(m.get("kl"), ".4f"), "entropy", _fmt(m.get("entropy")),
+             "clip frac", _fmt(m.get("clip_frac")), "|grad|", _fmt(m.get("grad_norm"))),
+            ("length", _fmt(m.get("completion_len"), ".1f"), "truncated", _fmt(m.get("truncation_rate")),
+             "zero-var", _fmt(m.get("frac_reward_zero_std")), "rounds", _fmt(m.get("sampling_rounds"), ".0f")),
+            ("rollout s", _fmt(m.get("rollout_s"), ".1f"), "train s", _fmt(m.get("train_s"), ".1f"),
+             "sample tok/s", _fmt(m.get("rollout_tok_s"), ".0f"), "train tok/s", _fmt(m.get("train_tok_s"), ".0f")),
+        ]  # fmt: skip
+        for r in rows:
+            t.add_row(*r)
+        if rewards:
+            t.add_row("rewards", rewards)
+        return t
+
+    def _render(self) -> Any:
+        return Group(self.progress, self._table())
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "start":
+            self.progress.update(self.task, completed=data["step"])
+            if data["resumed"]:
+                self.log(f"resuming at step {data['step']} of {data['steps']}")
+        elif kind == "convert":
+            self.log(f"converting the model into the cache: {data['out']}")
+        elif kind == "phase":
+            self.phase = data["phase"]
+            self.rollout_tokens = 0
+            self.progress.update(self.task, description=self.phase)
+        elif kind == "rollout_progress":
+            self.progress.update(
+                self.task, description=f"rollout {data['samples']} samples, {data['tokens']} tokens"
+            )
+        elif kind == "update":
+            self.progress.update(
+                self.task,
+                description=f"train: loss {data['loss']:+.4f} kl {data['kl']:.4f} |g| {data['grad_norm']:.3f}",
+            )
+        elif kind == "eval":
+            self.last_eval = data
+            self.log(
+                f"step {data['step']}: eval accuracy {data['eval/accuracy']:.3f}, format {data['eval/format']:.3f}"
+            )
+        elif kind == "step":
+            self.last = data
+            if "eval/accuracy" in data:
+                self.last_eval = data
+            self.progress.update(self.task, completed=data["step"])
+            if not self.live_mode:
+                self.log(_log_line(data, self.steps))
+        self._refresh()
+
+    def log(self, message: str) -> None:
+        if self.live is not None:
+            self.live.console.print(message)
+        else:
+            err_console.print(message)
+
+
+def _log_line(m: dict[str, Any], steps: int) -> str:
+    parts = [f"step {m['step']}/{steps}", f"reward {_fmt(m.get('reward'))}", f"acc {_fmt(m.get('accuracy'))}",
+             f"kl {_fmt(m.get('kl'), '.4f')}", f"ent {_fmt(m.get('entropy'))}", f"clip {_fmt(m.get('clip_frac'))}",
+             f"len {_fmt(m.get('completion_len'), '.1f')}", f"trunc {_fmt(m.get('truncation_rate'), '.2f')}",
+             f"zero-var {_fmt(m.get('frac_reward_zero_std'), '.2f')}", f"rollout {_fmt(m.get('rollout_s'), '.1f')}s",
+             f"train {_fmt(m.get('train_s'), '.1f')}s", f"{_fmt(m.get('rollout_tok_s'), '.0f')} tok/s"]  # fmt: skip
+    if "eval/accuracy" in m:
+        parts.append(f"eval acc {m['eval/accuracy']:.3f}")
+    return "  ".join(parts)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: stop after the current step. Second: abandon it (KeyboardInterrupt)."""
+
+    def __init__(self, display: Display):
+        self.display = display
+        self.count = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.display.log(
+                "stopping after this step and writing a checkpoint (press Ctrl-C again to abandon the step)"
+            )
+        else:
+            raise KeyboardInterrupt
+
+    def stop_requested(self) -> bool:
+        return self.count > 0
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        name="grpo",
-        help="The whole GRPO loop in one process, with live progress. (Not built yet.)",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command(name="grpo", help=HELP, short_help="The whole GRPO loop in one process, with live progress.")
     @handle_errors
-    def grpo(ctx: typer.Context) -> None:
-        raise NotBuiltError("'mllmjax grpo' is not built yet")
+    def grpo(
+        ctx: typer.Context,
+        model: Annotated[str, typer.Option("--model", help="Checkpoint, hub id, HF folder, .gguf or smollm2-135m (converted into a cache on first use).")] = "smollm2-135m",
+        data: Annotated[str, typer.Option("--data", help="gsm8k, a hub id, a .jsonl/.parquet file or folder, or builtin:TASK.")] = "gsm8k",
+        split: Annotated[str, typer.Option("--split", help="Training split.")] = "train",
+        question_field: Annotated[str | None, typer.Option("--question-field", help="Record field holding the question.")] = None,
+        answer_field: Annotated[str | None, typer.Option("--answer-field", help="Record field holding the gold answer.")] = None,
+        system_prompt: Annotated[str | None, typer.Option("--system-prompt", help="File whose text replaces the built-in system prompt.")] = None,
+        steps: Annotated[int, typer.Option("--steps", help="GRPO steps.")] = 400,
+        prompts_per_step: Annotated[int, typer.Option("--prompts-per-step", help="Prompts (groups) per step.")] = 1,
+        seed: Seed = 0,
+        group_size: Annotated[int, typer.Option("-G", "--group-size", help="Completions per prompt.")] = 16,
+        max_new_tokens: MaxNewTokens = 1024,
+        temperature: Temperature = 1.0,
+        top_k: TopK = 50,
+        top_p: TopP = 1.0,
+        min_p: MinP = 0.0,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Most rows decoded at once.")] = 64,
+        reward: Annotated[str, typer.Option("--reward", help="Rewards and weights, name=weight,...")] = "correct=1.0,format=0.5,tags=0.5",
+        reward_fn: Annotated[list[str] | None, typer.Option("--reward-fn", help="Custom reward module:function[=weight]; repeatable.")] = None,
+        advantage: Annotated[str, typer.Option("--advantage", help="grpo, dr_grpo, rloo, reinforce, grpo_clip2.")] = "grpo",
+        overlong: Annotated[str, typer.Option("--overlong", help="none, mask or penalty for completions cut at the length limit.")] = "none",
+        overlong_penalty: Annotated[float, typer.Option("--overlong-penalty", help="Penalty for --overlong penalty.")] = 1.0,
+        dynamic_sampling: Annotated[bool, typer.Option("--dynamic-sampling", help="Sample more prompts until every group in the batch has varying rewards.")] = False,
+        max_sampling_rounds: Annotated[int, typer.Option("--max-sampling-rounds", help="Most sampling rounds per step with --dynamic-sampling.")] = 4,
+        ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", help="Passes over each step's batch.")] = 2,
+        minibatches: Annotated[int, typer.Option("--minibatches", help="Optimizer updates per epoch.")] = 1,
+        micro_batch: Annotated[int | None, typer.Option("--micro-batch", help="Rows per forward/backward (gradients summed).")] = None,
+        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-6,
+        optimizer: Annotated[str, typer.Option("--optimizer", help="lion or adamw.")] = "lion",
+        weight_decay: Annotated[float, typer.Option("--weight-decay", help="Decoupled weight decay.")] = 1e-8,
+        warmup: Annotated[float, typer.Option("--warmup", help="Warm-up fraction of all updates.")] = 0.05,
+        beta: Annotated[float, typer.Option("--beta", help="KL coefficient; 0 keeps no reference model.")] = 0.04,
+        kl: Annotated[str, typer.Option("--kl", help="KL estimator: k1, k2 or k3.")] = "k3",
+        clip_low: Annotated[float, typer.Option("--clip-low", help="Ratio clip below: 1 - clip_low.")] = 0.2,
+        clip_high: Annotated[float, typer.Option("--clip-high", help="Ratio clip above: 1 + clip_high.")] = 0.3,
+        loss_agg: Annotated[str, typer.Option("--loss-agg", help="token, sequence or dr_grpo.")] = "token",
+        tis_cap: Annotated[float | None, typer.Option("--tis-cap", help="Truncated importance sampling against the sampler's log-probs.")] = None,
+        remat: Annotated[str, typer.Option("--remat", help="Rematerialisation policy of the trainer.")] = "none",
+        eval_every: Annotated[int, typer.Option("--eval-every", help="Greedy held-out accuracy every N steps (and at step 0 and the end); 0 = off.")] = 0,
+        eval_data: Annotated[str | None, typer.Option("--eval-data", help="Evaluation data (default: --data).")] = None,
+        eval_split: Annotated[str, typer.Option("--eval-split", help="Evaluation split.")] = "test",
+        eval_num_prompts: Annotated[int, typer.Option("--eval-num-prompts", help="Evaluation problems.")] = 100,
+        save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (and at the end).")] = 50,
+        keep: Annotated[int, typer.Option("--keep", help="Checkpoints kept (the newest).")] = 3,
+        save_rollouts: Annotated[bool, typer.Option("--save-rollouts", help="Keep each step's scored records in RUN/rollouts/.")] = False,
+        report_to: Annotated[list[str] | None, typer.Option("--report-to", help="tensorboard or wandb (extras); repeatable.")] = None,
+        mesh: Mesh = "data=1,fsdp=-1,tensor=1",
+        dtype: Dtype = "auto",
+        out: Annotated[Path | None, typer.Option("-o", "--out", help="Run directory (default: runs/grpo-DATE-TIME).")] = None,
+        config: Annotated[str | None, typer.Option("--config", help="TOML/YAML settings file or recipe name (gsm8k-qwen2.5-3b, embedded-default).")] = None,
+        resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last checkpoint.")] = None,
+        force: Force = False,
+        json_out: Json = False,
+    ) -> None:  # fmt: skip
+        from mllmjax.errors import BadInputError
+        from mllmjax.grpo import GRPORun, build_config, normalise_settings, read_config_file, read_run_config
+
+        values = dict(locals())
+        flags = _flags_given(ctx, values)
+        if resume is not None:
+            if config is not None or out is not None:
+                raise BadInputError("--resume RUN continues RUN with its saved settings; drop --config/--out")
+            saved = read_run_config(resume)
+            saved_settings = normalise_settings(
+                {k: v for k, v in saved.items() if k in _SETTINGS}, where=str(resume / "config.json")
+            )
+            for name, value in flags.items():
+                if saved_settings.get(name) != value:
+                    raise BadInputError(
+                        f"--resume continues {resume} with its saved settings; --{name.replace('_', '-')} "
+                        f"{value!r} differs from the saved {saved_settings.get(name)!r}"
+                    )
+            cfg = build_config(saved_settings)
+            run_dir = resume
+        else:
+            file_settings = read_config_file(config) if config is not None else {}
+            cfg = build_config(file_settings, flags)
+            run_dir = out if out is not None else Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
+        loop = GRPORun(cfg, run_dir, resume=resume is not None, force=force)
+        display = Display(cfg.steps)
+        loop.emit = display.event
+        started = time.perf_counter()
+        with display, _Signals(display) as signals:
+            result = loop.run(stop_requested=signals.stop_requested)
+        summary = {"run": str(result.run_dir), "status": result.status, "step": result.step, "steps": cfg.steps,
+                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                   "seconds": time.perf_counter() - started}  # fmt: skip
+        last_eval = next((m for m in reversed(result.metrics) if "eval/accuracy" in m), None)
+        if last_eval is not None:
+            summary["eval_accuracy"] = last_eval["eval/accuracy"]
+        if json_out:
+            typer.echo(json.dumps(summary))
+        if result.status == "done":
+            err_console.print(
+                f"done: {result.step} steps in {summary['seconds']:.0f}s; run {result.run_dir}, final checkpoint "
+                f"{result.checkpoint}, plots in {result.run_dir / 'plots'}"
+            )
+        else:
+            err_console.print(
+                f"stopped after step {result.step} of {cfg.steps}; checkpoint {result.checkpoint}. "
+                f"Resume with: mllmjax grpo --resume {result.run_dir}"
+            )

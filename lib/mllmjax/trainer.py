@@ -293,9 +293,11 @@ class Trainer:
         state: TrainState,
         batch: Batch,
         on_update: Callable[[dict[str, float]], None] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> tuple[TrainState, list[dict[str, float]]]:
         """PPO epochs x minibatches of updates on one batch; returns (state, metrics per update).
-        on_update(metrics) is called after each update (for progress displays)."""
+        on_update(metrics) is called after each update (for progress displays); `timings`, if given,
+        receives the seconds spent on the reference log-probs (`ref_logps_s`)."""
         validate_batch(batch)
         cfg = self.cfg
         b = batch.size
@@ -307,7 +309,10 @@ class Trainer:
                 f"micro-batch size {cfg.micro_batch} does not divide the minibatch of {rows} rows"
             )
         if self.ref_params is not None:
-            batch = batch.replace(ref_logps=self.logprobs(self.ref_params, batch))
+            start = time.perf_counter()
+            batch = batch.replace(ref_logps=jax.block_until_ready(self.logprobs(self.ref_params, batch)))
+            if timings is not None:
+                timings["ref_logps_s"] = time.perf_counter() - start
         old = batch.old_logps
         history: list[dict[str, float]] = []
         for epoch in range(cfg.ppo_epochs):

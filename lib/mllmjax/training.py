@@ -110,7 +110,7 @@ def place_batch(batch: Batch, mesh: Any) -> Batch:
 
 
 # ----------------------------------------------------------------------------------------- state I/O
-def _state_extras(state: TrainState) -> dict[str, Any]:
+def state_extras(state: TrainState) -> dict[str, Any]:
     return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
 
 
@@ -122,7 +122,7 @@ def restore_train_state(ckpt: Checkpoint, trainer: Trainer) -> TrainState:
         raise ArtifactError(f"{ckpt.path} has no opt_state/ to resume from (only train/grpo outputs do)")
     params = ckpt.params
     template = jax.eval_shape(
-        lambda p: _state_extras(trainer.init_state(p, jax.random.key_data(jax.random.key(0)))), params
+        lambda p: state_extras(trainer.init_state(p, jax.random.key_data(jax.random.key(0)))), params
     )
     leaves, treedef = jax.tree.flatten(template)
     # Optimizer moments mirror the params: give each the sharding of the param with its shape.
@@ -210,7 +210,7 @@ def train_checkpoint(
         step=step,
         parent=str(ckpt_path),
         force=force,
-        opt_state=_state_extras(state),
+        opt_state=state_extras(state),
         extra_meta={"reference": reference, "updates": int(state.step)},
     )
     return TrainResult(out, len(history), step, history)

@@ -1,0 +1,14 @@
+"""Custom rewards for the grpo tests (loaded as `grpo_rewards:NAME` through --reward-fn)."""
+
+from __future__ import annotations
+
+
+def even(completion: str, answer: str, record: dict) -> float:
+    """The fraction of even token ids: varies within a group of a random tiny model, so GRPO has signal."""
+    ids = record["completion_ids"]
+    return sum(i % 2 == 0 for i in ids) / max(len(ids), 1)
+
+
+def even_groups_only(completion: str, answer: str, record: dict) -> float:
+    """Signal only in even-numbered groups: odd groups have zero reward variance (dynamic sampling)."""
+    return float(record["group"] % 2 == 0 and record["sample"] % 2 == 0)

@@ -1,0 +1,277 @@
+"""`mllmjax grpo`: the run directory and its artifacts, config files and recipes, dynamic sampling,
+exact resume after kill -9 at several points, Ctrl-C, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from hf_models import save_hf_model
+from typer.testing import CliRunner
+
+from mllmjax.checkpoint import load_checkpoint, read_meta
+from mllmjax.convert import convert
+from mllmjax.grpo import GRPOConfig, build_config, checkpoint_steps, read_config_file, read_metrics
+from mllmjax_cli.main import app
+
+runner = CliRunner()
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+# A 3-step run on a tiny random model: 2 prompts x G=4 per step, 8 new tokens, a reward with signal.
+TINY = ["--data", "builtin:sums", "-G", "4", "--prompts-per-step", "2", "--max-new-tokens", "8",
+        "--reward", "correct=1.0", "--reward-fn", "grpo_rewards:even=1", "--lr", "1e-3", "--beta", "0.04",
+        "--optimizer", "adamw", "--seed", "3"]  # fmt: skip
+
+STEP_KEYS = {
+    "step", "reward", "reward/correct", "reward/even", "reward_std", "accuracy", "kl", "entropy", "clip_frac",
+    "clip_low", "clip_high", "ratio_mean", "ratio_min", "ratio_max", "grad_norm", "lr", "loss", "policy_loss",
+    "completion_len", "truncation_rate", "frac_reward_zero_std", "sampling_rounds", "prompts_sampled",
+    "groups_trained", "rollout_s", "score_s", "train_s", "ref_logps_s", "step_s", "rollout_tok_s",
+    "train_tok_s", "updates", "elapsed_s",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("grpo")
+    save_hf_model("llama-tied", folder / "hf", seed=2)
+    convert(str(folder / "hf"), folder / "ck")
+    return folder / "ck"
+
+
+def _env() -> dict[str, str]:
+    paths = [str(ROOT / "lib"), str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "XLA_FLAGS": ""}
+
+
+def _grpo(args: list[str], crash: str | None = None, **kw) -> subprocess.CompletedProcess:
+    env = _env()
+    if crash:
+        env["MLLMJAX_CRASH_AT"] = crash
+    return subprocess.run([sys.executable, "-m", "mllmjax_cli.main", "grpo", *args], env=env,
+                          capture_output=True, text=True, timeout=600, **kw)  # fmt: skip
+
+
+def _params(path: Path) -> dict[str, np.ndarray]:
+    params = load_checkpoint(path).params
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_three_steps_write_every_artifact(ckpt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = tmp_path / "run"
+    args = ["grpo", "--model", str(ckpt), *TINY, "--steps", "3", "--eval-every", "2", "--eval-num-prompts", "3",
+            "--save-every", "2", "--keep", "1", "--save-rollouts", "-o", str(run), "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "done" and summary["step"] == 3
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["format"] == "mllmjax.grpo-run/1"
+    assert (
+        config["steps"] == 3 and config["group_size"] == 4 and config["reward_fn"] == ["grpo_rewards:even=1"]
+    )
+    assert config["start_checkpoint"] == str(ckpt)
+
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # step 0: the evaluation before training
+    for row in rows[1:]:
+        assert set(row) >= STEP_KEYS, STEP_KEYS - set(row)
+        assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))
+        assert row["groups_trained"] == 2 and row["sampling_rounds"] == 1
+    assert [r["updates"] for r in rows[1:]] == [2, 4, 6]  # 2 PPO epochs x 1 minibatch per step
+    assert {r["step"] for r in rows if "eval/accuracy" in r} == {0, 2, 3}
+    assert rows[3]["kl"] > 0  # beta > 0: the policy moved away from the reference and KL is measured
+    # Rewards and advantages are the `score` stage's: the saved records carry them.
+    saved = sorted(p.name for p in (run / "rollouts").iterdir())
+    assert saved == ["step_1.jsonl", "step_2.jsonl", "step_3.jsonl"]
+    recs = [json.loads(x) for x in (run / "rollouts" / "step_3.jsonl").read_text().splitlines()]
+    assert len(recs) == 8 and {"rewards", "advantage", "reward"} <= set(recs[0])
+    assert np.mean([r["reward"] for r in recs]) == pytest.approx(rows[3]["reward"])
+
+    assert checkpoint_steps(run) == [3]  # keep 1: step_2 was removed after step_3 was written
+    meta = read_meta(run / "checkpoints" / "step_3")
+    assert meta["step"] == 3 and meta["updates"] == 6 and meta["grpo"]["cursor"] == 6
+    assert (run / "checkpoints" / "step_3" / "opt_state").is_dir()
+    assert (run / "checkpoints" / "step_3" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(
+        f"{n}.png" for n in ("reward", "accuracy", "kl", "entropy", "length")
+    )
+    # The run's checkpoint is an ordinary checkpoint: other commands read it.
+    out = runner.invoke(
+        app, ["sample", str(run / "checkpoints" / "step_3"), "w1 w2", "--max-new-tokens", "3"]
+    )
+    assert out.exit_code == 0, out.output
+
+
+def test_config_file_and_flags(ckpt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        f"model: {ckpt}\ndata: builtin:sums\nsteps: 5\ngroup-size: 4\nprompts_per_step: 1\nmax-new-tokens: 6\n"
+        "reward: correct=1.0\nreward-fn: [grpo_rewards:even=1]\nppo-epochs: 1\nlr: 0.001\n"
+    )
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["grpo", "--config", str(cfg_file), "--steps", "1", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 1  # the flag wins over the file
+    assert config["max_new_tokens"] == 6 and config["ppo_epochs"] == 1  # the file wins over the defaults
+    assert config["beta"] == 0.04 and config["temperature"] == 1.0  # untouched defaults
+    assert checkpoint_steps(run) == [1]
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "x"\nmax-new-tokes = 5\n')
+    result = runner.invoke(app, ["grpo", "--config", str(bad), "-o", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "unknown setting 'max-new-tokes'" in result.output
+    assert not (tmp_path / "r2").exists()
+
+
+def test_recipes_and_the_embedded_default():
+    default = build_config()  # no model, no data: the embedded default recipe
+    assert default.model == "smollm2-135m" and default.data == "builtin:arith:level=0"
+    assert default.max_new_tokens == 160
+    named = build_config({"data": "gsm8k"})  # data named: the predecessor's recipe as defaults
+    assert named.model == "smollm2-135m" and named.group_size == 16 and named.max_new_tokens == 1024
+    assert named.lr == 1e-6 and named.optimizer == "lion" and named.beta == 0.04 and named.ppo_epochs == 2
+    qwen = build_config(read_config_file("gsm8k-qwen2.5-3b"))
+    assert qwen.model == "Qwen/Qwen2.5-3B-Instruct" and qwen.data == "gsm8k" and qwen.steps == 400
+    assert (qwen.group_size, qwen.prompts_per_step, qwen.temperature, qwen.top_k) == (16, 1, 1.0, 50)
+    assert qwen.reward == "correct=1.0,format=0.5,tags=0.5"
+
+
+def test_gsm8k_recipe_runs_on_a_gsm8k_file(ckpt, tmp_path, monkeypatch):
+    """The real recipe's path: GSM8K-format records, its rewards and settings, cut to one short step."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    rows = [{"question": f"w{i} w{i + 1} hi", "answer": f"w{i} plus w1\n#### {i + 1}"} for i in range(6)]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = ["grpo", "--config", "gsm8k-qwen2.5-3b", "--model", str(ckpt), "--data", str(data), "--steps", "1",
+            "-G", "2", "--max-new-tokens", "6", "--eval-num-prompts", "2", "-o", str(run)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [0, 1] and "eval/accuracy" in rows[1]
+    assert {"reward/correct", "reward/format", "reward/tags"} <= set(rows[1])
+
+
+def test_dynamic_sampling_fills_the_batch_with_signal(ckpt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = tmp_path / "run"
+    args = ["grpo", "--model", str(ckpt), "--data", "builtin:sums", "-G", "4", "--prompts-per-step", "2",
+            "--max-new-tokens", "4", "--reward", "correct=0", "--reward-fn", "grpo_rewards:even_groups_only",
+            "--dynamic-sampling", "--steps", "1", "--save-rollouts", "-o", str(run)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (row,) = read_metrics(run)
+    # Round 0 samples groups 0, 1 (1 has no signal); round 1 samples one more prompt, group 2, which has.
+    assert row["sampling_rounds"] == 2 and row["prompts_sampled"] == 3 and row["groups_trained"] == 2
+    recs = [json.loads(x) for x in (run / "rollouts" / "step_1.jsonl").read_text().splitlines()]
+    assert sorted({r["group"] for r in recs}) == [0, 2]
+    assert read_meta(run / "checkpoints" / "step_1")["grpo"]["cursor"] == 3
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(ckpt, tmp_path):
+    """kill -9 at four points (after sampling, mid-update, mid-checkpoint-write, between metrics and
+    checkpoint), resume each time: the final parameters equal an uninterrupted run's, and a torn
+    checkpoint is never picked up."""
+    base = ["--model", str(ckpt), *TINY, "--steps", "4", "--save-every", "1", "--keep", "2"]
+    straight = tmp_path / "straight"
+    done = _grpo([*base, "-o", str(straight)])
+    assert done.returncode == 0, done.stderr
+
+    run = tmp_path / "killed"
+    first = _grpo([*base, "-o", str(run)], crash="rollout@2")
+    assert first.returncode == -signal.SIGKILL
+    assert checkpoint_steps(run) == [1]
+    for crash, before in (("checkpoint@3", [1, 2]), ("update@4", [2, 3]), ("metrics@4", [2, 3])):
+        proc = _grpo(["--resume", str(run)], crash=crash)
+        assert proc.returncode == -signal.SIGKILL, (crash, proc.stderr)
+        assert checkpoint_steps(run) == before, crash
+        if crash.startswith("checkpoint"):  # the torn write is a hidden temp dir, never a step_N
+            assert any(p.name.startswith(".step_3.tmp") for p in (run / "checkpoints").iterdir())
+    last = _grpo(["--resume", str(run)])
+    assert last.returncode == 0, last.stderr
+    assert checkpoint_steps(run) == [3, 4]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+    a, b = _params(straight / "checkpoints" / "step_4"), _params(run / "checkpoints" / "step_4")
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
+    ra, rb = read_metrics(straight), read_metrics(run)
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb, strict=True):
+        assert x["reward"] == y["reward"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+
+
+def test_ctrl_c_finishes_the_step_and_prints_the_resume_command(ckpt, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mllmjax_cli.main", "grpo", "--model", str(ckpt), *TINY, "--steps", "50",
+         "--save-every", "100", "-o", str(run)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not read_metrics(run):
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    steps = [r["step"] for r in read_metrics(run)]
+    assert steps and checkpoint_steps(run) == [steps[-1]] and steps[-1] < 50
+    assert f"mllmjax grpo --resume {run}" in " ".join(err.split())
+
+
+def test_bad_input(ckpt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "x").write_text("mine")
+    r = runner.invoke(app, ["grpo", "--model", str(ckpt), "--data", "builtin:sums", "-o", str(run)])
+    assert r.exit_code == 2 and "--resume" in r.output and (run / "x").read_text() == "mine"
+    r = runner.invoke(app, ["grpo", "--resume", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "not a grpo run directory" in r.output
+    r = runner.invoke(
+        app, ["grpo", "--data", "builtin:sums", "--dynamic-sampling", "--advantage", "reinforce"]
+    )
+    assert r.exit_code == 2 and "per-group advantage estimator" in r.output
+    r = runner.invoke(
+        app, ["grpo", "--model", str(ckpt), "--data", "nosuch.jsonl", "-o", str(tmp_path / "r")]
+    )
+    assert r.exit_code == 2 and not (tmp_path / "r").exists()
+    r = runner.invoke(app, ["grpo", "--data", "builtin:sums", "--temperature", "0"])
+    assert r.exit_code == 2 and "temperature" in r.output
+    r = runner.invoke(app, ["grpo", "--data", "builtin:sums", "--report-to", "mlflow"])
+    assert r.exit_code == 2 and "tensorboard, wandb" in r.output
+
+
+def test_resume_refuses_changed_settings(ckpt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = tmp_path / "run"
+    args = ["grpo", "--model", str(ckpt), *TINY, "--steps", "1", "--ppo-epochs", "1", "-o", str(run)]
+    assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, ["grpo", "--resume", str(run), "--lr", "0.5"])
+    assert r.exit_code == 2 and "--lr" in r.output and "differs" in r.output
+    r = runner.invoke(app, ["grpo", "--resume", str(run), "--steps", "1"])  # same value: fine, nothing to do
+    assert r.exit_code == 0, r.output
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="group-size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(Exception, match="optimizer"):
+        GRPOConfig(optimizer="sgd")
