@@ -65,6 +65,52 @@ SystemPromptFile = Annotated[
 ]
 
 
+# Training: the same flags on train and grpo.
+PpoEpochs = Annotated[int, typer.Option("--ppo-epochs", help="Passes over each batch.")]
+Minibatches = Annotated[int, typer.Option("--minibatches", help="Optimizer updates per epoch.")]
+MicroBatch = Annotated[
+    int | None, typer.Option("--micro-batch", help="Rows per forward/backward (gradients are summed).")
+]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="lion or adamw.")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="Decoupled weight decay.")]
+Warmup = Annotated[float, typer.Option("--warmup", help="Warm-up fraction of all updates.")]
+Beta = Annotated[float, typer.Option("--beta", help="KL coefficient; 0 keeps no reference model.")]
+Kl = Annotated[str, typer.Option("--kl", help="KL estimator: k1, k2 or k3.")]
+ClipLow = Annotated[float, typer.Option("--clip-low", help="Ratio clip below: 1 - clip_low.")]
+ClipHigh = Annotated[float, typer.Option("--clip-high", help="Ratio clip above: 1 + clip_high.")]
+LossAgg = Annotated[str, typer.Option("--loss-agg", help="token (global token mean), sequence, or dr_grpo.")]
+TisCap = Annotated[
+    float | None,
+    typer.Option("--tis-cap", help="Truncated importance sampling against the sampler's log-probs."),
+]
+Remat = Annotated[
+    str,
+    typer.Option("--remat", help="none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable."),
+]
+
+# Scoring: the same flags on score and grpo.
+Reward = Annotated[str, typer.Option("--reward", help="Rewards and weights, name=weight comma-separated.")]
+RewardFn = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reward-fn",
+        help="A custom reward package.module:function[=weight] (weight 1 by default); repeatable.",
+    ),
+]
+Advantage = Annotated[
+    str, typer.Option("--advantage", help="Advantage estimator: grpo, dr_grpo, rloo, reinforce, grpo_clip2.")
+]
+Overlong = Annotated[
+    str,
+    typer.Option(
+        "--overlong",
+        help="Completions cut at max length: none; mask (advantage 0); penalty (reward -= --overlong-penalty).",
+    ),
+]
+OverlongPenalty = Annotated[float, typer.Option("--overlong-penalty", help="Penalty for --overlong penalty.")]
+
+
 def sampling_strategy_args(temperature: float, greedy: bool, top_k: int, top_p: float, min_p: float) -> dict:
     """The flag values as make_strategy keywords (0 / 1 mean off)."""
     return {

@@ -19,9 +19,9 @@ from mllmjax.advantages import DEFAULT_ESTIMATOR, ESTIMATORS
 from mllmjax.errors import BadInputError, OutputExistsError
 from mllmjax.records import STDIO, read_records, write_records
 from mllmjax.rewards import DEFAULT_REWARD_SPEC, REWARDS
-from mllmjax.scoring import OVERLONG_MODES, ScoreConfig, score_records
+from mllmjax.scoring import ScoreConfig, score_records
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import Force, Json
+from mllmjax_cli.options import Advantage, Force, Json, Overlong, OverlongPenalty, Reward, RewardFn
 
 HELP = f"""Add rewards and group advantages to rollout records (JSON Lines, schema mllmjax.rollout/1).
 
@@ -58,34 +58,15 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def score(
         rollouts: Annotated[str, typer.Argument(help="Rollout records (JSON Lines), or - for stdin.")],
-        reward: Annotated[
-            str, typer.Option("--reward", help="Rewards and weights, name=weight comma-separated.")
-        ] = DEFAULT_REWARD_SPEC,
-        reward_fn: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--reward-fn",
-                help="A custom reward package.module:function[=weight] (weight 1 by default); repeatable.",
-            ),
-        ] = None,
-        advantage: Annotated[
-            str, typer.Option("--advantage", help=f"Advantage estimator: {', '.join(sorted(ESTIMATORS))}.")
-        ] = DEFAULT_ESTIMATOR,
+        reward: Reward = DEFAULT_REWARD_SPEC,
+        reward_fn: RewardFn = None,
+        advantage: Advantage = DEFAULT_ESTIMATOR,
         filter_zero_variance: Annotated[
             bool,
             typer.Option("--filter-zero-variance", help="Drop groups whose rewards are all equal."),
         ] = False,
-        overlong: Annotated[
-            str,
-            typer.Option(
-                "--overlong",
-                help=f"Completions cut at max length ({'|'.join(OVERLONG_MODES)}): none; mask (advantage 0); "
-                "penalty (reward -= --overlong-penalty).",
-            ),
-        ] = "none",
-        overlong_penalty: Annotated[
-            float, typer.Option("--overlong-penalty", help="Penalty for --overlong penalty.")
-        ] = 1.0,
+        overlong: Overlong = "none",
+        overlong_penalty: OverlongPenalty = 1.0,
         group_size: Annotated[
             int | None,
             typer.Option("-G", "--group-size", help="Expected G; by default the largest sample index + 1."),

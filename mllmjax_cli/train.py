@@ -9,7 +9,28 @@ from typing import Annotated
 import typer
 
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import DEFAULT_MESH, Force, Json, Mesh, Seed, Temperature
+from mllmjax_cli.options import (
+    DEFAULT_MESH,
+    Beta,
+    ClipHigh,
+    ClipLow,
+    Force,
+    Json,
+    Kl,
+    LossAgg,
+    Lr,
+    Mesh,
+    MicroBatch,
+    Minibatches,
+    Optimizer,
+    PpoEpochs,
+    Remat,
+    Seed,
+    Temperature,
+    TisCap,
+    Warmup,
+    WeightDecay,
+)
 from mllmjax_cli.progress import stage_progress
 
 HELP = """Run PPO epochs of the GRPO loss on scored rollout records and write a new checkpoint whose
@@ -41,39 +62,22 @@ def register(app: typer.Typer) -> None:
             str, typer.Argument(help='Scored rollout records (from `mllmjax score`; "-" = stdin).')
         ],
         out: Annotated[Path, typer.Option("-o", "--out", help="Checkpoint directory to write.")],
-        ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", help="Passes over the batch.")] = 2,
-        minibatches: Annotated[int, typer.Option("--minibatches", help="Optimizer updates per epoch.")] = 1,
-        micro_batch: Annotated[
-            int | None,
-            typer.Option("--micro-batch", help="Rows per forward/backward (gradients are summed)."),
-        ] = None,
-        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-6,
-        optimizer: Annotated[str, typer.Option("--optimizer", help="lion or adamw.")] = "lion",
-        weight_decay: Annotated[float, typer.Option("--weight-decay", help="Decoupled weight decay.")] = 1e-8,
-        warmup: Annotated[float, typer.Option("--warmup", help="Warm-up fraction of all updates.")] = 0.05,
+        ppo_epochs: PpoEpochs = 2,
+        minibatches: Minibatches = 1,
+        micro_batch: MicroBatch = None,
+        lr: Lr = 1e-6,
+        optimizer: Optimizer = "lion",
+        weight_decay: WeightDecay = 1e-8,
+        warmup: Warmup = 0.05,
         steps: Annotated[int, typer.Option("--steps", help="GRPO steps the LR schedule spans.")] = 1,
-        beta: Annotated[
-            float, typer.Option("--beta", help="KL coefficient; 0 keeps no reference model.")
-        ] = 0.04,
-        kl: Annotated[str, typer.Option("--kl", help="KL estimator: k1, k2 or k3.")] = "k3",
-        clip_low: Annotated[float, typer.Option("--clip-low", help="Ratio clip below: 1 - clip_low.")] = 0.2,
-        clip_high: Annotated[
-            float, typer.Option("--clip-high", help="Ratio clip above: 1 + clip_high.")
-        ] = 0.3,
-        loss_agg: Annotated[
-            str, typer.Option("--loss-agg", help="token (global token mean), sequence, or dr_grpo.")
-        ] = "token",
+        beta: Beta = 0.04,
+        kl: Kl = "k3",
+        clip_low: ClipLow = 0.2,
+        clip_high: ClipHigh = 0.3,
+        loss_agg: LossAgg = "token",
         temperature: Temperature = 1.0,
-        tis_cap: Annotated[
-            float | None,
-            typer.Option("--tis-cap", help="Truncated importance sampling against the sampler's log-probs."),
-        ] = None,
-        remat: Annotated[
-            str,
-            typer.Option(
-                "--remat", help="none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable."
-            ),
-        ] = "none",
+        tis_cap: TisCap = None,
+        remat: Remat = "none",
         resume: Annotated[
             bool, typer.Option("--resume", help="Continue CKPT's optimizer state and step.")
         ] = False,
@@ -83,27 +87,14 @@ def register(app: typer.Typer) -> None:
         json_out: Json = False,
     ) -> None:
         from mllmjax.checkpoint import check_output
-        from mllmjax.loss import LossConfig
-        from mllmjax.optim import OptimConfig, total_updates
         from mllmjax.records import read_records
-        from mllmjax.trainer import TrainConfig
-        from mllmjax.training import train_checkpoint
+        from mllmjax.training import make_train_config, train_checkpoint
 
         check_output(out, force)
-        cfg = TrainConfig(
-            loss=LossConfig(
-                clip_low=clip_low, clip_high=clip_high, aggregation=loss_agg, beta=beta, kl_estimator=kl,
-                tis_cap=tis_cap,
-            ),
-            optim=OptimConfig(
-                name=optimizer, peak_lr=lr, warmup_frac=warmup, weight_decay=weight_decay,
-                total_updates=total_updates(steps, ppo_epochs, minibatches),
-            ),
-            ppo_epochs=ppo_epochs,
-            minibatches=minibatches,
-            micro_batch=micro_batch,
-            remat=remat,
-            temperature=temperature,
+        cfg = make_train_config(
+            ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, lr=lr, optimizer=optimizer,
+            weight_decay=weight_decay, warmup=warmup, steps=steps, beta=beta, kl=kl, clip_low=clip_low,
+            clip_high=clip_high, loss_agg=loss_agg, tis_cap=tis_cap, remat=remat, temperature=temperature,
         )  # fmt: skip
         records = read_records(scored)
         with stage_progress("train") as progress:

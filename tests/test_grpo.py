@@ -3,6 +3,7 @@ exact resume after kill -9 at several points, Ctrl-C, and bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -255,6 +256,11 @@ def test_bad_input(ckpt, tmp_path, monkeypatch):
     assert r.exit_code == 2 and not (tmp_path / "r").exists()
     r = runner.invoke(app, ["grpo", "--data", "builtin:sums", "--temperature", "0"])
     assert r.exit_code == 2 and "temperature" in r.output
+    if importlib.util.find_spec("tensorboard") is None:  # an extra: a clear message, nothing written
+        r = runner.invoke(
+            app, ["grpo", "--data", "builtin:sums", "--report-to", "tensorboard", "-o", str(tmp_path / "tb")]
+        )
+        assert r.exit_code == 2 and "mllmjax[tensorboard]" in r.output and not (tmp_path / "tb").exists()
     r = runner.invoke(app, ["grpo", "--data", "builtin:sums", "--report-to", "mlflow"])
     assert r.exit_code == 2 and "tensorboard, wandb" in r.output
 

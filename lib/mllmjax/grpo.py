@@ -56,7 +56,6 @@ from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
 RECIPES_DIR = Path(__file__).parent / "recipes"
 EMBEDDED_RECIPE = "embedded-default"
 PER_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-REPORTERS = ("tensorboard", "wandb")
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -144,8 +143,8 @@ class GRPOConfig:
                 f"advantage estimator ({', '.join(PER_GROUP_ESTIMATORS)}), not {self.advantage!r}"
             )
         for r in self.report_to:
-            if r not in REPORTERS:
-                raise BadInputError(f"unknown --report-to {r!r}; choose from {', '.join(REPORTERS)}")
+            if r not in ("tensorboard", "wandb"):
+                raise BadInputError(f"unknown --report-to {r!r}; choose from tensorboard, wandb")
         # The stage configs validate the rest (reward names, optimizer, loss aggregation, ...).
         self.score_config()
         self.train_config()
@@ -185,22 +184,11 @@ class GRPOConfig:
         )
 
     def train_config(self) -> Any:
-        from mllmjax.loss import LossConfig
-        from mllmjax.optim import OptimConfig, total_updates
-        from mllmjax.trainer import TrainConfig
+        from mllmjax.training import make_train_config
 
-        return TrainConfig(
-            loss=LossConfig(clip_low=self.clip_low, clip_high=self.clip_high, aggregation=self.loss_agg,
-                            beta=self.beta, kl_estimator=self.kl, tis_cap=self.tis_cap),
-            optim=OptimConfig(name=self.optimizer, peak_lr=self.lr, warmup_frac=self.warmup,
-                              weight_decay=self.weight_decay,
-                              total_updates=total_updates(self.steps, self.ppo_epochs, self.minibatches)),
-            ppo_epochs=self.ppo_epochs,
-            minibatches=self.minibatches,
-            micro_batch=self.micro_batch,
-            remat=self.remat,
-            temperature=self.temperature,
-        )  # fmt: skip
+        names = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
+                 "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature")  # fmt: skip
+        return make_train_config(**{n: getattr(self, n) for n in names})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -413,6 +401,8 @@ class GRPORun:
         from mllmjax.training import restore_train_state
 
         cfg = self.cfg
+        for name in cfg.report_to:  # a missing extra fails before anything is written
+            REPORTERS[name].check()
         if self.resume:
             saved = read_run_config(self.run_dir)
             self.start_ckpt = Path(saved["start_checkpoint"])
@@ -794,13 +784,18 @@ def draw_plots(run_dir: Path, metrics: Sequence[dict[str, Any]]) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------- reporters
 class _TensorBoard:
-    def __init__(self, run_dir: Path, cfg: GRPOConfig):
+    @staticmethod
+    def check() -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            import tensorboard  # noqa: F401
         except ImportError as e:
             raise BadInputError(
                 "--report-to tensorboard needs the tensorboard package: pip install 'mllmjax[tensorboard]'"
             ) from e
+
+    def __init__(self, run_dir: Path, cfg: GRPOConfig):
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, row: dict[str, Any], step: int) -> None:
@@ -814,14 +809,18 @@ class _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, run_dir: Path, cfg: GRPOConfig):
+    @staticmethod
+    def check() -> None:
         try:
-            import wandb
+            import wandb  # noqa: F401
         except ImportError as e:
             raise BadInputError(
                 "--report-to wandb needs the wandb package: pip install 'mllmjax[wandb]'"
             ) from e
-        self.wandb = wandb
+
+    def __init__(self, run_dir: Path, cfg: GRPOConfig):
+        import wandb
+
         self.run = wandb.init(project="mllmjax", name=run_dir.name, dir=str(run_dir), config=cfg.to_dict())
 
     def log(self, row: dict[str, Any], step: int) -> None:
@@ -831,5 +830,8 @@ class _WandB:
         self.run.finish()
 
 
+REPORTERS: dict[str, Any] = {"tensorboard": _TensorBoard, "wandb": _WandB}
+
+
 def make_reporter(name: str, run_dir: Path, cfg: GRPOConfig) -> Any:
-    return {"tensorboard": _TensorBoard, "wandb": _WandB}[name](run_dir, cfg)
+    return REPORTERS[name](run_dir, cfg)

@@ -109,6 +109,40 @@ def place_batch(batch: Batch, mesh: Any) -> Batch:
     return jax.tree.map(put, batch)
 
 
+def make_train_config(
+    *,
+    ppo_epochs: int = 2,
+    minibatches: int = 1,
+    micro_batch: int | None = None,
+    lr: float = 1e-6,
+    optimizer: str = "lion",
+    weight_decay: float = 1e-8,
+    warmup: float = 0.05,
+    steps: int = 1,
+    beta: float = 0.04,
+    kl: str = "k3",
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    loss_agg: str = "token",
+    tis_cap: float | None = None,
+    remat: str = "none",
+    temperature: float = 1.0,
+) -> TrainConfig:
+    """A TrainConfig from the flag values `train` and `grpo` share; the LR schedule spans
+    steps x ppo_epochs x minibatches optimizer updates."""
+    from mllmjax.loss import LossConfig
+    from mllmjax.optim import OptimConfig, total_updates
+
+    return TrainConfig(
+        loss=LossConfig(clip_low=clip_low, clip_high=clip_high, aggregation=loss_agg, beta=beta,
+                        kl_estimator=kl, tis_cap=tis_cap),
+        optim=OptimConfig(name=optimizer, peak_lr=lr, warmup_frac=warmup, weight_decay=weight_decay,
+                          total_updates=total_updates(steps, ppo_epochs, minibatches)),
+        ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, remat=remat,
+        temperature=temperature,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------- state I/O
 def state_extras(state: TrainState) -> dict[str, Any]:
     return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}

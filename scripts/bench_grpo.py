@@ -1,0 +1,108 @@
+"""Where the time of one GRPO step goes: rollout, scoring, reference log-probs, PPO updates.
+
+One step as `mllmjax grpo` runs it (the same library calls: make_rollouts -> score_records ->
+batch_from_records -> Trainer.train_on_batch), on SmolLM2-135M-Instruct (the embedded GGUF, float32),
+1 GSM8K-style prompt x 16 completions x 128 new tokens (forced: no stop ids), 2 PPO epochs, KL on
+(beta 0.04, so the reference log-probs are computed). Old log-probs cost nothing extra: epoch 0's
+forward records them (ratio 1) for epoch 1. The step runs once to compile, then --reps times timed;
+the table shows medians.
+
+    python scripts/bench_grpo.py                 # ~5 minutes on 2 cores
+    python scripts/bench_grpo.py --reps 1 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+
+QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--ppo-epochs", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2, help="timed steps after one compiling step")
+    ap.add_argument("--checkpoint", default=None, help="an existing checkpoint (default: convert the GGUF)")
+    args = ap.parse_args()
+
+    import jax
+
+    from mllmjax.checkpoint import load_checkpoint
+    from mllmjax.convert import convert
+    from mllmjax.data import Problem
+    from mllmjax.grpo import GRPOConfig
+    from mllmjax.rollout import make_rollouts
+    from mllmjax.scoring import score_records
+    from mllmjax.sharding import make_mesh
+    from mllmjax.trainer import Trainer
+    from mllmjax.training import batch_from_records, place_batch
+
+    tmp = tempfile.TemporaryDirectory()
+    path = args.checkpoint
+    if path is None:
+        path = Path(tmp.name) / "smollm2"
+        convert("smollm2-135m", path)
+    mesh = make_mesh("data=1,fsdp=-1,tensor=1")
+    ckpt = load_checkpoint(path, mesh=mesh)
+    tokenizer = ckpt.tokenizer()
+    cfg = GRPOConfig(
+        model=str(path), data="gsm8k", group_size=args.group_size, max_new_tokens=args.new_tokens,
+        ppo_epochs=args.ppo_epochs, steps=args.reps + 1,
+    )  # fmt: skip
+    trainer = Trainer(ckpt.cfg, cfg.train_config(), ref_params=ckpt.params)
+    state = trainer.init_state(ckpt.params, jax.random.key_data(jax.random.key(0)))
+    problem = Problem(id="bench:0", question=QUESTION, answer="72")
+    rows: list[dict[str, float]] = []
+    for rep in range(args.reps + 1):
+        t0 = time.perf_counter()
+        records = make_rollouts(
+            state.params, ckpt.cfg, tokenizer, [problem], cfg.rollout_config(seed=rep),
+            stop_ids=(), policy="bench", mesh=mesh,
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        scored, _ = score_records(records, cfg.score_config())
+        t2 = time.perf_counter()
+        batch = place_batch(batch_from_records(scored, pad_id=tokenizer.pad_token_id or 0), mesh)
+        timings: dict[str, float] = {}
+        state, history = trainer.train_on_batch(state, batch, timings=timings)
+        t3 = time.perf_counter()
+        tokens = sum(len(r.completion_ids) for r in records)
+        row = {
+            "rollout": t1 - t0,
+            "scoring": t2 - t1,
+            "ref log-probs": timings.get("ref_logps_s", 0.0),
+            "old log-probs": 0.0,
+            **{f"update {i + 1}": h["seconds"] for i, h in enumerate(history)},
+            "step": t3 - t0,
+            "rollout tok/s": tokens / (t1 - t0),
+        }
+        row["other"] = row["step"] - sum(v for k, v in row.items() if k not in ("step", "rollout tok/s"))
+        label = "compile + run" if rep == 0 else f"rep {rep}"
+        print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+        if rep:
+            rows.append(row)
+    print(f"\nSmolLM2-135M f32, 1 prompt x {args.group_size} x {args.new_tokens} new tokens, "
+          f"{args.ppo_epochs} PPO epochs, median of {len(rows)} warm steps on {jax.devices()[0].platform}")  # fmt: skip
+    step = statistics.median(r["step"] for r in rows)
+    print(f"{'phase':<16}{'seconds':>10}{'share':>8}")
+    for key in rows[0]:
+        value = statistics.median(r[key] for r in rows)
+        share = "" if key in ("step", "rollout tok/s") else f"{value / step:7.0%}"
+        print(f"{key:<16}{value:>10.2f}{share:>8}")
+
+
+if __name__ == "__main__":
+    main()
