@@ -64,7 +64,7 @@ HELP = """Run GRPO: each step samples G completions per prompt with the current 
 computes group advantages and runs the PPO epochs, all in memory; the same library functions as
 rollout, score and train. The run directory (--out) holds config.json (every resolved setting),
 metrics.jsonl (one line per step), checkpoints/step_N/ (every --save-every steps and at the end, the last
---keep kept), rollouts/ (--save-rollouts) and plots/*.png at the end.
+--keep kept), rollouts/ (--save-rollouts) and plots/*.png when it ends or stops.
 
 With no --model and no --data it runs the embedded default: SmolLM2-135M-Instruct on the built-in
 arithmetic task, sized for a CPU (the recipe `embedded-default`). Otherwise the defaults are the

@@ -141,7 +141,7 @@ def test_config_file_and_flags(ckpt, tmp_path, monkeypatch):
 def test_recipes_and_the_embedded_default():
     default = build_config()  # no model, no data: the embedded default recipe
     assert default.model == "smollm2-135m" and default.data == "builtin:arith:level=0"
-    assert default.max_new_tokens == 160
+    assert default.max_new_tokens == 128 and default.reward == "correct=1.0" and default.dynamic_sampling
     named = build_config({"data": "gsm8k"})  # data named: the predecessor's recipe as defaults
     assert named.model == "smollm2-135m" and named.group_size == 16 and named.max_new_tokens == 1024
     assert named.lr == 1e-6 and named.optimizer == "lion" and named.beta == 0.04 and named.ppo_epochs == 2

@@ -12,7 +12,7 @@ Run directory (DESIGN.md):
     RUN/checkpoints/step_N/ checkpoint artifacts with opt_state/ (every --save-every steps and at the
                             end; the last --keep are kept)
     RUN/rollouts/step_N.jsonl  the scored records of each step (--save-rollouts)
-    RUN/plots/*.png         reward, accuracy, KL, entropy and length curves, drawn at the end
+    RUN/plots/*.png         reward, accuracy, KL, entropy and length curves, drawn when the run ends or stops
 
 Design decisions:
 - Exact resume. Everything a step consumes is a function of (seed, step) or is saved in the checkpoint:
@@ -625,13 +625,15 @@ class GRPORun:
                     self._save(step)
         except KeyboardInterrupt:
             status = "interrupted"
+            # Drop a metrics line the abandoned step may have written: the file matches the state.
+            _write_atomic(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.metrics))
         checkpoint = None
         if self.step > 0:
             if self.saved_step != self.step:
                 checkpoint = self._save(self.step)
             else:
                 checkpoint = self.run_dir / CHECKPOINTS / f"step_{self.step}"
-        if status == "done":
+        if self.metrics:
             self.emit("phase", {"phase": "plots"})
             draw_plots(self.run_dir, self.metrics)
         for r in self.reporters:
@@ -646,6 +648,7 @@ class GRPORun:
         row: dict[str, Any] = {"step": step}
         row.update(_summary_metrics(summary))
         row.update(counters)
+        row["rollout_tok_s"] = counters["completion_tokens"] / max(counters["rollout_s"], 1e-9)
         if not records:  # dynamic sampling found no group with signal: nothing to learn from
             row.update({"updates": int(self.state.step), "train_s": 0.0, "skipped": 1.0})
             return row
@@ -681,7 +684,6 @@ class GRPORun:
         row["lr"] = history[-1]["lr"]
         train_tokens = sum(h["tokens"] for h in history)
         row["train_tok_s"] = train_tokens / max(row["train_s"], 1e-9)
-        row["rollout_tok_s"] = counters["completion_tokens"] / max(counters["rollout_s"], 1e-9)
         return row
 
 
