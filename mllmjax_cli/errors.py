@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mllmjax.errors import MllmjaxError
 
@@ -38,7 +39,7 @@ def handle_errors(fn: F) -> F:
         except MllmjaxError as e:
             if debug_enabled():
                 raise
-            err_console.print(f"[bold red]error:[/] {_one_line(str(e))}", markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", markup=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -49,7 +50,7 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 raise
             err_console.print(
-                f"[bold red]error:[/] {type(e).__name__}: {_one_line(str(e))} (run with --debug for the traceback)",
+                f"[bold red]error:[/] {type(e).__name__}: {escape(_one_line(str(e)))} (run with --debug for the traceback)",
                 markup=True,
             )
             raise typer.Exit(1) from None

@@ -45,10 +45,18 @@ def main() -> None:
         ax.plot(xs, ys, color=color, alpha=0.3, linewidth=1)
         smooth = [sum(ys[max(0, j - args.window + 1) : j + 1]) / len(ys[max(0, j - args.window + 1) : j + 1])
                   for j in range(len(ys))]  # fmt: skip
-        ax.plot(xs, smooth, color=color, linewidth=2, label=f"{run.name}: train {args.key} (mean of {args.window})")
+        ax.plot(
+            xs,
+            smooth,
+            color=color,
+            linewidth=2,
+            label=f"{run.name}: train {args.key} (mean of {args.window})",
+        )
         if run in extra:
             ex, ey = zip(*extra[run], strict=True)
-            ax.plot(ex, ey, "o--", color=color, markersize=7, label=f"{run.name}: held-out greedy (mllmjax eval)")
+            ax.plot(
+                ex, ey, "o--", color=color, markersize=7, label=f"{run.name}: held-out greedy (mllmjax eval)"
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(args.key)
     ax.set_title(args.title or args.key)
