@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mllmjax.rewards import DEFAULT_REWARD_SPEC
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.options import (
     Advantage,
@@ -280,7 +281,7 @@ def register(app: typer.Typer) -> None:
         top_p: TopP = 1.0,
         min_p: MinP = 0.0,
         batch_size: MaxBatch = 64,
-        reward: Reward = "correct=1.0,format=0.5,tags=0.5",
+        reward: Reward = DEFAULT_REWARD_SPEC,
         reward_fn: RewardFn = None,
         advantage: Advantage = "grpo",
         overlong: Overlong = "none",

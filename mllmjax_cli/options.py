@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from mllmjax.sampling.strategies import sampling_strategy_args  # noqa: F401  (re-exported for the commands)
+
 Out = Annotated[Path, typer.Option("-o", "--out", help="Where to write the result.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; runs are deterministic for a seed.")]
@@ -109,13 +111,3 @@ Overlong = Annotated[
     ),
 ]
 OverlongPenalty = Annotated[float, typer.Option("--overlong-penalty", help="Penalty for --overlong penalty.")]
-
-
-def sampling_strategy_args(temperature: float, greedy: bool, top_k: int, top_p: float, min_p: float) -> dict:
-    """The flag values as make_strategy keywords (0 / 1 mean off)."""
-    return {
-        "temperature": 0.0 if greedy else temperature,
-        "top_k": top_k or None,
-        "top_p": top_p if top_p < 1 else None,
-        "min_p": min_p or None,
-    }

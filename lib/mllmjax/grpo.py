@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
+from mllmjax.rewards import DEFAULT_REWARD_SPEC
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 EMBEDDED_RECIPE = "embedded-default"
@@ -87,7 +88,7 @@ class GRPOConfig:
     min_p: float = 0.0
     batch_size: int = 64
     # Score.
-    reward: str = "correct=1.0,format=0.5,tags=0.5"
+    reward: str = DEFAULT_REWARD_SPEC
     reward_fn: tuple[str, ...] = ()
     advantage: str = "grpo"
     overlong: str = "none"
@@ -153,13 +154,9 @@ class GRPOConfig:
     def rollout_config(self, *, seed: int, group_size: int | None = None, greedy: bool = False) -> Any:
         from mllmjax.prompts import load_system_prompt
         from mllmjax.rollout import RolloutConfig
+        from mllmjax.sampling.strategies import sampling_strategy_args
 
-        strategy = (
-            {"temperature": 0.0, "top_k": None, "top_p": None, "min_p": None}
-            if greedy
-            else {"temperature": self.temperature, "top_k": self.top_k or None,
-                  "top_p": self.top_p if self.top_p < 1 else None, "min_p": self.min_p or None}
-        )  # fmt: skip
+        strategy = sampling_strategy_args(self.temperature, greedy, self.top_k, self.top_p, self.min_p)
         return RolloutConfig(
             group_size=group_size or self.group_size,
             max_new_tokens=self.max_new_tokens,

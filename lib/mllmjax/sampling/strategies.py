@@ -150,3 +150,14 @@ def make_strategy(
     if greedy or temperature == 0:
         return Greedy()
     return Sample(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def sampling_strategy_args(temperature: float, greedy: bool, top_k: int, top_p: float, min_p: float) -> dict:
+    """Flag values (sample, rollout, eval, grpo) as make_strategy keywords: top-k 0, top-p 1 and min-p 0
+    mean off; greedy means temperature 0."""
+    return {
+        "temperature": 0.0 if greedy else temperature,
+        "top_k": top_k or None,
+        "top_p": top_p if top_p < 1 else None,
+        "min_p": min_p or None,
+    }
