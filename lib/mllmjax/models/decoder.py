@@ -171,15 +171,23 @@ def attention(
     k_pos: [B, S] (-1 = not a key).
     """
     b, t, n, h = q.shape
-    kv = k.shape[1] if heads_first else k.shape[2]
-    kspec = "BKSH" if heads_first else "BSKH"
-    q = q.reshape(b, t, kv, n // kv, h)  # head n reads kv head n // (N/K), as HF's repeat_kv
-    scores = jnp.einsum(f"BTKGH,{kspec}->BKGTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    if not heads_first:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    kv = k.shape[1]
+    g = n // kv
+    # Head n reads kv head n // G (HF's repeat_kv). The G query heads of a kv head and the T queries
+    # are one [G*T, H] block, so each (row, kv head) is a single plain [G*T, H] x [H, S] product with
+    # the contracted dims minor in both operands: XLA:CPU runs this layout 2-4x faster than the same
+    # einsum over [B, T, K, G, H] (it would otherwise transpose inside the batched dot, or fall back
+    # to tiny per-head products when decoding one token).
+    qh = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    scores = jnp.einsum("BKMH,BKSH->BKMS", qh, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    scores = scores.reshape(b, kv, g, t, -1)
     visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"BKGTS,{kspec}->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)  # [B, K, G*T, H]
+    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
