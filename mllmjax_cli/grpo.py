@@ -29,6 +29,7 @@ from mllmjax_cli.options import (
     Beta,
     ClipHigh,
     ClipLow,
+    ComputeDtype,
     Data,
     Dtype,
     Force,
@@ -94,7 +95,7 @@ _SETTINGS = (
     "seed", "group_size", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "batch_size", "reward",
     "reward_fn", "advantage", "overlong", "overlong_penalty", "dynamic_sampling", "max_sampling_rounds",
     "ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup", "beta", "kl",
-    "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "eval_every", "eval_data", "eval_split",
+    "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "compute_dtype", "eval_every", "eval_data", "eval_split",
     "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "dtype",
 )  # fmt: skip
 
@@ -185,6 +186,8 @@ class Display:
                 self.log(f"resuming at step {data['step']} of {data['steps']}")
         elif kind == "convert":
             self.log(f"converting the model into the cache: {data['out']}")
+        elif kind == "memory":
+            self.log(data["line"])
         elif kind == "phase":
             self.phase = data["phase"]
             self.rollout_tokens = 0
@@ -302,6 +305,7 @@ def register(app: typer.Typer) -> None:
         loss_agg: LossAgg = "token",
         tis_cap: TisCap = None,
         remat: Remat = "none",
+        compute_dtype: ComputeDtype = None,
         eval_every: Annotated[int, typer.Option("--eval-every", help="Greedy held-out accuracy every N steps (and at step 0 and the end); 0 = off.")] = 0,
         eval_data: Annotated[str | None, typer.Option("--eval-data", help="Evaluation data (default: --data).")] = None,
         eval_split: Annotated[str, typer.Option("--eval-split", help="Evaluation split.")] = "test",

@@ -86,6 +86,15 @@ TisCap = Annotated[
     float | None,
     typer.Option("--tis-cap", help="Truncated importance sampling against the sampler's log-probs."),
 ]
+ComputeDtype = Annotated[
+    str | None,
+    typer.Option(
+        "--compute-dtype",
+        help="Dtype of activations and matmuls (float32, bfloat16, float16); parameters, gradients and "
+        "optimizer state stay in the checkpoint's dtype, so --compute-dtype bfloat16 on a float32 "
+        "checkpoint trains float32 master weights with bfloat16 compute. Default: the parameter dtype.",
+    ),
+]
 Remat = Annotated[
     str,
     typer.Option("--remat", help="none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable."),

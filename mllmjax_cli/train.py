@@ -14,6 +14,7 @@ from mllmjax_cli.options import (
     Beta,
     ClipHigh,
     ClipLow,
+    ComputeDtype,
     Force,
     Json,
     Kl,
@@ -78,6 +79,7 @@ def register(app: typer.Typer) -> None:
         temperature: Temperature = 1.0,
         tis_cap: TisCap = None,
         remat: Remat = "none",
+        compute_dtype: ComputeDtype = None,
         resume: Annotated[
             bool, typer.Option("--resume", help="Continue CKPT's optimizer state and step.")
         ] = False,
@@ -95,6 +97,7 @@ def register(app: typer.Typer) -> None:
             ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, lr=lr, optimizer=optimizer,
             weight_decay=weight_decay, warmup=warmup, steps=steps, beta=beta, kl=kl, clip_low=clip_low,
             clip_high=clip_high, loss_agg=loss_agg, tis_cap=tis_cap, remat=remat, temperature=temperature,
+            compute_dtype=compute_dtype,
         )  # fmt: skip
         records = read_records(scored)
         with stage_progress("train") as progress:
@@ -112,6 +115,7 @@ def register(app: typer.Typer) -> None:
             result = train_checkpoint(
                 ckpt, records, out, cfg, source="<stdin>" if scored == "-" else scored, mesh=mesh,
                 resume=resume, seed=seed, force=force, on_update=on_update,
+                on_memory=lambda est: progress.console.print(est.describe()),
             )  # fmt: skip
         if json_out:
             typer.echo(json.dumps({"out": str(result.out), "step": result.step, "updates": result.history}))

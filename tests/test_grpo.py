@@ -265,6 +265,16 @@ def test_bad_input(ckpt, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "tensorboard, wandb" in r.output
 
 
+def test_memory_estimate_refuses_what_cannot_fit(ckpt, tmp_path, monkeypatch):
+    from mllmjax import memory
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setattr(memory, "available_bytes", lambda devices=None: 1000)
+    r = runner.invoke(app, ["grpo", "--model", str(ckpt), *TINY, "--steps", "1", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "needs about" in r.output and "--micro-batch" in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_refuses_changed_settings(ckpt, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     run = tmp_path / "run"

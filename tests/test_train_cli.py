@@ -143,3 +143,26 @@ def test_bad_input(setup):
     (setup / "x6").mkdir()
     _bad(setup, good, "x6", "--force")
     _bad(setup, good, "x7", "no opt_state", "--resume")  # ck0 has no optimizer state
+
+
+def test_prints_the_memory_estimate_and_refuses_what_cannot_fit(setup, monkeypatch):
+    from mllmjax import memory
+
+    result = train(setup, "ck0", "s1.jsonl", "m1")
+    assert result.exit_code == 0, result.output
+    assert re.search(
+        r"memory per device: params [0-9.]+ [MG]B .* = [0-9.]+ [MG]B of [0-9.]+ GB available", result.output
+    )
+    monkeypatch.setattr(memory, "available_bytes", lambda devices=None: 1000)
+    result = train(setup, "ck0", "s1.jsonl", "m2")
+    assert result.exit_code == 2
+    assert re.search(r"error: this run needs about [0-9.]+ GB per device .* --micro-batch", result.output)
+    assert not (setup / "m2").exists()
+
+
+def test_bfloat16_compute_writes_float32_master_weights(setup):
+    result = train(setup, "ck0", "s1.jsonl", "bf1", "--compute-dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    params = load_checkpoint(setup / "bf1").params
+    assert {x.dtype.name for x in jax.tree.leaves(params)} == {"float32"}
+    _bad(setup, read_records(setup / "s1.jsonl"), "bf2", "compute dtype", "--compute-dtype", "int8")

@@ -47,6 +47,7 @@ import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,7 @@ class GRPOConfig:
     loss_agg: str = "token"
     tis_cap: float | None = None
     remat: str = "none"
+    compute_dtype: str | None = None
     # Evaluation on a held-out split (greedy pass@1); 0 = off.
     eval_every: int = 0
     eval_data: str | None = None  # default: --data
@@ -184,7 +186,7 @@ class GRPOConfig:
         from mllmjax.training import make_train_config
 
         names = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
-                 "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature")  # fmt: skip
+                 "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature", "compute_dtype")  # fmt: skip
         return make_train_config(**{n: getattr(self, n) for n in names})
 
     def to_dict(self) -> dict[str, Any]:
@@ -388,6 +390,27 @@ class GRPORun:
             raise ArtifactError(f"{self.run_dir} is not a grpo run directory (no {CONFIG_FILE})")
 
     # ----------------------------------------------------------------------------- setup
+    def _check_memory(self, start: Any, tcfg: Any) -> None:
+        """Estimate one update's memory (prompt length from the first 256 problems), report it as a
+        'memory' event, and stop before the optimizer state exists if it cannot fit."""
+        import jax
+
+        from mllmjax import memory
+        from mllmjax.rollout import encode_prompt
+        from mllmjax.training import padded_length
+
+        cfg = self.cfg
+        rcfg = cfg.rollout_config(seed=0)
+        longest = max(len(encode_prompt(self.tokenizer, p, rcfg)[1]) for p in self.problems[:256])
+        shape = SimpleNamespace(prompt_ids=[0] * longest, completion_ids=[0] * cfg.max_new_tokens)
+        estimate = memory.for_train_config(
+            start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
+            seq_len=padded_length([shape]), param_dtype=jax.tree.leaves(start.params)[0].dtype.name,
+            mesh=self.mesh,
+        )  # fmt: skip
+        self.emit("memory", {"line": estimate.describe(), "bytes": estimate.total})
+        estimate.check(memory.TRAIN_HINT)
+
     def _setup(self) -> None:
         import jax
 
@@ -428,6 +451,7 @@ class GRPORun:
         self.stop_ids = start.stop_ids
         self.pad_id = self.tokenizer.pad_token_id or 0
         tcfg = cfg.train_config()
+        self._check_memory(start, tcfg)
         self.trainer = Trainer(start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None)
         self.cursor = 0
         self.step = 0
@@ -496,7 +520,7 @@ class GRPORun:
                 self.state.params, self.model_cfg, self.tokenizer, problems,
                 cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds)),
                 stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step - 1}", first_group=groups_sampled,
-                mesh=self.mesh, meta={"step": step, "round": rounds},
+                mesh=self.mesh, compute_dtype=cfg.compute_dtype, meta={"step": step, "round": rounds},
                 on_batch=lambda tokens, samples: self.emit("rollout_progress", {"tokens": tokens, "samples": samples}),
             )  # fmt: skip
             t1 = time.perf_counter()
@@ -528,6 +552,7 @@ class GRPORun:
             self.state.params, self.model_cfg, self.tokenizer, self.eval_problems,
             self.cfg.rollout_config(seed=derived_seed(self.cfg.seed, 3), group_size=1, greedy=True),
             stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step}", mesh=self.mesh,
+            compute_dtype=self.cfg.compute_dtype,
         )  # fmt: skip
         result, _ = summarize(records)
         return {"eval/accuracy": result.pass_at_1, "eval/format": result.format_rate,

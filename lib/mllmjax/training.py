@@ -27,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllmjax import memory
 from mllmjax.checkpoint import Checkpoint, check_output, copy_side_files, load_checkpoint, write_checkpoint
 from mllmjax.errors import ArtifactError, BadInputError
+from mllmjax.memory import MemoryEstimate
 from mllmjax.records import RolloutRecord, require_scored
 from mllmjax.sharding import batch_sharding, make_mesh
 from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState
@@ -62,6 +64,12 @@ def check_records(records: Sequence[RolloutRecord], tokenizer: Any, vocab_size: 
             f"{source}: prompt_ids do not match the checkpoint's tokenizer on the first record: "
             "the records come from a different tokenizer"
         )
+
+
+def padded_length(records: Sequence[RolloutRecord]) -> int:
+    """The sequence length `batch_from_records` pads these records to."""
+    p = _round_up(max(len(r.prompt_ids) for r in records), LENGTH_BUCKET)
+    return p + _round_up(max(len(r.completion_ids) for r in records), LENGTH_BUCKET)
 
 
 def batch_from_records(records: Sequence[RolloutRecord], *, pad_id: int = 0) -> Batch:
@@ -127,6 +135,7 @@ def make_train_config(
     tis_cap: float | None = None,
     remat: str = "none",
     temperature: float = 1.0,
+    compute_dtype: str | None = None,
 ) -> TrainConfig:
     """A TrainConfig from the flag values `train` and `grpo` share; the LR schedule spans
     steps x ppo_epochs x minibatches optimizer updates."""
@@ -139,7 +148,7 @@ def make_train_config(
         optim=OptimConfig(name=optimizer, peak_lr=lr, warmup_frac=warmup, weight_decay=weight_decay,
                           total_updates=total_updates(steps, ppo_epochs, minibatches)),
         ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, remat=remat,
-        temperature=temperature,
+        temperature=temperature, compute_dtype=compute_dtype,
     )  # fmt: skip
 
 
@@ -148,12 +157,16 @@ def state_extras(state: TrainState) -> dict[str, Any]:
     return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
 
 
+def require_opt_state(ckpt: Checkpoint) -> None:
+    if not ckpt.has_opt_state:
+        raise ArtifactError(f"{ckpt.path} has no opt_state/ to resume from (only train/grpo outputs do)")
+
+
 def restore_train_state(ckpt: Checkpoint, trainer: Trainer) -> TrainState:
     """The TrainState saved with a checkpoint, placed like its params."""
     import orbax.checkpoint as ocp
 
-    if not ckpt.has_opt_state:
-        raise ArtifactError(f"{ckpt.path} has no opt_state/ to resume from (only train/grpo outputs do)")
+    require_opt_state(ckpt)
     params = ckpt.params
     template = jax.eval_shape(
         lambda p: state_extras(trainer.init_state(p, jax.random.key_data(jax.random.key(0)))), params
@@ -205,13 +218,27 @@ def train_checkpoint(
     seed: int = 0,
     force: bool = False,
     on_update: Callable[[dict[str, float]], None] | None = None,
+    on_memory: Callable[[MemoryEstimate], None] | None = None,
 ) -> TrainResult:
-    """PPO epochs on scored records from CKPT; write a new checkpoint (with opt_state) at OUT."""
+    """PPO epochs on scored records from CKPT; write a new checkpoint (with opt_state) at OUT.
+
+    Before the parameters are loaded, the memory one update needs is estimated (`mllmjax.memory`),
+    passed to on_memory, and a run that cannot fit stops with BadInputError."""
     ckpt_path, out = Path(ckpt_path), Path(out)
     check_output(out, force)
     device_mesh = make_mesh(mesh)
+    head = load_checkpoint(ckpt_path, load_params=False)
+    check_records(records, head.tokenizer(), head.cfg.vocab_size, source)
+    if resume:
+        require_opt_state(head)
+    estimate = memory.for_train_config(
+        head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=padded_length(records),
+        param_dtype=head.meta.get("dtype", "float32"), mesh=device_mesh,
+    )  # fmt: skip
+    if on_memory is not None:
+        on_memory(estimate)
+    estimate.check(memory.TRAIN_HINT)
     ckpt = load_checkpoint(ckpt_path, mesh=device_mesh)
-    check_records(records, ckpt.tokenizer(), ckpt.cfg.vocab_size, source)
     reference = ckpt.meta.get("reference", str(ckpt_path)) if resume else str(ckpt_path)
     ref_params = None
     if cfg.loss.beta > 0:

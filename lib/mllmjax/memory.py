@@ -1,0 +1,243 @@
+"""How much device memory a run needs, worked out from shapes before anything is loaded.
+
+Design decisions:
+- The estimate is per device, on paper: parameter bytes follow the same sharding rules that place the
+  parameters (`mllmjax.sharding`), so a 7B model on `fsdp=8` counts one eighth of most tensors; batch
+  rows are split over the data-parallel axes (data x fsdp) like the batch is.
+- Training counts the parameters, the float32 gradient accumulator plus one micro-batch's gradient,
+  the optimizer slots (Lion 1, AdamW 2, in the parameter dtype, as optax keeps them), the frozen
+  reference copy when beta > 0, the new parameters and optimizer state the update returns (the old
+  ones are still held: the grpo loop keeps them to roll a step back), and the activations one
+  micro-batch keeps for the backward pass under the remat policy (see `_saved_per_token_layer`), plus
+  the chunked LM-head logits.
+- Sampling counts the parameters, the KV cache (keys and values of every layer for every row and
+  slot, in the compute dtype) and the last-token logits of every row.
+- Available memory is the device's own limit (`memory_stats()['bytes_limit']` on GPU/TPU); on the CPU,
+  where the fake devices share the host, it is MemAvailable split over the local devices.
+- Commands print the estimate before a training run starts and stop with one line if it cannot fit
+  (exit 2, nothing written). It is an estimate: XLA's own buffer assignment (which
+  `tests/test_memory.py` compares it with) decides the real peak, so a run within ~10% of the limit
+  may still fail, and a user who knows better sets `MLLMJAX_MEMORY_CHECK=0` to skip the check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from mllmjax.errors import BadInputError
+from mllmjax.models.config import ModelConfig
+
+GB = 1e9
+_OPTIMIZER_SLOTS = {"lion": 1, "adamw": 2}
+
+
+def _dtype_bytes(dtype: Any) -> int:
+    return int(np.dtype(str(dtype)).itemsize) if str(dtype) != "bfloat16" else 2
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device, by part; `available` is the per-device limit (None when unknown)."""
+
+    parts: dict[str, int]
+    available: int | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        """One line: 'memory per device: params 0.54 GB + ... = 1.90 GB of 12.3 GB available'."""
+        body = " + ".join(f"{k} {_size(v)}" for k, v in self.parts.items() if v)
+        avail = f" of {self.available / GB:.1f} GB available" if self.available else ""
+        return f"memory per device: {body} = {_size(self.total)}{avail}"
+
+    def check(self, hint: str) -> None:
+        """Raise BadInputError when the estimate exceeds the available memory (MLLMJAX_MEMORY_CHECK=0: never)."""
+        if os.environ.get("MLLMJAX_MEMORY_CHECK", "1") == "0":
+            return
+        if self.available is not None and self.total > self.available:
+            raise BadInputError(
+                f"this run needs about {self.total / GB:.1f} GB per device "
+                f"({', '.join(f'{k} {v / GB:.1f}' for k, v in self.parts.items() if v)}) but "
+                f"{self.available / GB:.1f} GB is available; {hint}"
+            )
+
+
+def _mesh_sizes(mesh: Any) -> dict[str, int]:
+    if mesh is None:
+        return {}
+    if isinstance(mesh, Mapping):
+        return {str(k): int(v) for k, v in mesh.items()}
+    return {str(k): int(v) for k, v in mesh.shape.items()}
+
+
+def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh: Any = None) -> int:
+    """Bytes of the parameters one device holds under the default sharding rules."""
+    from mllmjax.models.decoder import map_specs, param_specs
+    from mllmjax.sharding import DEFAULT_RULES, _as_tuple
+
+    sizes = _mesh_sizes(mesh)
+    total = 0
+
+    def count(_: str, spec: tuple) -> None:
+        nonlocal total
+        shape, logical = spec
+        used: set[str] = set()
+        n = 1
+        for dim, name in zip(shape, logical, strict=True):
+            split = 1
+            for axis in _as_tuple(DEFAULT_RULES.rules.get(name) if name else None):
+                if sizes.get(axis, 1) > 1 and axis not in used and dim % (split * sizes[axis]) == 0:
+                    split *= sizes[axis]
+                    used.add(axis)
+            n *= dim // split
+        total += n
+
+    map_specs(count, param_specs(cfg))
+    return total * _dtype_bytes(dtype)
+
+
+def _rows_per_device(rows: int, sizes: Mapping[str, int]) -> int:
+    dp = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    return rows // dp if rows % dp == 0 else rows  # an uneven batch is replicated
+
+
+def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat: str, tensor: int) -> float:
+    """Bytes one token keeps per layer for the backward pass.
+
+    remat none: the layer input and both norm outputs (3 D), q/k/v after and before RoPE
+    (2 (N + 2K) H), the attention output (N H), the residual after attention (D), gate, up and their
+    product (3 F) in the compute dtype, plus the float32 attention scores, masked scores and
+    probabilities (3 N S).
+    dots_saveable / dots_with_no_batch_dims_saveable: the matmul outputs only (q, k, v, o, gate, up,
+    down, and the scores). nothing_saveable: the layer input only (the layer is recomputed).
+    """
+    d, f, h = cfg.hidden_size, cfg.intermediate_size // tensor, cfg.head_dim
+    n, k = max(1, cfg.num_heads // tensor), max(1, cfg.num_kv_heads // tensor)
+    scores = 4 * 3 * n * seq
+    if remat == "nothing_saveable":
+        return compute_bytes * d
+    if remat in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        return compute_bytes * ((n + 2 * k) * h + d + 2 * f + d) + 4 * n * seq
+    return compute_bytes * (3 * d + 2 * (n + 2 * k) * h + n * h + d + 3 * f) + scores
+
+
+def estimate_training(
+    cfg: ModelConfig,
+    *,
+    rows: int,
+    seq_len: int,
+    param_dtype: Any = "float32",
+    compute_dtype: Any = None,
+    optimizer: str = "lion",
+    beta: float = 0.0,
+    micro_batch: int | None = None,
+    remat: str = "none",
+    logit_chunk: int = 256,
+    mesh: Any = None,
+    available: int | None = None,
+) -> MemoryEstimate:
+    """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens."""
+    sizes = _mesh_sizes(mesh)
+    tensor = sizes.get("tensor", 1)
+    params = param_bytes_per_device(cfg, param_dtype, sizes)
+    p_bytes = _dtype_bytes(param_dtype)
+    c_bytes = _dtype_bytes(compute_dtype or param_dtype)
+    n_param = params // p_bytes
+    micro_rows = _rows_per_device(micro_batch or rows, sizes)
+    tokens = micro_rows * seq_len
+    layer = _saved_per_token_layer(cfg, seq_len, c_bytes, remat, tensor)
+    activations = tokens * cfg.num_layers * layer
+    if remat == "nothing_saveable":  # one layer is recomputed in full during its backward
+        activations += tokens * _saved_per_token_layer(cfg, seq_len, c_bytes, "none", tensor)
+    vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
+    logits = 3 * 4 * min(logit_chunk, tokens) * vocab  # one chunk's logits, softmax and gradient
+    parts = {
+        "params": params,
+        "grads": n_param * (4 + p_bytes),  # float32 accumulator + one micro-batch's gradient
+        "optimizer": _OPTIMIZER_SLOTS.get(optimizer, 2) * params,
+        "reference": params if beta > 0 else 0,
+        # The update returns a new state while the one it was given is still alive.
+        "new state": params + _OPTIMIZER_SLOTS.get(optimizer, 2) * params,
+        "activations": int(activations),
+        "logits": int(logits),
+    }
+    return MemoryEstimate(parts, available)
+
+
+def estimate_sampling(
+    cfg: ModelConfig,
+    *,
+    rows: int,
+    cache_len: int,
+    param_dtype: Any = "float32",
+    compute_dtype: Any = None,
+    mesh: Any = None,
+    available: int | None = None,
+) -> MemoryEstimate:
+    """Per-device memory of decoding `rows` rows with a `cache_len`-slot KV cache."""
+    sizes = _mesh_sizes(mesh)
+    tensor = sizes.get("tensor", 1)
+    kv = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
+    r = _rows_per_device(rows, sizes)
+    c_bytes = _dtype_bytes(compute_dtype or param_dtype)
+    parts = {
+        "params": param_bytes_per_device(cfg, param_dtype, sizes),
+        "kv_cache": 2 * cfg.num_layers * r * cache_len * kv * cfg.head_dim * c_bytes,
+        "logits": 3 * 4 * r * cfg.vocab_size,
+    }
+    return MemoryEstimate(parts, available)
+
+
+def available_bytes(devices: Any = None) -> int | None:
+    """Per-device memory limit: the accelerator's own, or the host's MemAvailable over local devices."""
+    import jax
+
+    devices = [d for d in devices if d.process_index == jax.process_index()] if devices else jax.local_devices()
+    stats = devices[0].memory_stats() if devices else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // max(1, len(devices))
+    except OSError:
+        pass
+    return None
+
+
+TRAIN_HINT = (
+    "use a smaller --micro-batch, --remat nothing_saveable, more devices on the fsdp axis of --mesh, "
+    "or MLLMJAX_MEMORY_CHECK=0 to try anyway"
+)
+
+
+def for_train_config(
+    cfg: ModelConfig, train_cfg: Any, *, rows: int, seq_len: int, param_dtype: Any, mesh: Any
+) -> MemoryEstimate:
+    """The estimate of one update of `mllmjax.trainer.TrainConfig` on a minibatch of `rows` rows."""
+    return estimate_training(
+        cfg,
+        rows=rows,
+        seq_len=seq_len,
+        param_dtype=param_dtype,
+        compute_dtype=train_cfg.compute_dtype,
+        optimizer=train_cfg.optim.name,
+        beta=train_cfg.loss.beta,
+        micro_batch=train_cfg.micro_batch,
+        remat=train_cfg.remat,
+        logit_chunk=train_cfg.logit_chunk,
+        mesh=mesh,
+        available=available_bytes(list(mesh.devices.flat)) if mesh is not None else available_bytes(),
+    )

@@ -1,0 +1,92 @@
+"""The memory estimate (mllmjax.memory) against XLA's own buffer assignment and the real arrays."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mllmjax import memory
+from mllmjax.errors import BadInputError
+from mllmjax.loss import LossConfig
+from mllmjax.models import decoder
+from mllmjax.models.config import ModelConfig
+from mllmjax.optim import OptimConfig
+from mllmjax.sharding import make_mesh, shard_params
+from mllmjax.trainer import Batch, TrainConfig, Trainer
+
+CFG = ModelConfig(
+    family="llama", vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+    num_kv_heads=2, head_dim=64,
+)  # fmt: skip
+
+
+def _float_bytes(tree) -> int:
+    """Bytes of the floating-point arrays (the optimizer's step counters are not parameter-sized)."""
+    return sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+    )
+
+
+@pytest.mark.parametrize("remat", ["none", "nothing_saveable", "dots_saveable"])
+def test_training_estimate_tracks_xla(remat):
+    b, t, p = 8, 256, 64
+    tcfg = TrainConfig(
+        loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", total_updates=10), remat=remat
+    )
+    trainer = Trainer(CFG, tcfg)
+    state = trainer.init_state(decoder.init_params(CFG, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    completion = np.zeros((b, t), bool)
+    completion[:, p:] = True
+    batch = Batch(
+        tokens=jnp.zeros((b, t), jnp.int32), positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
+        valid=jnp.ones((b, t), bool), completion=jnp.asarray(completion), advantages=jnp.ones(b),
+        completion_start=p,
+    )  # fmt: skip
+    xla = jax.jit(trainer._update).lower(state, batch).compile().memory_analysis()
+    est = memory.for_train_config(CFG, tcfg, rows=b, seq_len=t, param_dtype="float32", mesh=None)
+    # Parameters and optimizer slots are exact: they are the state's own arrays.
+    assert est.parts["params"] + est.parts["optimizer"] == _float_bytes((state.params, state.opt_state))
+    peak = xla.argument_size_in_bytes + xla.temp_size_in_bytes + xla.output_size_in_bytes
+    assert 0.8 <= est.total / peak <= 1.25, (remat, est.describe(), peak)
+
+
+def test_sharded_params_per_device():
+    mesh = make_mesh("fsdp=4,tensor=2")
+    params = shard_params(decoder.init_params(CFG, jax.random.PRNGKey(0)), CFG, mesh)
+    per_device = max(
+        sum(
+            s.data.nbytes
+            for leaf in jax.tree.leaves(params)
+            for s in leaf.addressable_shards
+            if s.device == d
+        )
+        for d in mesh.devices.flat
+    )
+    assert memory.param_bytes_per_device(CFG, "float32", mesh) == per_device
+    assert memory.param_bytes_per_device(CFG, "bfloat16", {"fsdp": 1}) == CFG.num_params() * 2
+
+
+def test_sampling_estimate_counts_the_kv_cache():
+    est = memory.estimate_sampling(CFG, rows=16, cache_len=512, param_dtype="bfloat16")
+    assert est.parts["kv_cache"] == 2 * 4 * 16 * 512 * 2 * 64 * 2
+    halved = memory.estimate_sampling(CFG, rows=16, cache_len=512, param_dtype="bfloat16", mesh={"data": 2})
+    assert halved.parts["kv_cache"] == est.parts["kv_cache"] // 2
+
+
+def test_check_refuses_what_cannot_fit(monkeypatch):
+    est = memory.MemoryEstimate({"params": 3 * 10**9, "activations": 2 * 10**9}, available=4 * 10**9)
+    assert est.describe() == (
+        "memory per device: params 3.00 GB + activations 2.00 GB = 5.00 GB of 4.0 GB available"
+    )
+    with pytest.raises(BadInputError, match=r"needs about 5.0 GB per device .* 4.0 GB is available; try"):
+        est.check("try less")
+    monkeypatch.setenv("MLLMJAX_MEMORY_CHECK", "0")
+    est.check("try less")  # the user's override
+    memory.MemoryEstimate({"params": 1}, available=None).check("unknown limit: nothing to refuse")
+
+
+def test_available_bytes_on_cpu():
+    avail = memory.available_bytes()
+    assert avail is not None and 0 < avail < 10**13
