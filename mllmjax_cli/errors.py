@@ -15,6 +15,9 @@ from mllmjax.errors import MllmjaxError
 
 F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Errors go through their own console: in a multi-host run the others (progress, logs) are quiet on
+# every process but 0, while an error on any process must still be seen.
+_fail_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _debug = False
 
@@ -39,17 +42,17 @@ def handle_errors(fn: F) -> F:
         except MllmjaxError as e:
             if debug_enabled():
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", markup=True)
+            _fail_console.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", markup=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted")
+            _fail_console.print("interrupted")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:  # an unexpected failure is still one line unless debugging
             if debug_enabled():
                 raise
-            err_console.print(
+            _fail_console.print(
                 f"[bold red]error:[/] {type(e).__name__}: {escape(_one_line(str(e)))} (run with --debug for the traceback)",
                 markup=True,
             )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated
 
 import typer
 
 from mllmjax_cli import convert, export, grpo, rollout, sample, score, train
 from mllmjax_cli import eval as eval_cmd
-from mllmjax_cli.errors import set_debug
+from mllmjax_cli.errors import err_console, handle_errors, set_debug
 
 app = typer.Typer(
     name="mllmjax",
@@ -21,13 +23,49 @@ app = typer.Typer(
 )
 
 
+# Commands that run as one program over every host's devices (see mllmjax.distributed).
+MULTIHOST_COMMANDS = ("rollout", "train", "grpo", "eval")
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks (also MLLMJAX_DEBUG=1).")
     ] = False,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            "--coordinator",
+            help="Multi-host: process 0's HOST:PORT (also MLLMJAX_COORDINATOR); SLURM and TPU pods are "
+            "detected without it.",
+        ),
+    ] = None,
+    num_processes: Annotated[
+        int | None, typer.Option("--num-processes", help="Multi-host: how many processes (one per host).")
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option("--process-id", help="Multi-host: this process's index, 0 .. N-1.")
+    ] = None,
 ) -> None:
     set_debug(debug)
+    handle_errors(_start_distributed)(ctx.invoked_subcommand, coordinator, num_processes, process_id)
+
+
+def _start_distributed(
+    command: str | None, coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    from mllmjax.distributed import initialize, is_primary, requested
+    from mllmjax.errors import BadInputError
+
+    if requested(coordinator, num_processes, process_id) and command not in MULTIHOST_COMMANDS:
+        raise BadInputError(
+            f"`mllmjax {command}` runs on one host; multi-host runs support {', '.join(MULTIHOST_COMMANDS)}"
+        )
+    if initialize(coordinator, num_processes, process_id) and not is_primary():
+        # Process 0 reports for the run; the others print only errors.
+        err_console.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 for module in (convert, sample, rollout, score, train, grpo, eval_cmd, export):

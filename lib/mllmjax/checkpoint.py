@@ -181,15 +181,23 @@ def check_output(out: Path, force: bool) -> None:
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success rename it onto `out` (replacing an existing
-    one only if force); on failure delete it, leaving `out` as it was."""
+    one only if force); on failure delete it, leaving `out` as it was.
+
+    In a multi-host run every process gets the same directory (process 0's token) to write its shards
+    into, and process 0 renames it once all of them are done (see mllmjax.distributed)."""
+    from mllmjax.distributed import barrier, is_primary, shared_token
+
     out = Path(out)
     check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = out.parent / f".{out.name}.tmp-{shared_token()}"
+    if is_primary():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    barrier(f"atomic_dir:{tmp.name}:made")
     try:
         yield tmp
-        if jax.process_index() == 0:
+        barrier(f"atomic_dir:{tmp.name}:written")
+        if is_primary():
             old = None
             if out.exists():
                 check_output(out, force)
@@ -198,8 +206,10 @@ def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Pat
             os.replace(tmp, out)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+        barrier(f"atomic_dir:{tmp.name}:renamed")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

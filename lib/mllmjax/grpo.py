@@ -416,6 +416,7 @@ class GRPORun:
 
         from mllmjax.checkpoint import load_checkpoint, resolve_dtype
         from mllmjax.data import load_problems
+        from mllmjax.distributed import barrier, is_primary
         from mllmjax.sharding import make_mesh
         from mllmjax.trainer import Trainer
         from mllmjax.training import restore_train_state
@@ -423,12 +424,20 @@ class GRPORun:
         cfg = self.cfg
         for name in cfg.report_to:  # a missing extra fails before anything is written
             REPORTERS[name].check()
+        # Multi-host: every process runs the loop on the same data; process 0 writes the run's files.
+        self.primary = is_primary()
         if self.resume:
             saved = read_run_config(self.run_dir)
             self.start_ckpt = Path(saved["start_checkpoint"])
         else:
-            if self.run_dir.exists() and self.force:
+            if self.run_dir.exists() and self.force and self.primary:
                 shutil.rmtree(self.run_dir)
+            barrier("grpo:fresh-run-dir")
+            if jax.process_count() > 1 and not (Path(cfg.model) / "mllmjax.json").is_file():
+                raise BadInputError(
+                    f"a multi-host run needs --model to be a converted checkpoint on storage every host "
+                    f"sees; run `mllmjax convert {cfg.model} -o DIR` once and pass --model DIR"
+                )
             self.emit("phase", {"phase": "model"})
             self.start_ckpt = resolve_model(
                 cfg.model, dtype=cfg.dtype, on_convert=lambda out: self.emit("convert", {"out": out})
@@ -469,16 +478,24 @@ class GRPORun:
             else:  # killed before the first checkpoint: start over in the same directory
                 self.state = self.trainer.init_state(start.params, self._train_rng())
             self.metrics = read_metrics(self.run_dir, upto=self.step)
-            _write_atomic(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.metrics))
+            if self.primary:
+                _write_atomic(
+                    self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.metrics)
+                )
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config = {"format": RUN_FORMAT, **cfg.to_dict(), "start_checkpoint": str(self.start_ckpt),
-                      "model_config": self.model_cfg.family, "devices": jax.device_count()}  # fmt: skip
-            _write_atomic(self.run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-            (self.run_dir / METRICS_FILE).touch()
+            if self.primary:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                config = {"format": RUN_FORMAT, **cfg.to_dict(), "start_checkpoint": str(self.start_ckpt),
+                          "model_config": self.model_cfg.family, "devices": jax.device_count(),
+                          "processes": jax.process_count()}  # fmt: skip
+                _write_atomic(self.run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+                (self.run_dir / METRICS_FILE).touch()
             self.state = self.trainer.init_state(start.params, self._train_rng())
+        barrier("grpo:setup")
         self.saved_step = self.step if self.resume else -1
-        self.reporters = [make_reporter(name, self.run_dir, cfg) for name in cfg.report_to]
+        self.reporters = (
+            [make_reporter(name, self.run_dir, cfg) for name in cfg.report_to] if self.primary else []
+        )
 
     def _train_rng(self) -> Any:
         import jax
@@ -487,7 +504,7 @@ class GRPORun:
 
     def _clean_partial(self) -> None:
         root = self.run_dir / CHECKPOINTS
-        if root.is_dir():
+        if root.is_dir() and self.primary:
             for d in root.iterdir():
                 if d.name.startswith("."):  # an interrupted write or delete
                     shutil.rmtree(d, ignore_errors=True)
@@ -583,6 +600,8 @@ class GRPORun:
 
     def _prune(self) -> None:
         root = self.run_dir / CHECKPOINTS
+        if not self.primary:
+            return
         for old in checkpoint_steps(self.run_dir)[: -self.cfg.keep]:
             src = root / f"step_{old}"
             trash = root / f".trash-step_{old}-{uuid.uuid4().hex[:6]}"
@@ -590,6 +609,8 @@ class GRPORun:
             shutil.rmtree(trash, ignore_errors=True)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
+        if not self.primary:
+            return
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -631,7 +652,8 @@ class GRPORun:
                     if cfg.save_rollouts:
                         from mllmjax.records import write_records
 
-                        (self.run_dir / "rollouts").mkdir(exist_ok=True)
+                        if self.primary:
+                            (self.run_dir / "rollouts").mkdir(exist_ok=True)
                         write_records(records, self.run_dir / "rollouts" / f"step_{step}.jsonl", force=True)
                     self._append_metrics(row)
                 except BaseException:
@@ -648,14 +670,17 @@ class GRPORun:
         except KeyboardInterrupt:
             status = "interrupted"
             # Drop a metrics line the abandoned step may have written: the file matches the state.
-            _write_atomic(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.metrics))
+            if self.primary:
+                _write_atomic(
+                    self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.metrics)
+                )
         checkpoint = None
         if self.step > 0:
             if self.saved_step != self.step:
                 checkpoint = self._save(self.step)
             else:
                 checkpoint = self.run_dir / CHECKPOINTS / f"step_{self.step}"
-        if self.metrics:
+        if self.metrics and self.primary:
             self.emit("phase", {"phase": "plots"})
             draw_plots(self.run_dir, self.metrics)
         for r in self.reporters:

@@ -203,7 +203,9 @@ def available_bytes(devices: Any = None) -> int | None:
     """Per-device memory limit: the accelerator's own, or the host's MemAvailable over local devices."""
     import jax
 
-    devices = [d for d in devices if d.process_index == jax.process_index()] if devices else jax.local_devices()
+    devices = (
+        [d for d in devices if d.process_index == jax.process_index()] if devices else jax.local_devices()
+    )
     stats = devices[0].memory_stats() if devices else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])

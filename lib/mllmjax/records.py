@@ -267,12 +267,18 @@ def records_to_jsonl(records: Iterable[RolloutRecord]) -> str:
 def write_records(
     records: Iterable[RolloutRecord], path: str | os.PathLike[str], *, force: bool = False
 ) -> None:
-    """Write records as JSON Lines to `path` atomically, or to stdout when `path` is `-`.
+    """Write records as JSON Lines to `path` atomically, or to stdout when `path` is `-`; in a
+    multi-host run process 0 writes them.
 
     The text is built in full before anything touches the destination, so a bad record leaves no file;
     an existing file is replaced only with `force` (OutputExistsError otherwise).
     """
     text = records_to_jsonl(records)
+    if "jax" in sys.modules:  # (scoring workers never import jax: they are single-process)
+        from mllmjax.distributed import is_primary
+
+        if not is_primary():  # a multi-host run: every process holds the same records
+            return
     if str(path) == STDIO:
         sys.stdout.write(text)
         sys.stdout.flush()

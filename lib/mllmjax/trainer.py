@@ -33,6 +33,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding
 
+from mllmjax.distributed import to_host
 from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig, aggregation_weights, combine_metrics, grpo_loss, sequence_logprobs
 from mllmjax.models import decoder
@@ -132,14 +133,14 @@ def validate_batch(batch: Batch) -> None:
         raise BadInputError(f"batch.advantages has shape {tuple(batch.advantages.shape)}, expected {(b,)}")
     if not 1 <= batch.completion_start < t:
         raise BadInputError(f"completion_start must be in [1, {t}), got {batch.completion_start!r}")
-    completion = np.asarray(batch.completion)
+    completion = to_host(batch.completion)
     if not completion.any():
         raise BadInputError("the batch has no completion tokens to train on")
     if completion[:, : batch.completion_start].any():
         raise BadInputError(
             f"completion tokens found before completion_start={batch.completion_start}; left-pad the prompts"
         )
-    if not np.isfinite(np.asarray(batch.advantages)).all():
+    if not np.isfinite(to_host(batch.advantages)).all():
         raise BadInputError("advantages contain NaN or infinity")
 
 

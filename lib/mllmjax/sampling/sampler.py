@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mllmjax.distributed import to_host
 from mllmjax.errors import BadInputError
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig
@@ -360,7 +361,7 @@ def generate(
         args = (tokens, valid, limit, keys)
         if mesh is not None:
             args = _place_batch(mesh, args)
-        out_ids, out_lp, count, stopped = jax.device_get(run(params, *args, stops))
+        out_ids, out_lp, count, stopped = (to_host(x) for x in run(params, *args, stops))
         for c, i in enumerate(chunk):
             results[i] = []
             for j in range(n):
@@ -436,7 +437,12 @@ def _place_batch(mesh: jax.sharding.Mesh, arrays: tuple[Any, ...]) -> tuple[Any,
     placed = []
     for x in arrays:
         spec = PartitionSpec(axes) if axes and x.shape[0] % size == 0 else PartitionSpec()
-        placed.append(jax.device_put(x, NamedSharding(mesh, spec)))
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # Typed keys go as their raw data: a multi-host device_put takes plain host values only.
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), NamedSharding(mesh, spec))
+            placed.append(jax.random.wrap_key_data(data, impl=jax.random.key_impl(x)))
+        else:
+            placed.append(jax.device_put(np.asarray(x), NamedSharding(mesh, spec)))
     return tuple(placed)
 
 

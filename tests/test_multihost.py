@@ -1,0 +1,146 @@
+"""Multi-host runs: 2 local processes x 4 fake CPU devices (gloo collectives) against 1 process x 8.
+
+Each process is a real `mllmjax` command started with --coordinator/--num-processes/--process-id, so
+this covers jax.distributed start-up, global batches fed from identical host data, Orbax writing one
+checkpoint from both processes, and process 0 alone writing metadata and printing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from hf_models import save_hf_model
+from typer.testing import CliRunner
+
+from mllmjax.checkpoint import load_checkpoint
+from mllmjax.convert import convert
+from mllmjax.records import read_records, write_records
+from mllmjax_cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["--ppo-epochs", "2", "--minibatches", "2", "--lr", "1e-3", "--steps", "2", "--beta", "0.04",
+         "--seed", "5", "--optimizer", "adamw", "--mesh", "fsdp=-1"]  # fmt: skip
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "lib"), str(ROOT), str(ROOT / "tests")])
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mllmjax_cli.main", *args]
+
+
+def _run_pair(args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """The same command as processes 0 and 1 of a 2-process run, 4 fake devices each."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cli("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *args),
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    pa, pb = load_checkpoint(a).params, load_checkpoint(b).params
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multihost")
+    save_hf_model("llama-tied", folder / "hf", seed=1)
+    convert(str(folder / "hf"), folder / "ck0")
+    args = ["rollout", str(folder / "ck0"), "--data", "builtin:sums", "--num-prompts", "2", "-G", "4",
+            "--max-new-tokens", "5", "--seed", "1", "-o", str(folder / "raw.jsonl")]  # fmt: skip
+    assert CliRunner().invoke(app, args).exit_code == 0
+    rng = np.random.default_rng(0)
+    records = [
+        dataclasses.replace(
+            r, rewards={"x": 0.0}, reward=0.0, advantage=float(rng.normal()), reward_errors={}
+        )
+        for r in read_records(folder / "raw.jsonl")
+    ]
+    write_records(records, folder / "scored.jsonl")
+    return folder
+
+
+def test_train_on_two_processes_equals_one(setup):
+    common = ["train", str(setup / "ck0"), str(setup / "scored.jsonl"), *TRAIN]
+    single = subprocess.run(_cli(*common, "-o", str(setup / "single")), env=_env(8), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    pair = _run_pair([*common, "-o", str(setup / "multi")])
+    assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
+    # Process 0 reports; process 1 prints nothing of its own (gloo's connection lines aside).
+    assert "memory per device" in pair[0].stderr and "wrote" in pair[0].stderr
+    assert "memory per device" not in pair[1].stderr and "wrote" not in pair[1].stderr
+    assert _max_diff(setup / "single", setup / "multi") < 1e-5
+    assert load_checkpoint(setup / "multi", load_params=False).meta["updates"] == 4
+    # One finished directory, no temp directories left by either process.
+    assert sorted(p.name for p in setup.iterdir() if p.name.startswith(".")) == []
+
+
+def test_incomplete_multihost_flags_are_refused(setup):
+    result = subprocess.run(_cli("--coordinator", "127.0.0.1:1", "train", "x", "y", "-o", str(setup / "z")),
+                            env=_env(1), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "needs all of --coordinator, --num-processes and --process-id" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (setup / "z").exists()
+
+
+def test_grpo_step_on_two_processes_equals_one(setup):
+    common = ["grpo", "--model", str(setup / "ck0"), "--data", "builtin:sums", "-G", "4", "--prompts-per-step", "2",
+              "--max-new-tokens", "8", "--reward", "correct=1.0", "--reward-fn", "grpo_rewards:even=1",
+              "--lr", "1e-3", "--beta", "0.04", "--optimizer", "adamw", "--seed", "3", "--steps", "1",
+              "--mesh", "data=2,fsdp=-1", "--save-rollouts"]  # fmt: skip
+    single = subprocess.run(_cli(*common, "-o", str(setup / "g1")), env=_env(8), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    pair = _run_pair([*common, "-o", str(setup / "g2")])
+    assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
+    assert "done: 1 steps" in pair[0].stderr and "done" not in pair[1].stderr
+    one = read_records(setup / "g1/rollouts/step_1.jsonl")
+    two = read_records(setup / "g2/rollouts/step_1.jsonl")
+    assert [r.completion_ids for r in one] == [r.completion_ids for r in two]
+    assert [r.reward for r in one] == [r.reward for r in two]
+    assert [r.advantage for r in one] == [r.advantage for r in two]
+    assert _max_diff(setup / "g1/checkpoints/step_1", setup / "g2/checkpoints/step_1") < 1e-5
+    assert len((setup / "g2/metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_single_host_commands_refuse_multihost_flags(setup):
+    args = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0", "export",
+            str(setup / "ck0"), "-o", str(setup / "hf-out")]  # fmt: skip
+    result = subprocess.run(_cli(*args), env=_env(1), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "runs on one host" in result.stderr
+    assert not (setup / "hf-out").exists()
