@@ -96,7 +96,7 @@ _SETTINGS = (
     "reward_fn", "advantage", "overlong", "overlong_penalty", "dynamic_sampling", "max_sampling_rounds",
     "ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup", "beta", "kl",
     "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "compute_dtype", "eval_every", "eval_data", "eval_split",
-    "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "dtype",
+    "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "sample_mesh", "dtype",
 )  # fmt: skip
 
 
@@ -315,6 +315,7 @@ def register(app: typer.Typer) -> None:
         save_rollouts: Annotated[bool, typer.Option("--save-rollouts", help="Keep each step's scored records in RUN/rollouts/.")] = False,
         report_to: Annotated[list[str] | None, typer.Option("--report-to", help="tensorboard or wandb (extras); repeatable.")] = None,
         mesh: Mesh = "data=1,fsdp=-1,tensor=1",
+        sample_mesh: Annotated[str | None, typer.Option("--sample-mesh", help="Mesh for rollouts and eval over the same devices (default: --mesh), e.g. tensor=8 to decode tensor-parallel while training fsdp; the parameters are resharded in device memory before each rollout.")] = None,
         dtype: Dtype = "auto",
         out: Annotated[Path | None, typer.Option("-o", "--out", help="Run directory (default: runs/grpo-DATE-TIME).")] = None,
         config: Annotated[str | None, typer.Option("--config", help="TOML/YAML settings file or recipe name (gsm8k-qwen2.5-3b, embedded-default).")] = None,

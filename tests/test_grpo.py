@@ -265,6 +265,34 @@ def test_bad_input(ckpt, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "tensorboard, wandb" in r.output
 
 
+def test_sample_mesh_reshards_the_parameters_for_rollouts(ckpt, tmp_path, monkeypatch):
+    """Training fsdp=8 with rollouts tensor-parallel (data=2, tensor=4) on the same 8 devices gives
+    the completions and the update that rollouts on the training mesh give."""
+    import jax
+    import numpy as np
+
+    from mllmjax.checkpoint import load_checkpoint
+    from mllmjax.records import read_records
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    base = ["grpo", "--model", str(ckpt), *TINY, "--steps", "1", "--save-rollouts", "--mesh", "fsdp=8"]
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*base, "--sample-mesh", "data=2,tensor=4", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    a, b = (read_records(tmp_path / x / "rollouts/step_1.jsonl") for x in "ab")
+    assert [x.completion_ids for x in a] == [x.completion_ids for x in b]
+    diffs = [
+        abs(p - q) for x, y in zip(a, b, strict=True) for p, q in zip(x.logprobs, y.logprobs, strict=True)
+    ]
+    assert max(diffs) < 1e-5
+    pa, pb = (load_checkpoint(tmp_path / x / "checkpoints/step_1").params for x in "ab")
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    r = runner.invoke(app, [*base, "--sample-mesh", "data=3", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 2 and not (tmp_path / "c").exists()
+
+
 def test_memory_estimate_refuses_what_cannot_fit(ckpt, tmp_path, monkeypatch):
     from mllmjax import memory
 

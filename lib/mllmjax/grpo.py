@@ -123,6 +123,8 @@ class GRPOConfig:
     save_rollouts: bool = False
     report_to: tuple[str, ...] = ()
     mesh: str = "data=1,fsdp=-1,tensor=1"
+    # Rollouts on another sharding of the same devices (e.g. tensor-parallel decode); None = `mesh`.
+    sample_mesh: str | None = None
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -443,6 +445,7 @@ class GRPORun:
                 cfg.model, dtype=cfg.dtype, on_convert=lambda out: self.emit("convert", {"out": out})
             )
         self.mesh = make_mesh(cfg.mesh)
+        self.sample_mesh = make_mesh(cfg.sample_mesh) if cfg.sample_mesh else self.mesh
         dtype = resolve_dtype(cfg.dtype)
         # Problems first: a bad --data fails before the model is loaded.
         self.problems = load_problems(cfg.data, split=cfg.split, question_field=cfg.question_field,
@@ -529,15 +532,16 @@ class GRPORun:
         rollout_s = score_s = 0.0
         rounds = 0
         groups_sampled = 0
+        params = self._sampling_params()
         while len(kept) < cfg.prompts_per_step * cfg.group_size and rounds < cfg.max_sampling_rounds:
             problems = self._next_problems(cfg.prompts_per_step - len(kept) // cfg.group_size)
             t0 = time.perf_counter()
             self.emit("phase", {"phase": "rollout", "round": rounds})
             records = make_rollouts(
-                self.state.params, self.model_cfg, self.tokenizer, problems,
+                params, self.model_cfg, self.tokenizer, problems,
                 cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds)),
                 stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step - 1}", first_group=groups_sampled,
-                mesh=self.mesh, compute_dtype=cfg.compute_dtype, meta={"step": step, "round": rounds},
+                mesh=self.sample_mesh, compute_dtype=cfg.compute_dtype, meta={"step": step, "round": rounds},
                 on_batch=lambda tokens, samples: self.emit("rollout_progress", {"tokens": tokens, "samples": samples}),
             )  # fmt: skip
             t1 = time.perf_counter()
@@ -559,6 +563,18 @@ class GRPORun:
                     "completion_tokens": sum(len(r.completion_ids) for r in all_records)}  # fmt: skip
         return kept, _merge_summaries(summaries), counters
 
+    def _sampling_params(self) -> Any:
+        """The current parameters placed for decoding: resharded in device memory onto --sample-mesh
+        (the same devices, another layout), or as they are when rollouts use the training mesh. The
+        copy lives only while the rollout (or eval) that asked for it runs."""
+        if self.sample_mesh is self.mesh:
+            return self.state.params
+        import jax
+
+        from mllmjax.sharding import param_shardings
+
+        return jax.device_put(self.state.params, param_shardings(self.model_cfg, self.sample_mesh))
+
     def _evaluate(self, step: int) -> dict[str, float]:
         from mllmjax.evaluation import summarize
         from mllmjax.rollout import make_rollouts
@@ -566,9 +582,9 @@ class GRPORun:
         t0 = time.perf_counter()
         self.emit("phase", {"phase": "eval"})
         records = make_rollouts(
-            self.state.params, self.model_cfg, self.tokenizer, self.eval_problems,
+            self._sampling_params(), self.model_cfg, self.tokenizer, self.eval_problems,
             self.cfg.rollout_config(seed=derived_seed(self.cfg.seed, 3), group_size=1, greedy=True),
-            stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step}", mesh=self.mesh,
+            stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step}", mesh=self.sample_mesh,
             compute_dtype=self.cfg.compute_dtype,
         )  # fmt: skip
         result, _ = summarize(records)
