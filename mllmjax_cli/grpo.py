@@ -26,6 +26,7 @@ from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.options import (
     Advantage,
     AnswerField,
+    Attention,
     Beta,
     ClipHigh,
     ClipLow,
@@ -95,7 +96,7 @@ _SETTINGS = (
     "seed", "group_size", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "batch_size", "reward",
     "reward_fn", "advantage", "overlong", "overlong_penalty", "dynamic_sampling", "max_sampling_rounds",
     "ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup", "beta", "kl",
-    "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "compute_dtype", "eval_every", "eval_data", "eval_split",
+    "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "compute_dtype", "attention", "eval_every", "eval_data", "eval_split",
     "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "sample_mesh", "dtype",
 )  # fmt: skip
 
@@ -306,6 +307,7 @@ def register(app: typer.Typer) -> None:
         tis_cap: TisCap = None,
         remat: Remat = "none",
         compute_dtype: ComputeDtype = None,
+        attention: Attention = "auto",
         eval_every: Annotated[int, typer.Option("--eval-every", help="Greedy held-out accuracy every N steps (and at step 0 and the end); 0 = off.")] = 0,
         eval_data: Annotated[str | None, typer.Option("--eval-data", help="Evaluation data (default: --data).")] = None,
         eval_split: Annotated[str, typer.Option("--eval-split", help="Evaluation split.")] = "test",

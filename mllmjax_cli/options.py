@@ -95,6 +95,14 @@ ComputeDtype = Annotated[
         "checkpoint trains float32 master weights with bfloat16 compute. Default: the parameter dtype.",
     ),
 ]
+Attention = Annotated[
+    str,
+    typer.Option(
+        "--attention",
+        help="Attention kernel of the training forward: auto (cuDNN flash attention on a GPU with a "
+        "bfloat16/float16 compute dtype, XLA otherwise), xla, or cudnn.",
+    ),
+]
 Remat = Annotated[
     str,
     typer.Option("--remat", help="none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable."),

@@ -11,6 +11,7 @@ import typer
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.options import (
     DEFAULT_MESH,
+    Attention,
     Beta,
     ClipHigh,
     ClipLow,
@@ -80,6 +81,7 @@ def register(app: typer.Typer) -> None:
         tis_cap: TisCap = None,
         remat: Remat = "none",
         compute_dtype: ComputeDtype = None,
+        attention: Attention = "auto",
         resume: Annotated[
             bool, typer.Option("--resume", help="Continue CKPT's optimizer state and step.")
         ] = False,
@@ -97,7 +99,7 @@ def register(app: typer.Typer) -> None:
             ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, lr=lr, optimizer=optimizer,
             weight_decay=weight_decay, warmup=warmup, steps=steps, beta=beta, kl=kl, clip_low=clip_low,
             clip_high=clip_high, loss_agg=loss_agg, tis_cap=tis_cap, remat=remat, temperature=temperature,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, attention=attention,
         )  # fmt: skip
         records = read_records(scored)
         with stage_progress("train") as progress:

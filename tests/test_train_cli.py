@@ -166,3 +166,4 @@ def test_bfloat16_compute_writes_float32_master_weights(setup):
     params = load_checkpoint(setup / "bf1").params
     assert {x.dtype.name for x in jax.tree.leaves(params)} == {"float32"}
     _bad(setup, read_records(setup / "s1.jsonl"), "bf2", "compute dtype", "--compute-dtype", "int8")
+    _bad(setup, read_records(setup / "s1.jsonl"), "bf3", "needs a GPU", "--attention", "cudnn")

@@ -112,6 +112,7 @@ class GRPOConfig:
     tis_cap: float | None = None
     remat: str = "none"
     compute_dtype: str | None = None
+    attention: str = "auto"
     # Evaluation on a held-out split (greedy pass@1); 0 = off.
     eval_every: int = 0
     eval_data: str | None = None  # default: --data
@@ -188,7 +189,8 @@ class GRPOConfig:
         from mllmjax.training import make_train_config
 
         names = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
-                 "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature", "compute_dtype")  # fmt: skip
+                 "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature",
+                 "compute_dtype", "attention")  # fmt: skip
         return make_train_config(**{n: getattr(self, n) for n in names})
 
     def to_dict(self) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class TrainConfig:
     micro_batch: int | None = None
     remat: str = "none"
     compute_dtype: str | None = None
+    # Attention for the training forward: auto (cuDNN flash on a GPU in half precision), xla, cudnn.
+    attention: str = "auto"
     # The sampling temperature: logits are divided by it before the softmax.
     temperature: float = 1.0
     # Tokens per chunk of LM-head logits; recompute=False keeps each chunk's softmax for the backward.
@@ -83,6 +85,8 @@ class TrainConfig:
             raise BadInputError(
                 f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
             )
+        # Name and backend are checked here; the dtype (known once params arrive) at the first trace.
+        decoder.resolve_attention(self.attention, self.compute_dtype or jnp.bfloat16)
         if not self.temperature > 0:
             raise BadInputError(f"temperature must be > 0 for training, got {self.temperature!r}")
         if self.logit_chunk < 1:
@@ -175,6 +179,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- pieces
     def _forward_logprobs(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array | None]:
+        cdt = self._compute_dtype or params["embed"].dtype
         hidden, _ = decoder.forward(
             params,
             self.model_cfg,
@@ -183,6 +188,7 @@ class Trainer:
             valid=batch.valid,
             compute_dtype=self._compute_dtype,
             remat=self._remat,
+            attention_impl=decoder.resolve_attention(self.cfg.attention, cdt),
         )
         return sequence_logprobs(
             hidden,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mllmjax.errors import BadInputError
 from mllmjax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -190,6 +191,48 @@ def attention(
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None) -> str:
+    """The attention implementation a full-sequence forward (training, log-probs) uses.
+
+    "xla": `attention` above, everywhere. "cudnn": cuDNN's fused flash attention through
+    `jax.nn.dot_product_attention` (GPU only, bfloat16/float16 only: that is what the kernel takes).
+    "auto" picks cudnn on a GPU with a half-precision compute dtype and xla otherwise: the choice
+    follows the backend and the dtype, never array shapes. Decoding with a KV cache always uses xla.
+    """
+    if name not in ATTENTION_IMPLS:
+        raise BadInputError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
+    backend = backend or jax.default_backend()
+    half = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if name == "cudnn":
+        if backend != "gpu":
+            raise BadInputError(f"--attention cudnn needs a GPU; this run is on {backend}")
+        if not half:
+            raise BadInputError("--attention cudnn needs --compute-dtype bfloat16 or float16")
+        return "cudnn"
+    if name == "auto":
+        return "cudnn" if backend == "gpu" and half else "xla"
+    return "xla"
+
+
+def attention_fused(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *, implementation: str
+) -> jax.Array:
+    """`attention` through jax.nn.dot_product_attention (implementation "cudnn" or, for tests, "xla").
+
+    Same arguments and mask as `attention` (k, v: [B, S, K, H]). A query that sees no key (padding)
+    is given its own slot, so no row of the fused softmax is empty; such rows are padding and never
+    read. The mask is passed whole, so left and right padding both work.
+    """
+    t, s = q.shape[1], k.shape[1]
+    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    if t == s:
+        visible = visible | jnp.eye(t, dtype=bool)[None]
+    return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], implementation=implementation)
+
+
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """Write new[b] into buf[b, index[b]:index[b]+T] for every row b."""
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(buf, new, index)
@@ -201,7 +244,7 @@ def _write_rows_heads_first(buf: jax.Array, new: jax.Array, index: jax.Array) ->
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(buf, new, index)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "attention_impl"))
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -212,6 +255,7 @@ def forward(
     cache: KVCache | None = None,
     compute_dtype: Any = None,
     remat: Callable[..., Any] | None = None,
+    attention_impl: str = "xla",
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder; return (final-normed hidden states [B, T, D], updated cache or None).
 
@@ -221,6 +265,9 @@ def forward(
     not advance the row's index.
     remat: a `jax.checkpoint` policy (e.g. jax.checkpoint_policies.nothing_saveable) to recompute the
     layer body in the backward pass, or None to keep its activations.
+    attention_impl: "xla" or "cudnn" (from `resolve_attention`), or "fused-xla" (the fused entry
+    point with XLA's own kernel, for checking the cudnn wiring on any backend); a forward with a
+    cache always uses `attention`.
     """
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
     if valid is None:
@@ -257,7 +304,11 @@ def forward(
             keys, values = ck.astype(cdt), cv.astype(cdt)
         else:
             keys, values = k, v
-        a = attention(q, keys, values, positions, cache_pos, heads_first=heads_first)
+        if attention_impl != "xla" and ck is None:
+            impl = "xla" if attention_impl == "fused-xla" else attention_impl
+            a = attention_fused(q, keys, values, positions, cache_pos, implementation=impl)
+        else:
+            a = attention(q, keys, values, positions, cache_pos, heads_first=heads_first)
         # One [B, T, N*H] x [N*H, D] product: contracting two dims lets XLA:CPU transpose the whole
         # o weight at every call instead of the small activation.
         nh = cfg.num_heads * cfg.head_dim

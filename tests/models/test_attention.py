@@ -1,0 +1,75 @@
+"""Attention implementations: the fused entry point (cuDNN's on GPU) against ours, and the choice."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mllmjax.errors import BadInputError
+from mllmjax.models import decoder
+from mllmjax.models.config import ModelConfig
+
+
+def _padded_positions(b: int, t: int) -> np.ndarray:
+    """Rows left-padded, right-padded and unpadded: position -1 marks padding."""
+    pos = np.full((b, t), -1, np.int32)
+    for i in range(b):
+        n = t - (i % 3) * 2
+        start = 0 if i % 2 else t - n
+        pos[i, start : start + n] = np.arange(n)
+    return pos
+
+
+def test_fused_attention_equals_ours_with_padding_and_gqa():
+    rng = np.random.default_rng(0)
+    b, t, n, k, h = 6, 12, 6, 2, 16
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, t, x, h)), jnp.float32) for x in (n, k, k))
+    pos = jnp.asarray(_padded_positions(b, t))
+    ours = np.asarray(decoder.attention(q, kk, v, pos, pos))
+    fused = np.asarray(decoder.attention_fused(q, kk, v, pos, pos, implementation="xla"))
+    real = np.asarray(pos) >= 0  # padding queries are never read
+    np.testing.assert_allclose(fused[real], ours[real], atol=1e-5, rtol=1e-5)
+    assert np.isfinite(fused).all()
+
+
+def test_forward_through_the_fused_path_equals_ours():
+    cfg = ModelConfig.tiny()
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
+    b, t = 4, 10
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    pos = jnp.asarray(_padded_positions(b, t))
+    valid = pos >= 0
+    ours, _ = decoder.forward(params, cfg, tokens, jnp.maximum(pos, 0), valid=valid)
+    fused, _ = decoder.forward(
+        params, cfg, tokens, jnp.maximum(pos, 0), valid=valid, attention_impl="fused-xla"
+    )
+    np.testing.assert_allclose(np.asarray(fused)[np.asarray(valid)], np.asarray(ours)[np.asarray(valid)],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, dtype, backend, chosen",
+    [
+        ("auto", jnp.float32, "cpu", "xla"),
+        ("auto", jnp.bfloat16, "cpu", "xla"),
+        ("auto", jnp.bfloat16, "gpu", "cudnn"),
+        ("auto", jnp.float16, "gpu", "cudnn"),
+        ("auto", jnp.float32, "gpu", "xla"),  # the cuDNN kernel takes half precision only
+        ("auto", jnp.bfloat16, "tpu", "xla"),
+        ("xla", jnp.bfloat16, "gpu", "xla"),
+        ("cudnn", jnp.bfloat16, "gpu", "cudnn"),
+    ],
+)
+def test_choice_follows_backend_and_dtype(name, dtype, backend, chosen):
+    assert decoder.resolve_attention(name, dtype, backend) == chosen
+
+
+def test_refused_choices():
+    with pytest.raises(BadInputError, match="needs a GPU"):
+        decoder.resolve_attention("cudnn", jnp.bfloat16, "cpu")
+    with pytest.raises(BadInputError, match="bfloat16 or float16"):
+        decoder.resolve_attention("cudnn", jnp.float32, "gpu")
+    with pytest.raises(BadInputError, match="unknown attention"):
+        decoder.resolve_attention("flash", jnp.float32, "cpu")
