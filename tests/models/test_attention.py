@@ -73,3 +73,22 @@ def test_refused_choices():
         decoder.resolve_attention("cudnn", jnp.float32, "gpu")
     with pytest.raises(BadInputError, match="unknown attention"):
         decoder.resolve_attention("flash", jnp.float32, "cpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_attention_matches_ours_on_gpu():
+    """Run by scripts/gpu_check.sh: the training forward with --attention cudnn against the XLA path,
+    bfloat16, padded rows; bfloat16 tolerance (the kernels sum in different orders)."""
+    cfg = ModelConfig.tiny()
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
+    b, t = 4, 64
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    pos = jnp.asarray(_padded_positions(b, t))
+    valid = np.asarray(pos >= 0)
+    ours, _ = decoder.forward(params, cfg, tokens, jnp.maximum(pos, 0), valid=pos >= 0)
+    fused, _ = decoder.forward(
+        params, cfg, tokens, jnp.maximum(pos, 0), valid=pos >= 0, attention_impl="cudnn"
+    )
+    a, c = np.asarray(ours, np.float32)[valid], np.asarray(fused, np.float32)[valid]
+    assert np.isfinite(c).all()
+    np.testing.assert_allclose(c, a, atol=5e-2, rtol=5e-2)
