@@ -283,3 +283,21 @@ def test_rope_scaled_config_samples_like_the_full_forward():
     for _ in range(4):
         seq.append(int(np.asarray(decoder.logits(params, cfg, np.asarray([seq])))[0, -1].argmax()))
     assert out.ids == seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("spec", ["data=8", "data=2,fsdp=2,tensor=2", "tensor=4,fsdp=2"])
+def test_sampling_on_8_devices_equals_one_device(tiny, spec):
+    """The sampler on a mesh of the 8 fake CPU devices (params sharded by the rules, the batch split over
+    the data axes, the KV cache placed by XLA from them) gives the one-device completions."""
+    from mllmjax.sharding import make_mesh, shard_params
+
+    cfg, params = tiny
+    mesh = make_mesh(spec)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    strategy = Sample(temperature=1.0, top_k=20)
+    one = generate(params, cfg, prompts, strategy, n=2, max_new_tokens=8, seed=3)
+    many = generate(shard_params(params, cfg, mesh), cfg, prompts, strategy, n=2, max_new_tokens=8, seed=3,
+                    mesh=mesh)  # fmt: skip
+    assert [c.ids for c in one] == [c.ids for c in many]
+    for a, b in zip(one, many, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
