@@ -44,11 +44,8 @@ def requested(
 ) -> bool:
     """Whether `initialize` with these settings would start a multi-process run."""
     explicit = (coordinator, num_processes, process_id)
-    env = (
-        "MLLMJAX_COORDINATOR",
-        "MLLMJAX_NUM_PROCESSES",
-        "MLLMJAX_PROCESS_ID",
-    )  # (MLLMJAX_DISTRIBUTED: below)
+    env = ("MLLMJAX_COORDINATOR", "MLLMJAX_NUM_PROCESSES", "MLLMJAX_PROCESS_ID")
+    # MLLMJAX_DISTRIBUTED and SLURM are _cluster_detected's.
     return any(x is not None for x in explicit) or any(os.environ.get(k) for k in env) or _cluster_detected()
 
 
