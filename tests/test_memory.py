@@ -50,6 +50,19 @@ def test_training_estimate_tracks_xla(remat):
     assert est.parts["params"] + est.parts["optimizer"] == _float_bytes((state.params, state.opt_state))
     peak = xla.argument_size_in_bytes + xla.temp_size_in_bytes + xla.output_size_in_bytes
     assert 0.8 <= est.total / peak <= 1.25, (remat, est.describe(), peak)
+    # Donated, the new state takes the old one's buffers (XLA counts them as aliased).
+    xla = jax.jit(trainer._update, donate_argnums=(0,)).lower(state, batch).compile().memory_analysis()
+    est = memory.for_train_config(
+        CFG, tcfg, rows=b, seq_len=t, param_dtype="float32", mesh=None, donated=True
+    )
+    assert est.parts["new state"] == 0 and xla.alias_size_in_bytes > 0
+    peak = (
+        xla.argument_size_in_bytes
+        + xla.temp_size_in_bytes
+        + xla.output_size_in_bytes
+        - xla.alias_size_in_bytes
+    )
+    assert 0.8 <= est.total / peak <= 1.25, (remat, est.describe(), peak)
 
 
 def test_sharded_params_per_device():

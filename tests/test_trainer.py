@@ -245,3 +245,20 @@ def test_sharded_training_matches_single_device(params) -> None:
     for h1, h8 in zip(hist_one, hist_many, strict=True):
         for key in ("loss", "kl", "entropy", "grad_norm", "ratio_mean"):
             np.testing.assert_allclose(h1[key], h8[key], atol=1e-5, rtol=1e-5, err_msg=key)
+
+
+def test_donated_update_reuses_the_old_state_and_equals_the_plain_one(params) -> None:
+    batch = _batch(4)
+    cfg = TrainConfig(
+        loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", peak_lr=1e-3, total_updates=4)
+    )
+    plain, donating = Trainer(CFG, cfg), Trainer(CFG, cfg, donate=True)
+    copy = jax.tree.map(jnp.copy, params)
+    s0 = plain.init_state(params, jax.random.PRNGKey(1))
+    d0 = donating.init_state(copy, jax.random.PRNGKey(1))
+    s1, _, _ = plain.update(s0, batch)
+    d1, _, _ = donating.update(d0, batch)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(s0.params))
+    assert all(x.is_deleted() for x in jax.tree.leaves(d0.params))  # its buffers now hold d1
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(d1), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -6,8 +6,8 @@ Design decisions:
   rows are split over the data-parallel axes (data x fsdp) like the batch is.
 - Training counts the parameters, the float32 gradient accumulator plus one micro-batch's gradient,
   the optimizer slots (Lion 1, AdamW 2, in the parameter dtype, as optax keeps them), the frozen
-  reference copy when beta > 0, the new parameters and optimizer state the update returns (the old
-  ones are still held: the grpo loop keeps them to roll a step back), and the activations one
+  reference copy when beta > 0, the new parameters and optimizer state the update returns (unless the
+  old ones are donated, as `train` does; grpo keeps them to roll a step back), and the activations one
   micro-batch keeps for the backward pass under the remat policy (see `_saved_per_token_layer`), plus
   the chunked LM-head logits.
 - Sampling counts the parameters, the KV cache (keys and values of every layer for every row and
@@ -146,8 +146,10 @@ def estimate_training(
     logit_chunk: int = 256,
     mesh: Any = None,
     available: int | None = None,
+    donated: bool = False,
 ) -> MemoryEstimate:
-    """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens."""
+    """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens; donated: the
+    update writes the new state into the old one's buffers (`Trainer(donate=True)`)."""
     sizes = _mesh_sizes(mesh)
     tensor = sizes.get("tensor", 1)
     params = param_bytes_per_device(cfg, param_dtype, sizes)
@@ -167,8 +169,8 @@ def estimate_training(
         "grads": n_param * (4 + p_bytes),  # float32 accumulator + one micro-batch's gradient
         "optimizer": _OPTIMIZER_SLOTS.get(optimizer, 2) * params,
         "reference": params if beta > 0 else 0,
-        # The update returns a new state while the one it was given is still alive.
-        "new state": params + _OPTIMIZER_SLOTS.get(optimizer, 2) * params,
+        # The update returns a new state while the one it was given is still alive, unless donated.
+        "new state": 0 if donated else params + _OPTIMIZER_SLOTS.get(optimizer, 2) * params,
         "activations": int(activations),
         "logits": int(logits),
     }
@@ -226,7 +228,14 @@ TRAIN_HINT = (
 
 
 def for_train_config(
-    cfg: ModelConfig, train_cfg: Any, *, rows: int, seq_len: int, param_dtype: Any, mesh: Any
+    cfg: ModelConfig,
+    train_cfg: Any,
+    *,
+    rows: int,
+    seq_len: int,
+    param_dtype: Any,
+    mesh: Any,
+    donated: bool = False,
 ) -> MemoryEstimate:
     """The estimate of one update of `mllmjax.trainer.TrainConfig` on a minibatch of `rows` rows."""
     return estimate_training(
@@ -242,4 +251,5 @@ def for_train_config(
         logit_chunk=train_cfg.logit_chunk,
         mesh=mesh,
         available=available_bytes(list(mesh.devices.flat)) if mesh is not None else available_bytes(),
+        donated=donated,
     )

@@ -151,9 +151,22 @@ def validate_batch(batch: Batch) -> None:
 class Trainer:
     """Jitted update and PPO driver for one model config and one training config."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, *, ref_params: Params | None = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        *,
+        ref_params: Params | None = None,
+        donate: bool = False,
+    ):
+        """donate=True hands the state given to `update` over to XLA, which writes the new state into its
+        buffers: one copy of the parameters and optimizer state less at the peak, and the old state must
+        not be used again (nor any array that shares its buffers: pass a reference that is a copy).
+        `train` donates; `grpo` does not, because it keeps the state a step started from to roll an
+        abandoned step back."""
         self.model_cfg = model_cfg
         self.cfg = cfg
+        self.donate = donate
         self.optimizer = make_optimizer(cfg.optim)
         self.schedule = cfg.optim.schedule()
         if cfg.loss.beta > 0:
@@ -291,7 +304,7 @@ class Trainer:
                 ]
                 return jax.tree.unflatten(treedef, out), metrics, logps
 
-            fn = self._update_jits[key] = jax.jit(pinned)
+            fn = self._update_jits[key] = jax.jit(pinned, donate_argnums=(0,) if self.donate else ())
         return fn(state, batch)
 
     # ----------------------------------------------------------------------------- driver

@@ -234,7 +234,7 @@ def train_checkpoint(
         require_opt_state(head)
     estimate = memory.for_train_config(
         head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=padded_length(records),
-        param_dtype=head.meta.get("dtype", "float32"), mesh=device_mesh,
+        param_dtype=head.meta.get("dtype", "float32"), mesh=device_mesh, donated=True,
     )  # fmt: skip
     if on_memory is not None:
         on_memory(estimate)
@@ -244,12 +244,13 @@ def train_checkpoint(
     ref_params = None
     if cfg.loss.beta > 0:
         if reference == str(ckpt_path):
-            ref_params = ckpt.params  # arrays are immutable: the updates never touch these
+            # A copy: the trainer donates the state, whose params start as these very buffers.
+            ref_params = jax.tree.map(jnp.copy, ckpt.params)
         else:
             if not Path(reference).is_dir():
                 raise ArtifactError(f"the KL reference {reference} (from {ckpt_path}/mllmjax.json) is gone")
             ref_params = load_checkpoint(reference, mesh=device_mesh).params
-    trainer = Trainer(ckpt.cfg, cfg, ref_params=ref_params)
+    trainer = Trainer(ckpt.cfg, cfg, ref_params=ref_params, donate=True)
     if resume:
         state = restore_train_state(ckpt, trainer)
     else:
