@@ -57,7 +57,9 @@ def test_forward_through_the_fused_path_equals_ours():
         ("auto", jnp.bfloat16, "gpu", "cudnn"),
         ("auto", jnp.float16, "gpu", "cudnn"),
         ("auto", jnp.float32, "gpu", "xla"),  # the cuDNN kernel takes half precision only
-        ("auto", jnp.bfloat16, "tpu", "xla"),
+        ("auto", jnp.bfloat16, "tpu", "pallas"),
+        ("auto", jnp.float32, "tpu", "pallas"),
+        ("pallas", jnp.bfloat16, "tpu", "pallas"),
         ("xla", jnp.bfloat16, "gpu", "xla"),
         ("cudnn", jnp.bfloat16, "gpu", "cudnn"),
     ],
@@ -71,6 +73,8 @@ def test_refused_choices():
         decoder.resolve_attention("cudnn", jnp.bfloat16, "cpu")
     with pytest.raises(BadInputError, match="bfloat16 or float16"):
         decoder.resolve_attention("cudnn", jnp.float32, "gpu")
+    with pytest.raises(BadInputError, match="needs a TPU"):
+        decoder.resolve_attention("pallas", jnp.float32, "gpu")
     with pytest.raises(BadInputError, match="unknown attention"):
         decoder.resolve_attention("flash", jnp.float32, "cpu")
 
@@ -92,3 +96,32 @@ def test_cudnn_attention_matches_ours_on_gpu():
     a, c = np.asarray(ours, np.float32)[valid], np.asarray(fused, np.float32)[valid]
     assert np.isfinite(c).all()
     np.testing.assert_allclose(c, a, atol=5e-2, rtol=5e-2)
+
+
+def test_pallas_tpu_kernel_equals_ours_forward_and_gradient():
+    """The TPU flash-attention kernel, run in Pallas's interpreter on CPU, inside the training forward
+    (left-padded prompts, a length that is not a multiple of its blocks): hidden states and the
+    parameter gradient equal the XLA path's."""
+    cfg = ModelConfig.tiny()
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
+    b, t = 3, 40
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    pos = np.full((b, t), -1, np.int32)
+    for i, start in enumerate((0, 5, 17)):  # left padding, as the trainer lays batches out
+        pos[i, start:] = np.arange(t - start)
+    valid = jnp.asarray(pos >= 0)
+    positions = jnp.maximum(jnp.asarray(pos), 0)
+
+    def loss(p, impl):
+        hidden, _ = decoder.forward(p, cfg, tokens, positions, valid=valid, attention_impl=impl)
+        return jnp.sum(jnp.where(valid[..., None], hidden, 0.0) ** 2), hidden
+
+    from jax.experimental.pallas import tpu as pltpu
+
+    (l0, h0), g0 = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    with pltpu.force_tpu_interpret_mode():  # tracing and compiling: the kernel runs interpreted
+        (l1, h1), g1 = jax.value_and_grad(loss, has_aux=True)(params, "pallas")
+    m = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(h1)[m], np.asarray(h0)[m], atol=1e-5, rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-4, rtol=1e-4)

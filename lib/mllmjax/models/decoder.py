@@ -191,7 +191,7 @@ def attention(
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
 def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None) -> str:
@@ -199,8 +199,9 @@ def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None)
 
     "xla": `attention` above, everywhere. "cudnn": cuDNN's fused flash attention through
     `jax.nn.dot_product_attention` (GPU only, bfloat16/float16 only: that is what the kernel takes).
-    "auto" picks cudnn on a GPU with a half-precision compute dtype and xla otherwise: the choice
-    follows the backend and the dtype, never array shapes. Decoding with a KV cache always uses xla.
+    "pallas": JAX's Pallas flash-attention kernel for TPU (`attention_pallas`). "auto" picks pallas on
+    a TPU, cudnn on a GPU with a half-precision compute dtype, and xla otherwise: the choice follows
+    the backend and the dtype, never array shapes. Decoding with a KV cache always uses xla.
     """
     if name not in ATTENTION_IMPLS:
         raise BadInputError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
@@ -212,7 +213,13 @@ def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None)
         if not half:
             raise BadInputError("--attention cudnn needs --compute-dtype bfloat16 or float16")
         return "cudnn"
+    if name == "pallas":
+        if backend != "tpu":
+            raise BadInputError(f"--attention pallas needs a TPU; this run is on {backend}")
+        return "pallas"
     if name == "auto":
+        if backend == "tpu":
+            return "pallas"
         return "cudnn" if backend == "gpu" and half else "xla"
     return "xla"
 
@@ -231,6 +238,39 @@ def attention_fused(
     if t == s:
         visible = visible | jnp.eye(t, dtype=bool)[None]
     return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], implementation=implementation)
+
+
+PALLAS_BLOCK = 128  # the TPU kernel's default block along the sequence
+
+
+def attention_pallas(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
+) -> jax.Array:
+    """`attention` through JAX's Pallas TPU flash-attention kernel (on other backends, run and compile
+    under `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`, as the tests do).
+
+    For the full-sequence forward only (the keys are the queries' own tokens, k, v: [B, T, K, H]) with
+    positions increasing along each row's valid tokens, as the trainer lays batches out (left-padded
+    prompts, then completions): the kernel's causal-by-index mask plus a segment id that separates
+    valid tokens from padding then equals the position mask. Padding queries attend to padding (never
+    read). The sequence is padded to the kernel's blocks and kv heads are repeated to the query heads.
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, t, n, h = q.shape
+    groups = n // k.shape[2]
+    pad = (-t) % PALLAS_BLOCK
+
+    def heads_first(x: jax.Array, repeat: int) -> jax.Array:
+        x = jnp.repeat(x, repeat, axis=2) if repeat > 1 else x
+        return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+    segments = jnp.pad((k_pos >= 0).astype(jnp.int32), ((0, 0), (0, pad)))
+    args = (heads_first(q, 1), heads_first(k, groups), heads_first(v, groups))
+    out = fa.flash_attention(
+        *args, segment_ids=fa.SegmentIds(q=segments, kv=segments), causal=True, sm_scale=h**-0.5
+    )
+    return out[:, :, :t].transpose(0, 2, 1, 3)
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -265,9 +305,9 @@ def forward(
     not advance the row's index.
     remat: a `jax.checkpoint` policy (e.g. jax.checkpoint_policies.nothing_saveable) to recompute the
     layer body in the backward pass, or None to keep its activations.
-    attention_impl: "xla" or "cudnn" (from `resolve_attention`), or "fused-xla" (the fused entry
-    point with XLA's own kernel, for checking the cudnn wiring on any backend); a forward with a
-    cache always uses `attention`.
+    attention_impl: "xla", "cudnn" or "pallas" (from `resolve_attention`), or "fused-xla" (the cudnn
+    entry point with XLA's kernel, to check that wiring on any backend); a forward with a cache always
+    uses `attention`.
     """
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
     if valid is None:
@@ -304,7 +344,9 @@ def forward(
             keys, values = ck.astype(cdt), cv.astype(cdt)
         else:
             keys, values = k, v
-        if attention_impl != "xla" and ck is None:
+        if attention_impl == "pallas" and ck is None:
+            a = attention_pallas(q, keys, values, positions, cache_pos)
+        elif attention_impl != "xla" and ck is None:
             impl = "xla" if attention_impl == "fused-xla" else attention_impl
             a = attention_fused(q, keys, values, positions, cache_pos, implementation=impl)
         else:
