@@ -99,8 +99,8 @@ Attention = Annotated[
     str,
     typer.Option(
         "--attention",
-        help="Attention kernel of the training forward: auto (the Pallas flash kernel on a TPU, cuDNN flash "
-        "attention on a GPU with a bfloat16/float16 compute dtype, XLA otherwise), xla, cudnn, or pallas.",
+        help="Attention kernel of the training forward: auto (cuDNN flash attention on a GPU with a "
+        "bfloat16/float16 compute dtype, XLA otherwise), xla, cudnn, or pallas (the TPU flash kernel).",
     ),
 ]
 Remat = Annotated[

@@ -199,9 +199,11 @@ def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None)
 
     "xla": `attention` above, everywhere. "cudnn": cuDNN's fused flash attention through
     `jax.nn.dot_product_attention` (GPU only, bfloat16/float16 only: that is what the kernel takes).
-    "pallas": JAX's Pallas flash-attention kernel for TPU (`attention_pallas`). "auto" picks pallas on
-    a TPU, cudnn on a GPU with a half-precision compute dtype, and xla otherwise: the choice follows
-    the backend and the dtype, never array shapes. Decoding with a KV cache always uses xla.
+    "pallas": JAX's Pallas flash-attention kernel for TPU (`attention_pallas`). "auto" picks cudnn on
+    a GPU with a half-precision compute dtype and xla otherwise: the choice follows the backend and
+    the dtype, never array shapes. On a TPU auto stays on xla for now: the Pallas kernel is not yet
+    wrapped in shard_map, so under a sharded batch XLA would gather its inputs, and it has not run on
+    a TPU here; `--attention pallas` asks for it. Decoding with a KV cache always uses xla.
     """
     if name not in ATTENTION_IMPLS:
         raise BadInputError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
@@ -218,8 +220,6 @@ def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None)
             raise BadInputError(f"--attention pallas needs a TPU; this run is on {backend}")
         return "pallas"
     if name == "auto":
-        if backend == "tpu":
-            return "pallas"
         return "cudnn" if backend == "gpu" and half else "xla"
     return "xla"
 
