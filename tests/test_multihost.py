@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -144,3 +145,36 @@ def test_single_host_commands_refuse_multihost_flags(setup):
     result = subprocess.run(_cli(*args), env=_env(1), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "runs on one host" in result.stderr
     assert not (setup / "hf-out").exists()
+
+
+def test_ctrl_c_to_one_process_stops_all_after_the_same_step(setup):
+    """SIGINT reaches process 1 only: both finish the step, agree to stop, write one checkpoint, exit 0."""
+    args = ["grpo", "--model", str(setup / "ck0"), "--data", "builtin:sums", "-G", "4", "--prompts-per-step",
+            "2", "--max-new-tokens", "8", "--reward", "correct=1.0", "--seed", "3", "--steps", "50",
+            "--save-every", "50", "-o", str(setup / "stopped")]  # fmt: skip
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cli("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *args),
+            env=_env(4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        for line in procs[0].stderr:  # process 0 reports each finished step
+            if line.startswith("step 1/"):
+                break
+        procs[1].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0]
+    steps = [p.name for p in (setup / "stopped/checkpoints").iterdir()]
+    assert len(steps) == 1 and steps[0].startswith("step_")
+    done = int(steps[0].split("_")[1])
+    assert 1 <= done < 50
+    assert len((setup / "stopped/metrics.jsonl").read_text().splitlines()) == done

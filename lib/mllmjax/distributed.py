@@ -126,3 +126,12 @@ def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any of them (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())

@@ -24,8 +24,9 @@ Design decisions:
 - Crash safety. Checkpoints are written atomically (temp dir + rename), so a directory named step_N is
   always whole; stale temp dirs are removed on resume. Old checkpoints are renamed away before they are
   deleted. metrics.jsonl is appended once per step and cut back to the resumed step on resume.
-- Interrupts. `stop_requested()` is polled between steps: the loop then saves a checkpoint and returns
-  `stopped`. A KeyboardInterrupt inside a step abandons that step and saves the last finished one.
+- Interrupts. `stop_requested()` is polled between steps (in a multi-host run, all processes stop
+  when any one was asked to): the loop then saves a checkpoint and returns `stopped`. A
+  KeyboardInterrupt inside a step abandons that step and saves the last finished one.
 - The embedded default (SmolLM2-135M-Instruct on the built-in arithmetic task) is a recipe file like any
   other (`recipes/embedded-default.toml`), applied when neither a model nor data is named.
 - Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; with `dynamic_sampling`
@@ -640,6 +641,8 @@ class GRPORun:
     def run(self, stop_requested: Callable[[], bool] = lambda: False) -> RunResult:
         """Run steps until cfg.steps (or until stop_requested() between steps, or a KeyboardInterrupt
         inside one); a checkpoint of the last finished step is written before returning."""
+        from mllmjax.distributed import any_process
+
         self._setup()
         cfg = self.cfg
         self.emit("start", {"step": self.step, "steps": cfg.steps, "resumed": self.resume,
@@ -653,7 +656,8 @@ class GRPORun:
                 self.metrics.append(row)
                 self.emit("eval", row)
             while self.step < cfg.steps:
-                if stop_requested():
+                # Multi-host: a stop asked of any process stops them all after the same step.
+                if any_process(stop_requested()):
                     status = "stopped"
                     break
                 step = self.step + 1
