@@ -178,3 +178,45 @@ def test_ctrl_c_to_one_process_stops_all_after_the_same_step(setup):
     done = int(steps[0].split("_")[1])
     assert 1 <= done < 50
     assert len((setup / "stopped/metrics.jsonl").read_text().splitlines()) == done
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"MLLMJAX_DISTRIBUTED": "1"}, True),
+        ({"MLLMJAX_COORDINATOR": "h:1"}, True),
+        # An srun step of 2 tasks is a multi-host run; the batch step of a 4-task job is not.
+        (
+            {
+                "SLURM_JOB_ID": "7",
+                "SLURM_STEP_NODELIST": "n[1-2]",
+                "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0",
+                "SLURM_NTASKS": "2",
+                "SLURM_STEP_NUM_TASKS": "2",
+            },
+            True,
+        ),  # fmt: skip
+        (
+            {
+                "SLURM_JOB_ID": "7",
+                "SLURM_STEP_NODELIST": "n1",
+                "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0",
+                "SLURM_NTASKS": "4",
+                "SLURM_STEP_NUM_TASKS": "1",
+            },
+            False,
+        ),  # fmt: skip
+    ],
+)
+def test_when_a_run_is_multihost(monkeypatch, env, expected):
+    from mllmjax import distributed
+
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "MLLMJAX_")):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.requested() is expected

@@ -31,12 +31,19 @@ _started = False
 
 
 def _cluster_detected() -> bool:
-    """A SLURM job step of more than one task, or MLLMJAX_DISTRIBUTED=1 (any launcher JAX's cluster
-    detection knows: a multi-host TPU slice, Kubernetes, Open MPI)."""
+    """An `srun` step of more than one task, or MLLMJAX_DISTRIBUTED=1 (any launcher JAX's cluster
+    detection knows: a multi-host TPU slice, Kubernetes, Open MPI).
+
+    The step's own task count decides, not the job's: a batch script that runs one `mllmjax` in a
+    job of several tasks is a single process and must not wait for peers that never start."""
     if os.environ.get("MLLMJAX_DISTRIBUTED", "") not in ("", "0"):
         return True
-    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
-    return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and all(k in os.environ for k in slurm)
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+    try:
+        step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    except ValueError:
+        return False
+    return step_tasks > 1 and all(k in os.environ for k in slurm)
 
 
 def requested(
