@@ -299,7 +299,9 @@ def test_memory_estimate_refuses_what_cannot_fit(ckpt, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setattr(memory, "available_bytes", lambda devices=None: 1000)
     r = runner.invoke(app, ["grpo", "--model", str(ckpt), *TINY, "--steps", "1", "-o", str(tmp_path / "r")])
-    assert r.exit_code == 2 and "needs about" in r.output and "--micro-batch" in r.output, r.output
+    assert r.exit_code == 2 and "needs about" in r.output and "--batch-size" in r.output, r.output
+    assert "memory per device, rollout: params" in r.output and "kv_cache" in r.output
+    assert "memory per device, update: params" in r.output
     assert not (tmp_path / "r").exists()
 
 

@@ -396,25 +396,49 @@ class GRPORun:
 
     # ----------------------------------------------------------------------------- setup
     def _check_memory(self, start: Any, tcfg: Any) -> None:
-        """Estimate one update's memory (prompt length from the first 256 problems), report it as a
-        'memory' event, and stop before the optimizer state exists if it cannot fit."""
+        """Estimate the memory of a rollout and of one update (prompt length from the first 256
+        problems), report both as 'memory' events, and stop before the optimizer state exists if
+        either cannot fit."""
         import jax
 
         from mllmjax import memory
         from mllmjax.rollout import encode_prompt
+        from mllmjax.sampling.sampler import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket
         from mllmjax.training import padded_length
 
         cfg = self.cfg
         rcfg = cfg.rollout_config(seed=0)
         longest = max(len(encode_prompt(self.tokenizer, p, rcfg)[1]) for p in self.problems[:256])
         shape = SimpleNamespace(prompt_ids=[0] * longest, completion_ids=[0] * cfg.max_new_tokens)
-        estimate = memory.for_train_config(
+        dtype = jax.tree.leaves(start.params)[0].dtype.name
+        update = memory.for_train_config(
             start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
-            seq_len=padded_length([shape]), param_dtype=jax.tree.leaves(start.params)[0].dtype.name,
-            mesh=self.mesh,
+            seq_len=padded_length([shape]), param_dtype=dtype, mesh=self.mesh,
         )  # fmt: skip
-        self.emit("memory", {"line": estimate.describe(), "bytes": estimate.total})
-        estimate.check(memory.TRAIN_HINT)
+        # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
+        # and, with --sample-mesh, a resharded copy of the parameters are alive.
+        prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), cfg.prompts_per_step))
+        decode = memory.estimate_sampling(
+            start.cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
+            cache_len=bucket(longest, MIN_PROMPT_BUCKET) + bucket(cfg.max_new_tokens, MIN_NEW_BUCKET),
+            mesh=self.sample_mesh,
+        )  # fmt: skip
+        rollout = memory.MemoryEstimate(
+            {
+                "params": update.parts["params"],
+                "optimizer": update.parts["optimizer"],
+                "reference": update.parts["reference"],
+                "sampling copy": decode.parts["params"] if self.sample_mesh is not self.mesh else 0,
+                "kv_cache": decode.parts["kv_cache"],
+                "logits": decode.parts["logits"],
+            },
+            update.available,
+        )
+        for name, estimate in (("rollout", rollout), ("update", update)):
+            line = estimate.describe().replace("memory per device:", f"memory per device, {name}:")
+            self.emit("memory", {"line": line, "bytes": estimate.total})
+        rollout.check("use a smaller --batch-size or --max-new-tokens, or more devices in --sample-mesh")
+        update.check(memory.TRAIN_HINT)
 
     def _setup(self) -> None:
         import jax
