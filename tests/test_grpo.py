@@ -216,6 +216,9 @@ def test_resume_after_kill_equals_an_uninterrupted_run(ckpt, tmp_path):
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb, strict=True):
         assert x["reward"] == y["reward"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+    # The run's clock goes on across resumes: each step's elapsed_s exceeds the one before it.
+    elapsed = [r["elapsed_s"] for r in rb]
+    assert all(later > earlier for earlier, later in zip(elapsed[:-1], elapsed[1:], strict=True)), elapsed
 
 
 def test_ctrl_c_finishes_the_step_and_prints_the_resume_command(ckpt, tmp_path):

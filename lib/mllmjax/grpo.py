@@ -672,7 +672,9 @@ class GRPORun:
         self.emit("start", {"step": self.step, "steps": cfg.steps, "resumed": self.resume,
                             "start_checkpoint": str(self.start_ckpt)})  # fmt: skip
         status = "done"
-        t_start = time.perf_counter()
+        # elapsed_s counts the run's own time: a resumed run goes on from the last recorded value.
+        before = next((m["elapsed_s"] for m in reversed(self.metrics) if "elapsed_s" in m), 0.0)
+        t_start = time.perf_counter() - before
         try:
             if cfg.eval_every and self.step == 0 and not any("eval/accuracy" in m for m in self.metrics):
                 row = {"step": 0, **self._evaluate(0)}
