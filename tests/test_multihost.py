@@ -48,19 +48,24 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mllmjax_cli.main", *args]
 
 
-def _run_pair(args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """The same command as processes 0 and 1 of a 2-process run, 4 fake devices each."""
+def _start_pair(args: list[str], stdout: int = subprocess.PIPE) -> list[subprocess.Popen]:
+    """Start the same command as processes 0 and 1 of a 2-process run, 4 fake devices each."""
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             _cli("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *args),
             env=_env(4),
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
         for i in range(2)
     ]
+
+
+def _run_pair(args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Run a 2-process command to the end; (returncode, stdout, stderr) of each process."""
+    procs = _start_pair(args)
     results = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)
@@ -152,17 +157,7 @@ def test_ctrl_c_to_one_process_stops_all_after_the_same_step(setup):
     args = ["grpo", "--model", str(setup / "ck0"), "--data", "builtin:sums", "-G", "4", "--prompts-per-step",
             "2", "--max-new-tokens", "8", "--reward", "correct=1.0", "--seed", "3", "--steps", "50",
             "--save-every", "50", "-o", str(setup / "stopped")]  # fmt: skip
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _cli("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *args),
-            env=_env(4),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    procs = _start_pair(args, stdout=subprocess.DEVNULL)
     try:
         for line in procs[0].stderr:  # process 0 reports each finished step
             if line.startswith("step 1/"):

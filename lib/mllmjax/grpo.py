@@ -48,7 +48,6 @@ import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -404,16 +403,15 @@ class GRPORun:
         from mllmjax import memory
         from mllmjax.rollout import encode_prompt
         from mllmjax.sampling.sampler import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket
-        from mllmjax.training import padded_length
+        from mllmjax.training import padded_shape
 
         cfg = self.cfg
         rcfg = cfg.rollout_config(seed=0)
         longest = max(len(encode_prompt(self.tokenizer, p, rcfg)[1]) for p in self.problems[:256])
-        shape = SimpleNamespace(prompt_ids=[0] * longest, completion_ids=[0] * cfg.max_new_tokens)
         dtype = jax.tree.leaves(start.params)[0].dtype.name
         update = memory.for_train_config(
             start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
-            seq_len=padded_length([shape]), param_dtype=dtype, mesh=self.mesh,
+            seq_len=sum(padded_shape(longest, cfg.max_new_tokens)), param_dtype=dtype, mesh=self.mesh,
         )  # fmt: skip
         # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
         # and, with --sample-mesh, a resharded copy of the parameters are alive.
@@ -435,15 +433,14 @@ class GRPORun:
             update.available,
         )
         for name, estimate in (("rollout", rollout), ("update", update)):
-            line = estimate.describe().replace("memory per device:", f"memory per device, {name}:")
-            self.emit("memory", {"line": line, "bytes": estimate.total})
+            self.emit("memory", {"line": estimate.describe(name), "bytes": estimate.total})
         rollout.check("use a smaller --batch-size or --max-new-tokens, or more devices in --sample-mesh")
         update.check(memory.TRAIN_HINT)
 
     def _setup(self) -> None:
         import jax
 
-        from mllmjax.checkpoint import load_checkpoint, resolve_dtype
+        from mllmjax.checkpoint import META_FILE, load_checkpoint, resolve_dtype
         from mllmjax.data import load_problems
         from mllmjax.distributed import barrier, is_primary
         from mllmjax.sharding import make_mesh
@@ -462,7 +459,7 @@ class GRPORun:
             if self.run_dir.exists() and self.force and self.primary:
                 shutil.rmtree(self.run_dir)
             barrier("grpo:fresh-run-dir")
-            if jax.process_count() > 1 and not (Path(cfg.model) / "mllmjax.json").is_file():
+            if jax.process_count() > 1 and not (Path(cfg.model) / META_FILE).is_file():
                 raise BadInputError(
                     f"a multi-host run needs --model to be a converted checkpoint on storage every host "
                     f"sees; run `mllmjax convert {cfg.model} -o DIR` once and pass --model DIR"

@@ -23,8 +23,10 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -55,11 +57,12 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(self.parts.values())
 
-    def describe(self) -> str:
-        """One line: 'memory per device: params 0.54 GB + ... = 1.90 GB of 12.3 GB available'."""
+    def describe(self, label: str | None = None) -> str:
+        """One line: 'memory per device[, label]: params 0.54 GB + ... = 1.90 GB of 12.3 GB available'."""
         body = " + ".join(f"{k} {_size(v)}" for k, v in self.parts.items() if v)
         avail = f" of {self.available / GB:.1f} GB available" if self.available else ""
-        return f"memory per device: {body} = {_size(self.total)}{avail}"
+        head = f"memory per device, {label}" if label else "memory per device"
+        return f"{head}: {body} = {_size(self.total)}{avail}"
 
     def check(self, hint: str) -> None:
         """Raise BadInputError when the estimate exceeds the available memory (MLLMJAX_MEMORY_CHECK=0: never)."""
@@ -82,29 +85,26 @@ def _mesh_sizes(mesh: Any) -> dict[str, int]:
 
 
 def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh: Any = None) -> int:
-    """Bytes of the parameters one device holds under the default sharding rules."""
+    """Bytes of the parameters one device holds under the default sharding rules (the same
+    `ShardingRules.spec` that places them, applied to axis sizes alone)."""
     from mllmjax.models.decoder import map_specs, param_specs
     from mllmjax.sharding import DEFAULT_RULES, _as_tuple
 
     sizes = _mesh_sizes(mesh)
-    total = 0
+    axis_sizes = SimpleNamespace(shape=sizes)  # all `spec` reads of a mesh
+    counts: list[int] = []
 
     def count(_: str, spec: tuple) -> None:
-        nonlocal total
         shape, logical = spec
-        used: set[str] = set()
-        n = 1
-        for dim, name in zip(shape, logical, strict=True):
-            split = 1
-            for axis in _as_tuple(DEFAULT_RULES.rules.get(name) if name else None):
-                if sizes.get(axis, 1) > 1 and axis not in used and dim % (split * sizes[axis]) == 0:
-                    split *= sizes[axis]
-                    used.add(axis)
-            n *= dim // split
-        total += n
+        parts = DEFAULT_RULES.spec(shape, logical, axis_sizes)
+        counts.append(
+            math.prod(
+                dim // math.prod(sizes[a] for a in _as_tuple(p)) for dim, p in zip(shape, parts, strict=True)
+            )
+        )
 
     map_specs(count, param_specs(cfg))
-    return total * _dtype_bytes(dtype)
+    return sum(counts) * _dtype_bytes(dtype)
 
 
 def _rows_per_device(rows: int, sizes: Mapping[str, int]) -> int:
@@ -164,13 +164,14 @@ def estimate_training(
         activations += tokens * _saved_per_token_layer(cfg, seq_len, c_bytes, "none", tensor)
     vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
     logits = 3 * 4 * min(logit_chunk, tokens) * vocab  # one chunk's logits, softmax and gradient
+    slots = _OPTIMIZER_SLOTS.get(optimizer, 2) * params
     parts = {
         "params": params,
         "grads": n_param * (4 + p_bytes),  # float32 accumulator + one micro-batch's gradient
-        "optimizer": _OPTIMIZER_SLOTS.get(optimizer, 2) * params,
+        "optimizer": slots,
         "reference": params if beta > 0 else 0,
         # The update returns a new state while the one it was given is still alive, unless donated.
-        "new state": 0 if donated else params + _OPTIMIZER_SLOTS.get(optimizer, 2) * params,
+        "new state": 0 if donated else params + slots,
         "activations": int(activations),
         "logits": int(logits),
     }

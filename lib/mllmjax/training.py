@@ -66,16 +66,18 @@ def check_records(records: Sequence[RolloutRecord], tokenizer: Any, vocab_size: 
         )
 
 
-def padded_length(records: Sequence[RolloutRecord]) -> int:
-    """The sequence length `batch_from_records` pads these records to."""
-    p = _round_up(max(len(r.prompt_ids) for r in records), LENGTH_BUCKET)
-    return p + _round_up(max(len(r.completion_ids) for r in records), LENGTH_BUCKET)
+def padded_shape(prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
+    """The (prompt, completion) columns `batch_from_records` pads the longest prompt and completion to."""
+    return _round_up(prompt_tokens, LENGTH_BUCKET), _round_up(completion_tokens, LENGTH_BUCKET)
+
+
+def _longest(records: Sequence[RolloutRecord]) -> tuple[int, int]:
+    return max(len(r.prompt_ids) for r in records), max(len(r.completion_ids) for r in records)
 
 
 def batch_from_records(records: Sequence[RolloutRecord], *, pad_id: int = 0) -> Batch:
     """Left-pad prompts, right-pad completions; sampler log-probs ride along for truncated IS."""
-    p = _round_up(max(len(r.prompt_ids) for r in records), LENGTH_BUCKET)
-    c = _round_up(max(len(r.completion_ids) for r in records), LENGTH_BUCKET)
+    p, c = padded_shape(*_longest(records))
     b, t = len(records), p + c
     tokens = np.full((b, t), pad_id, np.int32)
     positions = np.zeros((b, t), np.int32)
@@ -233,7 +235,7 @@ def train_checkpoint(
     if resume:
         require_opt_state(head)
     estimate = memory.for_train_config(
-        head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=padded_length(records),
+        head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(padded_shape(*_longest(records))),
         param_dtype=head.meta.get("dtype", "float32"), mesh=device_mesh, donated=True,
     )  # fmt: skip
     if on_memory is not None:

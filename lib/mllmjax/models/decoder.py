@@ -163,6 +163,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _visible(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """[B, T, S]: key s is visible to query t iff 0 <= k_pos <= q_pos (the position-derived mask)."""
+    return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *, heads_first: bool = False
 ) -> jax.Array:
@@ -184,8 +189,7 @@ def attention(
     qh = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
     scores = jnp.einsum("BKMH,BKSH->BKMS", qh, k, preferred_element_type=jnp.float32) * (h**-0.5)
     scores = scores.reshape(b, kv, g, t, -1)
-    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    scores = jnp.where(_visible(q_pos, k_pos)[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
     out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)  # [B, K, G*T, H]
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -234,7 +238,7 @@ def attention_fused(
     read. The mask is passed whole, so left and right padding both work.
     """
     t, s = q.shape[1], k.shape[1]
-    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    visible = _visible(q_pos, k_pos)
     if t == s:
         visible = visible | jnp.eye(t, dtype=bool)[None]
     return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], implementation=implementation)
