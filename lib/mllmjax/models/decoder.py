@@ -157,11 +157,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (the HF convention). x: [B, T, N, H]; positions: [B, T]."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, 1, H/2] of positions [B, T]: computed once per forward and shared by every
+    layer (inside a layer XLA fuses the trig into each consumer and recomputes it per head)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
+    return jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the HF convention). x: [B, T, N, H]; cos, sin from `rope_tables`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -330,7 +334,7 @@ def forward(
         valid = jnp.ones(tokens.shape, bool)
     positions = positions.astype(jnp.int32)
     key_pos = jnp.where(valid, positions, -1)
-    inv_freq = jnp.asarray(cfg.inv_freq())
+    cos, sin = rope_tables(positions, jnp.asarray(cfg.inv_freq()))
     eps = cfg.rms_norm_eps
     x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)  # [B, T, D]
 
@@ -350,8 +354,8 @@ def forward(
             q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
         if cfg.qk_norm:
             q, k = rms_norm(q, lp["q_norm"], eps), rms_norm(k, lp["k_norm"], eps)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         cache_layout = ck is not None and cache.per_layer
         if ck is not None:
             write_k, write_v = (
