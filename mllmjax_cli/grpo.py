@@ -317,7 +317,7 @@ def register(app: typer.Typer) -> None:
         save_rollouts: Annotated[bool, typer.Option("--save-rollouts", help="Keep each step's scored records in RUN/rollouts/.")] = False,
         report_to: Annotated[list[str] | None, typer.Option("--report-to", help="tensorboard or wandb (extras); repeatable.")] = None,
         mesh: Mesh = "data=1,fsdp=-1,tensor=1",
-        sample_mesh: Annotated[str | None, typer.Option("--sample-mesh", help="Mesh for rollouts and eval over the same devices (default: --mesh), e.g. tensor=8 to decode tensor-parallel while training fsdp; the parameters are resharded in device memory before each rollout.")] = None,
+        sample_mesh: Annotated[str | None, typer.Option("--sample-mesh", help="Mesh for rollouts and eval over the same devices (default: --mesh), e.g. tensor=8 to decode tensor-parallel while training fsdp; the parameters are resharded in device memory before each rollout. Multi-host: each host decodes its share of the prompts on its own devices, so this describes one host's devices.")] = None,
         dtype: Dtype = "auto",
         out: Annotated[Path | None, typer.Option("-o", "--out", help="Run directory (default: runs/grpo-DATE-TIME).")] = None,
         config: Annotated[str | None, typer.Option("--config", help="TOML/YAML settings file or recipe name (gsm8k-qwen2.5-3b, embedded-default).")] = None,

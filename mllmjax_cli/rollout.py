@@ -52,28 +52,41 @@ def sample_problems(
     ckpt: Path, problems: list, cfg: Any, *, mesh: str, dtype: str, meta: dict, label: str = "rollout"
 ) -> list:
     """Load CKPT onto the mesh and sample cfg.group_size completions per problem, with a progress bar
-    (prompts/s, tokens/s). Shared by rollout and eval."""
+    (prompts/s, tokens/s). Shared by rollout and eval.
+
+    Multi-host: the checkpoint is loaded over every host's devices (fsdp), each host decodes its share
+    of the problems on its own devices laid out by `mesh` (one host's layout), and the records are
+    gathered in problem order (the progress bar shows process 0's share)."""
+    import jax
+
     from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype
-    from mllmjax.rollout import make_rollouts
-    from mllmjax.sharding import make_mesh
+    from mllmjax.distributed import local_mesh, process_share
+    from mllmjax.rollout import gather_records, host_rollouts
+    from mllmjax.sharding import DEFAULT_MESH, make_mesh
 
     step = read_meta(ckpt).get("step", 0)
-    device_mesh = make_mesh(mesh)
-    checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
+    if jax.process_count() > 1:
+        device_mesh = local_mesh(mesh)
+        load_mesh = make_mesh(DEFAULT_MESH)
+    else:
+        device_mesh = load_mesh = make_mesh(mesh)
+    checkpoint = load_checkpoint(ckpt, mesh=load_mesh, dtype=resolve_dtype(dtype))
     start = time.perf_counter()
     with stage_progress(label) as progress:
-        task = progress.add_task("", total=len(problems) * cfg.group_size)
+        share = process_share(len(problems))
+        task = progress.add_task("", total=(share.stop - share.start) * cfg.group_size)
 
         def on_batch(tokens: int, samples: int) -> None:
             dt = max(time.perf_counter() - start, 1e-9)
             rate = f"{samples / cfg.group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
             progress.update(task, completed=samples, description=rate)
 
-        return make_rollouts(
+        records = host_rollouts(
             checkpoint.params, checkpoint.cfg, checkpoint.tokenizer(), problems, cfg,
             stop_ids=checkpoint.stop_ids, policy=f"{ckpt}@{step}", mesh=device_mesh, meta=meta,
             on_batch=on_batch,
         )  # fmt: skip
+    return gather_records(records)
 
 
 def register(app: typer.Typer) -> None:

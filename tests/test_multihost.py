@@ -48,13 +48,15 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mllmjax_cli.main", *args]
 
 
-def _start_pair(args: list[str], stdout: int = subprocess.PIPE) -> list[subprocess.Popen]:
+def _start_pair(
+    args: list[str], stdout: int = subprocess.PIPE, env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
     """Start the same command as processes 0 and 1 of a 2-process run, 4 fake devices each."""
     port = _free_port()
     return [
         subprocess.Popen(
             _cli("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *args),
-            env=_env(4),
+            env={**_env(4), **(env or {})},
             stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
@@ -63,9 +65,11 @@ def _start_pair(args: list[str], stdout: int = subprocess.PIPE) -> list[subproce
     ]
 
 
-def _run_pair(args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def _run_pair(
+    args: list[str], timeout: int = 300, env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
     """Run a 2-process command to the end; (returncode, stdout, stderr) of each process."""
-    procs = _start_pair(args)
+    procs = _start_pair(args, env=env)
     results = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)
@@ -132,9 +136,14 @@ def test_grpo_step_on_two_processes_equals_one(setup):
     single = subprocess.run(_cli(*common, "-o", str(setup / "g1")), env=_env(8), capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert single.returncode == 0, single.stderr
-    pair = _run_pair([*common, "-o", str(setup / "g2")])
+    log = setup / "reward-log"
+    log.mkdir()
+    pair = _run_pair([*common, "-o", str(setup / "g2")], env={"MLLMJAX_TEST_REWARD_LOG": str(log)})
     assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
     assert "done: 1 steps" in pair[0].stderr and "done" not in pair[1].stderr
+    # Each host sampled and scored its own share (one group of the two, 4 samples), nothing more.
+    scored = sorted(sorted(f.read_text().split()) for f in log.iterdir())
+    assert scored == [["0"] * 4, ["1"] * 4]
     one = read_records(setup / "g1/rollouts/step_1.jsonl")
     two = read_records(setup / "g2/rollouts/step_1.jsonl")
     assert [r.completion_ids for r in one] == [r.completion_ids for r in two]
@@ -142,6 +151,27 @@ def test_grpo_step_on_two_processes_equals_one(setup):
     assert [r.advantage for r in one] == [r.advantage for r in two]
     assert _max_diff(setup / "g1/checkpoints/step_1", setup / "g2/checkpoints/step_1") < 1e-5
     assert len((setup / "g2/metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_rollout_on_two_processes_equals_one(setup):
+    """3 prompts: process 0 samples two of them and process 1 one, each on its own 4 devices
+    (tensor-parallel); the gathered file equals one process's over 8 devices."""
+    common = ["rollout", str(setup / "ck0"), "--data", "builtin:sums", "--num-prompts", "3", "-G", "4",
+              "--max-new-tokens", "6", "--seed", "2", "--temperature", "1.0"]  # fmt: skip
+    single = subprocess.run(_cli(*common, "-o", str(setup / "r1.jsonl")), env=_env(8), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    pair = _run_pair([*common, "--mesh", "tensor=2,fsdp=2", "-o", str(setup / "r2.jsonl")])
+    assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
+    one, two = read_records(setup / "r1.jsonl"), read_records(setup / "r2.jsonl")
+    assert [(r.group, r.sample, r.completion_ids) for r in one] == [(r.group, r.sample, r.completion_ids) for r in two]
+    np.testing.assert_allclose(
+        [x for r in one for x in r.logprobs], [x for r in two for x in r.logprobs], atol=1e-5
+    )
+    # A mesh for more devices than one host has is refused with one line.
+    bad = _run_pair([*common, "--mesh", "tensor=8", "-o", str(setup / "r3.jsonl")])
+    assert [p.returncode for p in bad] == [2, 2]
+    assert "does not fit one host's 4 devices" in bad[0].stderr and not (setup / "r3.jsonl").exists()
 
 
 def test_single_host_commands_refuse_multihost_flags(setup):

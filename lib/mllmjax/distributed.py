@@ -8,10 +8,16 @@ Design decisions:
   Kubernetes, Open MPI). With none of these it does nothing: one process owns every device.
   On CPU it selects the gloo collectives, so several local processes can run one program (how the
   tests exercise this path).
-- Every process runs the same program over the global mesh (`jax.devices()`), and host data that
-  feeds it is the same on every process (every host reads the same records), so `jax.device_put`
-  of host arrays onto global shardings needs no per-host bookkeeping; JAX checks that the values
-  agree.
+- Rollouts are sharded by host: each process takes its own contiguous share of the prompts
+  (`process_share`), decodes them on its own devices with a copy of the parameters resharded onto a
+  per-host mesh (`host_local_copy`, one in-memory all-gather across hosts), and scores their rewards;
+  the finished records are then gathered (`allgather_objects`, process order = prompt order), so the
+  advantages, the global statistics and everything after them are computed from the whole batch and
+  agree bit for bit with a one-process run. Decoding needs no cross-host traffic per token, and the
+  hosts never wait on each other's slowest row.
+- Training runs as one program over the global mesh (`jax.devices()`), and the host data that feeds
+  it is the same on every process (the gathered records), so `jax.device_put` of host arrays onto
+  global shardings needs no per-host bookkeeping; JAX checks that the values agree.
 - Files: each process writes its own shards of a checkpoint (Orbax), process 0 alone writes the
   metadata, tokenizer and renames the finished directory into place; `barrier` keeps the others
   from running ahead of it. Console output comes from process 0 only.
@@ -20,7 +26,10 @@ Design decisions:
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -142,3 +151,86 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
+def process_share(n: int) -> slice:
+    """This process's contiguous share of n items (sizes differ by at most one; earlier processes take
+    the extra ones). With one process, all of them."""
+    count, index = jax.process_count(), jax.process_index()
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (1 if index < extra else 0))
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj` (any picklable value), in process order (a collective: all must call it).
+
+    The values travel as pickled bytes through the JAX collectives between our own processes."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: raw.size] = raw
+    everything = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [pickle.loads(everything[i, : int(sizes[i])].tobytes()) for i in range(len(sizes))]
+
+
+def _process_devices(index: int) -> list[Any]:
+    return [d for d in jax.devices() if d.process_index == index]
+
+
+def decode_mesh(spec: str, flag: str = "--mesh") -> Any:
+    """Where rollouts decode: the mesh of `spec` over every device with one process, and over this
+    host's own devices (`local_mesh`) in a multi-host run."""
+    from mllmjax.sharding import make_mesh
+
+    return make_mesh(spec) if jax.process_count() == 1 else local_mesh(spec, flag)
+
+
+def local_mesh(spec: str, flag: str = "--mesh") -> Any:
+    """A mesh of this process's own devices laid out by `spec` (e.g. 'tensor=-1'): where each host
+    decodes its share of a multi-host run's prompts."""
+    from mllmjax.sharding import make_mesh
+
+    devices = _process_devices(jax.process_index())
+    try:
+        return make_mesh(spec, devices)
+    except BadInputError as e:
+        raise BadInputError(
+            f"{flag} {spec!r} does not fit one host's {len(devices)} devices: in a multi-host run rollouts "
+            f"run on each host's own devices, so give {flag} for one host ({e})"
+        ) from None
+
+
+def host_local_copy(tree: Any, shardings: Callable[[Any], Any], mesh: Any) -> Any:
+    """The global arrays `tree` as arrays on this process's `mesh` (from `local_mesh`), laid out by
+    `shardings(mesh)` (a tree of NamedShardings shaped like `tree`).
+
+    Every process's local mesh is stacked on a leading "hosts" axis into one global mesh; the arrays
+    are resharded onto it replicated over "hosts" (one all-gather across hosts, in device memory), and
+    this process's shards of that are exactly a whole copy on its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings(mesh))
+    from jax.sharding import Mesh
+
+    spec = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
+    grids = [local_grid(spec, i) for i in range(jax.process_count())]
+    hosts = Mesh(np.stack(grids), ("hosts", *mesh.axis_names))
+    replicated = jax.device_put(tree, shardings(hosts))
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_single_device_arrays(
+            x.shape, s, [shard.data for shard in x.addressable_shards]
+        ),
+        replicated,
+        shardings(mesh),
+    )
+
+
+def local_grid(spec: str, index: int) -> np.ndarray:
+    """The device grid process `index`'s `local_mesh(spec)` has (the same on every process)."""
+    from mllmjax.sharding import make_mesh
+
+    return make_mesh(spec, _process_devices(index)).devices

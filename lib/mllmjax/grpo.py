@@ -415,7 +415,9 @@ class GRPORun:
         )  # fmt: skip
         # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
         # and, with --sample-mesh, a resharded copy of the parameters are alive.
-        prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), cfg.prompts_per_step))
+        # Multi-host: a host decodes its share of the prompts.
+        share = -(-cfg.prompts_per_step // jax.process_count())
+        prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), share))
         decode = memory.estimate_sampling(
             start.cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
             cache_len=bucket(longest, MIN_PROMPT_BUCKET) + bucket(cfg.max_new_tokens, MIN_NEW_BUCKET),
@@ -442,7 +444,7 @@ class GRPORun:
 
         from mllmjax.checkpoint import META_FILE, load_checkpoint, resolve_dtype
         from mllmjax.data import load_problems
-        from mllmjax.distributed import barrier, is_primary
+        from mllmjax.distributed import barrier, decode_mesh, is_primary
         from mllmjax.sharding import make_mesh
         from mllmjax.trainer import Trainer
         from mllmjax.training import restore_train_state
@@ -450,7 +452,8 @@ class GRPORun:
         cfg = self.cfg
         for name in cfg.report_to:  # a missing extra fails before anything is written
             REPORTERS[name].check()
-        # Multi-host: every process runs the loop on the same data; process 0 writes the run's files.
+        # Multi-host: every process runs the loop; each samples and scores its share of the prompts,
+        # the scored records are gathered, and process 0 writes the run's files.
         self.primary = is_primary()
         if self.resume:
             saved = read_run_config(self.run_dir)
@@ -469,7 +472,11 @@ class GRPORun:
                 cfg.model, dtype=cfg.dtype, on_convert=lambda out: self.emit("convert", {"out": out})
             )
         self.mesh = make_mesh(cfg.mesh)
-        self.sample_mesh = make_mesh(cfg.sample_mesh) if cfg.sample_mesh else self.mesh
+        if jax.process_count() > 1:  # each host decodes its share of the prompts on its own devices
+            flag = "--sample-mesh" if cfg.sample_mesh else "--mesh"
+            self.sample_mesh = decode_mesh(cfg.sample_mesh or cfg.mesh, flag)
+        else:
+            self.sample_mesh = make_mesh(cfg.sample_mesh) if cfg.sample_mesh else self.mesh
         dtype = resolve_dtype(cfg.dtype)
         # Problems first: a bad --data fails before the model is loaded.
         self.problems = load_problems(cfg.data, split=cfg.split, question_field=cfg.question_field,
@@ -546,8 +553,8 @@ class GRPORun:
     def _rollout(self, step: int) -> tuple[list[Any], dict[str, Any], dict[str, float]]:
         """Sample and score until the step's batch is full; returns (scored records, score summary of
         the last round, counters)."""
-        from mllmjax.rollout import make_rollouts
-        from mllmjax.scoring import score_records
+        from mllmjax.rollout import gather_records, host_rollouts
+        from mllmjax.scoring import reward_outcomes, score_records
 
         cfg = self.cfg
         kept: list[Any] = []
@@ -561,7 +568,8 @@ class GRPORun:
             problems = self._next_problems(cfg.prompts_per_step - len(kept) // cfg.group_size)
             t0 = time.perf_counter()
             self.emit("phase", {"phase": "rollout", "round": rounds})
-            records = make_rollouts(
+            # This host's share: sampled on its devices, rewards scored here, then every host's joined.
+            mine = host_rollouts(
                 params, self.model_cfg, self.tokenizer, problems,
                 cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds)),
                 stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step - 1}", first_group=groups_sampled,
@@ -570,7 +578,10 @@ class GRPORun:
             )  # fmt: skip
             t1 = time.perf_counter()
             self.emit("phase", {"phase": "score"})
-            scored, summary = score_records(records, cfg.score_config())
+            score_cfg = cfg.score_config()
+            outcomes = reward_outcomes(mine, score_cfg)
+            records = gather_records(mine)
+            scored, summary = score_records(records, score_cfg, outcomes=gather_records(outcomes))
             t2 = time.perf_counter()
             rollout_s += t1 - t0
             score_s += t2 - t1
@@ -590,10 +601,12 @@ class GRPORun:
     def _sampling_params(self) -> Any:
         """The current parameters placed for decoding: resharded in device memory onto --sample-mesh
         (the same devices, another layout), or as they are when rollouts use the training mesh. The
-        copy lives only while the rollout (or eval) that asked for it runs."""
-        if self.sample_mesh is self.mesh:
-            return self.state.params
+        copy lives only while the rollout (or eval) that asked for it runs. Multi-host: the global
+        parameters, which `host_rollouts` copies onto each host's devices."""
         import jax
+
+        if self.sample_mesh is self.mesh or jax.process_count() > 1:
+            return self.state.params
 
         from mllmjax.sharding import param_shardings
 
@@ -601,16 +614,17 @@ class GRPORun:
 
     def _evaluate(self, step: int) -> dict[str, float]:
         from mllmjax.evaluation import summarize
-        from mllmjax.rollout import make_rollouts
+        from mllmjax.rollout import gather_records, host_rollouts
 
         t0 = time.perf_counter()
         self.emit("phase", {"phase": "eval"})
-        records = make_rollouts(
+        records = host_rollouts(
             self._sampling_params(), self.model_cfg, self.tokenizer, self.eval_problems,
             self.cfg.rollout_config(seed=derived_seed(self.cfg.seed, 3), group_size=1, greedy=True),
             stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step}", mesh=self.sample_mesh,
             compute_dtype=self.cfg.compute_dtype,
         )  # fmt: skip
+        records = gather_records(records)
         result, _ = summarize(records)
         return {"eval/accuracy": result.pass_at_1, "eval/format": result.format_rate,
                 "eval/mean_tokens": result.mean_tokens, "eval/truncation_rate": result.truncation_rate,

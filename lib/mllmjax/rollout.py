@@ -8,6 +8,10 @@ trainer can use them as old log-probs.
 
 Determinism: problem i of a run is sampled with keys derived from (seed, i), so the same seed gives the
 same records whatever the batch size.
+
+Multi-host: `host_rollouts` gives each process its own contiguous share of the problems, decoded on
+its own devices (see mllmjax.distributed); problem i keeps its keys (seed, i) on whichever host samples
+it, so the records equal a one-process run's. `gather_records` joins the shares in problem order.
 """
 
 from __future__ import annotations
@@ -68,13 +72,15 @@ def make_rollouts(
     stop_ids: Sequence[int],
     policy: str,
     first_group: int = 0,
+    first_index: int = 0,
     mesh: Any = None,
     compute_dtype: Any = None,
     meta: dict[str, Any] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[RolloutRecord]:
     """Sample `cfg.group_size` completions for each problem; records come group by group, numbered
-    from `first_group`. on_batch(tokens_done, samples_done) reports progress."""
+    from `first_group`. Problem i is sampled as problem first_index + i of the run (its random stream).
+    on_batch(tokens_done, samples_done) reports progress."""
     encoded = [encode_prompt(tokenizer, p, cfg) for p in problems]
     completions = generate(
         params,
@@ -88,6 +94,7 @@ def make_rollouts(
         max_batch=cfg.max_batch,
         compute_dtype=compute_dtype,
         mesh=mesh,
+        first_index=first_index,
         on_batch=on_batch,
     )
     records = []
@@ -111,3 +118,42 @@ def make_rollouts(
             )
         )
     return records
+
+
+def host_rollouts(
+    params: Params,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    cfg: RolloutConfig,
+    *,
+    mesh: Any,
+    first_group: int = 0,
+    **kwargs: Any,
+) -> list[RolloutRecord]:
+    """This process's share of the rollouts of `problems` (all of them with one process).
+
+    Multi-host: `params` are the global (training-layout) parameters and `mesh` this host's decode mesh
+    (`mllmjax.distributed.decode_mesh`); the parameters are copied onto it in device memory, and the
+    host decodes its contiguous share of the problems with their run-wide random streams and group
+    numbers. Other keyword arguments go to `make_rollouts`."""
+    import jax
+
+    from mllmjax.distributed import host_local_copy, process_share
+    from mllmjax.sharding import param_shardings
+
+    share = process_share(len(problems))
+    if jax.process_count() > 1:
+        params = host_local_copy(params, lambda m: param_shardings(model_cfg, m), mesh)
+    return make_rollouts(
+        params, model_cfg, tokenizer, problems[share], cfg, mesh=mesh,
+        first_group=first_group + share.start, first_index=share.start, **kwargs,
+    )  # fmt: skip
+
+
+def gather_records(records: Sequence[Any]) -> list[Any]:
+    """Every process's records joined in process order (= problem order for `host_rollouts` shares);
+    the records themselves with one process. A collective: every process must call it."""
+    from mllmjax.distributed import allgather_objects
+
+    return [r for part in allgather_objects(list(records)) for r in part]

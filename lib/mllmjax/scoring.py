@@ -171,13 +171,24 @@ def _evaluate_all(
 # ------------------------------------------------------------------------------------------ scoring
 
 
+def reward_outcomes(records: Sequence[RolloutRecord], config: ScoreConfig) -> list[RewardOutcome]:
+    """Every reward of every record (values and errors), in record order: the expensive half of
+    scoring, which a multi-host run does per host on its own records before gathering them."""
+    resolved = config.resolved_rewards()
+    return _evaluate_all(records, resolved, workers=config.workers, timeout_s=config.correct_timeout_s)
+
+
 def score_records(
-    records: Sequence[RolloutRecord], config: ScoreConfig
+    records: Sequence[RolloutRecord],
+    config: ScoreConfig,
+    *,
+    outcomes: Sequence[RewardOutcome] | None = None,
 ) -> tuple[list[RolloutRecord], dict[str, Any]]:
     """Add rewards, the weighted reward and group advantages to complete groups of rollout records.
 
     Returns the scored records (input order; zero-variance groups dropped when configured) and a
-    summary dict (JSON-serialisable; see `summary keys` in the CLI help).
+    summary dict (JSON-serialisable; see `summary keys` in the CLI help). `outcomes`: the records'
+    `reward_outcomes` if already computed (e.g. per host, then gathered); else they are computed here.
     """
     started = time.perf_counter()
     groups = group_records(records, group_size=config.group_size, source=config.source)
@@ -187,7 +198,11 @@ def score_records(
             "(sample several completions per prompt: -G/--group-size)"
         )
     resolved = config.resolved_rewards()
-    outcomes = _evaluate_all(records, resolved, workers=config.workers, timeout_s=config.correct_timeout_s)
+    if outcomes is None:
+        outcomes = reward_outcomes(records, config)
+    elif len(outcomes) != len(records):
+        raise ValueError(f"{len(outcomes)} reward outcomes for {len(records)} records")
+    outcomes = list(outcomes)
 
     n = len(records)
     names = [name for name, _, _ in resolved]

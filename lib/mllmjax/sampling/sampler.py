@@ -325,6 +325,7 @@ def generate(
     compute_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     unroll_layers: bool | None = None,
+    first_index: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
     """Sample n completions for every prompt; returns them prompt-major (prompt 0's n samples first).
@@ -335,6 +336,8 @@ def generate(
         data-parallel axes when they divide evenly.
     unroll_layers: unroll the layer loop with a per-layer cache (default: on CPU, where XLA would
         otherwise copy each layer's weights and cache at every step; see decoder.KVCache).
+    first_index: the random stream of prompt i is that of prompt first_index + i (a host decoding
+        its share of a larger list passes where its share starts, and samples what one process would).
     on_batch(done_tokens, done_samples): called after each batch, for progress bars.
     """
     strategy = strategy if strategy is not None else Greedy()
@@ -354,7 +357,8 @@ def generate(
         rows = bucket(len(chunk))
         prompts = [prompts_ids[i] for i in chunk]
         tokens, valid, limit = _pack(cfg, prompts, rows, max_new_tokens)
-        keys = _row_keys(seed, chunk + [0] * (rows - len(chunk)), n)  # filler rows are discarded
+        # Filler rows are discarded.
+        keys = _row_keys(seed, [first_index + i for i in chunk] + [0] * (rows - len(chunk)), n)
         run, _, _ = _programs(
             cfg, strategy, cdt.name, n, tokens.shape[1] + out_len, out_len, _unroll(unroll_layers)
         )
