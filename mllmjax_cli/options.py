@@ -100,7 +100,8 @@ Attention = Annotated[
     typer.Option(
         "--attention",
         help="Attention kernel of the training forward: auto (cuDNN flash attention on a GPU with a "
-        "bfloat16/float16 compute dtype, XLA otherwise), xla, cudnn, or pallas (the TPU flash kernel).",
+        "bfloat16/float16 compute dtype, the Pallas flash kernel on a TPU, XLA otherwise), xla, cudnn, "
+        "or pallas.",
     ),
 ]
 Remat = Annotated[

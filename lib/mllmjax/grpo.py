@@ -495,7 +495,9 @@ class GRPORun:
         self.pad_id = self.tokenizer.pad_token_id or 0
         tcfg = cfg.train_config()
         self._check_memory(start, tcfg)
-        self.trainer = Trainer(start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None)
+        self.trainer = Trainer(
+            start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None, mesh=self.mesh
+        )
         self.cursor = 0
         self.step = 0
         self.metrics: list[dict[str, Any]] = []

@@ -158,8 +158,12 @@ class Trainer:
         *,
         ref_params: Params | None = None,
         donate: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
     ):
-        """donate=True hands the state given to `update` over to XLA, which writes the new state into its
+        """mesh: the mesh the parameters and batches are placed on; only kernels that run per device
+        (the TPU Pallas attention) need it, everything else is partitioned by XLA from the shardings.
+
+        donate=True hands the state given to `update` over to XLA, which writes the new state into its
         buffers: one copy of the parameters and optimizer state less at the peak, and the old state must
         not be used again (nor any array that shares its buffers: pass a reference that is a copy).
         `train` donates; `grpo` does not, because it keeps the state a step started from to roll an
@@ -167,6 +171,7 @@ class Trainer:
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.donate = donate
+        self.mesh = mesh
         self.optimizer = make_optimizer(cfg.optim)
         self.schedule = cfg.optim.schedule()
         if cfg.loss.beta > 0:
@@ -202,6 +207,7 @@ class Trainer:
             compute_dtype=self._compute_dtype,
             remat=self._remat,
             attention_impl=decoder.resolve_attention(self.cfg.attention, cdt),
+            mesh=self.mesh,
         )
         return sequence_logprobs(
             hidden,

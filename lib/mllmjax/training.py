@@ -252,7 +252,7 @@ def train_checkpoint(
             if not Path(reference).is_dir():
                 raise ArtifactError(f"the KL reference {reference} (from {ckpt_path}/mllmjax.json) is gone")
             ref_params = load_checkpoint(reference, mesh=device_mesh).params
-    trainer = Trainer(ckpt.cfg, cfg, ref_params=ref_params, donate=True)
+    trainer = Trainer(ckpt.cfg, cfg, ref_params=ref_params, donate=True, mesh=device_mesh)
     if resume:
         state = restore_train_state(ckpt, trainer)
     else:

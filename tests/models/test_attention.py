@@ -57,7 +57,8 @@ def test_forward_through_the_fused_path_equals_ours():
         ("auto", jnp.bfloat16, "gpu", "cudnn"),
         ("auto", jnp.float16, "gpu", "cudnn"),
         ("auto", jnp.float32, "gpu", "xla"),  # the cuDNN kernel takes half precision only
-        ("auto", jnp.bfloat16, "tpu", "xla"),  # until the kernel is shard_mapped and run on a TPU
+        ("auto", jnp.bfloat16, "tpu", "pallas"),
+        ("auto", jnp.float32, "tpu", "pallas"),
         ("pallas", jnp.bfloat16, "tpu", "pallas"),
         ("xla", jnp.bfloat16, "gpu", "xla"),
         ("cudnn", jnp.bfloat16, "gpu", "cudnn"),
@@ -121,6 +122,53 @@ def test_pallas_tpu_kernel_equals_ours_forward_and_gradient():
     with pltpu.force_tpu_interpret_mode():  # tracing and compiling: the kernel runs interpreted
         (l1, h1), g1 = jax.value_and_grad(loss, has_aux=True)(params, "pallas")
     m = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(h1)[m], np.asarray(h0)[m], atol=1e-5, rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec, local", [("data=2", (2, 4)), ("tensor=2", (4, 2))])
+def test_pallas_kernel_runs_per_device_under_a_mesh(monkeypatch, spec, local):
+    """With the forward's mesh the TPU kernel runs under shard_map on each device's own rows (data) or
+    heads (tensor): it sees `local` = (rows, heads) of the 4 x 4, so XLA has nothing to gather, and the
+    sharded forward and gradient equal the XLA path's. Two devices: Pallas's TPU interpreter runs the
+    devices' kernels as concurrent host callbacks, and on this 2-core machine more than two hang."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mllmjax.sharding import make_mesh, shard_params
+
+    cfg = ModelConfig.tiny()  # 4 heads, 2 kv heads
+    mesh = make_mesh(spec, jax.devices()[:2])
+    params = shard_params(decoder.init_params(cfg, jax.random.PRNGKey(0)), cfg, mesh)
+    b, t = 4, 24
+    pos = np.full((b, t), -1, np.int32)
+    for i, start in enumerate((0, 3, 9, 1)):
+        pos[i, start:] = np.arange(t - start)
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+    tokens = jax.device_put(np.random.default_rng(2).integers(0, cfg.vocab_size, (b, t)).astype(np.int32), rows)
+    valid = jax.device_put(pos >= 0, rows)
+    positions = jax.device_put(np.maximum(pos, 0), rows)
+    seen = []
+    kernel = fa.flash_attention
+
+    def recording(q, *args, **kwargs):
+        seen.append(q.shape)
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "flash_attention", recording)
+
+    def loss(p, impl, mesh=None):
+        hidden, _ = decoder.forward(p, cfg, tokens, positions, valid=valid, attention_impl=impl, mesh=mesh)
+        return jnp.sum(jnp.where(valid[..., None], hidden, 0.0) ** 2), hidden
+
+    (_, h0), g0 = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    with pltpu.force_tpu_interpret_mode():
+        (_, h1), g1 = jax.value_and_grad(loss, has_aux=True)(params, "pallas", mesh)
+    assert seen and all(shape[:2] == local for shape in seen), seen  # [rows, heads, T, H] per device
+    m = pos >= 0
     np.testing.assert_allclose(np.asarray(h1)[m], np.asarray(h0)[m], atol=1e-5, rtol=1e-5)
     for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-4, rtol=1e-4)

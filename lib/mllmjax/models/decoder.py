@@ -213,11 +213,10 @@ def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None)
 
     "xla": `attention` above, everywhere. "cudnn": cuDNN's fused flash attention through
     `jax.nn.dot_product_attention` (GPU only, bfloat16/float16 only: that is what the kernel takes).
-    "pallas": JAX's Pallas flash-attention kernel for TPU (`attention_pallas`). "auto" picks cudnn on
-    a GPU with a half-precision compute dtype and xla otherwise: the choice follows the backend and
-    the dtype, never array shapes. On a TPU auto stays on xla for now: the Pallas kernel is not yet
-    wrapped in shard_map, so under a sharded batch XLA would gather its inputs, and it has not run on
-    a TPU here; `--attention pallas` asks for it. Decoding with a KV cache always uses xla.
+    "pallas": JAX's Pallas flash-attention kernel for TPU (`attention_pallas`, run per device under
+    shard_map when the forward is given its mesh). "auto" picks cudnn on a GPU with a half-precision
+    compute dtype, pallas on a TPU, and xla otherwise: the choice follows the backend and the dtype,
+    never array shapes. Decoding with a KV cache always uses xla.
     """
     if name not in ATTENTION_IMPLS:
         raise BadInputError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
@@ -234,6 +233,8 @@ def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None)
             raise BadInputError(f"--attention pallas needs a TPU; this run is on {backend}")
         return "pallas"
     if name == "auto":
+        if backend == "tpu":
+            return "pallas"
         return "cudnn" if backend == "gpu" and half else "xla"
     return "xla"
 
@@ -258,10 +259,20 @@ PALLAS_BLOCK = 128  # the TPU kernel's default block along the sequence
 
 
 def attention_pallas(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """`attention` through JAX's Pallas TPU flash-attention kernel (on other backends, run and compile
     under `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`, as the tests do).
+
+    With a mesh of several devices the kernel runs per device under `jax.shard_map`: rows split over
+    the batch axes (data, fsdp) and heads over tensor, where they divide evenly (else that dim is
+    whole on every device). Without it a custom kernel is one opaque call, and XLA would gather its
+    sharded inputs onto every device.
 
     For the full-sequence forward only (the keys are the queries' own tokens, k, v: [B, T, K, H]) with
     positions increasing along each row's valid tokens, as the trainer lays batches out (left-padded
@@ -269,6 +280,20 @@ def attention_pallas(
     valid tokens from padding then equals the position mask. Padding queries attend to padding (never
     read). The sequence is padded to the kernel's blocks and kv heads are repeated to the query heads.
     """
+    if mesh is not None and mesh.size > 1:
+        from jax.sharding import PartitionSpec as P
+
+        b, n, kv = q.shape[0], q.shape[2], k.shape[2]
+        rows = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+        rows_size = int(np.prod([mesh.shape[a] for a in rows])) if rows else 1
+        row_spec = rows if rows and b % rows_size == 0 else None
+        tensor = mesh.shape.get("tensor", 1)
+        head_spec = "tensor" if tensor > 1 and n % tensor == 0 and kv % tensor == 0 else None
+        heads, pos = P(row_spec, None, head_spec, None), P(row_spec, None)
+        return jax.shard_map(
+            attention_pallas, mesh=mesh, in_specs=(heads, heads, heads, pos, pos), out_specs=heads,
+            check_vma=False,
+        )(q, k, v, q_pos, k_pos)  # fmt: skip
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     b, t, n, h = q.shape
@@ -304,7 +329,7 @@ def _write_values_per_layer(buf: jax.Array, new: jax.Array, index: jax.Array) ->
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(buf, new, index)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "attention_impl"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "attention_impl", "mesh"))
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -316,6 +341,7 @@ def forward(
     compute_dtype: Any = None,
     remat: Callable[..., Any] | None = None,
     attention_impl: str = "xla",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder; return (final-normed hidden states [B, T, D], updated cache or None).
 
@@ -327,7 +353,8 @@ def forward(
     layer body in the backward pass, or None to keep its activations.
     attention_impl: "xla", "cudnn" or "pallas" (from `resolve_attention`), or "fused-xla" (the cudnn
     entry point with XLA's kernel, to check that wiring on any backend); a forward with a cache always
-    uses `attention`.
+    uses `attention`. mesh: the devices the arrays are sharded over, for kernels that run per device
+    (pallas); other paths leave the partitioning to XLA.
     """
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
     if valid is None:
@@ -367,7 +394,7 @@ def forward(
         else:
             keys, values = k, v
         if attention_impl == "pallas" and ck is None:
-            a = attention_pallas(q, keys, values, positions, cache_pos)
+            a = attention_pallas(q, keys, values, positions, cache_pos, mesh)
         elif attention_impl != "xla" and ck is None:
             impl = "xla" if attention_impl == "fused-xla" else attention_impl
             a = attention_fused(q, keys, values, positions, cache_pos, implementation=impl)
