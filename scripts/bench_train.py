@@ -8,11 +8,15 @@ The torch side asks HF for logits only at the positions that predict completion 
 (`logits_to_keep`), the same saving the JAX side makes, so the comparison is like for like.
 The two run alternately in one process with the same thread count; seconds per update are medians.
 
-Measured (2-core machine shared with other jobs, load 8-11, so absolute seconds are inflated; jax 0.10.2,
-torch 2.13): median JAX 62.4 s wall / 34.9 s CPU per update against torch 88.6 s / 41.9 s (1.42x wall,
-1.20x CPU); with --torch-full-logits JAX 60.7 / 32.6 against torch 71.4 / 42.5 (1.18x wall, 1.30x CPU).
-JAX alone, back to back at load ~7: --remat dots_with_no_batch_dims_saveable 44.5 s / 28.4 s CPU against
---remat none 48.1 s / 30.7 s CPU (saving only the matmuls moves less memory than saving everything).
+Measured on this 2-core machine (jax 0.10.2, torch 2.13, huge pages on, 2026-11-30), --reps 3:
+JAX 17.63 s per update against torch 12.13 s: 0.69x. JAX alone, back to back: 13.8-15 s (0.87x of
+torch alone, 12.0-12.4 s). The difference is not torch sharing the process (each side in its own
+worker process measured the same): a JAX update that follows 12 idle seconds (as here, while torch
+runs) takes 20-22 s instead of 14.5-15 s, its kernel time going from 2 s to 12 s on about the same
+number of page faults (XLA allocates each update's buffers afresh; the likely cause, not verified, is
+that after an idle spell the kernel must compact memory to back them with huge pages). Without huge
+pages (MLLMJAX_HUGEPAGES=0) every update takes 1.6 M small faults, 16-18 s with or without the pause.
+Torch shows no such penalty (12.1 s alternating, 12.4 s alone).
 
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512

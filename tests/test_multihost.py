@@ -164,7 +164,9 @@ def test_rollout_on_two_processes_equals_one(setup):
     pair = _run_pair([*common, "--mesh", "tensor=2,fsdp=2", "-o", str(setup / "r2.jsonl")])
     assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
     one, two = read_records(setup / "r1.jsonl"), read_records(setup / "r2.jsonl")
-    assert [(r.group, r.sample, r.completion_ids) for r in one] == [(r.group, r.sample, r.completion_ids) for r in two]
+    assert [(r.group, r.sample, r.completion_ids) for r in one] == [
+        (r.group, r.sample, r.completion_ids) for r in two
+    ]
     np.testing.assert_allclose(
         [x for r in one for x in r.logprobs], [x for r in two for x in r.logprobs], atol=1e-5
     )

@@ -148,7 +148,9 @@ def test_pallas_kernel_runs_per_device_under_a_mesh(monkeypatch, spec, local):
     for i, start in enumerate((0, 3, 9, 1)):
         pos[i, start:] = np.arange(t - start)
     rows = NamedSharding(mesh, P(("data", "fsdp"), None))
-    tokens = jax.device_put(np.random.default_rng(2).integers(0, cfg.vocab_size, (b, t)).astype(np.int32), rows)
+    tokens = jax.device_put(
+        np.random.default_rng(2).integers(0, cfg.vocab_size, (b, t)).astype(np.int32), rows
+    )
     valid = jax.device_put(pos >= 0, rows)
     positions = jax.device_put(np.maximum(pos, 0), rows)
     seen = []

@@ -176,7 +176,13 @@ def _visible(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *, cache_layout: bool = False
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    *,
+    cache_layout: bool = False,
 ) -> jax.Array:
     """Grouped-query attention with a position-derived causal mask.
 
@@ -386,7 +392,9 @@ def forward(
         cache_layout = ck is not None and cache.per_layer
         if ck is not None:
             write_k, write_v = (
-                (_write_keys_per_layer, _write_values_per_layer) if cache_layout else (_write_rows, _write_rows)
+                (_write_keys_per_layer, _write_values_per_layer)
+                if cache_layout
+                else (_write_rows, _write_rows)
             )
             ck = write_k(ck, k.astype(ck.dtype), cache.index)
             cv = write_v(cv, v.astype(cv.dtype), cache.index)
