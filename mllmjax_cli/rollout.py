@@ -60,16 +60,13 @@ def sample_problems(
     import jax
 
     from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype
-    from mllmjax.distributed import local_mesh, process_share
+    from mllmjax.distributed import decode_mesh, process_share
     from mllmjax.rollout import gather_records, host_rollouts
     from mllmjax.sharding import DEFAULT_MESH, make_mesh
 
     step = read_meta(ckpt).get("step", 0)
-    if jax.process_count() > 1:
-        device_mesh = local_mesh(mesh)
-        load_mesh = make_mesh(DEFAULT_MESH)
-    else:
-        device_mesh = load_mesh = make_mesh(mesh)
+    device_mesh = decode_mesh(mesh)
+    load_mesh = make_mesh(DEFAULT_MESH) if jax.process_count() > 1 else device_mesh
     checkpoint = load_checkpoint(ckpt, mesh=load_mesh, dtype=resolve_dtype(dtype))
     start = time.perf_counter()
     with stage_progress(label) as progress:

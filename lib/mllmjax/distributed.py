@@ -217,7 +217,7 @@ def host_local_copy(tree: Any, shardings: Callable[[Any], Any], mesh: Any) -> An
     from jax.sharding import Mesh
 
     spec = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
-    grids = [local_grid(spec, i) for i in range(jax.process_count())]
+    grids = [_local_grid(spec, i) for i in range(jax.process_count())]
     hosts = Mesh(np.stack(grids), ("hosts", *mesh.axis_names))
     replicated = jax.device_put(tree, shardings(hosts))
     return jax.tree.map(
@@ -229,7 +229,7 @@ def host_local_copy(tree: Any, shardings: Callable[[Any], Any], mesh: Any) -> An
     )
 
 
-def local_grid(spec: str, index: int) -> np.ndarray:
+def _local_grid(spec: str, index: int) -> np.ndarray:
     """The device grid process `index`'s `local_mesh(spec)` has (the same on every process)."""
     from mllmjax.sharding import make_mesh
 

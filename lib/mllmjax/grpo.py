@@ -565,14 +565,13 @@ class GRPORun:
         rollout_s = score_s = 0.0
         rounds = 0
         groups_sampled = 0
-        params = self._sampling_params()
         while len(kept) < cfg.prompts_per_step * cfg.group_size and rounds < cfg.max_sampling_rounds:
             problems = self._next_problems(cfg.prompts_per_step - len(kept) // cfg.group_size)
             t0 = time.perf_counter()
             self.emit("phase", {"phase": "rollout", "round": rounds})
             # This host's share: sampled on its devices, rewards scored here, then every host's joined.
             mine = host_rollouts(
-                params, self.model_cfg, self.tokenizer, problems,
+                self.state.params, self.model_cfg, self.tokenizer, problems,
                 cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds)),
                 stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step - 1}", first_group=groups_sampled,
                 mesh=self.sample_mesh, compute_dtype=cfg.compute_dtype, meta={"step": step, "round": rounds},
@@ -581,9 +580,9 @@ class GRPORun:
             t1 = time.perf_counter()
             self.emit("phase", {"phase": "score"})
             score_cfg = cfg.score_config()
-            outcomes = reward_outcomes(mine, score_cfg)
-            records = gather_records(mine)
-            scored, summary = score_records(records, score_cfg, outcomes=gather_records(outcomes))
+            pairs = gather_records(list(zip(mine, reward_outcomes(mine, score_cfg), strict=True)))
+            records = [record for record, _ in pairs]
+            scored, summary = score_records(records, score_cfg, outcomes=[o for _, o in pairs])
             t2 = time.perf_counter()
             rollout_s += t1 - t0
             score_s += t2 - t1
@@ -600,20 +599,6 @@ class GRPORun:
                     "completion_tokens": sum(len(r.completion_ids) for r in all_records)}  # fmt: skip
         return kept, _merge_summaries(summaries), counters
 
-    def _sampling_params(self) -> Any:
-        """The current parameters placed for decoding: resharded in device memory onto --sample-mesh
-        (the same devices, another layout), or as they are when rollouts use the training mesh. The
-        copy lives only while the rollout (or eval) that asked for it runs. Multi-host: the global
-        parameters, which `host_rollouts` copies onto each host's devices."""
-        import jax
-
-        if self.sample_mesh is self.mesh or jax.process_count() > 1:
-            return self.state.params
-
-        from mllmjax.sharding import param_shardings
-
-        return jax.device_put(self.state.params, param_shardings(self.model_cfg, self.sample_mesh))
-
     def _evaluate(self, step: int) -> dict[str, float]:
         from mllmjax.evaluation import summarize
         from mllmjax.rollout import gather_records, host_rollouts
@@ -621,7 +606,7 @@ class GRPORun:
         t0 = time.perf_counter()
         self.emit("phase", {"phase": "eval"})
         records = host_rollouts(
-            self._sampling_params(), self.model_cfg, self.tokenizer, self.eval_problems,
+            self.state.params, self.model_cfg, self.tokenizer, self.eval_problems,
             self.cfg.rollout_config(seed=derived_seed(self.cfg.seed, 3), group_size=1, greedy=True),
             stop_ids=self.stop_ids, policy=f"{self.run_dir}@{step}", mesh=self.sample_mesh,
             compute_dtype=self.cfg.compute_dtype,

@@ -133,18 +133,16 @@ def host_rollouts(
 ) -> list[RolloutRecord]:
     """This process's share of the rollouts of `problems` (all of them with one process).
 
-    Multi-host: `params` are the global (training-layout) parameters and `mesh` this host's decode mesh
-    (`mllmjax.distributed.decode_mesh`); the parameters are copied onto it in device memory, and the
-    host decodes its contiguous share of the problems with their run-wide random streams and group
-    numbers. Other keyword arguments go to `make_rollouts`."""
-    import jax
-
+    `params` may be laid out for training and `mesh` (`mllmjax.distributed.decode_mesh`) for decoding:
+    the parameters are resharded onto it in device memory (nothing moves when the layouts agree), and
+    the copy lives only while this call runs. Multi-host: `mesh` is this host's own devices, the copy
+    is a whole one on them, and the host decodes its contiguous share of the problems with their
+    run-wide random streams and group numbers. Other keyword arguments go to `make_rollouts`."""
     from mllmjax.distributed import host_local_copy, process_share
     from mllmjax.sharding import param_shardings
 
     share = process_share(len(problems))
-    if jax.process_count() > 1:
-        params = host_local_copy(params, lambda m: param_shardings(model_cfg, m), mesh)
+    params = host_local_copy(params, lambda m: param_shardings(model_cfg, m), mesh)
     return make_rollouts(
         params, model_cfg, tokenizer, problems[share], cfg, mesh=mesh,
         first_group=first_group + share.start, first_index=share.start, **kwargs,

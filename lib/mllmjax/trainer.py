@@ -61,7 +61,7 @@ class TrainConfig:
     micro_batch: int | None = None
     remat: str = "none"
     compute_dtype: str | None = None
-    # Attention for the training forward: auto (cuDNN flash on a GPU in half precision), xla, cudnn.
+    # Attention for the training forward: auto, xla, cudnn or pallas (decoder.resolve_attention).
     attention: str = "auto"
     # The sampling temperature: logits are divided by it before the softmax.
     temperature: float = 1.0

@@ -289,10 +289,10 @@ def attention_pallas(
     if mesh is not None and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
 
-        b, n, kv = q.shape[0], q.shape[2], k.shape[2]
-        rows = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-        rows_size = int(np.prod([mesh.shape[a] for a in rows])) if rows else 1
-        row_spec = rows if rows and b % rows_size == 0 else None
+        from mllmjax.sharding import batch_axes  # (sharding imports this module)
+
+        n, kv = q.shape[2], k.shape[2]
+        row_spec = batch_axes(mesh, q.shape[0])
         tensor = mesh.shape.get("tensor", 1)
         head_spec = "tensor" if tensor > 1 and n % tensor == 0 and kv % tensor == 0 else None
         heads, pos = P(row_spec, None, head_spec, None), P(row_spec, None)

@@ -436,11 +436,11 @@ def _place_batch(mesh: jax.sharding.Mesh, arrays: tuple[Any, ...]) -> tuple[Any,
     """Split the batch (leading) axis over the mesh's data-parallel axes when it divides evenly."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    from mllmjax.sharding import batch_axes
+
     placed = []
     for x in arrays:
-        spec = PartitionSpec(axes) if axes and x.shape[0] % size == 0 else PartitionSpec()
+        spec = PartitionSpec(batch_axes(mesh, x.shape[0]))
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             # Typed keys go as their raw data: a multi-host device_put takes plain host values only.
             data = jax.device_put(np.asarray(jax.random.key_data(x)), NamedSharding(mesh, spec))
