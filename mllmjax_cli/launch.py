@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from mllmjax.runtime import reexec_with_hugepages
+from mllmjax.runtime import reexec_with_malloc_tuning
 
 
 def main() -> None:
-    reexec_with_hugepages([sys.executable, "-m", "mllmjax_cli.launch", *sys.argv[1:]])
+    reexec_with_malloc_tuning([sys.executable, "-m", "mllmjax_cli.launch", *sys.argv[1:]])
     from mllmjax_cli.main import app
 
     app(prog_name="mllmjax")

@@ -47,9 +47,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="an existing checkpoint (default: convert the GGUF)")
     args = ap.parse_args()
 
-    from mllmjax.runtime import reexec_with_hugepages
+    from mllmjax.runtime import reexec_with_malloc_tuning
 
-    reexec_with_hugepages([sys.executable, *sys.argv])  # the process settings the CLI runs with
+    reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
     import jax
 
     from mllmjax.checkpoint import load_checkpoint

@@ -38,9 +38,9 @@ def _args() -> argparse.Namespace:
 
 def main() -> None:
     args = _args()
-    from mllmjax.runtime import reexec_with_hugepages
+    from mllmjax.runtime import reexec_with_malloc_tuning
 
-    reexec_with_hugepages([sys.executable, *sys.argv])  # the process settings the CLI runs with
+    reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
     import jax
     import jax.numpy as jnp
     import numpy as np

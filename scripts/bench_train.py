@@ -56,9 +56,9 @@ def main() -> None:
     # `taskset`) with --threads cores for an equal split.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-    from mllmjax.runtime import reexec_with_hugepages
+    from mllmjax.runtime import reexec_with_malloc_tuning
 
-    reexec_with_hugepages([sys.executable, *sys.argv])  # the process settings the CLI runs with
+    reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
 
     import jax
     import jax.numpy as jnp

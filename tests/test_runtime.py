@@ -24,49 +24,96 @@ def glibc(monkeypatch):
     monkeypatch.setattr(runtime.sys, "platform", "linux")
 
 
-def test_adds_the_tunable_under_madvise(glibc, tmp_path):
+HEAP = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=70368744177664"
+
+
+def test_adds_the_tunables_under_madvise(glibc, tmp_path):
     madvise = _thp(tmp_path, "madvise")
-    env = runtime.hugepage_environ({"PATH": "/bin"}, thp_path=madvise)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    env = runtime.hugepage_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp_path=madvise)
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    env = runtime.malloc_environ({"PATH": "/bin"}, thp_path=madvise)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1"}
+    # a tunable the user named keeps the user's value; the others are appended
+    env = runtime.malloc_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp_path=madvise)
+    assert env["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=70368744177664"
+        ":glibc.malloc.hugetlb=1"
+    )
 
 
 @pytest.mark.parametrize(
-    "environ, mode",
+    "environ, mode, expected",
     [
-        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise"),  # the user's own choice stands
-        ({"MLLMJAX_HUGEPAGES": "0"}, "madvise"),
-        ({}, "always"),  # huge pages already
-        ({}, "never"),
-        ({}, None),  # no THP at all
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", f"glibc.malloc.hugetlb=0:{HEAP}"),
+        ({"MLLMJAX_HUGEPAGES": "0"}, "madvise", HEAP),
+        ({}, "always", HEAP),  # huge pages already
+        ({}, "never", HEAP),
+        ({}, None, HEAP),  # no THP at all
+        ({"MLLMJAX_KEEP_HEAP": "0"}, "madvise", "glibc.malloc.hugetlb=1"),
+        ({"MLLMJAX_KEEP_HEAP": "0"}, "never", None),
+        ({"MLLMJAX_KEEP_HEAP": "0", "MLLMJAX_HUGEPAGES": "0"}, "madvise", None),
+        ({"GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1"}, "madvise", None),  # the re-executed child
     ],
 )
-def test_leaves_the_process_alone(glibc, tmp_path, environ, mode):
-    assert runtime.hugepage_environ(environ, thp_path=_thp(tmp_path, mode)) is None
+def test_switches_and_the_users_own_tunables(glibc, tmp_path, environ, mode, expected):
+    env = runtime.malloc_environ(environ, thp_path=_thp(tmp_path, mode))
+    assert (env and env["GLIBC_TUNABLES"]) == expected
 
 
 def test_old_or_other_libc(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime.sys, "platform", "linux")
-    for libc in [("glibc", "2.31"), ("", ""), ("musl", "1.2")]:
+    madvise = _thp(tmp_path, "madvise")
+    for libc in [("glibc", "2.25"), ("", ""), ("musl", "1.2")]:
         monkeypatch.setattr(runtime.platform, "libc_ver", lambda libc=libc: libc)
-        assert runtime.hugepage_environ({}, thp_path=_thp(tmp_path, "madvise")) is None
+        assert runtime.malloc_environ({}, thp_path=madvise) is None
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.31"))  # heap only: no hugetlb
+    assert runtime.malloc_environ({}, thp_path=madvise)["GLIBC_TUNABLES"] == HEAP
 
 
-def test_reexec_runs_the_command_with_the_tunable(tmp_path):
+def test_reexec_runs_the_command_with_the_tunables(tmp_path):
     # A real exec: the child replaces a process that asked for the re-exec (on a machine where it
     # does not apply, the command runs in the same process unchanged, and prints what it had).
     code = (
-        "import sys; from mllmjax.runtime import reexec_with_hugepages, hugepage_environ; import os;"
-        "applies = hugepage_environ(os.environ) is not None;"
-        "reexec_with_hugepages([sys.executable, '-c', 'import os; print(os.environ.get(\"GLIBC_TUNABLES\"))']);"
-        "print('not re-executed', applies)"
+        "import sys; from mllmjax.runtime import reexec_with_malloc_tuning, malloc_environ; import os;"
+        "env = malloc_environ(os.environ);"
+        "print(env['GLIBC_TUNABLES'] if env else 'none', flush=True);"
+        "reexec_with_malloc_tuning([sys.executable, '-c', 'import os; print(os.environ.get(\"GLIBC_TUNABLES\"))']);"
+        "print('not re-executed')"
     )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    lines = out.stdout.split()
-    if lines[0] == "not":
-        assert out.stdout.strip() == "not re-executed False"
+    wanted, got = out.stdout.split()
+    if wanted == "none":
+        assert got == "not"
     else:
-        assert out.stdout.strip() == "glibc.malloc.hugetlb=1"
+        assert got == wanted and HEAP in got
+
+
+def test_the_kept_heap_takes_no_page_faults_on_reuse():
+    # The effect itself, in a child run with the tunables: allocating, touching and freeing the same
+    # 64 MiB ten times faults its pages in once; glibc's default unmaps the block at every free and
+    # faults it all in again (16 K faults of 4 KiB per round without huge pages).
+    code = (
+        "import ctypes, resource\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
+        "def round_():\n"
+        "    p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(ctypes.c_void_p(p))\n"
+        "round_()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10): round_()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+
+    def faults(tunables: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        return int(out.stdout)
+
+    if runtime._glibc_version() is None or runtime._glibc_version() < (2, 26):
+        pytest.skip("glibc >= 2.26 only")
+    assert faults(HEAP) < 100
+    if runtime._thp_mode() != "always":  # (where every mmap gets huge pages, a round takes 32 faults)
+        assert faults(None) > 10 * 1000  # 10 rounds of 64 MiB, each faulted in again
