@@ -8,15 +8,15 @@ The torch side asks HF for logits only at the positions that predict completion 
 (`logits_to_keep`), the same saving the JAX side makes, so the comparison is like for like.
 The two run alternately in one process with the same thread count; seconds per update are medians.
 
-Measured on this 2-core machine (jax 0.10.2, torch 2.13, huge pages on, 2026-11-30), --reps 3:
-JAX 17.63 s per update against torch 12.13 s: 0.69x. JAX alone, back to back: 13.8-15 s (0.87x of
-torch alone, 12.0-12.4 s). The difference is not torch sharing the process (each side in its own
-worker process measured the same): a JAX update that follows 12 idle seconds (as here, while torch
-runs) takes 20-22 s instead of 14.5-15 s, its kernel time going from 2 s to 12 s on about the same
-number of page faults (XLA allocates each update's buffers afresh; the likely cause, not verified, is
-that after an idle spell the kernel must compact memory to back them with huge pages). Without huge
-pages (MLLMJAX_HUGEPAGES=0) every update takes 1.6 M small faults, 16-18 s with or without the pause.
-Torch shows no such penalty (12.1 s alternating, 12.4 s alone).
+Measured on this 2-core machine (jax 0.10.2, torch 2.13, 2026-11-30), with the launcher's malloc
+settings (huge pages and a kept heap, see mllmjax.runtime), --reps 5: JAX 15.89 s per update (13.4-18.1)
+against torch 11.43 s (10.3-12.0): 0.72x wall, 0.76x CPU time. JAX's slower updates are the first few,
+while the kept heap is still growing (up to 15 s of kernel time in one); once it stops, updates take
+13.4-13.8 s with 0.1 s of kernel time. Without the kept heap JAX took 17.9 s and torch 12.4 s (0.69x):
+a JAX update that followed torch's 12 s took 20-24 s, 11-14 s of it in the kernel faulting its freshly
+mapped buffers in again. Where the rest goes (a profile of one update): dots 9.1 s of wall time,
+elementwise fusions 3.1 s (1.5 s of it the SiLU backward and the gate product written transposed for
+the weight-gradient dots), 1.9 s between ops.
 
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512

@@ -160,8 +160,15 @@ def estimate_training(
     tokens = micro_rows * seq_len
     layer = _saved_per_token_layer(cfg, seq_len, c_bytes, remat, tensor)
     activations = tokens * cfg.num_layers * layer
-    if remat == "nothing_saveable":  # one layer is recomputed in full during its backward
-        activations += tokens * _saved_per_token_layer(cfg, seq_len, c_bytes, "none", tensor)
+    if remat == "nothing_saveable":
+        # One layer is recomputed in full during its backward; of its values, the q/k/v before RoPE
+        # are dead by then (RoPE's backward needs only cos/sin, the projections' only their input).
+        qkv = (
+            c_bytes
+            * (max(1, cfg.num_heads // tensor) + 2 * max(1, cfg.num_kv_heads // tensor))
+            * cfg.head_dim
+        )
+        activations += tokens * (_saved_per_token_layer(cfg, seq_len, c_bytes, "none", tensor) - qkv)
     vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
     logits = 3 * 4 * min(logit_chunk, tokens) * vocab  # one chunk's logits, softmax and gradient
     slots = _OPTIMIZER_SLOTS.get(optimizer, 2) * params

@@ -318,6 +318,58 @@ def attention_pallas(
     return out[:, :, :t].transpose(0, 2, 1, 3)
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] @ w [D, F]: a linear layer whose weight gradient keeps the big operands untransposed.
+
+    The value and both gradients are the plain matrix products; only the order of the weight-gradient
+    product differs from autodiff's. JAX's transpose rule computes dW as (cotangent^T @ x)^T, and
+    XLA:CPU then writes the [N, F] cotangent (for the MLP: the SiLU backward and the gated product,
+    [tokens, 1536] each) transposed from an elementwise fusion before the product. Here the operand
+    with the smaller feature dim goes first, so at most the narrower one ([tokens, 576]) is
+    transposed: one SmolLM2-135M training update (8 x 256 tokens, 2 cores) went from 14.4-14.9 s to
+    12.2-12.9 s, its CPU time down 16%.
+
+    The product itself stays an ordinary dot outside the custom rule (its gradient is routed through
+    `_dense_grads`), so remat policies such as dots_saveable still see, and save, it.
+    """
+    y = jnp.einsum("...D,DF->...F", x, w)
+    return _dense_grads(x, w, jax.lax.stop_gradient(y))
+
+
+@jax.custom_vjp
+def _dense_grads(x: jax.Array, w: jax.Array, y: jax.Array) -> jax.Array:
+    """y (= x @ w), with the gradients of x @ w taken in `dense`'s order."""
+    return y
+
+
+def _dense_grads_fwd(
+    x: jax.Array, w: jax.Array, y: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return y, (x, w)
+
+
+def _dense_grads_bwd(
+    res: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, w = res
+    dx = jnp.einsum("...F,DF->...D", g, w)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if w.shape[0] <= w.shape[1]:
+        dw = jnp.einsum("ND,NF->DF", x2, g2)
+    else:
+        dw = jnp.einsum("NF,ND->FD", g2, x2).T
+    return dx, dw, jnp.zeros_like(g)  # y is stop_gradient'ed: its cotangent goes nowhere
+
+
+_dense_grads.defvjp(_dense_grads_fwd, _dense_grads_bwd)
+
+
+def _project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, D] through w [D, *out] (e.g. [D, N, H]): one `dense` on the flattened output dims."""
+    y = dense(x, w.reshape(w.shape[0], -1))
+    return y.reshape(*x.shape[:-1], *w.shape[1:])
+
+
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """Write new[b] into buf[b, index[b]:index[b]+T] for every row b."""
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(buf, new, index)
@@ -380,9 +432,7 @@ def forward(
         lp, ck, cv = layer
         lp = jax.tree.map(lambda p: p.astype(cdt), lp)
         h = rms_norm(x, lp["attn_norm"], eps)
-        q = jnp.einsum("BTD,DNH->BTNH", h, lp["q"])
-        k = jnp.einsum("BTD,DKH->BTKH", h, lp["k"])
-        v = jnp.einsum("BTD,DKH->BTKH", h, lp["v"])
+        q, k, v = _project(h, lp["q"]), _project(h, lp["k"]), _project(h, lp["v"])
         if cfg.qkv_bias:
             q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
         if cfg.qk_norm:
@@ -411,14 +461,12 @@ def forward(
         # One [B, T, N*H] x [N*H, D] product: contracting two dims lets XLA:CPU transpose the whole
         # o weight at every call instead of the small activation.
         nh = cfg.num_heads * cfg.head_dim
-        o = jnp.einsum("BTE,ED->BTD", a.reshape(*a.shape[:2], nh), lp["o"].reshape(nh, -1))
+        o = dense(a.reshape(*a.shape[:2], nh), lp["o"].reshape(nh, -1))
         if cfg.o_bias:
             o = o + lp["o_bias"]
         x = x + o
         h = rms_norm(x, lp["mlp_norm"], eps)
-        gate = jnp.einsum("BTD,DF->BTF", h, lp["gate"])
-        up = jnp.einsum("BTD,DF->BTF", h, lp["up"])
-        x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["down"])
+        x = x + dense(jax.nn.silu(dense(h, lp["gate"])) * dense(h, lp["up"]), lp["down"])
         return x, (ck, cv)
 
     if remat is not None:
