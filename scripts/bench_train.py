@@ -9,14 +9,14 @@ The torch side asks HF for logits only at the positions that predict completion 
 The two run alternately in one process with the same thread count; seconds per update are medians.
 
 Measured on this 2-core machine (jax 0.10.2, torch 2.13, 2026-11-30), with the launcher's malloc
-settings (huge pages and a kept heap, see mllmjax.runtime), --reps 5: JAX 15.89 s per update (13.4-18.1)
-against torch 11.43 s (10.3-12.0): 0.72x wall, 0.76x CPU time. JAX's slower updates are the first few,
-while the kept heap is still growing (up to 15 s of kernel time in one); once it stops, updates take
-13.4-13.8 s with 0.1 s of kernel time. Without the kept heap JAX took 17.9 s and torch 12.4 s (0.69x):
-a JAX update that followed torch's 12 s took 20-24 s, 11-14 s of it in the kernel faulting its freshly
-mapped buffers in again. Where the rest goes (a profile of one update): dots 9.1 s of wall time,
-elementwise fusions 3.1 s (1.5 s of it the SiLU backward and the gate product written transposed for
-the weight-gradient dots), 1.9 s between ops.
+settings (huge pages and a kept heap, see mllmjax.runtime), --reps 5: JAX 13.08 s per update
+(11.8-17.4) against torch 11.86 s (10.4-14.0): 0.91x wall, 0.97x CPU time; the last pair was 11.82 s
+against 11.86 s. JAX's slow updates are the first few, while the kept heap is still growing (up to
+14 s of kernel time in one); once it stops, updates take 11.9-12.8 s with 0.1 s of kernel time.
+Before `decoder.dense` (its weight gradients used to write the MLP cotangents transposed: 1.5 s per
+update) it was 15.89 s against 11.43 s (0.72x); before the kept heap, 17.9 s against 12.4 s (0.69x),
+a JAX update that followed torch's 12 s taking 20-24 s, 11-14 s of it in the kernel faulting its
+freshly mapped buffers in again.
 
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512
