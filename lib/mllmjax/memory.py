@@ -121,6 +121,9 @@ def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat
     probabilities (3 N S).
     dots_saveable / dots_with_no_batch_dims_saveable: the matmul outputs only (q, k, v, o, gate, up,
     down, and the scores). nothing_saveable: the layer input only (the layer is recomputed).
+    "recomputed": what the one layer being recomputed during its backward holds at once under
+    nothing_saveable: as none, less the q/k/v before RoPE, dead by then (RoPE's backward needs only
+    cos/sin, the projections' only their input).
     """
     d, f, h = cfg.hidden_size, cfg.intermediate_size // tensor, cfg.head_dim
     n, k = max(1, cfg.num_heads // tensor), max(1, cfg.num_kv_heads // tensor)
@@ -129,7 +132,8 @@ def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat
         return compute_bytes * d
     if remat in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
         return compute_bytes * ((n + 2 * k) * h + d + 2 * f + d) + 4 * n * seq
-    return compute_bytes * (3 * d + 2 * (n + 2 * k) * h + n * h + d + 3 * f) + scores
+    pre_rope = compute_bytes * (n + 2 * k) * h if remat == "recomputed" else 0
+    return compute_bytes * (3 * d + 2 * (n + 2 * k) * h + n * h + d + 3 * f) + scores - pre_rope
 
 
 def estimate_training(
@@ -160,15 +164,8 @@ def estimate_training(
     tokens = micro_rows * seq_len
     layer = _saved_per_token_layer(cfg, seq_len, c_bytes, remat, tensor)
     activations = tokens * cfg.num_layers * layer
-    if remat == "nothing_saveable":
-        # One layer is recomputed in full during its backward; of its values, the q/k/v before RoPE
-        # are dead by then (RoPE's backward needs only cos/sin, the projections' only their input).
-        qkv = (
-            c_bytes
-            * (max(1, cfg.num_heads // tensor) + 2 * max(1, cfg.num_kv_heads // tensor))
-            * cfg.head_dim
-        )
-        activations += tokens * (_saved_per_token_layer(cfg, seq_len, c_bytes, "none", tensor) - qkv)
+    if remat == "nothing_saveable":  # one layer is recomputed during its backward
+        activations += tokens * _saved_per_token_layer(cfg, seq_len, c_bytes, "recomputed", tensor)
     vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
     logits = 3 * 4 * min(logit_chunk, tokens) * vocab  # one chunk's logits, softmax and gradient
     slots = _OPTIMIZER_SLOTS.get(optimizer, 2) * params

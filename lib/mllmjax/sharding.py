@@ -143,17 +143,22 @@ def shard_params(
     return jax.device_put(params, param_shardings(cfg, mesh, rules))
 
 
+def _batch_mesh_axes(mesh: Mesh, rules: ShardingRules) -> tuple[str, ...]:
+    """The rules' batch axes that have more than one device in this mesh."""
+    return tuple(a for a in _as_tuple(rules.rules["batch"]) if mesh.shape.get(a, 1) > 1)
+
+
 def batch_axes(mesh: Mesh, rows: int, rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...] | None:
     """The mesh axes a batch of `rows` rows is split over (the rules' batch axes that have more than one
     device), or None when there are none or they do not divide the rows (then the batch is whole on
     every device)."""
-    axes = tuple(a for a in _as_tuple(rules.rules["batch"]) if mesh.shape.get(a, 1) > 1)
+    axes = _batch_mesh_axes(mesh, rules)
     size = math.prod(mesh.shape[a] for a in axes)
     return axes if axes and rows % size == 0 else None
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
     """Shard the leading (batch) dimension over the data-parallel axes, replicate the rest."""
-    axes = tuple(a for a in _as_tuple(rules.rules["batch"]) if mesh.shape[a] > 1)
+    axes = _batch_mesh_axes(mesh, rules)
     lead = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))

@@ -358,7 +358,7 @@ def _dense_grads_bwd(
         dw = jnp.einsum("ND,NF->DF", x2, g2)
     else:
         dw = jnp.einsum("NF,ND->FD", g2, x2).T
-    return dx, dw, jnp.zeros_like(g)  # y is stop_gradient'ed: its cotangent goes nowhere
+    return dx, dw, None  # y is stop_gradient'ed: no cotangent for it
 
 
 _dense_grads.defvjp(_dense_grads_fwd, _dense_grads_bwd)
