@@ -94,7 +94,9 @@ def main() -> None:
         logit_recompute=not args.no_recompute,
         micro_batch=args.micro_batch,
     )
-    trainer = Trainer(cfg, tcfg)
+    # Donating, as `mllmjax train` does: each update writes the new state into the old one's buffers
+    # (torch's optimizer also updates in place).
+    trainer = Trainer(cfg, tcfg, donate=True)
     state = trainer.init_state(decoder.init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
     batch = Batch(
         tokens=jnp.asarray(tokens),

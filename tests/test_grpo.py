@@ -240,6 +240,35 @@ def test_ctrl_c_finishes_the_step_and_prints_the_resume_command(ckpt, tmp_path):
     assert f"mllmjax grpo --resume {run}" in " ".join(err.split())
 
 
+def test_an_abandoned_step_rolls_back_to_the_state_it_started_from(ckpt, tmp_path, monkeypatch):
+    """A KeyboardInterrupt after step 2's first update (which took over a state, donated to XLA) saves
+    the same step-1 state as one before step 2 trained at all: the updates never consumed the state
+    kept to roll the step back."""
+    import mllmjax.grpo as grpo_mod
+
+    monkeypatch.syspath_prepend(str(TESTS))
+
+    def interrupted_at(point: tuple[str, int]) -> dict[str, np.ndarray]:
+        def interrupt(name: str, step: int) -> None:
+            if (name, step) == point:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(grpo_mod, "crash_point", interrupt)
+        run = tmp_path / f"{point[0]}_{point[1]}"
+        args = ["grpo", "--model", str(ckpt), *TINY, "--steps", "3", "--save-every", "100", "-o", str(run)]
+        result = runner.invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert summary["status"] == "interrupted" and summary["step"] == 1
+        assert checkpoint_steps(run) == [1] and [r["step"] for r in read_metrics(run)] == [1]
+        assert read_meta(run / "checkpoints" / "step_1")["updates"] == 2
+        return _params(run / "checkpoints" / "step_1")
+
+    before_training, mid_training = interrupted_at(("rollout", 2)), interrupted_at(("update", 2))
+    for name, value in before_training.items():
+        np.testing.assert_array_equal(mid_training[name], value, err_msg=name)
+
+
 def test_bad_input(ckpt, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     run = tmp_path / "run"

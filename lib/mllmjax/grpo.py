@@ -409,6 +409,8 @@ class GRPORun:
         rcfg = cfg.rollout_config(seed=0)
         longest = max(len(encode_prompt(self.tokenizer, p, rcfg)[1]) for p in self.problems[:256])
         dtype = jax.tree.leaves(start.params)[0].dtype.name
+        # Not donated: the updates take over a copy, and the state the step started from stays alive
+        # beside it (to roll the step back), which is the "new state" of a non-donated update.
         update = memory.for_train_config(
             start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
             seq_len=sum(padded_shape(longest, cfg.max_new_tokens)), param_dtype=dtype, mesh=self.mesh,
@@ -496,7 +498,7 @@ class GRPORun:
         tcfg = cfg.train_config()
         self._check_memory(start, tcfg)
         self.trainer = Trainer(
-            start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None, mesh=self.mesh
+            start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None, donate=True, mesh=self.mesh
         )
         self.cursor = 0
         self.step = 0
@@ -736,6 +738,8 @@ class GRPORun:
     def _train(
         self, step: int, records: list[Any], summary: dict[str, Any], counters: dict[str, float]
     ) -> dict[str, Any]:
+        import jax
+
         from mllmjax.training import batch_from_records, place_batch
 
         row: dict[str, Any] = {"step": step}
@@ -754,8 +758,12 @@ class GRPORun:
             self.emit("update", m)
             crash_point("update", step)
 
+        # The updates are donated a copy of the state: each writes its new state into the buffers of the
+        # one before (no fresh state per update, which would also break up the kept malloc heap, see
+        # mllmjax.runtime), and the state the step started from stays whole to roll the step back.
+        working = jax.tree.map(lambda x: x.copy(), self.state)  # same placement, new buffers
         self.state, history = self.trainer.train_on_batch(
-            self.state, batch, on_update=on_update, timings=timings
+            working, batch, on_update=on_update, timings=timings
         )
         row["train_s"] = time.perf_counter() - t0
         row["ref_logps_s"] = timings.get("ref_logps_s", 0.0)
