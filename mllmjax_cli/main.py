@@ -49,6 +49,10 @@ def _root(
     ] = None,
 ) -> None:
     set_debug(debug)
+    if ctx.invoked_subcommand is not None:
+        from mllmjax.runtime import sync_dispatch_if_asked
+
+        sync_dispatch_if_asked()  # before any JAX backend exists
     handle_errors(_start_distributed)(ctx.invoked_subcommand, coordinator, num_processes, process_id)
 
 

@@ -47,9 +47,10 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="an existing checkpoint (default: convert the GGUF)")
     args = ap.parse_args()
 
-    from mllmjax.runtime import reexec_with_malloc_tuning
+    from mllmjax.runtime import reexec_with_malloc_tuning, sync_dispatch_if_asked
 
     reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
+    sync_dispatch_if_asked()
     import jax
 
     from mllmjax.checkpoint import load_checkpoint

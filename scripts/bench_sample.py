@@ -38,9 +38,10 @@ def _args() -> argparse.Namespace:
 
 def main() -> None:
     args = _args()
-    from mllmjax.runtime import reexec_with_malloc_tuning
+    from mllmjax.runtime import reexec_with_malloc_tuning, sync_dispatch_if_asked
 
     reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
+    sync_dispatch_if_asked()
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -30,7 +30,9 @@ HEAP = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_thres
 def test_adds_the_tunables_under_madvise(glibc, tmp_path):
     madvise = _thp(tmp_path, "madvise")
     env = runtime.malloc_environ({"PATH": "/bin"}, thp_path=madvise)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1"}
+    assert env == {
+        "PATH": "/bin", "GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1", "MLLMJAX_SYNC_DISPATCH": "1"
+    }  # fmt: skip
     # a tunable the user named keeps the user's value; the others are appended
     env = runtime.malloc_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp_path=madvise)
     assert env["GLIBC_TUNABLES"] == (
@@ -50,12 +52,27 @@ def test_adds_the_tunables_under_madvise(glibc, tmp_path):
         ({"MLLMJAX_KEEP_HEAP": "0"}, "madvise", "glibc.malloc.hugetlb=1"),
         ({"MLLMJAX_KEEP_HEAP": "0"}, "never", None),
         ({"MLLMJAX_KEEP_HEAP": "0", "MLLMJAX_HUGEPAGES": "0"}, "madvise", None),
-        ({"GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1"}, "madvise", None),  # the re-executed child
+        # the re-executed child
+        ({"GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1", "MLLMJAX_SYNC_DISPATCH": "1"}, "madvise", None),
     ],
 )
 def test_switches_and_the_users_own_tunables(glibc, tmp_path, environ, mode, expected):
     env = runtime.malloc_environ(environ, thp_path=_thp(tmp_path, mode))
     assert (env and env["GLIBC_TUNABLES"]) == expected
+
+
+def test_the_kept_heap_asks_for_synchronous_dispatch(glibc, tmp_path):
+    madvise = _thp(tmp_path, "madvise")
+    assert runtime.malloc_environ({}, thp_path=madvise)["MLLMJAX_SYNC_DISPATCH"] == "1"
+    assert "MLLMJAX_SYNC_DISPATCH" not in runtime.malloc_environ({"MLLMJAX_KEEP_HEAP": "0"}, thp_path=madvise)
+    # the user's own choice stays; with every tunable named too there is nothing to re-execute for
+    env = runtime.malloc_environ({"MLLMJAX_SYNC_DISPATCH": "0"}, thp_path=madvise)
+    assert env["MLLMJAX_SYNC_DISPATCH"] == "0"
+    done = {"GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1", "MLLMJAX_SYNC_DISPATCH": "0"}
+    assert runtime.malloc_environ(done, thp_path=madvise) is None
+    # only the variable missing (tunables the user set by hand): re-execute to add it
+    env = runtime.malloc_environ({"GLIBC_TUNABLES": f"{HEAP}:glibc.malloc.hugetlb=1"}, thp_path=madvise)
+    assert env["MLLMJAX_SYNC_DISPATCH"] == "1"
 
 
 def test_old_or_other_libc(monkeypatch, tmp_path):
@@ -117,3 +134,31 @@ def test_the_kept_heap_takes_no_page_faults_on_reuse():
     assert faults(HEAP) < 100
     if runtime._thp_mode() != "always":  # (where every mmap gets huge pages, a round takes 32 faults)
         assert faults(None) > 10 * 1000  # 10 rounds of 64 MiB, each faulted in again
+
+
+def test_synchronous_dispatch_keeps_the_heap_at_one_calls_size():
+    # A jitted call with a 256 MiB temporary, run back to back 30 times in a child with the heap
+    # tunables: inline dispatch frees each call's temporary before the next call allocates its own,
+    # so the heap stops growing after the warm-up calls. (Dispatched asynchronously, the next call's
+    # temporary often came before the last one's was freed: the heap grew 1-1.5 GiB in 30 calls.)
+    code = (
+        "import resource, sys\n"
+        "from mllmjax.runtime import sync_dispatch_if_asked\n"
+        "assert sync_dispatch_if_asked()\n"
+        "import jax, jax.numpy as jnp\n"
+        "x, v = jnp.ones((4096, 8192)), jnp.ones((8192, 16))\n"
+        "f = jax.jit(lambda x, v: (jnp.cos(jnp.sin(x) * 2.0).T.T @ v)[:4] + ((jnp.sin(x) * 2.0) @ v)[:4])\n"
+        "temp = f.lower(x, v).compile().memory_analysis().temp_size_in_bytes\n"
+        "for _ in range(3): f(x, v).block_until_ready()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "for _ in range(30): f(x, v).block_until_ready()\n"
+        "print(temp, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)\n"
+    )
+    if runtime._glibc_version() is None or runtime._glibc_version() < (2, 26):
+        pytest.skip("glibc >= 2.26 only")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    env.update(GLIBC_TUNABLES=HEAP, MLLMJAX_SYNC_DISPATCH="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    temp, growth = (int(x) for x in out.stdout.split())
+    assert temp >= 128 << 20  # the call does have a large temporary
+    assert growth <= temp, (temp, growth)

@@ -16,15 +16,23 @@ one zero-filled page at a time. Two sets of glibc malloc tunables fix this:
   matters most after an idle spell (a GRPO step alternates sampling, scoring and training, and a
   benchmark alternates with torch): an update that followed 12 idle seconds took 20-24 s, 11-14 s of
   it in the kernel, and takes 13-15 s with the heap kept. The cost: the process keeps its peak
-  memory until it exits instead of returning freed memory to the system. The heap stays at one
-  update's size only if the updates donate their state (`Trainer(donate=True)`, as `train` and
-  `grpo` run it): that update holds 7.4 GB, while the same update without donation allocated a whole
-  new state at every call, broke up the freed blocks, and grew the heap to 22.6 GB in four calls.
+  memory until it exits instead of returning freed memory to the system, so the heap has to stay
+  at one call's size. Two things keep it there (that update holds 7.4 GB):
+  - Synchronous dispatch on the CPU (`sync_dispatch_if_asked`, after the launcher set
+    MLLMJAX_SYNC_DISPATCH=1 with the heap tunables): with JAX's default asynchronous dispatch, a
+    call's temporaries are freed a moment after its outputs are ready, so the next call, dispatched
+    at once, allocated its own 5.8 GB before the last one's were back, and the heap grew to 13-18.7 GB
+    within six updates. Inline, a call has freed everything when it returns. (JAX keeps calls over
+    several devices asynchronous.)
+  - Donated training state (`Trainer(donate=True)`, as `train` and `grpo` run it): without it every
+    update allocates a whole new state, which broke up the freed blocks and grew the heap to 22.6 GB
+    in four calls.
 
 glibc reads tunables only at process start, so the `mllmjax` entry point (and the benchmarks, so that
 they measure what users get) re-executes itself once with GLIBC_TUNABLES set. `MLLMJAX_HUGEPAGES=0`
-leaves out the huge pages, `MLLMJAX_KEEP_HEAP=0` the heap settings; a tunable that GLIBC_TUNABLES
-already names keeps the user's value. Other C libraries are left alone.
+leaves out the huge pages, `MLLMJAX_KEEP_HEAP=0` the heap settings and the synchronous dispatch
+(`MLLMJAX_SYNC_DISPATCH=0` only the latter); a tunable that GLIBC_TUNABLES already names keeps the
+user's value. Other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ KEEP_HEAP_TUNABLES = {
     "glibc.malloc.mmap_max": "0",
     "glibc.malloc.trim_threshold": str(1 << 46),
 }
+# Set beside the heap tunables: `sync_dispatch_if_asked` then runs single-device CPU calls inline.
+SYNC_DISPATCH_VAR = "MLLMJAX_SYNC_DISPATCH"
 
 
 def _thp_mode(path: str = _THP_MODE) -> str | None:
@@ -65,22 +75,26 @@ def _glibc_version() -> tuple[int, int] | None:
 
 
 def malloc_environ(environ: Mapping[str, str], *, thp_path: str = _THP_MODE) -> dict[str, str] | None:
-    """The environment to re-execute with (GLIBC_TUNABLES extended), or None when nothing is to add."""
+    """The environment to re-execute with (GLIBC_TUNABLES extended, and with the kept heap
+    MLLMJAX_SYNC_DISPATCH=1), or None when nothing is to add."""
     glibc = _glibc_version()
     if glibc is None:
         return None
     wanted: dict[str, str] = {}
-    if environ.get("MLLMJAX_KEEP_HEAP", "1") != "0" and glibc >= (2, 26):
+    keep_heap = environ.get("MLLMJAX_KEEP_HEAP", "1") != "0" and glibc >= (2, 26)
+    if keep_heap:
         wanted.update(KEEP_HEAP_TUNABLES)
     if environ.get("MLLMJAX_HUGEPAGES", "1") != "0" and glibc >= (2, 35) and _thp_mode(thp_path) == "madvise":
         wanted.update(HUGEPAGE_TUNABLES)
     tunables = environ.get("GLIBC_TUNABLES", "")
     named = {item.split("=", 1)[0] for item in tunables.split(":") if item}
     added = [f"{name}={value}" for name, value in wanted.items() if name not in named]
-    if not added:
+    variables = {SYNC_DISPATCH_VAR: "1"} if keep_heap and SYNC_DISPATCH_VAR not in environ else {}
+    if not added and not variables:
         return None
-    env = dict(environ)
-    env["GLIBC_TUNABLES"] = ":".join(([tunables] if tunables else []) + added)
+    env = {**environ, **variables}
+    if added:
+        env["GLIBC_TUNABLES"] = ":".join(([tunables] if tunables else []) + added)
     return env
 
 
@@ -98,3 +112,15 @@ def reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
         os.execve(argv[0], list(argv), env)
     except OSError:
         return
+
+
+def sync_dispatch_if_asked(environ: Mapping[str, str] = os.environ) -> bool:
+    """Make JAX run single-device CPU calls inline when MLLMJAX_SYNC_DISPATCH=1 (the launcher sets it
+    beside the kept heap's tunables). It takes effect only before JAX creates its CPU client, so the
+    entry points call it first. Returns whether it did."""
+    if environ.get(SYNC_DISPATCH_VAR) != "1":
+        return False
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
