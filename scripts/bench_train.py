@@ -42,7 +42,11 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--completion", type=int, default=192)
     ap.add_argument("--remat", default="none", help="JAX remat policy (mllmjax.trainer.REMAT_POLICIES)")
     ap.add_argument("--chunk", type=int, default=256, help="JAX tokens per chunk of LM-head logits")
-    ap.add_argument("--no-recompute", action="store_true", help="JAX: keep chunk softmax for backward")
+    ap.add_argument(
+        "--logit-recompute", choices=["auto", "yes", "no"], default="auto",
+        help="JAX: recompute each chunk's logits in the backward (yes), keep the softmax (no), or the "
+        "trainer's default (auto: keep up to 1 GiB)",
+    )  # fmt: skip
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--torch-full-logits", action="store_true", help="torch: logits at every position")
     ap.add_argument("--only", choices=["jax", "torch"], default=None)
@@ -56,9 +60,10 @@ def main() -> None:
     # `taskset`) with --threads cores for an equal split.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-    from mllmjax.runtime import reexec_with_malloc_tuning
+    from mllmjax.runtime import reexec_with_malloc_tuning, sync_dispatch_if_asked
 
     reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
+    sync_dispatch_if_asked()
 
     import jax
     import jax.numpy as jnp
@@ -91,7 +96,7 @@ def main() -> None:
         ppo_epochs=1,
         remat=args.remat,
         logit_chunk=args.chunk,
-        logit_recompute=not args.no_recompute,
+        logit_recompute={"auto": None, "yes": True, "no": False}[args.logit_recompute],
         micro_batch=args.micro_batch,
     )
     # Donating, as `mllmjax train` does: each update writes the new state into the old one's buffers
@@ -183,7 +188,7 @@ def main() -> None:
         print(f"speed ratio JAX/torch = {med_cpu['torch'] / med_cpu['jax']:.2f}x cpu time")
     print(
         f"settings: threads={args.threads} remat={args.remat} chunk={args.chunk} "
-        f"recompute={not args.no_recompute} micro_batch={args.micro_batch} "
+        f"logit_recompute={args.logit_recompute} micro_batch={args.micro_batch} "
         f"torch_full_logits={args.torch_full_logits} jax={jax.__version__} torch={torch.__version__}"
     )
 

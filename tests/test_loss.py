@@ -11,9 +11,11 @@ import pytest
 
 from mllmjax.errors import BadInputError
 from mllmjax.loss import (
+    KEEP_SOFTMAX_BYTES,
     LossConfig,
     aggregation_weights,
     grpo_loss,
+    keeps_softmax,
     sequence_logprobs,
     token_logprobs,
 )
@@ -201,7 +203,7 @@ def _entropy64(params, hidden, temperature):
     return -(np.exp(logp) * logp).sum(-1)
 
 
-@pytest.mark.parametrize("chunk,recompute", [(7, True), (5, False), (1000, True)])
+@pytest.mark.parametrize("chunk,recompute", [(7, True), (5, False), (1000, True), (6, None)])
 def test_chunked_logprobs_match_naive(tiny, chunk: int, recompute: bool) -> None:
     _, params, tokens, hidden = tiny
     head = decoder.lm_head(params)
@@ -231,6 +233,12 @@ def test_chunked_logprobs_match_naive(tiny, chunk: int, recompute: bool) -> None
     # Head gradients reach ~8 and are summed over tokens in a different order: float32 relative terms.
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+
+
+def test_the_softmax_is_kept_up_to_the_limit() -> None:
+    limit_tokens = KEEP_SOFTMAX_BYTES // (4 * 1000)
+    assert keeps_softmax(limit_tokens, 1000, None) and not keeps_softmax(limit_tokens + 1, 1000, None)
+    assert keeps_softmax(10**9, 1000, False) and not keeps_softmax(1, 1000, True)
 
 
 def test_sequence_logprobs_aligned_with_tokens(tiny) -> None:

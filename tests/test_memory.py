@@ -45,7 +45,9 @@ def test_training_estimate_tracks_xla(remat):
         completion_start=p,
     )  # fmt: skip
     xla = jax.jit(trainer._update).lower(state, batch).compile().memory_analysis()
-    est = memory.for_train_config(CFG, tcfg, rows=b, seq_len=t, param_dtype="float32", mesh=None)
+    est = memory.for_train_config(
+        CFG, tcfg, rows=b, seq_len=t, completion_len=t - p, param_dtype="float32", mesh=None
+    )
     # Parameters and optimizer slots are exact: they are the state's own arrays.
     assert est.parts["params"] + est.parts["optimizer"] == _float_bytes((state.params, state.opt_state))
     peak = xla.argument_size_in_bytes + xla.temp_size_in_bytes + xla.output_size_in_bytes
@@ -53,7 +55,7 @@ def test_training_estimate_tracks_xla(remat):
     # Donated, the new state takes the old one's buffers (XLA counts them as aliased).
     xla = jax.jit(trainer._update, donate_argnums=(0,)).lower(state, batch).compile().memory_analysis()
     est = memory.for_train_config(
-        CFG, tcfg, rows=b, seq_len=t, param_dtype="float32", mesh=None, donated=True
+        CFG, tcfg, rows=b, seq_len=t, completion_len=t - p, param_dtype="float32", mesh=None, donated=True
     )
     assert est.parts["new state"] == 0 and xla.alias_size_in_bytes > 0
     peak = (

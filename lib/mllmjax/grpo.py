@@ -411,9 +411,10 @@ class GRPORun:
         dtype = jax.tree.leaves(start.params)[0].dtype.name
         # Not donated: the updates take over a copy, and the state the step started from stays alive
         # beside it (to roll the step back), which is the "new state" of a non-donated update.
+        widths = padded_shape(longest, cfg.max_new_tokens)
         update = memory.for_train_config(
             start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
-            seq_len=sum(padded_shape(longest, cfg.max_new_tokens)), param_dtype=dtype, mesh=self.mesh,
+            seq_len=sum(widths), completion_len=widths[1], param_dtype=dtype, mesh=self.mesh,
         )  # fmt: skip
         # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
         # and, with --sample-mesh, a resharded copy of the parameters are alive.

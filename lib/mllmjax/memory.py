@@ -148,12 +148,15 @@ def estimate_training(
     micro_batch: int | None = None,
     remat: str = "none",
     logit_chunk: int = 256,
+    logit_recompute: bool | None = None,
+    completion_len: int | None = None,
     mesh: Any = None,
     available: int | None = None,
     donated: bool = False,
 ) -> MemoryEstimate:
-    """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens; donated: the
-    update writes the new state into the old one's buffers (`Trainer(donate=True)`)."""
+    """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens, of which the
+    last `completion_len` (default all) go through the LM head; donated: the update writes the new
+    state into the old one's buffers (`Trainer(donate=True)`)."""
     sizes = _mesh_sizes(mesh)
     tensor = sizes.get("tensor", 1)
     params = param_bytes_per_device(cfg, param_dtype, sizes)
@@ -164,10 +167,22 @@ def estimate_training(
     tokens = micro_rows * seq_len
     layer = _saved_per_token_layer(cfg, seq_len, c_bytes, remat, tensor)
     activations = tokens * cfg.num_layers * layer
+    recomputed = 0
     if remat == "nothing_saveable":  # one layer is recomputed during its backward
-        activations += tokens * _saved_per_token_layer(cfg, seq_len, c_bytes, "recomputed", tensor)
+        recomputed = tokens * _saved_per_token_layer(cfg, seq_len, c_bytes, "recomputed", tensor)
+        activations += recomputed
     vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
-    logits = 3 * 4 * min(logit_chunk, tokens) * vocab  # one chunk's logits, softmax and gradient
+    scored = micro_rows * (completion_len or seq_len)  # positions through the LM head
+    logits = 3 * 4 * min(logit_chunk, scored) * vocab  # one chunk's logits, softmax and gradient
+    # The softmax kept for the backward (loss.keeps_softmax, which decides on the whole micro-batch).
+    from mllmjax.loss import keeps_softmax
+
+    global_scored = (micro_batch or rows) * (completion_len or seq_len)
+    if keeps_softmax(global_scored, cfg.vocab_size, logit_recompute):
+        logits += 4 * scored * vocab
+    # The LM head's backward frees its logits and softmax before the layers' backward, where a
+    # recomputed layer lives: only the larger of the two adds to the peak.
+    logits = max(0, logits - recomputed)
     slots = _OPTIMIZER_SLOTS.get(optimizer, 2) * params
     parts = {
         "params": params,
@@ -241,6 +256,7 @@ def for_train_config(
     param_dtype: Any,
     mesh: Any,
     donated: bool = False,
+    completion_len: int | None = None,
 ) -> MemoryEstimate:
     """The estimate of one update of `mllmjax.trainer.TrainConfig` on a minibatch of `rows` rows."""
     return estimate_training(
@@ -254,6 +270,8 @@ def for_train_config(
         micro_batch=train_cfg.micro_batch,
         remat=train_cfg.remat,
         logit_chunk=train_cfg.logit_chunk,
+        logit_recompute=train_cfg.logit_recompute,
+        completion_len=completion_len,
         mesh=mesh,
         available=available_bytes(list(mesh.devices.flat)) if mesh is not None else available_bytes(),
         donated=donated,

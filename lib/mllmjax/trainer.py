@@ -65,9 +65,10 @@ class TrainConfig:
     attention: str = "auto"
     # The sampling temperature: logits are divided by it before the softmax.
     temperature: float = 1.0
-    # Tokens per chunk of LM-head logits; recompute=False keeps each chunk's softmax for the backward.
+    # Tokens per chunk of LM-head logits. For the backward, recompute=False keeps every chunk's softmax,
+    # True recomputes each chunk's logits, None keeps up to 1 GiB per micro-batch (loss.keeps_softmax).
     logit_chunk: int = 256
-    logit_recompute: bool = True
+    logit_recompute: bool | None = None
     shuffle: bool = True
 
     def __post_init__(self) -> None:

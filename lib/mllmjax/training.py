@@ -234,8 +234,9 @@ def train_checkpoint(
     check_records(records, head.tokenizer(), head.cfg.vocab_size, source)
     if resume:
         require_opt_state(head)
+    widths = padded_shape(*_longest(records))
     estimate = memory.for_train_config(
-        head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(padded_shape(*_longest(records))),
+        head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(widths), completion_len=widths[1],
         param_dtype=head.meta.get("dtype", "float32"), mesh=device_mesh, donated=True,
     )  # fmt: skip
     if on_memory is not None:
