@@ -118,7 +118,7 @@ def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat
     remat none: the layer input and both norm outputs (3 D), q/k/v after and before RoPE
     (2 (N + 2K) H), the attention output (N H), the residual after attention (D), gate, up and their
     product (3 F) in the compute dtype, plus the float32 attention scores, masked scores and
-    probabilities (3 N S).
+    probabilities (3 N S, S the keys a query's causal block reads).
     dots_saveable / dots_with_no_batch_dims_saveable: the matmul outputs only (q, k, v, o, gate, up,
     down, and the scores). nothing_saveable: the layer input only (the layer is recomputed).
     "recomputed": what the one layer being recomputed during its backward holds at once under
@@ -127,11 +127,15 @@ def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat
     """
     d, f, h = cfg.hidden_size, cfg.intermediate_size // tensor, cfg.head_dim
     n, k = max(1, cfg.num_heads // tensor), max(1, cfg.num_kv_heads // tensor)
-    scores = 4 * 3 * n * seq
+    from mllmjax.models.decoder import causal_blocks
+
+    blocks = causal_blocks(seq)  # the keys a query's block reads: (blocks + 1) / (2 blocks) of seq
+    keys = seq * (blocks + 1) / (2 * blocks)
+    scores = 4 * 3 * n * keys
     if remat == "nothing_saveable":
         return compute_bytes * d
     if remat in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
-        return compute_bytes * ((n + 2 * k) * h + d + 2 * f + d) + 4 * n * seq
+        return compute_bytes * ((n + 2 * k) * h + d + 2 * f + d) + 4 * n * keys
     pre_rope = compute_bytes * (n + 2 * k) * h if remat == "recomputed" else 0
     return compute_bytes * (3 * d + 2 * (n + 2 * k) * h + n * h + d + 3 * f) + scores - pre_rope
 

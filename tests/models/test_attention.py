@@ -34,6 +34,31 @@ def test_fused_attention_equals_ours_with_padding_and_gqa():
     assert np.isfinite(fused).all()
 
 
+@pytest.mark.parametrize("t, blocks", [(256, 4), (192, 3), (512, 8), (100, 1)])
+def test_causal_blocks_equal_the_full_square_with_padding(t, blocks):
+    """`attention_causal` (query blocks skip the keys after them) == `attention` on every query that is
+    read, with left, right and no padding, and so are the gradients of what is read."""
+    assert decoder.causal_blocks(t) == blocks
+    rng = np.random.default_rng(0)
+    b, n, k, h = 6, 6, 2, 8
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, t, x, h)), jnp.float32) for x in (n, k, k))
+    pos = jnp.asarray(_padded_positions(b, t))
+    real = jnp.asarray(np.asarray(pos) >= 0)[:, :, None, None]
+    w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * real  # padding queries are never read
+
+    def read(fn, q, kk, v):
+        return jnp.sum(w * fn(q, kk, v, pos, pos))
+
+    np.testing.assert_allclose(
+        np.asarray(decoder.attention_causal(q, kk, v, pos, pos) * real),
+        np.asarray(decoder.attention(q, kk, v, pos, pos) * real), atol=1e-6, rtol=1e-6,
+    )  # fmt: skip
+    got = jax.grad(lambda *a: read(decoder.attention_causal, *a), argnums=(0, 1, 2))(q, kk, v)
+    want = jax.grad(lambda *a: read(decoder.attention, *a), argnums=(0, 1, 2))(q, kk, v)
+    for a, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-5, rtol=1e-5)
+
+
 def test_forward_through_the_fused_path_equals_ours():
     cfg = ModelConfig.tiny()
     params = decoder.init_params(cfg, jax.random.PRNGKey(0))

