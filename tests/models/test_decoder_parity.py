@@ -94,7 +94,8 @@ def test_cached_prefill_and_decode_match_full_forward(family):
 
 def test_parameter_gradients_match_torch_autograd(family):
     """Every parameter's gradient of a linear function of the logits equals torch's: checks the
-    hand-written backward of `decoder.dense` (both weight-gradient orders: wide and narrow outputs)."""
+    hand-written backwards of `decoder.dense` (both weight-gradient orders: wide and narrow outputs)
+    and of `decoder.swiglu`."""
     _, model, ckpt = family
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, model.config.vocab_size, (2, 13))
