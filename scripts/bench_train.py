@@ -8,15 +8,13 @@ The torch side asks HF for logits only at the positions that predict completion 
 (`logits_to_keep`), the same saving the JAX side makes, so the comparison is like for like.
 The two run alternately in one process with the same thread count; seconds per update are medians.
 
-Measured on this 2-core machine (jax 0.10.2, torch 2.13, 2026-11-30), with the launcher's malloc
-settings (huge pages and a kept heap, see mllmjax.runtime), --reps 5: JAX 13.08 s per update
-(11.8-17.4) against torch 11.86 s (10.4-14.0): 0.91x wall, 0.97x CPU time; the last pair was 11.82 s
-against 11.86 s. JAX's slow updates are the first few, while the kept heap is still growing (up to
-14 s of kernel time in one); once it stops, updates take 11.9-12.8 s with 0.1 s of kernel time.
-Before `decoder.dense` (its weight gradients used to write the MLP cotangents transposed: 1.5 s per
-update) it was 15.89 s against 11.43 s (0.72x); before the kept heap, 17.9 s against 12.4 s (0.69x),
-a JAX update that followed torch's 12 s taking 20-24 s, 11-14 s of it in the kernel faulting its
-freshly mapped buffers in again.
+Measured on this 2-core machine (jax 0.10.2, torch 2.13, 2026-11-30, later session), launcher settings,
+--reps 5 after 2 warm-up rounds: JAX 10.63 s per update (10.5-12.2) against torch 10.02 s (9.9-10.4):
+0.94x wall, 0.98x CPU time (JAX keeps ~5% of the two cores idle in its single-threaded small ops).
+What got it there from 13.08 s against 11.86 s (0.91x) earlier that day: donating the state (no heap
+growth), the written-out LM-head gradient keeping the softmax (0.5-0.8 s), attention in causal query
+blocks (0.5 s) and the SwiGLU backward (0.3 s). Before `decoder.dense` it was 15.89 s against 11.43 s
+(0.72x); before the kept heap, 17.9 s against 12.4 s (0.69x).
 
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512
@@ -36,7 +34,12 @@ from pathlib import Path
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3, help="timed updates per side (after one warm-up)")
+    ap.add_argument("--reps", type=int, default=3, help="timed updates per side (after the warm-ups)")
+    ap.add_argument(
+        "--warmups", type=int, default=2,
+        help="untimed rounds of both sides first (the first compiles; the kept heap settles after torch's "
+        "allocations have passed through it)",
+    )  # fmt: skip
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=192)
@@ -162,13 +165,17 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in sides}
     # CPU seconds of the whole process: steadier than wall time when other jobs share the cores.
     cpu: dict[str, list[float]] = {k: [] for k in sides}
-    for name, fn in sides.items():  # warm-up (compile) once each
-        start = time.perf_counter()
-        loss, ent = fn()
-        print(
-            f"{name} warm-up {time.perf_counter() - start:.1f} s  loss {loss:.5f}  entropy {ent:.4f}",
-            flush=True,
-        )
+    # Warm-up rounds, alternating like the timed ones: the first compiles. torch allocates through the
+    # same malloc heap (kept, see mllmjax.runtime), and the first JAX update after torch's first ones
+    # grew it (15-16 s, 10 s of it in the kernel); `mllmjax train` has no torch beside it.
+    for warm in range(max(1, args.warmups)):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            loss, ent = fn()
+            print(
+                f"{name} warm-up {warm} {time.perf_counter() - start:.1f} s  loss {loss:.5f}  entropy {ent:.4f}",
+                flush=True,
+            )
     for rep in range(args.reps):
         for name, fn in sides.items():
             start, start_cpu = time.perf_counter(), time.process_time()
