@@ -140,7 +140,7 @@ def test_synchronous_dispatch_keeps_the_heap_at_one_calls_size():
     # A jitted call with a 256 MiB temporary, run back to back 30 times in a child with the heap
     # tunables: inline dispatch frees each call's temporary before the next call allocates its own,
     # so the heap stops growing after the warm-up calls. (Dispatched asynchronously, the next call's
-    # temporary often came before the last one's was freed: the heap grew 1-1.5 GiB in 30 calls.)
+    # temporary often came before the last one's was freed: the heap grew 0.25-1.5 GiB in 30 calls.)
     code = (
         "import resource, sys\n"
         "from mllmjax.runtime import sync_dispatch_if_asked\n"

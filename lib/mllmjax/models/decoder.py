@@ -236,14 +236,12 @@ def attention_causal(
     """
     t = q.shape[1]
     n = causal_blocks(t)
-    if n == 1:
-        return attention(q, k, v, q_pos, k_pos)
     block = t // n
     outs = []
     for i in range(n):
         rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
         outs.append(attention(q[:, rows], k[:, keys], v[:, keys], q_pos[:, rows], k_pos[:, keys]))
-    return jnp.concatenate(outs, axis=1)
+    return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -252,8 +250,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 def resolve_attention(name: str, compute_dtype: Any, backend: str | None = None) -> str:
     """The attention implementation a full-sequence forward (training, log-probs) uses.
 
-    "xla": `attention` above (`attention_causal` for a forward without a cache), everywhere. "cudnn": cuDNN's fused flash attention through
-    `jax.nn.dot_product_attention` (GPU only, bfloat16/float16 only: that is what the kernel takes).
+    "xla": `attention` above (`attention_causal` for a forward without a cache), everywhere. "cudnn":
+    cuDNN's fused flash attention through `jax.nn.dot_product_attention` (GPU only, bfloat16/float16
+    only: that is what the kernel takes).
     "pallas": JAX's Pallas flash-attention kernel for TPU (`attention_pallas`, run per device under
     shard_map when the forward is given its mesh). "auto" picks cudnn on a GPU with a half-precision
     compute dtype, pallas on a TPU, and xla otherwise: the choice follows the backend and the dtype,
@@ -472,8 +471,8 @@ def forward(
     attention_impl: "xla", "cudnn" or "pallas" (from `resolve_attention`), or "fused-xla" (the cudnn
     entry point with XLA's kernel, to check that wiring on any backend); a forward with a cache always
     uses `attention`, one without it "xla" as `attention_causal` (so positions must increase along
-    each row's valid tokens). mesh: the devices the arrays are sharded over, for kernels that run per device
-    (pallas); other paths leave the partitioning to XLA.
+    each row's valid tokens). mesh: the devices the arrays are sharded over, for kernels that run per
+    device (pallas); other paths leave the partitioning to XLA.
     """
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
     if valid is None:
