@@ -13,6 +13,7 @@ from mllmjax.loss import LossConfig
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig
 from mllmjax.optim import OptimConfig
+from mllmjax.sampling.sampler import decode_windows
 from mllmjax.sharding import make_mesh, shard_params
 from mllmjax.trainer import Batch, TrainConfig, Trainer
 
@@ -88,6 +89,11 @@ def test_sampling_estimate_counts_the_kv_cache():
     assert est.parts["kv_cache"] == 2 * 4 * 16 * 512 * 2 * 64 * 2
     halved = memory.estimate_sampling(CFG, rows=16, cache_len=512, param_dtype="bfloat16", mesh={"data": 2})
     assert halved.parts["kv_cache"] == est.parts["kv_cache"] // 2
+    # A cache that grows through windows holds two of them while it grows: 384 + 512 slots at most.
+    windows = decode_windows(0, 512)
+    assert windows == (128, 256, 384, 512)
+    grown = memory.estimate_sampling(CFG, rows=16, cache_len=windows, param_dtype="bfloat16")
+    assert grown.parts["kv_cache"] == est.parts["kv_cache"] * (384 + 512) // 512
 
 
 def test_check_refuses_what_cannot_fit(monkeypatch):

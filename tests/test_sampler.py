@@ -10,7 +10,7 @@ import pytest
 from mllmjax.errors import BadInputError
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig
-from mllmjax.sampling import Greedy, Sample, compile_count, generate, stream
+from mllmjax.sampling import Greedy, Sample, compile_count, generate, sampler, stream
 from mllmjax.weights.table import params_from_hf
 
 
@@ -190,6 +190,27 @@ def test_stream_matches_generate(tiny):
     assert [t for c in chunks for t in c.ids] == want.ids
     assert chunks[-1].finish_reason == want.finish_reason == "length"
     assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["per_layer", "stacked"])
+def test_growing_cache_samples_what_one_full_cache_samples(tiny, monkeypatch, unroll):
+    """The whole-run program decodes in windows and pads the cache between them; forcing a single
+    full-length window must give the same tokens (stops, lengths) and log-probs."""
+    cfg, params = tiny
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (3, 9, 14)]
+    assert sampler.decode_windows(16, 128) == (48, 80, 112, 144)
+    args = dict(n=2, max_new_tokens=100, seed=4, stop_ids=[7], unroll_layers=unroll)
+    grown = generate(params, cfg, prompts, Sample(temperature=1.0), **args)
+    monkeypatch.setattr(sampler, "decode_windows", lambda p, out: (p + out,))
+    full = generate(params, cfg, prompts, Sample(temperature=1.0), **args)
+    assert [c.ids for c in grown] == [c.ids for c in full]
+    assert [c.finish_reason for c in grown] == [c.finish_reason for c in full]
+    for a, b in zip(grown, full, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    # Rows stop inside a later window and others run through all four.
+    lengths = [len(c.ids) for c in grown]
+    assert max(lengths) == 100 and any(32 < n < 100 for n in lengths)
 
 
 def test_context_limit_and_bad_input(tiny):

@@ -402,7 +402,7 @@ class GRPORun:
 
         from mllmjax import memory
         from mllmjax.rollout import encode_prompt
-        from mllmjax.sampling.sampler import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket
+        from mllmjax.sampling.sampler import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket, decode_windows
         from mllmjax.training import padded_shape
 
         cfg = self.cfg
@@ -423,7 +423,9 @@ class GRPORun:
         prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), share))
         decode = memory.estimate_sampling(
             start.cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
-            cache_len=bucket(longest, MIN_PROMPT_BUCKET) + bucket(cfg.max_new_tokens, MIN_NEW_BUCKET),
+            cache_len=decode_windows(
+                bucket(longest, MIN_PROMPT_BUCKET), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)
+            ),
             mesh=self.sample_mesh,
         )  # fmt: skip
         rollout = memory.MemoryEstimate(

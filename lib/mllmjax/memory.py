@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -205,13 +205,20 @@ def estimate_sampling(
     cfg: ModelConfig,
     *,
     rows: int,
-    cache_len: int,
+    cache_len: int | Sequence[int],
     param_dtype: Any = "float32",
     compute_dtype: Any = None,
     mesh: Any = None,
     available: int | None = None,
 ) -> MemoryEstimate:
-    """Per-device memory of decoding `rows` rows with a `cache_len`-slot KV cache."""
+    """Per-device memory of decoding `rows` rows with a `cache_len`-slot KV cache.
+
+    cache_len may be the windows a run's cache grows through (`sampling.sampler.decode_windows`):
+    growing from one window to the next holds both, so the peak is the largest such pair.
+    """
+    if not isinstance(cache_len, int):
+        windows = list(cache_len)
+        cache_len = max([windows[0]] + [a + b for a, b in zip(windows[:-1], windows[1:], strict=True)])
     sizes = _mesh_sizes(mesh)
     tensor = sizes.get("tensor", 1)
     kv = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads

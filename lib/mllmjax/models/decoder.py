@@ -151,6 +151,27 @@ def init_cache(
     )
 
 
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+    """The same cache with `length` slots (at least its own): empty slots appended after the others."""
+    extra = length - cache.length
+    if extra < 0:
+        raise ValueError(f"cannot shrink a {cache.length}-slot cache to {length} slots")
+    if extra == 0:
+        return cache
+
+    def pad(x: jax.Array, axis: int) -> jax.Array:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    if cache.per_layer:  # keys [B, K, H, S], values [B, K, S, H]
+        k, v = tuple(pad(x, 3) for x in cache.k), tuple(pad(x, 2) for x in cache.v)
+    else:  # [L, B, S, K, H]
+        k, v = pad(cache.k, 2), pad(cache.v, 2)
+    pos = jnp.pad(cache.pos, ((0, 0), (0, extra)), constant_values=-1)
+    return cache.replace(k=k, v=v, pos=pos)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
