@@ -100,6 +100,12 @@ def test_greedy_and_make_strategy():
     tokens, logprobs = Greedy().next_tokens(logits, jax.random.key(0))
     assert tokens.tolist() == [0, len(LOGITS) - 1]
     np.testing.assert_allclose(logprobs, np.log(_softmax(LOGITS.astype(np.float64)))[0], atol=1e-6)
+    # A tie goes to the lowest id (torch.argmax's rule), whatever the order of the reduction.
+    tied = jnp.asarray([[0.0, 1.0, 3.0, 0.0, 0.0, 3.0], [3.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    tokens, logprobs = Greedy().next_tokens(tied, jax.random.key(0))
+    assert tokens.tolist() == [2, 0]
+    want = np.log(np.exp(3.0) / np.exp(np.asarray(tied, np.float64)).sum(-1))
+    np.testing.assert_allclose(logprobs, want, atol=1e-6)
     assert make_strategy(temperature=0.0) == Greedy()
     assert make_strategy(temperature=0.7, greedy=True) == Greedy()
     assert make_strategy(temperature=0.7, top_k=50) == Sample(temperature=0.7, top_k=50)

@@ -34,9 +34,12 @@ class Strategy(Protocol):
         ...
 
 
-def _token_logprobs(scaled: jax.Array, tokens: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+def _token_logprobs(scaled: jax.Array, tokens: jax.Array, top: jax.Array | None = None) -> jax.Array:
+    """log softmax(scaled)[tokens] per row, without writing the [B, V] log-softmax out (what
+    `jax.nn.log_softmax` computes, gathered first). top: the rows' max, if the caller has it."""
+    top = jnp.max(scaled, axis=-1, keepdims=True) if top is None else top
+    log_sum = jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))
+    return (jnp.take_along_axis(scaled, tokens[:, None], axis=-1) - top)[:, 0] - log_sum
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,8 +48,12 @@ class Greedy:
 
     def next_tokens(self, logits: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = logits.astype(jnp.float32)
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return tokens, _token_logprobs(logits, tokens)
+        # The lowest id holding the row's max: two plain reductions. jnp.argmax is one reduction over
+        # (value, index) pairs that XLA:CPU runs 5x slower (7 ms against 1.4 ms at [64, 49152]).
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        tokens = jnp.min(jnp.where(logits == top, ids, logits.shape[-1] - 1), axis=-1)
+        return tokens, _token_logprobs(logits, tokens, top)
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
