@@ -239,9 +239,20 @@ def test_compilations_are_bounded_by_buckets(tiny):
         prompts = [rng.integers(0, cfg.vocab_size, size=int(n)).tolist() for n in lengths]
         for max_new in (3, 9, 14):
             generate(params, cfg, prompts, Greedy(), max_new_tokens=max_new, max_batch=8)
-            shapes.add((1 << (batch - 1).bit_length(), 16 if lengths.max() <= 16 else 32))
-    # batch buckets {1,2,4,8} x prompt buckets {16,32}: 24 runs, at most 8 programs (one per shape).
-    assert compile_count() - before == len(shapes) <= 8
+            shapes.add((1 << (batch - 1).bit_length(), sampler.prompt_bucket(int(lengths.max()))))
+    # batch buckets {1,2,4,8} x prompt buckets {16,24,32}: 24 runs, at most 12 programs (one per shape).
+    assert compile_count() - before == len(shapes) <= 12
+    assert [sampler.prompt_bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 129)] == [
+        16,
+        16,
+        24,
+        24,
+        32,
+        48,
+        64,
+        96,
+        192,
+    ]
 
 
 @pytest.mark.slow

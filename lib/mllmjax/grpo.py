@@ -402,7 +402,7 @@ class GRPORun:
 
         from mllmjax import memory
         from mllmjax.rollout import encode_prompt
-        from mllmjax.sampling.sampler import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket, decode_windows
+        from mllmjax.sampling.sampler import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
         from mllmjax.training import padded_shape
 
         cfg = self.cfg
@@ -424,7 +424,7 @@ class GRPORun:
         decode = memory.estimate_sampling(
             start.cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
             cache_len=decode_windows(
-                bucket(longest, MIN_PROMPT_BUCKET), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)
+                prompt_bucket(longest), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)
             ),
             mesh=self.sample_mesh,
         )  # fmt: skip

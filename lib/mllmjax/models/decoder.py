@@ -179,8 +179,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, T, 1, H/2] of positions [B, T]: computed once per forward and shared by every
-    layer (inside a layer XLA fuses the trig into each consumer and recomputes it per head)."""
+    """cos and sin [B, T, 1, H/2] of positions [B, T], shared by every layer. Computed inside a
+    forward, XLA:CPU still fuses the trig into each layer's RoPE and evaluates it per head; a decode
+    loop therefore passes them in (`forward`'s rope), computed at the end of the previous step."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     return jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
 
@@ -480,6 +481,7 @@ def forward(
     remat: Callable[..., Any] | None = None,
     attention_impl: str = "xla",
     mesh: jax.sharding.Mesh | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder; return (final-normed hidden states [B, T, D], updated cache or None).
 
@@ -494,13 +496,14 @@ def forward(
     uses `attention`, one without it "xla" as `attention_causal` (so positions must increase along
     each row's valid tokens). mesh: the devices the arrays are sharded over, for kernels that run per
     device (pallas); other paths leave the partitioning to XLA.
+    rope: `rope_tables(positions, cfg.inv_freq())`, if the caller has them (default: computed here).
     """
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     positions = positions.astype(jnp.int32)
     key_pos = jnp.where(valid, positions, -1)
-    cos, sin = rope_tables(positions, jnp.asarray(cfg.inv_freq()))
+    cos, sin = rope_tables(positions, jnp.asarray(cfg.inv_freq())) if rope is None else rope
     eps = cfg.rms_norm_eps
     x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)  # [B, T, D]
 

@@ -11,9 +11,10 @@ Design decisions:
 - Group sampling: the B prompts are prefilled once, then the cache and the last-token logits are
   repeated n times along the batch (prompt-major: row = prompt * n + sample), so the n samples of a
   prompt share one prefill.
-- Shapes are bucketed to powers of two (batch rows, prompt length >= 16, generation length >= 16),
-  so a run over many batches compiles a bounded number of programs; `max_new_tokens` itself is a
-  traced value. `compile_count()` counts traces (= compilations) for tests and benchmarks.
+- Shapes are bucketed: batch rows and generation length (>= 16) to powers of two, prompt length
+  (>= 16) to powers of two and the midpoints 3 * 2^k between them (`prompt_bucket`: prefill is a
+  large share of a batch's work, and this caps its padding at a third instead of a half), so a run
+  over many batches compiles a bounded number of programs; `max_new_tokens` itself is a traced value. `compile_count()` counts traces (= compilations) for tests and benchmarks.
 - Randomness is per row: the key of (prompt i, sample j) is fold_in(fold_in(seed, i), j), folded
   again with the step, so a seed gives the same completions whatever the batch bucket or the order
   the prompts were packed in.
@@ -76,6 +77,12 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def prompt_bucket(n: int) -> int:
+    """The padded prompt length: the smallest 2^k or 3 * 2^(k-1) >= max(n, MIN_PROMPT_BUCKET)."""
+    p = bucket(n, MIN_PROMPT_BUCKET)
+    return p * 3 // 4 if p * 3 // 4 >= max(n, MIN_PROMPT_BUCKET) else p
+
+
 def decode_windows(prompt_len: int, out_len: int) -> tuple[int, ...]:
     """The cache lengths a whole run decodes in: the out_len new slots split into at most
     DECODE_WINDOWS windows of at least MIN_WINDOW_STEPS slots each (the last is the full cache)."""
@@ -110,6 +117,7 @@ class DecodeState:
     cache: decoder.KVCache
     last: jax.Array  # [R] int32, the token sampled last (fed at the next step)
     pos: jax.Array  # [R] int32, the position `last` will take
+    rope: tuple[jax.Array, jax.Array]  # decoder.rope_tables of pos, made one step ahead (see there)
     done: jax.Array  # [R] bool
     stopped: jax.Array  # [R] bool, finished on a stop id (else on length)
     limit: jax.Array  # [R] int32, most new tokens this row may produce
@@ -192,6 +200,7 @@ def _prefill(
         cache=cache,
         last=jnp.zeros((rows,), jnp.int32),
         pos=rep(lengths),
+        rope=decoder.rope_tables(rep(lengths)[:, None], jnp.asarray(cfg.inv_freq())),
         done=rep(limit) <= 0,
         stopped=jnp.zeros((rows,), bool),
         limit=rep(limit),
@@ -233,9 +242,12 @@ def _decode(
             valid=~s.done[:, None],
             cache=s.cache,
             compute_dtype=cdt,
+            rope=s.rope,
         )
         logits = decoder.logits_from_hidden(params, hidden[:, 0])
-        s = s.replace(cache=cache, pos=s.pos + 1)
+        pos = s.pos + 1
+        rope = decoder.rope_tables(pos[:, None], jnp.asarray(cfg.inv_freq()))
+        s = s.replace(cache=cache, pos=pos, rope=rope)
         return _record(s, logits, strategy, stop_ids)
 
     return jax.lax.while_loop(cond, body, state)
@@ -316,7 +328,7 @@ def _pack(
     cfg: ModelConfig, prompts: Sequence[Sequence[int]], rows: int, max_new_tokens: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pad prompts into [rows, P] with a valid mask; per-row new-token limits (0 for filler)."""
-    p = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+    p = prompt_bucket(max(len(x) for x in prompts))
     tokens = np.zeros((rows, p), np.int32)
     valid = np.zeros((rows, p), bool)
     limit = np.zeros((rows,), np.int32)
@@ -484,5 +496,6 @@ __all__ = [
     "compile_count",
     "decode_windows",
     "generate",
+    "prompt_bucket",
     "stream",
 ]
