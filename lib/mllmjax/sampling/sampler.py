@@ -14,7 +14,8 @@ Design decisions:
 - Shapes are bucketed: batch rows and generation length (>= 16) to powers of two, prompt length
   (>= 16) to powers of two and the midpoints 3 * 2^k between them (`prompt_bucket`: prefill is a
   large share of a batch's work, and this caps its padding at a third instead of a half), so a run
-  over many batches compiles a bounded number of programs; `max_new_tokens` itself is a traced value. `compile_count()` counts traces (= compilations) for tests and benchmarks.
+  over many batches compiles a bounded number of programs; `max_new_tokens` itself is a traced
+  value. `compile_count()` counts traces (= compilations) for tests and benchmarks.
 - Randomness is per row: the key of (prompt i, sample j) is fold_in(fold_in(seed, i), j), folded
   again with the step, so a seed gives the same completions whatever the batch bucket or the order
   the prompts were packed in.
@@ -24,8 +25,9 @@ Design decisions:
 - The cache grows while decoding: the whole-run program decodes in up to 4 windows (`decode_windows`),
   each a while loop over a cache only as long as the slots it can fill, then pads the cache to the
   next window. A step reads the whole cache it is given, so in windows it reads about what has been
-  written, as HF's growing cache does: at batch 64 on SmolLM2-135M (24-token prompts, 128 new tokens) a step went from 186 to 170-173 ms.
-  Growing needs the old and the new window at once, which `memory.estimate_sampling` counts.
+  written, as HF's growing cache does: at batch 64 on SmolLM2-135M (24-token prompts, 128 new
+  tokens) a step went from 186 to 170-173 ms. Growing needs the old and the new window at once,
+  which `memory.estimate_sampling` counts.
 - The KV cache is the decoder's `KVCache` in the compute dtype. The whole-run program creates it
   inside (nothing to donate); the streaming decode program takes the loop state, cache included, as a
   donated argument so XLA updates the cache buffer in place instead of allocating and copying a new
@@ -255,7 +257,8 @@ def _decode(
 
 def _slice_layers(params: decoder.Params, cfg: ModelConfig) -> decoder.Params:
     """params with the stacked layers as a tuple of per-layer trees. A decode loop slices them once,
-    outside the loop: inside it XLA:CPU would copy every layer's weights out of the stack at every step."""
+    outside the loop: inside it XLA:CPU would copy every layer's weights out of the stack at every
+    step."""
     layers = tuple(jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(cfg.num_layers))
     return {**params, "layers": layers}
 
