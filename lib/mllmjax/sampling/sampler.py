@@ -197,12 +197,12 @@ def _prefill(
     else:
         cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1))
     cache = cache.replace(pos=rep(cache.pos), index=rep(cache.index))
-    rows = b * n
+    rows, pos = b * n, rep(lengths)
     state = DecodeState(
         cache=cache,
         last=jnp.zeros((rows,), jnp.int32),
-        pos=rep(lengths),
-        rope=decoder.rope_tables(rep(lengths)[:, None], jnp.asarray(cfg.inv_freq())),
+        pos=pos,
+        rope=decoder.rope_tables(pos[:, None], jnp.asarray(cfg.inv_freq())),
         done=rep(limit) <= 0,
         stopped=jnp.zeros((rows,), bool),
         limit=rep(limit),
