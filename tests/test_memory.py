@@ -94,6 +94,12 @@ def test_sampling_estimate_counts_the_kv_cache():
     assert windows == (128, 256, 384, 512)
     grown = memory.estimate_sampling(CFG, rows=16, cache_len=windows, param_dtype="bfloat16")
     assert grown.parts["kv_cache"] == est.parts["kv_cache"] * (384 + 512) // 512
+    # The CPU decode loop's output-major copy of the layer matrices: q, o (256 x 4*64), k, v
+    # (256 x 2*64), gate, up, down (256 x 768), per layer, in the parameter dtype.
+    assert "decode_weights" not in est.parts
+    cpu = memory.estimate_sampling(CFG, rows=16, cache_len=512, param_dtype="bfloat16", out_major=True)
+    assert cpu.parts["decode_weights"] == 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768) * 2
+    assert cpu.total == est.total + cpu.parts["decode_weights"]
 
 
 def test_check_refuses_what_cannot_fit(monkeypatch):

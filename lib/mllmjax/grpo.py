@@ -402,7 +402,7 @@ class GRPORun:
 
         from mllmjax import memory
         from mllmjax.rollout import encode_prompt
-        from mllmjax.sampling.sampler import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
+        from mllmjax.sampling.sampler import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket, unrolled
         from mllmjax.training import padded_shape
 
         cfg = self.cfg
@@ -426,7 +426,7 @@ class GRPORun:
             cache_len=decode_windows(
                 prompt_bucket(longest), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)
             ),
-            mesh=self.sample_mesh,
+            mesh=self.sample_mesh, out_major=unrolled(),
         )  # fmt: skip
         rollout = memory.MemoryEstimate(
             {
@@ -434,6 +434,7 @@ class GRPORun:
                 "optimizer": update.parts["optimizer"],
                 "reference": update.parts["reference"],
                 "sampling copy": decode.parts["params"] if self.sample_mesh is not self.mesh else 0,
+                "decode_weights": decode.parts.get("decode_weights", 0),
                 "kv_cache": decode.parts["kv_cache"],
                 "logits": decode.parts["logits"],
             },

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -84,9 +84,12 @@ def _mesh_sizes(mesh: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in mesh.shape.items()}
 
 
-def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh: Any = None) -> int:
+def param_bytes_per_device(
+    cfg: ModelConfig, dtype: Any, mesh: Any = None, only: Callable[[str], bool] | None = None
+) -> int:
     """Bytes of the parameters one device holds under the default sharding rules (the same
-    `ShardingRules.spec` that places them, applied to axis sizes alone)."""
+    `ShardingRules.spec` that places them, applied to axis sizes alone); `only` picks params by
+    path ("layers/q", "embed", ...)."""
     from mllmjax.models.decoder import map_specs, param_specs
     from mllmjax.sharding import DEFAULT_RULES, _as_tuple
 
@@ -94,7 +97,9 @@ def param_bytes_per_device(cfg: ModelConfig, dtype: Any, mesh: Any = None) -> in
     axis_sizes = SimpleNamespace(shape=sizes)  # all `spec` reads of a mesh
     counts: list[int] = []
 
-    def count(_: str, spec: tuple) -> None:
+    def count(path: str, spec: tuple) -> None:
+        if only is not None and not only(path):
+            return
         shape, logical = spec
         parts = DEFAULT_RULES.spec(shape, logical, axis_sizes)
         counts.append(
@@ -210,11 +215,14 @@ def estimate_sampling(
     compute_dtype: Any = None,
     mesh: Any = None,
     available: int | None = None,
+    out_major: bool = False,
 ) -> MemoryEstimate:
     """Per-device memory of decoding `rows` rows with a `cache_len`-slot KV cache.
 
     cache_len may be the windows a run's cache grows through (`sampling.sampler.decode_windows`):
     growing from one window to the next holds both, so the peak is the largest such pair.
+    out_major: the decode loop works on an output-major copy of the layer matrices (the sampler's
+    unrolled CPU path, `decoder.out_major_layer`), counted as "decode_weights".
     """
     if not isinstance(cache_len, int):
         windows = list(cache_len)
@@ -229,6 +237,11 @@ def estimate_sampling(
         "kv_cache": 2 * cfg.num_layers * r * cache_len * kv * cfg.head_dim * c_bytes,
         "logits": 3 * 4 * r * cfg.vocab_size,
     }
+    if out_major:
+        from mllmjax.models.decoder import OUT_MAJOR_WEIGHTS
+
+        names = {f"layers/{n}" for n in OUT_MAJOR_WEIGHTS}
+        parts["decode_weights"] = param_bytes_per_device(cfg, param_dtype, sizes, only=names.__contains__)
     return MemoryEstimate(parts, available)
 
 

@@ -76,19 +76,26 @@ def test_left_padded_rows_compute_what_unpadded_rows_do(family):
         np.testing.assert_allclose(padded[i, width - len(row) :], alone, atol=1e-5, rtol=0)
 
 
-def test_cached_prefill_and_decode_match_full_forward(family):
+@pytest.mark.parametrize("cpu_decode", [False, True], ids=["stacked", "out-major"])
+def test_cached_prefill_and_decode_match_full_forward(family, cpu_decode):
+    """Prefill then one token at a time through the cache == the full forward. cpu_decode: the decode
+    steps take the CPU sampler's form (per-layer cache, `OutMajor` layer matrices, head-first logits)."""
     _, model, ckpt = family
+    cfg = ckpt.cfg
     tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 20))
-    full = np.asarray(decoder.logits(ckpt.params, ckpt.cfg, tokens))
-    cache = decoder.init_cache(ckpt.cfg, 2, 32)
+    full = np.asarray(decoder.logits(ckpt.params, cfg, tokens))
+    cache = decoder.init_cache(cfg, 2, 32, per_layer=cpu_decode)
     pos = np.broadcast_to(np.arange(12), (2, 12))
-    hidden, cache = decoder.forward(ckpt.params, ckpt.cfg, tokens[:, :12], pos, cache=cache)
+    hidden, cache = decoder.forward(ckpt.params, cfg, tokens[:, :12], pos, cache=cache)
     steps = [np.asarray(decoder.logits_from_hidden(ckpt.params, hidden))]
+    params = ckpt.params
+    if cpu_decode:
+        layers = [jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(cfg.num_layers)]
+        params = {**params, "layers": tuple(decoder.out_major_layer(lp) for lp in layers)}
+        assert isinstance(params["layers"][0]["q"], decoder.OutMajor)
     for t in range(12, 20):
-        hidden, cache = decoder.forward(
-            ckpt.params, ckpt.cfg, tokens[:, t : t + 1], np.full((2, 1), t), cache=cache
-        )
-        steps.append(np.asarray(decoder.logits_from_hidden(ckpt.params, hidden)))
+        hidden, cache = decoder.forward(params, cfg, tokens[:, t : t + 1], np.full((2, 1), t), cache=cache)
+        steps.append(np.asarray(decoder.logits_from_hidden(params, hidden, head_first=cpu_decode)))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=TOL, rtol=0)
 
 
