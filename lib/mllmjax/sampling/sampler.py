@@ -394,8 +394,9 @@ def generate(
     max_batch: most rows (prompts x n) decoded together; prompts are packed by length into batches.
     mesh: run under this mesh (params placed by `mllmjax.sharding`); batches are split over its
         data-parallel axes when they divide evenly.
-    unroll_layers: unroll the layer loop with a per-layer cache (default: on CPU, where XLA would
-        otherwise copy each layer's weights and cache at every step; see decoder.KVCache).
+    unroll_layers: unroll the layer loop with a per-layer cache and output-major layer matrices
+        (default: on CPU, where XLA would otherwise copy each layer's weights and cache at every step,
+        and multiplies a step's few rows faster weight-first; see decoder.KVCache, decoder.OutMajor).
     first_index: the random stream of prompt i is that of prompt first_index + i (a host decoding
         its share of a larger list passes where its share starts, and samples what one process would).
     on_batch(done_tokens, done_samples): called after each batch, for progress bars.
