@@ -12,6 +12,7 @@ from hf_models import TINY_CONFIGS, save_hf_model
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax.convert import convert
 from mllmjax.models import decoder
+from mllmjax.sampling import sampler
 from mllmjax.weights.table import params_from_hf
 
 TOL = 1e-4
@@ -89,9 +90,8 @@ def test_cached_prefill_and_decode_match_full_forward(family, cpu_decode):
     hidden, cache = decoder.forward(ckpt.params, cfg, tokens[:, :12], pos, cache=cache)
     steps = [np.asarray(decoder.logits_from_hidden(ckpt.params, hidden))]
     params = ckpt.params
-    if cpu_decode:
-        layers = [jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(cfg.num_layers)]
-        params = {**params, "layers": tuple(decoder.out_major_layer(lp) for lp in layers)}
+    if cpu_decode:  # the sampler's per-layer, output-major params
+        params = sampler._slice_layers(params, cfg)
         assert isinstance(params["layers"][0]["q"], decoder.OutMajor)
     for t in range(12, 20):
         hidden, cache = decoder.forward(params, cfg, tokens[:, t : t + 1], np.full((2, 1), t), cache=cache)
