@@ -37,6 +37,7 @@ from mllmjax_cli.options import (
     GroupSize,
     Json,
     Kl,
+    LayerLoop,
     LossAgg,
     Lr,
     MaxBatch,
@@ -96,8 +97,8 @@ _SETTINGS = (
     "seed", "group_size", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "batch_size", "reward",
     "reward_fn", "advantage", "overlong", "overlong_penalty", "dynamic_sampling", "max_sampling_rounds",
     "ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup", "beta", "kl",
-    "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "compute_dtype", "attention", "eval_every", "eval_data", "eval_split",
-    "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "sample_mesh", "dtype",
+    "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "layer_loop", "compute_dtype", "attention",
+    "eval_every", "eval_data", "eval_split", "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "sample_mesh", "dtype",
 )  # fmt: skip
 
 
@@ -306,6 +307,7 @@ def register(app: typer.Typer) -> None:
         loss_agg: LossAgg = "token",
         tis_cap: TisCap = None,
         remat: Remat = "none",
+        layer_loop: LayerLoop = "auto",
         compute_dtype: ComputeDtype = None,
         attention: Attention = "auto",
         eval_every: Annotated[int, typer.Option("--eval-every", help="Greedy held-out accuracy every N steps (and at step 0 and the end); 0 = off.")] = 0,

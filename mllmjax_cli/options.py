@@ -108,6 +108,14 @@ Remat = Annotated[
     str,
     typer.Option("--remat", help="none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable."),
 ]
+LayerLoop = Annotated[
+    str,
+    typer.Option(
+        "--layer-loop",
+        help="Decoder layers in the training forward: scan (one compiled layer body), unroll (faster on a "
+        "CPU, longer to compile), or auto (unroll on a CPU, scan elsewhere).",
+    ),
+]
 
 # Scoring: the same flags on score and grpo.
 Reward = Annotated[str, typer.Option("--reward", help="Rewards and weights, name=weight comma-separated.")]

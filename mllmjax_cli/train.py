@@ -19,6 +19,7 @@ from mllmjax_cli.options import (
     Force,
     Json,
     Kl,
+    LayerLoop,
     LossAgg,
     Lr,
     Mesh,
@@ -80,6 +81,7 @@ def register(app: typer.Typer) -> None:
         temperature: Temperature = 1.0,
         tis_cap: TisCap = None,
         remat: Remat = "none",
+        layer_loop: LayerLoop = "auto",
         compute_dtype: ComputeDtype = None,
         attention: Attention = "auto",
         resume: Annotated[
@@ -99,7 +101,7 @@ def register(app: typer.Typer) -> None:
             ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, lr=lr, optimizer=optimizer,
             weight_decay=weight_decay, warmup=warmup, steps=steps, beta=beta, kl=kl, clip_low=clip_low,
             clip_high=clip_high, loss_agg=loss_agg, tis_cap=tis_cap, remat=remat, temperature=temperature,
-            compute_dtype=compute_dtype, attention=attention,
+            compute_dtype=compute_dtype, attention=attention, layer_loop=layer_loop,
         )  # fmt: skip
         records = read_records(scored)
         with stage_progress("train") as progress:

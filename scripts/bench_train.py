@@ -18,6 +18,7 @@ blocks (0.5 s) and the SwiGLU backward (0.3 s). Before `decoder.dense` it was 15
 
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512
+    python scripts/bench_train.py --layer-loop scan
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=192)
     ap.add_argument("--remat", default="none", help="JAX remat policy (mllmjax.trainer.REMAT_POLICIES)")
+    ap.add_argument(
+        "--layer-loop", default="auto", choices=["auto", "scan", "unroll"],
+        help="JAX decoder layers: scan or unroll (auto: unroll on a CPU without remat)",
+    )  # fmt: skip
     ap.add_argument("--chunk", type=int, default=256, help="JAX tokens per chunk of LM-head logits")
     ap.add_argument(
         "--logit-recompute", choices=["auto", "yes", "no"], default="auto",
@@ -98,6 +103,7 @@ def main() -> None:
         optim=OptimConfig(name="adamw", peak_lr=1e-6, weight_decay=0.0, total_updates=1000),
         ppo_epochs=1,
         remat=args.remat,
+        layer_loop=args.layer_loop,
         logit_chunk=args.chunk,
         logit_recompute={"auto": None, "yes": True, "no": False}[args.logit_recompute],
         micro_batch=args.micro_batch,
@@ -194,7 +200,7 @@ def main() -> None:
         print(f"speed ratio JAX/torch = {med['torch'] / med['jax']:.2f}x wall (>1 means JAX is faster)")
         print(f"speed ratio JAX/torch = {med_cpu['torch'] / med_cpu['jax']:.2f}x cpu time")
     print(
-        f"settings: threads={args.threads} remat={args.remat} chunk={args.chunk} "
+        f"settings: threads={args.threads} remat={args.remat} layer_loop={args.layer_loop} chunk={args.chunk} "
         f"logit_recompute={args.logit_recompute} micro_batch={args.micro_batch} "
         f"torch_full_logits={args.torch_full_logits} jax={jax.__version__} torch={torch.__version__}"
     )

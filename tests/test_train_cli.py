@@ -143,6 +143,7 @@ def test_bad_input(setup):
     (setup / "x6").mkdir()
     _bad(setup, good, "x6", "--force")
     _bad(setup, good, "x7", "no opt_state", "--resume")  # ck0 has no optimizer state
+    _bad(setup, good, "x8", "'sideways'", "--layer-loop", "sideways")
 
 
 def test_prints_the_memory_estimate_and_refuses_what_cannot_fit(setup, monkeypatch):

@@ -12,7 +12,7 @@ from mllmjax.loss import LossConfig
 from mllmjax.models import decoder
 from mllmjax.models.config import ModelConfig
 from mllmjax.optim import OptimConfig
-from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState
+from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState, unrolls_layers
 
 B, T, P = 8, 14, 5
 CFG = ModelConfig.tiny()
@@ -183,6 +183,8 @@ def test_bad_batches_are_rejected(params) -> None:
         trainer.train_on_batch(state, good.replace(completion_start=P + 2))
     with pytest.raises(BadInputError, match="'fastest'"):
         TrainConfig(remat="fastest")
+    with pytest.raises(BadInputError, match="'sideways'"):
+        TrainConfig(layer_loop="sideways")
 
 
 def test_remat_policies_give_the_same_gradient(params) -> None:
@@ -194,6 +196,26 @@ def test_remat_policies_give_the_same_gradient(params) -> None:
     )
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+
+
+def test_unrolled_layers_give_the_scanned_gradient(params) -> None:
+    """layer_loop unroll (auto's choice on a CPU) differentiates per-layer trees split before the grad;
+    its gradient, stacked back, and its log-probs are the scan's, and it really has no layer loop."""
+    batch = _batch(4)
+    scan = Trainer(CFG, TrainConfig(loss=LossConfig(beta=0.0), layer_loop="scan"))
+    unroll = Trainer(CFG, TrainConfig(loss=LossConfig(beta=0.0), layer_loop="unroll"))
+    (g0, m0, lp0), (g1, m1, lp1) = scan.grads(params, batch), unroll.grads(params, batch)
+    assert jax.tree.structure(g0) == jax.tree.structure(g1) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lp0), np.asarray(lp1), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(float(m0["loss"]), float(m1["loss"]), atol=1e-6, rtol=1e-6)
+    loops = [t.logprobs.lower(params, batch).as_text().count("stablehlo.while") for t in (scan, unroll)]
+    assert loops[0] == loops[1] + 1, loops  # the layer scan (the others loop over LM-head chunks)
+    # auto: unrolled on a CPU without remat; scanned under remat (memory) and on accelerators.
+    assert unrolls_layers("auto", "none", "cpu") and not unrolls_layers("auto", "none", "gpu")
+    assert not unrolls_layers("auto", "nothing_saveable", "cpu") and unrolls_layers("unroll", "dots_saveable")
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(params) -> None:

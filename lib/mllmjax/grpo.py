@@ -111,6 +111,7 @@ class GRPOConfig:
     loss_agg: str = "token"
     tis_cap: float | None = None
     remat: str = "none"
+    layer_loop: str = "auto"
     compute_dtype: str | None = None
     attention: str = "auto"
     # Evaluation on a held-out split (greedy pass@1); 0 = off.
@@ -190,7 +191,7 @@ class GRPOConfig:
 
         names = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
                  "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature",
-                 "compute_dtype", "attention")  # fmt: skip
+                 "compute_dtype", "attention", "layer_loop")  # fmt: skip
         return make_train_config(**{n: getattr(self, n) for n in names})
 
     def to_dict(self) -> dict[str, Any]:

@@ -139,6 +139,7 @@ def make_train_config(
     temperature: float = 1.0,
     compute_dtype: str | None = None,
     attention: str = "auto",
+    layer_loop: str = "auto",
 ) -> TrainConfig:
     """A TrainConfig from the flag values `train` and `grpo` share; the LR schedule spans
     steps x ppo_epochs x minibatches optimizer updates."""
@@ -151,7 +152,7 @@ def make_train_config(
         optim=OptimConfig(name=optimizer, peak_lr=lr, warmup_frac=warmup, weight_decay=weight_decay,
                           total_updates=total_updates(steps, ppo_epochs, minibatches)),
         ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, remat=remat,
-        temperature=temperature, compute_dtype=compute_dtype, attention=attention,
+        temperature=temperature, compute_dtype=compute_dtype, attention=attention, layer_loop=layer_loop,
     )  # fmt: skip
 
 

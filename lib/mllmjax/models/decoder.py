@@ -3,6 +3,8 @@
 Design decisions:
 - Parameters are a nested dict of arrays with the layers stacked on a leading axis, so the forward
   pass is one `lax.scan` over layers: compile time does not grow with depth, and remat wraps one body.
+  A caller may instead pass the layers as a sequence of per-layer trees (`split_layers`); `forward`
+  then unrolls them (decode loops and training on CPU, where the scan's stacking copies cost time).
 - `param_specs(cfg)` is the single declaration of every parameter's shape and logical axis names;
   initialisation, sharding and the HF name tables all read it, so they cannot drift apart.
 - Attention masks are derived from positions alone: a key at position p is visible to a query at
@@ -171,6 +173,20 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
         k, v = pad(cache.k, 2), pad(cache.v, 2)
     pos = jnp.pad(cache.pos, ((0, 0), (0, extra)), constant_values=-1)
     return cache.replace(k=k, v=v, pos=pos)
+
+
+def split_layers(layers: Params, num_layers: int) -> tuple[Params, ...]:
+    """The stacked layer tree as a tuple of per-layer trees, for an unrolled `forward`.
+
+    Training splits before differentiating, so each layer's gradient comes out as its own tree
+    (`stack_layers` joins them): slicing inside the differentiated function would instead give every
+    layer's gradient as a pad to the whole stacked shape."""
+    return tuple(jax.tree.map(lambda p, i=i: p[i], layers) for i in range(num_layers))
+
+
+def stack_layers(layers: tuple[Params, ...] | list[Params]) -> Params:
+    """The inverse of `split_layers`: per-layer trees stacked on a leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -544,6 +560,8 @@ def forward(
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder; return (final-normed hidden states [B, T, D], updated cache or None).
 
+    params["layers"]: stacked (one `lax.scan` over the layers) or a sequence of per-layer trees
+    (`split_layers`; the layers are then unrolled, as they are with a per-layer cache).
     tokens, positions: [B, T] int. valid: [B, T] bool, False for padding (default all True).
     With a cache, the T new tokens are written at each row's `cache.index`, and attend to everything
     already cached plus themselves; invalid tokens are stored with position -1 (never attended) and do
@@ -615,21 +633,29 @@ def forward(
         x = x + dense(swiglu(dense(h, lp["gate"]), dense(h, lp["up"])), lp["down"])
         return x, (ck, cv)
 
+    layers = params["layers"]
+    split = isinstance(layers, (tuple, list))
     if remat is not None:
-        body = jax.checkpoint(body, policy=remat, prevent_cse=False)
-    if cache is not None and cache.per_layer:
+        # Under scan, XLA cannot merge the backward's recomputation with the forward (JAX's docs on
+        # jax.checkpoint); unrolled it would, and keep every activation after all.
+        body = jax.checkpoint(body, policy=remat, prevent_cse=split)
+    if (cache is not None and cache.per_layer) or (cache is None and split):
+        # Unrolled. A caller looping over decode steps, or differentiating, passes the layers
+        # pre-sliced (`split_layers`, outside its loop or its grad); stacked layers are sliced here.
         new_k, new_v = [], []
-        layers = params["layers"]
         for i in range(cfg.num_layers):
-            # A caller looping over decode steps passes the layers pre-sliced (a sequence of per-layer
-            # trees, sliced outside its loop); stacked layers are sliced here.
-            lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda p, i=i: p[i], layers)
-            x, (ck, cv) = body(x, (lp, cache.k[i], cache.v[i]))
+            lp = layers[i] if split else jax.tree.map(lambda p, i=i: p[i], layers)
+            kv = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+            x, (ck, cv) = body(x, (lp, *kv))
             new_k.append(ck)
             new_v.append(cv)
         new_k, new_v = tuple(new_k), tuple(new_v)
     else:
-        xs = (params["layers"], cache.k if cache else None, cache.v if cache else None)
+        xs = (
+            stack_layers(layers) if split else layers,
+            cache.k if cache else None,
+            cache.v if cache else None,
+        )
         x, (new_k, new_v) = jax.lax.scan(body, x, xs)
     hidden = rms_norm(x, params["final_norm"], eps)
     if cache is None:
