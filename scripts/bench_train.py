@@ -8,13 +8,20 @@ The torch side asks HF for logits only at the positions that predict completion 
 (`logits_to_keep`), the same saving the JAX side makes, so the comparison is like for like.
 The two run alternately in one process with the same thread count; seconds per update are medians.
 
-Measured on this 2-core machine (jax 0.10.2, torch 2.13, 2026-11-30, later session), launcher settings,
---reps 5 after 2 warm-up rounds: JAX 10.63 s per update (10.5-12.2) against torch 10.02 s (9.9-10.4):
-0.94x wall, 0.98x CPU time (JAX keeps ~5% of the two cores idle in its single-threaded small ops).
-What got it there from 13.08 s against 11.86 s (0.91x) earlier that day: donating the state (no heap
-growth), the written-out LM-head gradient keeping the softmax (0.5-0.8 s), attention in causal query
-blocks (0.5 s) and the SwiGLU backward (0.3 s). Before `decoder.dense` it was 15.89 s against 11.43 s
-(0.72x); before the kept heap, 17.9 s against 12.4 s (0.69x).
+Measured on this 2-core machine (AMD EPYC, AVX-512; jax 0.10.2, torch 2.13), launcher settings, --reps 5
+after 2 warm-up rounds. 2026-12-01, layers unrolled (`--layer-loop auto` on a CPU): JAX 11.01 s per update
+against torch 10.66 s, 0.97x wall, 1.01x CPU time; the day before, in quieter runs, 9.82 s against 9.64 s
+(0.98x) and 1.00x. Scanned layers in the same runs: 0.93x and 0.97x. Where the rest goes (jax.profiler
+trace of one update, 10.7 s): the matmuls take 9.5 s at about 168 GFLOP/s, 87% of the two cores' FMA
+peak, as torch's do; both threads are busy for 9.5-10.0 s, and the 0.75 s with one thread idle is spread
+over hundreds of ops (matmul tails 0.35 s, attention's small batched dots 0.2 s, the LM-head reductions
+0.06 s), with no single one to fix. XLA:CPU's dot back ends (YNNPACK, the default, XNNPACK, Eigen) ran
+the same speed to within the noise.
+Earlier: 2026-11-30, scanned, JAX 10.63 s against torch 10.02 s (0.94x wall, 0.98x CPU time), from 13.08 s
+against 11.86 s (0.91x) that morning by donating the state (no heap growth), the written-out LM-head
+gradient keeping the softmax (0.5-0.8 s), attention in causal query blocks (0.5 s) and the SwiGLU
+backward (0.3 s). Before `decoder.dense` it was 15.89 s against 11.43 s (0.72x); before the kept heap,
+17.9 s against 12.4 s (0.69x).
 
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512
