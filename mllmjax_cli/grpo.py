@@ -98,7 +98,8 @@ _SETTINGS = (
     "reward_fn", "advantage", "overlong", "overlong_penalty", "dynamic_sampling", "max_sampling_rounds",
     "ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup", "beta", "kl",
     "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "layer_loop", "compute_dtype", "attention",
-    "eval_every", "eval_data", "eval_split", "eval_num_prompts", "save_every", "keep", "save_rollouts", "report_to", "mesh", "sample_mesh", "dtype",
+    "eval_every", "eval_data", "eval_split", "eval_num_prompts", "save_every", "keep", "save_rollouts",
+    "report_to", "mesh", "sample_mesh", "dtype",
 )  # fmt: skip
 
 

@@ -113,7 +113,7 @@ LayerLoop = Annotated[
     typer.Option(
         "--layer-loop",
         help="Decoder layers in the training forward: scan (one compiled layer body), unroll (faster on a "
-        "CPU, longer to compile), or auto (unroll on a CPU, scan elsewhere).",
+        "CPU, longer to compile), or auto (unroll on a CPU without --remat, scan otherwise).",
     ),
 ]
 
