@@ -12,8 +12,8 @@ Measured on this 2-core machine (AMD EPYC, AVX-512; jax 0.10.2, torch 2.13), lau
 after 2 warm-up rounds. 2026-12-01, layers unrolled (`--layer-loop auto` on a CPU): JAX 11.01 s per update
 against torch 10.66 s, 0.97x wall, 1.01x CPU time; the day before, in quieter runs, 9.82 s against 9.64 s
 (0.98x) and 1.00x. Scanned layers in the same runs: 0.93x and 0.97x. Where the rest goes (jax.profiler
-trace of one update, 10.7 s): the matmuls take 9.5 s at about 168 GFLOP/s, 87% of the two cores' FMA
-peak, as torch's do; both threads are busy for 9.5-10.0 s, and the 0.75 s with one thread idle is spread
+trace of one update, 10.7 s): the matmuls take 9.5 s, about 170 GFLOP/s (the same shapes alone ran at
+176-207 GFLOP/s in JAX and 191-200 in torch); both threads are busy for 9.5-10.0 s, and the 0.75 s with one thread idle is spread
 over hundreds of ops (matmul tails 0.35 s, attention's small batched dots 0.2 s, the LM-head reductions
 0.06 s), with no single one to fix. XLA:CPU's dot back ends (YNNPACK, the default, XNNPACK, Eigen) ran
 the same speed to within the noise.

@@ -635,16 +635,17 @@ def forward(
 
     layers = params["layers"]
     split = isinstance(layers, (tuple, list))
+    unrolled = (cache is not None and cache.per_layer) or (cache is None and split)
     if remat is not None:
         # Under scan, XLA cannot merge the backward's recomputation with the forward (JAX's docs on
         # jax.checkpoint); unrolled it would, and keep every activation after all.
-        body = jax.checkpoint(body, policy=remat, prevent_cse=split)
-    if (cache is not None and cache.per_layer) or (cache is None and split):
+        body = jax.checkpoint(body, policy=remat, prevent_cse=unrolled)
+    if unrolled:
         # Unrolled. A caller looping over decode steps, or differentiating, passes the layers
         # pre-sliced (`split_layers`, outside its loop or its grad); stacked layers are sliced here.
         new_k, new_v = [], []
-        for i in range(cfg.num_layers):
-            lp = layers[i] if split else jax.tree.map(lambda p, i=i: p[i], layers)
+        per_layer = layers if split else split_layers(layers, cfg.num_layers)
+        for i, lp in enumerate(per_layer):
             kv = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
             x, (ck, cv) = body(x, (lp, *kv))
             new_k.append(ck)

@@ -266,11 +266,8 @@ def _slice_layers(params: decoder.Params, cfg: ModelConfig) -> decoder.Params:
     would copy every layer's weights out of the stack at every step. The output-major copy is what
     XLA:CPU multiplies fastest by a decode step's few rows; it costs one more copy of the layer
     matrices while the program runs (`memory.estimate_sampling(out_major=True)`)."""
-    layers = tuple(
-        decoder.out_major_layer(jax.tree.map(lambda p, i=i: p[i], params["layers"]))
-        for i in range(cfg.num_layers)
-    )
-    return {**params, "layers": layers}
+    layers = decoder.split_layers(params["layers"], cfg.num_layers)
+    return {**params, "layers": tuple(decoder.out_major_layer(lp) for lp in layers)}
 
 
 @functools.cache
