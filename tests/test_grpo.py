@@ -244,7 +244,7 @@ def test_an_abandoned_step_rolls_back_to_the_state_it_started_from(ckpt, tmp_pat
     """A KeyboardInterrupt after step 2's first update (which took over a state, donated to XLA) saves
     the same step-1 state as one before step 2 trained at all: the updates never consumed the state
     kept to roll the step back."""
-    import mllmjax.grpo as grpo_mod
+    import mllmjax.grpo.loop as grpo_mod
 
     monkeypatch.syspath_prepend(str(TESTS))
 

@@ -9,8 +9,10 @@ checkpoint atomically. export: restore the params to host memory, write config +
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,3 +211,30 @@ def export(
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         files += copy_side_files(ckpt_path, tmp)
     return ExportResult(out, sorted(files), out_dtype)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MLLMJAX_CACHE", Path.home() / ".cache" / "mllmjax"))
+
+
+def resolve_model(spec: str, *, dtype: str = "auto", on_convert: Callable[[str], None] | None = None) -> Path:
+    """A checkpoint directory for `spec`: the checkpoint itself, or the cached conversion of a hub id,
+    HF folder/file, GGUF or embedded model (converted on first use; the conversion is atomic, so an
+    interrupted one is redone)."""
+    from mllmjax.checkpoint import META_FILE
+
+    path = Path(spec).expanduser()
+    if (path / META_FILE).is_file():
+        return path
+    key = str(path.resolve()) if path.exists() else spec
+    if path.is_file():
+        key += f":{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name if path.exists() else spec).strip("_")[:60]
+    dt = np.dtype(resolve_dtype(dtype)).name if dtype == "auto" else dtype
+    digest = hashlib.sha256(f"{key}|{dt}".encode()).hexdigest()[:10]
+    out = cache_dir() / "models" / f"{slug}-{dt}-{digest}"
+    if not (out / META_FILE).is_file():
+        if on_convert is not None:
+            on_convert(str(out))
+        convert(spec, out, dtype=dt, force=out.exists())
+    return out

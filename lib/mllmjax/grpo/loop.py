@@ -1,50 +1,13 @@
-"""The GRPO loop in one process: rollout -> score -> PPO epochs, step after step, in a run directory.
-
-`GRPORun(cfg, run_dir).run()` is what `mllmjax grpo` calls. Each step calls the same library functions as
-the single commands (`make_rollouts`, `score_records`, `batch_from_records` + `Trainer.train_on_batch`,
-`write_checkpoint`), with the current parameters in memory: no disk round trip between the stages.
-
-Run directory (DESIGN.md):
-
-    RUN/config.json         every resolved setting (GRPOConfig), plus the resolved start checkpoint
-    RUN/metrics.jsonl       one JSON object per step (rewards, accuracy, KL, entropy, clip fraction,
-                            lengths, truncation, zero-variance fraction, times, tokens/s, eval/*)
-    RUN/checkpoints/step_N/ checkpoint artifacts with opt_state/ (every --save-every steps and at the
-                            end; the last --keep are kept)
-    RUN/rollouts/step_N.jsonl  the scored records of each step (--save-rollouts)
-    RUN/plots/*.png         reward, accuracy, KL, entropy and length curves, drawn when the run ends or stops
-
-Design decisions:
-- Exact resume. Everything a step consumes is a function of (seed, step) or is saved in the checkpoint:
-  the prompts come from a cursor into a per-epoch permutation of the training split (seeded; the cursor
-  is saved, since dynamic sampling consumes a variable number of prompts), the sampler's seed is derived
-  from (seed, step, round), and the trainer's state (params, optimizer state, update count, RNG) is
-  saved whole. So resuming from step_N and running to the end gives the same parameters as a run that
-  was never stopped (tested bitwise-close after kill -9 at several points).
-- Crash safety. Checkpoints are written atomically (temp dir + rename), so a directory named step_N is
-  always whole; stale temp dirs are removed on resume. Old checkpoints are renamed away before they are
-  deleted. metrics.jsonl is appended once per step and cut back to the resumed step on resume.
-- Interrupts. `stop_requested()` is polled between steps (in a multi-host run, all processes stop
-  when any one was asked to): the loop then saves a checkpoint and returns `stopped`. A
-  KeyboardInterrupt inside a step abandons that step and saves the last finished one.
-- The embedded default (SmolLM2-135M-Instruct on the built-in arithmetic task) is a recipe file like any
-  other (`recipes/embedded-default.toml`), applied when neither a model nor data is named.
-- Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; with `dynamic_sampling`
-  the loop samples further prompts (up to `max_sampling_rounds` rounds) until `prompts_per_step` groups
-  with signal are collected. Advantages are per group, so this needs a per-group estimator.
-"""
+"""The GRPO step loop: rollout -> score -> PPO epochs, step after step, in a run directory."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import time
-import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,255 +15,22 @@ from typing import Any
 
 import numpy as np
 
+from mllmjax.convert import resolve_model
 from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
-from mllmjax.rewards import DEFAULT_REWARD_SPEC
-
-RECIPES_DIR = Path(__file__).parent / "recipes"
-EMBEDDED_RECIPE = "embedded-default"
-PER_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPOConfig:
-    """Every setting of a run, flat, named like the CLI flags (with underscores). Defaults are the
-    predecessor's GSM8K recipe with DESIGN.md's fixes."""
-
-    # What to train and on what.
-    model: str = "smollm2-135m"
-    data: str = "gsm8k"
-    split: str = "train"
-    question_field: str | None = None
-    answer_field: str | None = None
-    system_prompt: str | None = None  # a file whose text replaces the built-in system prompt
-    # The loop.
-    steps: int = 400
-    prompts_per_step: int = 1
-    seed: int = 0
-    # Rollout.
-    group_size: int = 16
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    min_p: float = 0.0
-    batch_size: int = 64
-    # Score.
-    reward: str = DEFAULT_REWARD_SPEC
-    reward_fn: tuple[str, ...] = ()
-    advantage: str = "grpo"
-    overlong: str = "none"
-    overlong_penalty: float = 1.0
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
-    # Train.
-    ppo_epochs: int = 2
-    minibatches: int = 1
-    micro_batch: int | None = None
-    lr: float = 1e-6
-    optimizer: str = "lion"
-    weight_decay: float = 1e-8
-    warmup: float = 0.05
-    beta: float = 0.04
-    kl: str = "k3"
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    loss_agg: str = "token"
-    tis_cap: float | None = None
-    remat: str = "none"
-    layer_loop: str = "auto"
-    compute_dtype: str | None = None
-    attention: str = "auto"
-    # Evaluation on a held-out split (greedy pass@1); 0 = off.
-    eval_every: int = 0
-    eval_data: str | None = None  # default: --data
-    eval_split: str = "test"
-    eval_num_prompts: int = 100
-    # Run directory.
-    save_every: int = 50
-    keep: int = 3
-    save_rollouts: bool = False
-    report_to: tuple[str, ...] = ()
-    mesh: str = "data=1,fsdp=-1,tensor=1"
-    # Rollouts on another sharding of the same devices (e.g. tensor-parallel decode); None = `mesh`.
-    sample_mesh: str | None = None
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "batch_size",
-                    "max_sampling_rounds", "save_every", "keep", "eval_num_prompts")  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.eval_every < 0:
-            raise BadInputError(f"--eval-every must be >= 0, got {self.eval_every!r}")
-        if self.group_size < 2:
-            raise BadInputError(f"--group-size must be >= 2 for group advantages, got {self.group_size}")
-        if not self.temperature > 0:
-            raise BadInputError(
-                f"--temperature must be > 0 for GRPO (the loss divides by it), got {self.temperature}"
-            )
-        if self.dynamic_sampling and self.advantage not in PER_GROUP_ESTIMATORS:
-            raise BadInputError(
-                f"--dynamic-sampling assembles the batch from several sampling rounds, so it needs a per-group "
-                f"advantage estimator ({', '.join(PER_GROUP_ESTIMATORS)}), not {self.advantage!r}"
-            )
-        for r in self.report_to:
-            if r not in ("tensorboard", "wandb"):
-                raise BadInputError(f"unknown --report-to {r!r}; choose from tensorboard, wandb")
-        # The stage configs validate the rest (reward names, optimizer, loss aggregation, ...).
-        self.score_config()
-        self.train_config()
-
-    # ----------------------------------------------------------------------------- stage configs
-    def rollout_config(self, *, seed: int, group_size: int | None = None, greedy: bool = False) -> Any:
-        from mllmjax.prompts import load_system_prompt
-        from mllmjax.rollout import RolloutConfig
-        from mllmjax.sampling.strategies import sampling_strategy_args
-
-        strategy = sampling_strategy_args(self.temperature, greedy, self.top_k, self.top_p, self.min_p)
-        return RolloutConfig(
-            group_size=group_size or self.group_size,
-            max_new_tokens=self.max_new_tokens,
-            seed=seed,
-            max_batch=self.batch_size,
-            system_prompt=load_system_prompt(self.system_prompt),
-            **strategy,
-        )
-
-    def score_config(self) -> Any:
-        from mllmjax.scoring import ScoreConfig
-
-        return ScoreConfig(
-            rewards=self.reward,
-            reward_fns=tuple(self.reward_fn),
-            advantage=self.advantage,
-            filter_zero_variance=self.dynamic_sampling,
-            overlong=self.overlong,  # type: ignore[arg-type]  # validated by ScoreConfig
-            overlong_penalty=self.overlong_penalty,
-            group_size=self.group_size,
-            source="rollouts",
-        )
-
-    def train_config(self) -> Any:
-        from mllmjax.training import make_train_config
-
-        names = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
-                 "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature",
-                 "compute_dtype", "attention", "layer_loop")  # fmt: skip
-        return make_train_config(**{n: getattr(self, n) for n in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["reward_fn"] = list(self.reward_fn)
-        d["report_to"] = list(self.report_to)
-        return d
+from mllmjax.grpo.config import GRPOConfig
+from mllmjax.grpo.report import REPORTERS, draw_plots, make_reporter
+from mllmjax.grpo.run_dir import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUN_FORMAT,
+    _write_atomic,
+    checkpoint_steps,
+    read_metrics,
+    read_run_config,
+)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(GRPOConfig)}
-
-
-# ----------------------------------------------------------------------------------------- config files
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-
-
-def read_config_file(spec: str | os.PathLike[str]) -> dict[str, Any]:
-    """Settings from a TOML or YAML file, or a shipped recipe by name (see `recipe_names()`). Keys are
-    flag names (`max-new-tokens` or `max_new_tokens`); unknown keys are refused."""
-    path = Path(spec)
-    if not path.is_file():
-        if str(spec) in recipe_names():
-            path = RECIPES_DIR / f"{spec}.toml"
-        else:
-            raise BadInputError(
-                f"config {spec!r} is neither a file nor a shipped recipe ({', '.join(recipe_names())})"
-            )
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raise BadInputError(f"{path}: a config file must be .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, ValueError) as e:
-        raise BadInputError(f"{path}: cannot parse: {' '.join(str(e).split())}") from e
-    except Exception as e:  # yaml.YAMLError
-        if isinstance(e, BadInputError):
-            raise
-        raise BadInputError(f"{path}: cannot parse: {' '.join(str(e).split())}") from e
-    if not isinstance(raw, dict):
-        raise BadInputError(f"{path}: expected a table of settings, got {type(raw).__name__}")
-    return normalise_settings(raw, where=str(path))
-
-
-def normalise_settings(raw: dict[str, Any], *, where: str) -> dict[str, Any]:
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            close = [f for f in FIELDS if f.startswith(name[:4])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise BadInputError(f"{where}: unknown setting {key!r}{hint}")
-        if name in ("reward_fn", "report_to") and isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list):
-            value = tuple(value)
-        out[name] = value
-    return out
-
-
-def build_config(*layers: dict[str, Any]) -> GRPOConfig:
-    """Merge settings, later layers winning: e.g. (recipe, config file, command-line flags). With no
-    model and no data named in any layer, the embedded default recipe is the base."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged.update(layer)
-    if "model" not in merged and "data" not in merged:
-        merged = {**read_config_file(EMBEDDED_RECIPE), **merged}
-    try:
-        return GRPOConfig(**merged)
-    except TypeError as e:
-        raise BadInputError(f"bad setting: {e}") from e
-
-
-# ----------------------------------------------------------------------------------------- model
-def cache_dir() -> Path:
-    return Path(os.environ.get("MLLMJAX_CACHE", Path.home() / ".cache" / "mllmjax"))
-
-
-def resolve_model(spec: str, *, dtype: str = "auto", on_convert: Callable[[str], None] | None = None) -> Path:
-    """A checkpoint directory for `spec`: the checkpoint itself, or the cached conversion of a hub id,
-    HF folder/file, GGUF or embedded model (converted on first use; the conversion is atomic, so an
-    interrupted one is redone)."""
-    from mllmjax.checkpoint import META_FILE, resolve_dtype
-    from mllmjax.convert import convert
-
-    path = Path(spec).expanduser()
-    if (path / META_FILE).is_file():
-        return path
-    key = str(path.resolve()) if path.exists() else spec
-    if path.is_file():
-        key += f":{path.stat().st_size}:{path.stat().st_mtime_ns}"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name if path.exists() else spec).strip("_")[:60]
-    dt = np.dtype(resolve_dtype(dtype)).name if dtype == "auto" else dtype
-    digest = hashlib.sha256(f"{key}|{dt}".encode()).hexdigest()[:10]
-    out = cache_dir() / "models" / f"{slug}-{dt}-{digest}"
-    if not (out / META_FILE).is_file():
-        if on_convert is not None:
-            on_convert(str(out))
-        convert(spec, out, dtype=dt, force=out.exists())
-    return out
-
-
-# ----------------------------------------------------------------------------------------- data order
 def problem_index(cursor: int, n: int, seed: int) -> int:
     """The dataset index of the cursor-th prompt of a run: epochs of seeded permutations."""
     epoch, pos = divmod(cursor, n)
@@ -312,59 +42,6 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-# ----------------------------------------------------------------------------------------- run dir
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps with a whole checkpoint in RUN/checkpoints (temp and trash dirs are never matched)."""
-    from mllmjax.checkpoint import META_FILE
-
-    root = run_dir / CHECKPOINTS
-    steps = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and (d / META_FILE).is_file() and (d / "opt_state").is_dir():
-                steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    f = run_dir / CONFIG_FILE
-    if not f.is_file():
-        raise ArtifactError(f"{run_dir} is not a grpo run directory (no {CONFIG_FILE})")
-    try:
-        raw = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{f}: unreadable: {e}") from e
-    if raw.get("format") != RUN_FORMAT:
-        raise ArtifactError(f"{f}: format {raw.get('format')!r}, expected {RUN_FORMAT!r}")
-    return raw
-
-
-RUN_FORMAT = "mllmjax.grpo-run/1"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: Path, upto: int | None = None) -> list[dict[str, Any]]:
-    """metrics.jsonl as dicts (a torn last line from a crash is skipped), optionally steps <= upto."""
-    f = run_dir / METRICS_FILE
-    rows = []
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and (upto is None or row.get("step", 0) <= upto):
-                rows.append(row)
-    return rows
-
-
-# ----------------------------------------------------------------------------------------- the loop
 @dataclasses.dataclass
 class RunResult:
     run_dir: Path
@@ -838,108 +515,9 @@ def _summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-# ----------------------------------------------------------------------------------------- crash points
 def crash_point(name: str, step: int) -> None:
     """Fault injection for the kill tests: MLLMJAX_CRASH_AT=NAME@STEP kills this process with SIGKILL
     at that point (rollout, update, metrics, checkpoint: mid-write, before the rename)."""
     target = os.environ.get("MLLMJAX_CRASH_AT")
     if target and target == f"{name}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ----------------------------------------------------------------------------------------- plots
-PLOTS = {
-    "reward": ("reward", "reward (weighted mean)"),
-    "accuracy": ("accuracy", "accuracy (train samples)"),
-    "kl": ("kl", "KL to the reference"),
-    "entropy": ("entropy", "entropy (nats / token)"),
-    "length": ("completion_len", "completion length (tokens)"),
-}
-
-
-def draw_plots(run_dir: Path, metrics: Sequence[dict[str, Any]]) -> list[Path]:
-    """PNG curves of reward, accuracy (with held-out eval accuracy when present), KL, entropy and length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = run_dir / "plots"
-    out_dir.mkdir(exist_ok=True)
-    written = []
-    for name, (key, title) in PLOTS.items():
-        pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key)
-        if name == "accuracy":
-            ev = [(m["step"], m["eval/accuracy"]) for m in metrics if m.get("eval/accuracy") is not None]
-            if ev:
-                xs, ys = zip(*ev, strict=True)
-                ax.plot(xs, ys, marker="o", label="held-out (greedy)")
-            ax.legend(loc="best")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-# ----------------------------------------------------------------------------------------- reporters
-class _TensorBoard:
-    @staticmethod
-    def check() -> None:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError as e:
-            raise BadInputError(
-                "--report-to tensorboard needs the tensorboard package: pip install 'mllmjax[tensorboard]'"
-            ) from e
-
-    def __init__(self, run_dir: Path, cfg: GRPOConfig):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, row: dict[str, Any], step: int) -> None:
-        for k, v in row.items():
-            if isinstance(v, int | float) and k != "step":
-                self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _WandB:
-    @staticmethod
-    def check() -> None:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            raise BadInputError(
-                "--report-to wandb needs the wandb package: pip install 'mllmjax[wandb]'"
-            ) from e
-
-    def __init__(self, run_dir: Path, cfg: GRPOConfig):
-        import wandb
-
-        self.run = wandb.init(project="mllmjax", name=run_dir.name, dir=str(run_dir), config=cfg.to_dict())
-
-    def log(self, row: dict[str, Any], step: int) -> None:
-        self.run.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-REPORTERS: dict[str, Any] = {"tensorboard": _TensorBoard, "wandb": _WandB}
-
-
-def make_reporter(name: str, run_dir: Path, cfg: GRPOConfig) -> Any:
-    return REPORTERS[name](run_dir, cfg)

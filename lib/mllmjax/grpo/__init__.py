@@ -1,0 +1,64 @@
+"""The GRPO loop in one process: rollout -> score -> PPO epochs, step after step, in a run directory.
+
+`GRPORun(cfg, run_dir).run()` is what `mllmjax grpo` calls. Each step calls the same library functions as
+the single commands (`make_rollouts`, `score_records`, `batch_from_records` + `Trainer.train_on_batch`,
+`write_checkpoint`), with the current parameters in memory: no disk round trip between the stages.
+
+Run directory (DESIGN.md):
+
+    RUN/config.json         every resolved setting (GRPOConfig), plus the resolved start checkpoint
+    RUN/metrics.jsonl       one JSON object per step (rewards, accuracy, KL, entropy, clip fraction,
+                            lengths, truncation, zero-variance fraction, times, tokens/s, eval/*)
+    RUN/checkpoints/step_N/ checkpoint artifacts with opt_state/ (every --save-every steps and at the
+                            end; the last --keep are kept)
+    RUN/rollouts/step_N.jsonl  the scored records of each step (--save-rollouts)
+    RUN/plots/*.png         reward, accuracy, KL, entropy and length curves, drawn when the run ends or stops
+
+Design decisions:
+- Exact resume. Everything a step consumes is a function of (seed, step) or is saved in the checkpoint:
+  the prompts come from a cursor into a per-epoch permutation of the training split (seeded; the cursor
+  is saved, since dynamic sampling consumes a variable number of prompts), the sampler's seed is derived
+  from (seed, step, round), and the trainer's state (params, optimizer state, update count, RNG) is
+  saved whole. So resuming from step_N and running to the end gives the same parameters as a run that
+  was never stopped (tested bitwise-close after kill -9 at several points).
+- Crash safety. Checkpoints are written atomically (temp dir + rename), so a directory named step_N is
+  always whole; stale temp dirs are removed on resume. Old checkpoints are renamed away before they are
+  deleted. metrics.jsonl is appended once per step and cut back to the resumed step on resume.
+- Interrupts. `stop_requested()` is polled between steps (in a multi-host run, all processes stop
+  when any one was asked to): the loop then saves a checkpoint and returns `stopped`. A
+  KeyboardInterrupt inside a step abandons that step and saves the last finished one.
+- The embedded default (SmolLM2-135M-Instruct on the built-in arithmetic task) is a recipe file like any
+  other (`recipes/embedded-default.toml`), applied when neither a model nor data is named.
+- Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; with `dynamic_sampling`
+  the loop samples further prompts (up to `max_sampling_rounds` rounds) until `prompts_per_step` groups
+  with signal are collected. Advantages are per group, so this needs a per-group estimator.
+"""
+
+from __future__ import annotations
+
+from mllmjax.grpo.config import (
+    EMBEDDED_RECIPE,
+    GRPOConfig,
+    build_config,
+    normalise_settings,
+    read_config_file,
+    recipe_names,
+)
+from mllmjax.grpo.loop import GRPORun, RunResult, derived_seed, problem_index
+from mllmjax.grpo.run_dir import checkpoint_steps, read_metrics, read_run_config
+
+__all__ = [
+    "EMBEDDED_RECIPE",
+    "GRPOConfig",
+    "GRPORun",
+    "RunResult",
+    "build_config",
+    "checkpoint_steps",
+    "derived_seed",
+    "normalise_settings",
+    "problem_index",
+    "read_config_file",
+    "read_metrics",
+    "read_run_config",
+    "recipe_names",
+]
