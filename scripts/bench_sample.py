@@ -48,7 +48,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from mllmjax.models.config import ModelConfig
+    from mllmjax import models
     from mllmjax.sampling import Greedy, compile_count, generate
     from mllmjax.weights.table import params_from_hf
 
@@ -66,7 +66,7 @@ def main() -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
     ).eval()
-    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    cfg = models.from_hf_config(hf.config.to_dict())
     params = params_from_hf(cfg, hf.state_dict())
     print(
         f"model: SmolLM2-135M-Instruct float32 ({cfg.num_params() / 1e6:.0f}M params), "

@@ -1,12 +1,12 @@
 """Speed on an accelerator: decode tok/s (and its fraction of the HBM roofline) at batch 1/16/64 and one
 training update's tokens/s and MFU, for SmolLM2-135M's shape and a Qwen2.5-1.5B shape with random
-bfloat16 weights built here (nothing to download). Run by scripts/gpu_check.sh on the lent H200;
+bfloat16 weights built here (nothing to download). Run by scripts/gpu_check.sh on a lent GPU;
 `--small` runs a tiny shape on any backend to check the script itself.
 
 Roofline of a decode step: every parameter byte once plus the filled KV cache, over the HBM bandwidth
 (--hbm-tbps, H200: 4.8 TB/s). MFU: 6 x parameters x tokens (plus attention: 12 x layers x heads x
-head_dim x T^2 / 2 per sequence, causal) per second over the dense bfloat16 peak (--peak-tflops; 790 is
-what a bf16 8192^3 matmul reached on the lent H200).
+head_dim x T^2 / 2 per sequence, causal) per second over the dense bfloat16 peak (--peak-tflops; the
+default is a stated H200 figure, see docs/benchmarks.md).
 
     python scripts/gpu_bench.py
     python scripts/gpu_bench.py --small          # CPU smoke test of the script
@@ -41,18 +41,19 @@ def _args() -> argparse.Namespace:
 
 
 def _config(name: str):
-    from mllmjax.models.config import ModelConfig
+    from mllmjax import models
+    from mllmjax.models.qwen2 import Qwen2Config
 
     if name == "smollm2-135m":
-        return ModelConfig.smollm2_135m()
+        return models.smollm2_135m()
     if name == "qwen2.5-1.5b":
-        return ModelConfig(
-            family="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+        return Qwen2Config(
+            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
             num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
-            max_position_embeddings=32768, tie_word_embeddings=True, qkv_bias=True,
+            max_position_embeddings=32768, tie_word_embeddings=True,
         )  # fmt: skip
     if name == "tiny":
-        return ModelConfig.tiny()
+        return models.tiny()
     raise SystemExit(f"unknown shape {name!r}")
 
 
@@ -60,7 +61,7 @@ def _decode(cfg, params, batch: int, args) -> tuple[float, float]:
     """(tokens/s, fraction of the HBM roofline) of greedy decoding, new tokens forced."""
     import numpy as np
 
-    from mllmjax.models.decoder import param_bytes
+    from mllmjax.models.transformer import param_bytes
     from mllmjax.sampling import Greedy, generate
 
     rng = np.random.default_rng(batch)
@@ -126,13 +127,13 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from mllmjax.models import decoder
+    from mllmjax.models import transformer
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
     rows = []
     for name in args.shapes:
         cfg = _config(name)
-        params = decoder.init_params(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
+        params = transformer.init_params(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
         for batch in args.batch:
             try:
                 tps, frac = _decode(cfg, params, batch, args)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mllmjax.checkpoint import FORMAT, load_checkpoint, read_stop_ids
 from mllmjax.convert import convert
-from mllmjax.models import decoder
+from mllmjax.models import transformer
 from mllmjax.sharding import make_mesh
 from mllmjax_cli.main import app
 
@@ -71,7 +71,7 @@ def test_source_layouts(layout, tmp_path):
     convert(str(source), tmp_path / "ck")
     ck = load_checkpoint(tmp_path / "ck")
     np.testing.assert_allclose(
-        np.asarray(decoder.logits(ck.params, ck.cfg, TOKENS)), ref_logits(model, TOKENS), atol=1e-4
+        np.asarray(transformer.logits(ck.params, ck.cfg, TOKENS)), ref_logits(model, TOKENS), atol=1e-4
     )
 
 
@@ -82,18 +82,20 @@ def test_bfloat16_checkpoint(hf_qwen3, tmp_path):
     assert ck.params["embed"].dtype == np.dtype("bfloat16")
     # restoring in float32 gives the bf16-rounded weights: logits close, not equal, to the f32 model
     ck32 = load_checkpoint(tmp_path / "ck", dtype="float32")
-    diff = np.abs(np.asarray(decoder.logits(ck32.params, ck32.cfg, TOKENS)) - ref_logits(model, TOKENS)).max()
+    diff = np.abs(
+        np.asarray(transformer.logits(ck32.params, ck32.cfg, TOKENS)) - ref_logits(model, TOKENS)
+    ).max()
     assert 0 < diff < 0.05
 
 
 def test_restores_onto_a_different_mesh(hf_qwen3, tmp_path):
     src, model = hf_qwen3
-    convert(str(src), tmp_path / "ck", mesh="fsdp=2,tensor=4")
+    convert(str(src), tmp_path / "ck", mesh=make_mesh("fsdp=2,tensor=4"))
     mesh = make_mesh("data=1,fsdp=4,tensor=2")
     ck = load_checkpoint(tmp_path / "ck", mesh=mesh)
     assert ck.params["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     np.testing.assert_allclose(
-        np.asarray(decoder.logits(ck.params, ck.cfg, TOKENS)), ref_logits(model, TOKENS), atol=1e-4
+        np.asarray(transformer.logits(ck.params, ck.cfg, TOKENS)), ref_logits(model, TOKENS), atol=1e-4
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mllmjax.checkpoint import load_checkpoint
-from mllmjax.models import decoder
+from mllmjax.models import transformer
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_converted_logits_match_hf_on_a_64_token_prompt(smollm2_ckpt, smollm2_hf
     ids = np.asarray([ids[:64]])
     ckpt = load_checkpoint(smollm2_ckpt)
     assert ckpt.cfg.tie_word_embeddings and "lm_head" not in ckpt.params
-    ours = np.asarray(decoder.logits(ckpt.params, ckpt.cfg, ids))
+    ours = np.asarray(transformer.logits(ckpt.params, ckpt.cfg, ids))
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - ref).max() <= 1e-3

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mllmjax import models
 from mllmjax.errors import BadInputError
 from mllmjax.loss import (
     KEEP_SOFTMAX_BYTES,
@@ -19,8 +20,7 @@ from mllmjax.loss import (
     sequence_logprobs,
     token_logprobs,
 )
-from mllmjax.models import decoder
-from mllmjax.models.config import ModelConfig
+from mllmjax.models import transformer
 
 B, T = 6, 10
 
@@ -178,18 +178,18 @@ def test_config_rejects_bad_values(kwargs, match) -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = ModelConfig.tiny("qwen2")
+    cfg = models.tiny("qwen2")
     assert not cfg.tie_word_embeddings
-    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 12)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), tokens.shape)
-    hidden, _ = decoder.forward(params, cfg, tokens, pos)
+    hidden, _ = transformer.forward(params, cfg, tokens, pos)
     return cfg, params, tokens, hidden
 
 
 def _naive(params, hidden, tokens, temperature):
-    logits = decoder.logits_from_hidden(params, hidden)[:, :-1] / temperature
+    logits = transformer.logits_from_hidden(params, hidden)[:, :-1] / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
     ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -197,7 +197,7 @@ def _naive(params, hidden, tokens, temperature):
 
 
 def _entropy64(params, hidden, temperature):
-    logits = np.asarray(decoder.logits_from_hidden(params, hidden)[:, :-1], np.float64) / temperature
+    logits = np.asarray(transformer.logits_from_hidden(params, hidden)[:, :-1], np.float64) / temperature
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     return -(np.exp(logp) * logp).sum(-1)
@@ -206,7 +206,7 @@ def _entropy64(params, hidden, temperature):
 @pytest.mark.parametrize("chunk,recompute", [(7, True), (5, False), (1000, True), (6, None)])
 def test_chunked_logprobs_match_naive(tiny, chunk: int, recompute: bool) -> None:
     _, params, tokens, hidden = tiny
-    head = decoder.lm_head(params)
+    head = transformer.lm_head(params)
     want_logp, _ = _naive(params, hidden, tokens, 0.7)
     logp, ent = token_logprobs(
         hidden[:, :-1], head, tokens[:, 1:], temperature=0.7, chunk_size=chunk, recompute=recompute
@@ -244,7 +244,9 @@ def test_the_softmax_is_kept_up_to_the_limit() -> None:
 def test_sequence_logprobs_aligned_with_tokens(tiny) -> None:
     _, params, tokens, hidden = tiny
     want, _ = _naive(params, hidden, tokens, 1.0)
-    logp, ent = sequence_logprobs(hidden, decoder.lm_head(params), tokens, completion_start=4, chunk_size=4)
+    logp, ent = sequence_logprobs(
+        hidden, transformer.lm_head(params), tokens, completion_start=4, chunk_size=4
+    )
     assert logp.shape == tokens.shape
     np.testing.assert_array_equal(np.asarray(logp[:, :4]), 0.0)
     np.testing.assert_allclose(np.asarray(logp[:, 4:]), np.asarray(want[:, 3:]), atol=1e-6, rtol=0)

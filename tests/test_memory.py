@@ -10,15 +10,15 @@ import pytest
 from mllmjax import memory
 from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig
-from mllmjax.models import decoder
-from mllmjax.models.config import ModelConfig
+from mllmjax.models import transformer
+from mllmjax.models.llama import LlamaConfig
 from mllmjax.optim import OptimConfig
 from mllmjax.sampling.sampler import decode_windows
 from mllmjax.sharding import make_mesh, shard_params
 from mllmjax.trainer import Batch, TrainConfig, Trainer
 
-CFG = ModelConfig(
-    family="llama", vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+CFG = LlamaConfig(
+    vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
     num_kv_heads=2, head_dim=64,
 )  # fmt: skip
 
@@ -37,7 +37,7 @@ def test_training_estimate_tracks_xla(remat):
         loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", total_updates=10), remat=remat
     )
     trainer = Trainer(CFG, tcfg)
-    state = trainer.init_state(decoder.init_params(CFG, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    state = trainer.init_state(transformer.init_params(CFG, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
     completion = np.zeros((b, t), bool)
     completion[:, p:] = True
     batch = Batch(
@@ -70,7 +70,7 @@ def test_training_estimate_tracks_xla(remat):
 
 def test_sharded_params_per_device():
     mesh = make_mesh("fsdp=4,tensor=2")
-    params = shard_params(decoder.init_params(CFG, jax.random.PRNGKey(0)), CFG, mesh)
+    params = shard_params(transformer.init_params(CFG, jax.random.PRNGKey(0)), CFG, mesh)
     per_device = max(
         sum(
             s.data.nbytes

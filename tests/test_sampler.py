@@ -7,17 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mllmjax import models
 from mllmjax.errors import BadInputError
-from mllmjax.models import decoder
-from mllmjax.models.config import ModelConfig
+from mllmjax.models import transformer
+from mllmjax.models.cache import init_cache
 from mllmjax.sampling import Greedy, Sample, compile_count, generate, sampler, stream
 from mllmjax.weights.table import params_from_hf
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = ModelConfig.tiny()
-    return cfg, decoder.init_params(cfg, jax.random.key(0))
+    cfg = models.tiny()
+    return cfg, transformer.init_params(cfg, jax.random.key(0))
 
 
 # ---------------------------------------------------------------- cache == full forward
@@ -30,9 +31,9 @@ def test_cached_decode_matches_full_forward(tiny, padding, per_layer):
     rng = np.random.default_rng(0)
     total, lengths = 12, [5, 9, 3]
     seqs = rng.integers(0, cfg.vocab_size, size=(len(lengths), total))
-    full = jax.jit(lambda t: decoder.logits(params, cfg, t))(jnp.asarray(seqs))  # [B, T, V]
-    prefill = jax.jit(lambda t, p, v, c: decoder.forward(params, cfg, t, p, valid=v, cache=c))
-    step = jax.jit(lambda t, p, c: decoder.forward(params, cfg, t, p, cache=c))
+    full = jax.jit(lambda t: transformer.logits(params, cfg, t))(jnp.asarray(seqs))  # [B, T, V]
+    prefill = jax.jit(lambda t, p, v, c: transformer.forward(params, cfg, t, p, valid=v, cache=c))
+    step = jax.jit(lambda t, p, c: transformer.forward(params, cfg, t, p, cache=c))
     rows = [[i] for i in range(len(lengths))] if padding == "none" else [list(range(len(lengths)))]
     for group in rows:
         p = max(lengths[i] for i in group) + (0 if padding == "none" else 4)
@@ -43,11 +44,11 @@ def test_cached_decode_matches_full_forward(tiny, padding, per_layer):
             sl = slice(p - n, p) if padding == "left" else slice(0, n)
             tok[r, sl], val[r, sl] = seqs[i, :n], True
         pos = np.maximum(np.cumsum(val, axis=1) - 1, 0)
-        cache = decoder.init_cache(cfg, len(group), 32, per_layer=per_layer)
+        cache = init_cache(cfg, len(group), 32, per_layer=per_layer)
         hidden, cache = prefill(jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(val), cache)
         last = np.array([np.nonzero(v)[0][-1] for v in val])
         cache = cache.replace(index=jnp.asarray(last + 1, jnp.int32))
-        got = [[decoder.logits_from_hidden(params, hidden[r, last[r]])] for r in range(len(group))]
+        got = [[transformer.logits_from_hidden(params, hidden[r, last[r]])] for r in range(len(group))]
         lens = np.array([lengths[i] for i in group])
         for t in range(total - min(lens)):
             # rows whose sequence is exhausted keep decoding a dummy token; only their prefix is checked
@@ -55,7 +56,7 @@ def test_cached_decode_matches_full_forward(tiny, padding, per_layer):
             feed = seqs[group, cols][:, None]
             hidden, cache = step(jnp.asarray(feed), jnp.asarray((lens + t)[:, None]), cache)
             for r in range(len(group)):
-                got[r].append(decoder.logits_from_hidden(params, hidden[r, 0]))
+                got[r].append(transformer.logits_from_hidden(params, hidden[r, 0]))
         for r, i in enumerate(group):
             n = lengths[i]
             want = np.asarray(full[i, n - 1 :])
@@ -104,7 +105,7 @@ def _hf_model(family: str):
         cls = transformers.Qwen3ForCausalLM
     torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2}[family])
     model = cls(hf_cfg).eval().to(torch.float32)
-    return model, ModelConfig.from_hf_config(hf_cfg.to_dict())
+    return model, models.from_hf_config(hf_cfg.to_dict())
 
 
 def _hf_greedy(model, prompt: list[int], max_new: int, eos: int | None = None):
@@ -167,7 +168,7 @@ def test_group_sampling_shares_prefill_and_is_seeded(tiny):
     # Each sample's log-probs are the full-vocabulary temperature-1 log-probs of its tokens.
     for comp in a[:2]:
         seq = jnp.asarray([prompts[0] + comp.ids])
-        logp = jax.nn.log_softmax(decoder.logits(params, cfg, seq)[0], -1)
+        logp = jax.nn.log_softmax(transformer.logits(params, cfg, seq)[0], -1)
         want = [float(logp[len(prompts[0]) - 1 + t, tok]) for t, tok in enumerate(comp.ids)]
         np.testing.assert_allclose(comp.logprobs, want, atol=1e-4, rtol=0)
 
@@ -177,7 +178,7 @@ def test_temperature_logprobs_are_full_vocab_scaled(tiny):
     prompt = [1, 2, 3, 4]
     comp = generate(params, cfg, [prompt], Sample(temperature=0.5, top_k=3), max_new_tokens=6, seed=2)[0]
     seq = jnp.asarray([prompt + comp.ids])
-    logp = jax.nn.log_softmax(decoder.logits(params, cfg, seq)[0] / 0.5, -1)
+    logp = jax.nn.log_softmax(transformer.logits(params, cfg, seq)[0] / 0.5, -1)
     want = [float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(comp.ids)]
     np.testing.assert_allclose(comp.logprobs, want, atol=1e-4, rtol=0)
 
@@ -215,7 +216,7 @@ def test_growing_cache_samples_what_one_full_cache_samples(tiny, monkeypatch, un
 
 def test_context_limit_and_bad_input(tiny):
     cfg, params = tiny
-    short = ModelConfig.tiny(max_position_embeddings=20)
+    short = models.tiny(max_position_embeddings=20)
     comp = generate(params, short, [[1] * 15], Greedy(), max_new_tokens=50)[0]
     assert len(comp.ids) == 5 and comp.finish_reason == "length"
     with pytest.raises(BadInputError, match="context"):
@@ -230,7 +231,7 @@ def test_context_limit_and_bad_input(tiny):
 
 def test_compilations_are_bounded_by_buckets(tiny):
     _, params = tiny
-    cfg = ModelConfig.tiny(max_position_embeddings=500)  # a config no other test compiled for
+    cfg = models.tiny(max_position_embeddings=500)  # a config no other test compiled for
     rng = np.random.default_rng(5)
     before = compile_count()
     shapes = set()
@@ -274,7 +275,7 @@ def test_smollm2_greedy_matches_transformers():
         folder, gguf_file=name, dtype=torch.float32
     ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    cfg = ModelConfig.from_hf_config(model.config.to_dict())
+    cfg = models.from_hf_config(model.config.to_dict())
     params = params_from_hf(cfg, model.state_dict())
     questions = [
         "Hi!",
@@ -307,13 +308,13 @@ def test_smollm2_greedy_matches_transformers():
 def test_rope_scaled_config_samples_like_the_full_forward():
     """A config with rope scaling (stored as a tuple so the config is hashable) goes through the
     sampler's program cache; greedy tokens equal the argmax of full forwards over the growing prefix."""
-    cfg = ModelConfig.tiny("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
-    params = decoder.init_params(cfg, jax.random.key(3))
+    cfg = models.tiny("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    params = transformer.init_params(cfg, jax.random.key(3))
     prompt = [5, 9, 17, 2, 33]
     (out,) = generate(params, cfg, [prompt], Greedy(), max_new_tokens=4, stop_ids=[])
     seq = list(prompt)
     for _ in range(4):
-        seq.append(int(np.asarray(decoder.logits(params, cfg, np.asarray([seq])))[0, -1].argmax()))
+        seq.append(int(np.asarray(transformer.logits(params, cfg, np.asarray([seq])))[0, -1].argmax()))
     assert out.ids == seq[len(prompt) :]
 
 

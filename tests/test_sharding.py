@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mllmjax import models
 from mllmjax.errors import BadInputError
-from mllmjax.models import decoder
-from mllmjax.models.config import ModelConfig
-from mllmjax.sharding import ShardingRules, batch_sharding, make_mesh, parse_mesh_spec, shard_params
+from mllmjax.models import transformer
+from mllmjax.sharding import ShardingRules, make_mesh, parse_mesh_spec, place_rows, shard_params
 
 
 def test_eight_fake_devices():
@@ -23,16 +23,16 @@ def test_eight_fake_devices():
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_sharded_logits_equal_unsharded(spec, family):
     # sizes divisible by the mesh, so every rule really shards
-    cfg = ModelConfig.tiny(
+    cfg = models.tiny(
         family, num_heads=8, num_kv_heads=4, vocab_size=256, hidden_size=64, intermediate_size=128
     )
-    params = decoder.init_params(cfg, jax.random.key(0))
+    params = transformer.init_params(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 12))
-    expected = np.asarray(decoder.logits(params, cfg, tokens))
+    expected = np.asarray(transformer.logits(params, cfg, tokens))
     mesh = make_mesh(spec)
     sharded = shard_params(params, cfg, mesh)
-    placed = jax.device_put(tokens, batch_sharding(mesh))
-    got = decoder.logits(sharded, cfg, placed)
+    placed = place_rows(tokens, mesh)
+    got = transformer.logits(sharded, cfg, placed)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0)
     if mesh.shape["tensor"] > 1:
         assert sharded["layers"]["q"].sharding.spec == P(
@@ -41,9 +41,9 @@ def test_sharded_logits_equal_unsharded(spec, family):
 
 
 def test_indivisible_dimension_is_replicated_not_an_error():
-    cfg = ModelConfig.tiny("llama", num_heads=3, num_kv_heads=1, head_dim=16)
+    cfg = models.tiny("llama", num_heads=3, num_kv_heads=1, head_dim=16)
     mesh = make_mesh("tensor=2,fsdp=4")
-    sharded = shard_params(decoder.init_params(cfg, jax.random.key(0)), cfg, mesh)
+    sharded = shard_params(transformer.init_params(cfg, jax.random.key(0)), cfg, mesh)
     assert sharded["layers"]["q"].sharding.spec == P(None, "fsdp", None, None)  # 3 heads over tensor=2
 
 

@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mllmjax import models
 from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig
-from mllmjax.models import decoder
-from mllmjax.models.config import ModelConfig
+from mllmjax.models import transformer
 from mllmjax.optim import OptimConfig
 from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState, unrolls_layers
 
 B, T, P = 8, 14, 5
-CFG = ModelConfig.tiny()
+CFG = models.tiny()
 
 
 def _batch(seed: int = 0, advantages=None, **kw) -> Batch:
@@ -47,7 +47,7 @@ def _batch(seed: int = 0, advantages=None, **kw) -> Batch:
 
 @pytest.fixture(scope="module")
 def params():
-    return decoder.init_params(CFG, jax.random.PRNGKey(0))
+    return transformer.init_params(CFG, jax.random.PRNGKey(0))
 
 
 def _row_means(logp, batch: Batch) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_grad_accumulation_1x8_equals_4x2(params, aggregation: str) -> None:
         np.testing.assert_allclose(float(m1[key]), float(m4[key]), atol=1e-6, rtol=1e-6, err_msg=key)
     np.testing.assert_allclose(np.asarray(l1), np.asarray(l4), atol=1e-6, rtol=0)
     if aggregation == "token":
-        # One micro-batch's gradient alone (what the predecessor applied) is not the minibatch's.
+        # One micro-batch's gradient alone is not the minibatch's.
         g_last, _, _ = trainer.grads(params, batch.rows(jnp.arange(6, 8)), micro_batch=None)
         assert not np.allclose(np.asarray(g_last["embed"]), np.asarray(g1["embed"]), atol=1e-6)
 
@@ -240,7 +240,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(params) -> None:
 
 def test_sharded_training_matches_single_device(params) -> None:
     """8 fake CPU devices (data=2, fsdp=4) == one device after 3 updates, to 1e-5."""
-    from mllmjax.sharding import batch_sharding, make_mesh, shard_params
+    from mllmjax.sharding import make_mesh, place_rows, shard_params
 
     assert jax.device_count() == 8  # tests/conftest.py asks XLA for 8 host devices
     cfg = TrainConfig(
@@ -256,7 +256,7 @@ def test_sharded_training_matches_single_device(params) -> None:
     mesh = make_mesh("data=2,fsdp=4,tensor=1")
     sharded_params = shard_params(params, CFG, mesh)
     assert len(sharded_params["layers"]["gate"].sharding.device_set) == 8
-    placed = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), batch)
+    placed = place_rows(batch, mesh)
     multi = Trainer(CFG, cfg, ref_params=sharded_params)
     many, hist_many = multi.train_on_batch(multi.init_state(sharded_params, jax.random.PRNGKey(3)), placed)
 

@@ -30,7 +30,9 @@ import numpy as np
 
 from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.decoder import Params, map_specs, param_specs
+from mllmjax.models.params import Params, map_specs
+from mllmjax.models.registry import from_hf_config
+from mllmjax.sharding import param_shardings
 
 FORMAT = "mllmjax.checkpoint/1"
 META_FILE = "mllmjax.json"
@@ -113,7 +115,7 @@ def abstract_params(cfg: ModelConfig, dtype: Any, shardings: Params | None = Non
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.ShapeDtypeStruct(spec[0], dtype, sharding=sharding)
 
-    return map_specs(leaf, param_specs(cfg))
+    return map_specs(leaf, cfg.param_specs())
 
 
 def _get(tree: Params, path: str) -> Any:
@@ -137,12 +139,10 @@ def load_checkpoint(
         hf_config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: missing or unreadable config.json: {e}") from e
-    cfg = ModelConfig.from_hf_config(hf_config)
+    cfg = from_hf_config(hf_config)
     ckpt = Checkpoint(path=path, meta=meta, hf_config=hf_config, cfg=cfg)
     if load_params:
         import orbax.checkpoint as ocp
-
-        from mllmjax.sharding import param_shardings
 
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(meta.get("dtype", "float32"))
         shardings = param_shardings(cfg, mesh) if mesh is not None else None
@@ -233,11 +233,10 @@ def write_checkpoint(
     out = Path(out)
     leaves = jax.tree.leaves(params)
     dtype = dtype_name(leaves[0].dtype)
-    cfg = ModelConfig.from_hf_config(hf_config)
+    cfg = from_hf_config(hf_config)
     with atomic_dir(out, force) as tmp:
         # Synchronous, so the caller gets a complete artifact; uncompressed, because compressing float
-        # weights saves little and makes tensorstore stage a second copy of every array (peak memory
-        # of a 1.2 GB convert went from 2.1x to 1.1x the parameter bytes without it).
+        # weights saves little and makes tensorstore stage a second copy of every array.
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
         checkpointer.save((tmp / "params").absolute(), args=ocp.args.PyTreeSave(params))
         if opt_state is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from mllmjax.checkpoint import (
     atomic_dir,
@@ -36,8 +37,9 @@ from mllmjax.checkpoint import (
 )
 from mllmjax.errors import BadInputError, WeightsError
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.decoder import param_bytes
-from mllmjax.sharding import DEFAULT_MESH, make_mesh, param_shardings
+from mllmjax.models.registry import from_hf_config
+from mllmjax.models.transformer import param_bytes
+from mllmjax.sharding import make_mesh, param_shardings
 from mllmjax.weights import WeightSource
 from mllmjax.weights.table import hf_tensors_from_params, params_from_hf
 
@@ -78,8 +80,8 @@ def resolve_source(spec: str) -> WeightSource:
 
 def _save_tokenizer(src: WeightSource, out_dir: Path) -> None:
     """Write the source's tokenizer files. A GGUF tokenizer is built in a child process: transformers
-    materialises the whole vocabulary and merges as Python objects and keeps ~270 MB of them (SmolLM2)
-    after it is done; in a child that memory goes back to the OS before the weights stream in."""
+    materialises the whole vocabulary and merges as Python objects and keeps them after it is done; in
+    a child that memory goes back to the OS before the weights stream in."""
     from mllmjax.weights.gguf import GGUFSource
 
     if not isinstance(src, GGUFSource):
@@ -118,7 +120,7 @@ def convert(
     out: str | Path,
     *,
     dtype: str = "auto",
-    mesh: str = DEFAULT_MESH,
+    mesh: Mesh | None = None,
     force: bool = False,
     on_tensor: Callable[[str, int, int], None] | None = None,
 ) -> ConvertResult:
@@ -127,12 +129,12 @@ def convert(
     out = Path(out)
     check_output(out, force)
     jdtype = resolve_dtype(dtype)
-    device_mesh = make_mesh(mesh)
+    device_mesh = mesh if mesh is not None else make_mesh()
     src = resolve_source(source)
     tok_dir = Path(tempfile.mkdtemp(prefix="mllmjax-tokenizer-"))
     try:
         hf_config = src.hf_config()
-        cfg = ModelConfig.from_hf_config(hf_config)
+        cfg = from_hf_config(hf_config)
         # The tokenizer first, before the parameters occupy memory.
         _save_tokenizer(src, tok_dir)
         total = len(src.tensor_names())

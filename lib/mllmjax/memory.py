@@ -32,7 +32,11 @@ from typing import Any
 import numpy as np
 
 from mllmjax.errors import BadInputError
+from mllmjax.models.blocks.attention import causal_blocks
+from mllmjax.models.blocks.cpu import input_dims
 from mllmjax.models.config import ModelConfig
+from mllmjax.models.params import ParamSpec, map_specs
+from mllmjax.sharding import DEFAULT_RULES, _as_tuple
 
 GB = 1e9
 _OPTIMIZER_SLOTS = {"lion": 1, "adamw": 2}
@@ -90,14 +94,11 @@ def param_bytes_per_device(
     """Bytes of the parameters one device holds under the default sharding rules (the same
     `ShardingRules.spec` that places them, applied to axis sizes alone); `only` picks params by
     path ("layers/q", "embed", ...)."""
-    from mllmjax.models.decoder import map_specs, param_specs
-    from mllmjax.sharding import DEFAULT_RULES, _as_tuple
-
     sizes = _mesh_sizes(mesh)
     axis_sizes = SimpleNamespace(shape=sizes)  # all `spec` reads of a mesh
     counts: list[int] = []
 
-    def count(path: str, spec: tuple) -> None:
+    def count(path: str, spec: ParamSpec) -> None:
         if only is not None and not only(path):
             return
         shape, logical = spec
@@ -108,7 +109,7 @@ def param_bytes_per_device(
             )
         )
 
-    map_specs(count, param_specs(cfg))
+    map_specs(count, cfg.param_specs())
     return sum(counts) * _dtype_bytes(dtype)
 
 
@@ -132,8 +133,6 @@ def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat
     """
     d, f, h = cfg.hidden_size, cfg.intermediate_size // tensor, cfg.head_dim
     n, k = max(1, cfg.num_heads // tensor), max(1, cfg.num_kv_heads // tensor)
-    from mllmjax.models.decoder import causal_blocks
-
     blocks = causal_blocks(seq)  # the keys a query's block reads: (blocks + 1) / (2 blocks) of seq
     keys = seq * (blocks + 1) / (2 * blocks)
     scores = 4 * 3 * n * keys
@@ -222,7 +221,7 @@ def estimate_sampling(
     cache_len may be the windows a run's cache grows through (`sampling.sampler.decode_windows`):
     growing from one window to the next holds both, so the peak is the largest such pair.
     out_major: the decode loop works on an output-major copy of the layer matrices (the sampler's
-    unrolled CPU path, `decoder.out_major_layer`), counted as "decode_weights".
+    unrolled CPU path, `blocks.cpu.out_major_layer`), counted as "decode_weights".
     """
     if not isinstance(cache_len, int):
         windows = list(cache_len)
@@ -238,9 +237,8 @@ def estimate_sampling(
         "logits": 3 * 4 * r * cfg.vocab_size,
     }
     if out_major:
-        from mllmjax.models.decoder import OUT_MAJOR_WEIGHTS
-
-        names = {f"layers/{n}" for n in OUT_MAJOR_WEIGHTS}
+        layers = cfg.param_specs()["layers"]
+        names = {f"layers/{n}" for n, s in layers.items() if input_dims(ParamSpec(s.shape[1:], s.axes[1:]))}
         parts["decode_weights"] = param_bytes_per_device(cfg, param_dtype, sizes, only=names.__contains__)
     return MemoryEstimate(parts, available)
 

@@ -1,10 +1,11 @@
 """Device meshes and the logical-axis rules that place parameters on them.
 
-Sharding stays out of the architecture: `param_specs` gives every parameter logical axis names
-("vocab", "embed", "heads", ...), and one rules table maps those onto the mesh axes (data, fsdp,
-tensor). A mesh axis that does not divide a dimension is dropped for that array (it is replicated
-along it) rather than failing, so one rules table serves every model size; two logical axes of one
-array that map to the same mesh axis are rejected, since that sharding is meaningless.
+Sharding stays out of the architecture: a config's `param_specs()` gives every parameter logical axis
+names ("vocab", "embed", "heads", ...), and one rules table maps those onto the mesh axes (data, fsdp,
+tensor); the models never import this module. A mesh axis that does not divide a dimension is dropped
+for that array (it is replicated along it) rather than failing, so one rules table serves every model
+size; two logical axes of one array that map to the same mesh axis are rejected, since that sharding
+is meaningless.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -20,8 +21,10 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mllmjax.errors import BadInputError
-from mllmjax.models.config import ModelConfig
-from mllmjax.models.decoder import Params, map_specs, param_specs
+from mllmjax.models.params import Params, map_specs
+
+if TYPE_CHECKING:
+    from mllmjax.models.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_MESH = "data=1,fsdp=-1,tensor=1"
@@ -133,7 +136,7 @@ def make_mesh(spec: str = DEFAULT_MESH, devices: Sequence[Any] | None = None) ->
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Params:
     """A tree of NamedShardings shaped like the params."""
     return map_specs(
-        lambda _, spec: NamedSharding(mesh, rules.spec(spec[0], spec[1], mesh)), param_specs(cfg)
+        lambda _, spec: NamedSharding(mesh, rules.spec(spec.shape, spec.axes, mesh)), cfg.param_specs()
     )
 
 
@@ -143,22 +146,31 @@ def shard_params(
     return jax.device_put(params, param_shardings(cfg, mesh, rules))
 
 
-def _batch_mesh_axes(mesh: Mesh, rules: ShardingRules) -> tuple[str, ...]:
-    """The rules' batch axes that have more than one device in this mesh."""
-    return tuple(a for a in _as_tuple(rules.rules["batch"]) if mesh.shape.get(a, 1) > 1)
+def mesh_axes(mesh: Mesh, logical: str, rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes a logical axis maps to that have more than one device in this mesh (for kernels
+    that run per device, e.g. `Kernel(row_axes=mesh_axes(mesh, "batch"))`)."""
+    return tuple(a for a in _as_tuple(rules.rules.get(logical)) if mesh.shape.get(a, 1) > 1)
 
 
 def batch_axes(mesh: Mesh, rows: int, rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...] | None:
     """The mesh axes a batch of `rows` rows is split over (the rules' batch axes that have more than one
     device), or None when there are none or they do not divide the rows (then the batch is whole on
     every device)."""
-    axes = _batch_mesh_axes(mesh, rules)
+    axes = mesh_axes(mesh, "batch", rules)
     size = math.prod(mesh.shape[a] for a in axes)
     return axes if axes and rows % size == 0 else None
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
-    """Shard the leading (batch) dimension over the data-parallel axes, replicate the rest."""
-    axes = _batch_mesh_axes(mesh, rules)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+def place_rows(tree: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:
+    """Every array of `tree` on the mesh, its leading (row) axis split over the batch axes when they
+    divide it (else whole on every device)."""
+
+    def put(x: Any) -> Any:
+        sharding = NamedSharding(mesh, PartitionSpec(batch_axes(mesh, x.shape[0], rules)))
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # Typed keys go as their raw data: a multi-host device_put takes plain host values only.
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)

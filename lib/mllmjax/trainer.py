@@ -4,10 +4,9 @@ Design decisions:
 - `TrainState` (params, optimizer state, update count, RNG) is one pytree, so saving and restoring it
   resumes bit for bit; the RNG only shuffles rows into minibatches.
 - One jitted `update` makes one optimizer update from one minibatch: it splits the rows into
-  micro-batches, runs forward + backward on each inside a `lax.scan`, and SUMS their gradients (FIX: the
-  predecessor applied only the last micro-batch's). The loss weights of every token are computed from
-  the whole minibatch's completion mask before the split (see `mllmjax.loss`), so the summed gradient is
-  the minibatch's gradient for any micro-batch size.
+  micro-batches, runs forward + backward on each inside a `lax.scan`, and sums their gradients. The
+  loss weights of every token are computed from the whole minibatch's completion mask before the split
+  (see `mllmjax.loss`), so the summed gradient is the minibatch's gradient for any micro-batch size.
 - `Trainer.train_on_batch` is the PPO driver: E epochs x M minibatches of updates. Epoch 0 uses
   old = stop_gradient(current) (ratio 1) and records those log-probs as the old log-probs of later
   epochs; log-probs passed in the batch (e.g. the sampler's) are used as-is instead.
@@ -36,9 +35,13 @@ from jax.sharding import NamedSharding
 from mllmjax.distributed import to_host
 from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig, aggregation_weights, combine_metrics, grpo_loss, sequence_logprobs
-from mllmjax.models import decoder
+from mllmjax.models.blocks.cpu import split_layers, stack_layers
+from mllmjax.models.blocks.kernels import Kernel, resolve_attention
 from mllmjax.models.config import ModelConfig
+from mllmjax.models.transformer import forward, lm_head
 from mllmjax.optim import OptimConfig, make_optimizer
+from mllmjax.settings import DEFAULTS
+from mllmjax.sharding import mesh_axes
 
 Params = dict[str, Any]
 
@@ -53,17 +56,15 @@ LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 def unrolls_layers(layer_loop: str, remat: str = "none", backend: str | None = None) -> bool:
-    """Whether the training forward unrolls the decoder layers: layer_loop "unroll", or "auto" on a CPU
+    """Whether the training forward unrolls the model's layers: layer_loop "unroll", or "auto" on a CPU
     without remat.
 
     On a CPU the scan over stacked layers copies every layer's saved activations into (and back out
     of) the stacked residual buffers and every layer's gradient into the stacked gradient; unrolled,
-    each layer's activations and gradient are buffers of their own. SmolLM2-135M, 8 x 256 tokens,
-    2 cores: an update took 9.7-10.2 s unrolled against 10.6-11.1 s scanned, 7% less CPU time
-    (scripts/bench_train.py, interleaved runs). Elsewhere "auto" scans: compile time stays flat in
-    depth, and accelerators have no such copies to save. With a remat policy "auto" scans too: remat
-    is there to save memory, and only the scan holds XLA to recomputing one layer at a time (unrolled,
-    XLA:CPU scheduled the recomputations so that the peak grew by 70% on a 4-layer model)."""
+    each layer's activations and gradient are buffers of their own. Elsewhere "auto" scans: compile
+    time stays flat in depth, and accelerators have no such copies to save. With a remat policy "auto"
+    scans too: remat is there to save memory, and only the scan holds XLA to recomputing one layer at a
+    time (unrolled, XLA:CPU may schedule the recomputations so that the peak grows)."""
     if layer_loop == "auto":
         return remat == "none" and (backend or jax.default_backend()) == "cpu"
     return layer_loop == "unroll"
@@ -73,18 +74,18 @@ def unrolls_layers(layer_loop: str, remat: str = "none", backend: str | None = N
 class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    ppo_epochs: int = 2
-    minibatches: int = 1
+    ppo_epochs: int = DEFAULTS.ppo_epochs
+    minibatches: int = DEFAULTS.minibatches
     # Rows per micro-batch; None = the whole minibatch in one pass.
-    micro_batch: int | None = None
-    remat: str = "none"
+    micro_batch: int | None = DEFAULTS.micro_batch
+    remat: str = DEFAULTS.remat
     # Decoder layers in the training forward: scan, unroll, or auto (unroll on a CPU; `unrolls_layers`).
-    layer_loop: str = "auto"
-    compute_dtype: str | None = None
-    # Attention for the training forward: auto, xla, cudnn or pallas (decoder.resolve_attention).
-    attention: str = "auto"
+    layer_loop: str = DEFAULTS.layer_loop
+    compute_dtype: str | None = DEFAULTS.compute_dtype
+    # Attention for the training forward: auto, xla, cudnn or pallas (kernels.resolve_attention).
+    attention: str = DEFAULTS.attention
     # The sampling temperature: logits are divided by it before the softmax.
-    temperature: float = 1.0
+    temperature: float = DEFAULTS.temperature
     # Tokens per chunk of LM-head logits. For the backward, recompute=False keeps every chunk's softmax,
     # True recomputes each chunk's logits, None keeps up to 1 GiB per micro-batch (loss.keeps_softmax).
     logit_chunk: int = 256
@@ -111,7 +112,7 @@ class TrainConfig:
                 f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
             )
         # Name and backend are checked here; the dtype (known once params arrive) at the first trace.
-        decoder.resolve_attention(self.attention, self.compute_dtype or jnp.bfloat16)
+        resolve_attention(self.attention, self.compute_dtype or jnp.bfloat16)
         if not self.temperature > 0:
             raise BadInputError(f"temperature must be > 0 for training, got {self.temperature!r}")
         if self.logit_chunk < 1:
@@ -194,7 +195,7 @@ class Trainer:
         `train` donates; `grpo` donates a copy, because it keeps the state a step started from to roll
         an abandoned step back. Donating also keeps the kept malloc heap (mllmjax.runtime) at one
         update's size: without it every update allocates a whole new state, which splits the hole its
-        temporaries left, and on a CPU the heap grew to 3x the update's memory over the first updates."""
+        temporaries left, and the heap grows over the first updates."""
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.donate = donate
@@ -228,17 +229,23 @@ class Trainer:
         """params with the layers as per-layer trees when the forward unrolls them (else as given)."""
         if not self._unroll:
             return params
-        return {**params, "layers": decoder.split_layers(params["layers"], self.model_cfg.num_layers)}
+        return {**params, "layers": split_layers(params["layers"], self.model_cfg.num_layers)}
 
     def _stack(self, grads: Params) -> Params:
         """The inverse of `_split`, for gradients."""
         if not self._unroll:
             return grads
-        return {**grads, "layers": decoder.stack_layers(grads["layers"])}
+        return {**grads, "layers": stack_layers(grads["layers"])}
+
+    def _kernel(self, name: str) -> Kernel:
+        """The attention kernel of the training forward, with the mesh axes of its rows and heads."""
+        if self.mesh is None:
+            return Kernel(name)
+        return Kernel(name, self.mesh, mesh_axes(self.mesh, "batch"), mesh_axes(self.mesh, "heads"))
 
     def _forward_logprobs(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array | None]:
         cdt = self._compute_dtype or params["embed"].dtype
-        hidden, _ = decoder.forward(
+        hidden, _ = forward(
             params,
             self.model_cfg,
             batch.tokens,
@@ -246,12 +253,11 @@ class Trainer:
             valid=batch.valid,
             compute_dtype=self._compute_dtype,
             remat=self._remat,
-            attention_impl=decoder.resolve_attention(self.cfg.attention, cdt),
-            mesh=self.mesh,
+            kernel=self._kernel(resolve_attention(self.cfg.attention, cdt)),
         )
         return sequence_logprobs(
             hidden,
-            decoder.lm_head(params),
+            lm_head(params),
             batch.tokens,
             completion_start=batch.completion_start,
             temperature=self.cfg.temperature,
@@ -295,7 +301,7 @@ class Trainer:
         token_count = jnp.maximum(batch.completion.sum().astype(jnp.float32), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(n, mb, *x.shape[1:]), (batch, weights))
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
-        split = self._split(params)  # outside the grad: see decoder.split_layers
+        split = self._split(params)  # outside the grad: see blocks.cpu.split_layers
 
         def body(carry, xs):
             acc, metrics = carry

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mllmjax import models
 from mllmjax.errors import BadInputError
-from mllmjax.models import decoder
-from mllmjax.models.config import ModelConfig
+from mllmjax.models import transformer
+from mllmjax.models.blocks import attention, kernels
+from mllmjax.models.blocks.kernels import Kernel
 
 
 def _padded_positions(b: int, t: int) -> np.ndarray:
@@ -27,8 +29,8 @@ def test_fused_attention_equals_ours_with_padding_and_gqa():
     b, t, n, k, h = 6, 12, 6, 2, 16
     q, kk, v = (jnp.asarray(rng.normal(size=(b, t, x, h)), jnp.float32) for x in (n, k, k))
     pos = jnp.asarray(_padded_positions(b, t))
-    ours = np.asarray(decoder.attention(q, kk, v, pos, pos))
-    fused = np.asarray(decoder.attention_fused(q, kk, v, pos, pos, implementation="xla"))
+    ours = np.asarray(attention.attention(q, kk, v, pos, pos))
+    fused = np.asarray(kernels.attention_fused(q, kk, v, pos, pos, implementation="xla"))
     real = np.asarray(pos) >= 0  # padding queries are never read
     np.testing.assert_allclose(fused[real], ours[real], atol=1e-5, rtol=1e-5)
     assert np.isfinite(fused).all()
@@ -38,7 +40,7 @@ def test_fused_attention_equals_ours_with_padding_and_gqa():
 def test_causal_blocks_equal_the_full_square_with_padding(t, blocks):
     """`attention_causal` (query blocks skip the keys after them) == `attention` on every query that is
     read, with left, right and no padding, and so are the gradients of what is read."""
-    assert decoder.causal_blocks(t) == blocks
+    assert attention.causal_blocks(t) == blocks
     rng = np.random.default_rng(0)
     b, n, k, h = 6, 6, 2, 8
     q, kk, v = (jnp.asarray(rng.normal(size=(b, t, x, h)), jnp.float32) for x in (n, k, k))
@@ -50,25 +52,25 @@ def test_causal_blocks_equal_the_full_square_with_padding(t, blocks):
         return jnp.sum(w * fn(q, kk, v, pos, pos))
 
     np.testing.assert_allclose(
-        np.asarray(decoder.attention_causal(q, kk, v, pos, pos) * real),
-        np.asarray(decoder.attention(q, kk, v, pos, pos) * real), atol=1e-6, rtol=1e-6,
+        np.asarray(attention.attention_causal(q, kk, v, pos, pos) * real),
+        np.asarray(attention.attention(q, kk, v, pos, pos) * real), atol=1e-6, rtol=1e-6,
     )  # fmt: skip
-    got = jax.grad(lambda *a: read(decoder.attention_causal, *a), argnums=(0, 1, 2))(q, kk, v)
-    want = jax.grad(lambda *a: read(decoder.attention, *a), argnums=(0, 1, 2))(q, kk, v)
+    got = jax.grad(lambda *a: read(attention.attention_causal, *a), argnums=(0, 1, 2))(q, kk, v)
+    want = jax.grad(lambda *a: read(attention.attention, *a), argnums=(0, 1, 2))(q, kk, v)
     for a, e in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-5, rtol=1e-5)
 
 
 def test_forward_through_the_fused_path_equals_ours():
-    cfg = ModelConfig.tiny()
-    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
+    cfg = models.tiny()
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     b, t = 4, 10
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     pos = jnp.asarray(_padded_positions(b, t))
     valid = pos >= 0
-    ours, _ = decoder.forward(params, cfg, tokens, jnp.maximum(pos, 0), valid=valid)
-    fused, _ = decoder.forward(
-        params, cfg, tokens, jnp.maximum(pos, 0), valid=valid, attention_impl="fused-xla"
+    ours, _ = transformer.forward(params, cfg, tokens, jnp.maximum(pos, 0), valid=valid)
+    fused, _ = transformer.forward(
+        params, cfg, tokens, jnp.maximum(pos, 0), valid=valid, kernel=Kernel("fused-xla")
     )
     np.testing.assert_allclose(np.asarray(fused)[np.asarray(valid)], np.asarray(ours)[np.asarray(valid)],
                                atol=1e-5, rtol=1e-5)  # fmt: skip
@@ -90,33 +92,33 @@ def test_forward_through_the_fused_path_equals_ours():
     ],
 )
 def test_choice_follows_backend_and_dtype(name, dtype, backend, chosen):
-    assert decoder.resolve_attention(name, dtype, backend) == chosen
+    assert kernels.resolve_attention(name, dtype, backend) == chosen
 
 
 def test_refused_choices():
     with pytest.raises(BadInputError, match="needs a GPU"):
-        decoder.resolve_attention("cudnn", jnp.bfloat16, "cpu")
+        kernels.resolve_attention("cudnn", jnp.bfloat16, "cpu")
     with pytest.raises(BadInputError, match="bfloat16 or float16"):
-        decoder.resolve_attention("cudnn", jnp.float32, "gpu")
+        kernels.resolve_attention("cudnn", jnp.float32, "gpu")
     with pytest.raises(BadInputError, match="needs a TPU"):
-        decoder.resolve_attention("pallas", jnp.float32, "gpu")
+        kernels.resolve_attention("pallas", jnp.float32, "gpu")
     with pytest.raises(BadInputError, match="unknown attention"):
-        decoder.resolve_attention("flash", jnp.float32, "cpu")
+        kernels.resolve_attention("flash", jnp.float32, "cpu")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 def test_cudnn_attention_matches_ours_on_gpu():
     """Run by scripts/gpu_check.sh: the training forward with --attention cudnn against the XLA path,
     bfloat16, padded rows; bfloat16 tolerance (the kernels sum in different orders)."""
-    cfg = ModelConfig.tiny()
-    params = decoder.init_params(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
+    cfg = models.tiny()
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
     b, t = 4, 64
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     pos = jnp.asarray(_padded_positions(b, t))
     valid = np.asarray(pos >= 0)
-    ours, _ = decoder.forward(params, cfg, tokens, jnp.maximum(pos, 0), valid=pos >= 0)
-    fused, _ = decoder.forward(
-        params, cfg, tokens, jnp.maximum(pos, 0), valid=pos >= 0, attention_impl="cudnn"
+    ours, _ = transformer.forward(params, cfg, tokens, jnp.maximum(pos, 0), valid=pos >= 0)
+    fused, _ = transformer.forward(
+        params, cfg, tokens, jnp.maximum(pos, 0), valid=pos >= 0, kernel=Kernel("cudnn")
     )
     a, c = np.asarray(ours, np.float32)[valid], np.asarray(fused, np.float32)[valid]
     assert np.isfinite(c).all()
@@ -127,8 +129,8 @@ def test_pallas_tpu_kernel_equals_ours_forward_and_gradient():
     """The TPU flash-attention kernel, run in Pallas's interpreter on CPU, inside the training forward
     (left-padded prompts, a length that is not a multiple of its blocks): hidden states and the
     parameter gradient equal the XLA path's."""
-    cfg = ModelConfig.tiny()
-    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
+    cfg = models.tiny()
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     b, t = 3, 40
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     pos = np.full((b, t), -1, np.int32)
@@ -138,7 +140,7 @@ def test_pallas_tpu_kernel_equals_ours_forward_and_gradient():
     positions = jnp.maximum(jnp.asarray(pos), 0)
 
     def loss(p, impl):
-        hidden, _ = decoder.forward(p, cfg, tokens, positions, valid=valid, attention_impl=impl)
+        hidden, _ = transformer.forward(p, cfg, tokens, positions, valid=valid, kernel=Kernel(impl))
         return jnp.sum(jnp.where(valid[..., None], hidden, 0.0) ** 2), hidden
 
     from jax.experimental.pallas import tpu as pltpu
@@ -163,11 +165,11 @@ def test_pallas_kernel_runs_per_device_under_a_mesh(monkeypatch, spec, local):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mllmjax.sharding import make_mesh, shard_params
+    from mllmjax.sharding import make_mesh, mesh_axes, shard_params
 
-    cfg = ModelConfig.tiny()  # 4 heads, 2 kv heads
+    cfg = models.tiny()  # 4 heads, 2 kv heads
     mesh = make_mesh(spec, jax.devices()[:2])
-    params = shard_params(decoder.init_params(cfg, jax.random.PRNGKey(0)), cfg, mesh)
+    params = shard_params(transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg, mesh)
     b, t = 4, 24
     pos = np.full((b, t), -1, np.int32)
     for i, start in enumerate((0, 3, 9, 1)):
@@ -188,7 +190,12 @@ def test_pallas_kernel_runs_per_device_under_a_mesh(monkeypatch, spec, local):
     monkeypatch.setattr(fa, "flash_attention", recording)
 
     def loss(p, impl, mesh=None):
-        hidden, _ = decoder.forward(p, cfg, tokens, positions, valid=valid, attention_impl=impl, mesh=mesh)
+        on = (
+            Kernel(impl)
+            if mesh is None
+            else Kernel(impl, mesh, mesh_axes(mesh, "batch"), mesh_axes(mesh, "heads"))
+        )
+        hidden, _ = transformer.forward(p, cfg, tokens, positions, valid=valid, kernel=on)
         return jnp.sum(jnp.where(valid[..., None], hidden, 0.0) ** 2), hidden
 
     (_, h0), g0 = jax.value_and_grad(loss, has_aux=True)(params, "xla")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from mllmjax import models
 from mllmjax.errors import UnsupportedModelError
-from mllmjax.models.config import ModelConfig
 
 
 def test_reads_transformers5_and_legacy_rope_spellings():
@@ -43,7 +43,7 @@ def test_reads_transformers5_and_legacy_rope_spellings():
             "original_max_position_embeddings": 64,
         },
     )
-    a, b = ModelConfig.from_hf_config(new), ModelConfig.from_hf_config(old)
+    a, b = models.from_hf_config(new), models.from_hf_config(old)
     assert a == b
     assert a.rope_theta == 5e5 and dict(a.rope_scaling)["rope_type"] == "llama3"
     assert a.head_dim == 4
@@ -66,7 +66,7 @@ def test_llama3_inv_freq_matches_transformers():
         },
     )
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))
-    ours = ModelConfig.from_hf_config(hf.to_dict()).inv_freq()
+    ours = models.from_hf_config(hf.to_dict()).inv_freq()
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
 
 
@@ -96,14 +96,14 @@ def test_rejects_what_it_would_get_wrong(change, message):
     }
     base.update(change)
     with pytest.raises(UnsupportedModelError, match=message):
-        ModelConfig.from_hf_config(base)
+        models.from_hf_config(base)
 
 
 def test_num_params_counts_the_tree():
-    from mllmjax.models import decoder
+    from mllmjax.models.params import map_specs
 
     for fam in ("llama", "qwen2", "qwen3"):
-        cfg = ModelConfig.tiny(fam)
-        sizes = jax.tree.leaves(decoder.map_specs(lambda _, s: math.prod(s[0]), decoder.param_specs(cfg)))
+        cfg = models.tiny(fam)
+        sizes = jax.tree.leaves(map_specs(lambda _, s: math.prod(s[0]), cfg.param_specs()))
         assert cfg.num_params() == sum(sizes)
-    assert abs(ModelConfig.smollm2_135m().num_params() - 134_515_008) < 1
+    assert abs(models.smollm2_135m().num_params() - 134_515_008) < 1

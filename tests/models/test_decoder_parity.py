@@ -11,8 +11,9 @@ from hf_models import TINY_CONFIGS, save_hf_model
 
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax.convert import convert
-from mllmjax.models import decoder
-from mllmjax.sampling import sampler
+from mllmjax.models import transformer
+from mllmjax.models.blocks.cpu import OutMajor
+from mllmjax.models.cache import init_cache
 from mllmjax.weights.table import params_from_hf
 
 TOL = 1e-4
@@ -45,7 +46,7 @@ def family(request, tmp_path_factory):
 def test_logits_match_hf(converted):
     _, model, ckpt = converted
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 37))
-    ours = np.asarray(decoder.logits(ckpt.params, ckpt.cfg, tokens))
+    ours = np.asarray(transformer.logits(ckpt.params, ckpt.cfg, tokens))
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits.numpy()
     assert np.abs(ours - ref).max() <= TOL
@@ -71,9 +72,9 @@ def test_left_padded_rows_compute_what_unpadded_rows_do(family):
         tokens[i, width - len(row) :] = row
         positions[i, width - len(row) :] = np.arange(len(row))
         valid[i, width - len(row) :] = True
-    padded = np.asarray(decoder.logits(ckpt.params, ckpt.cfg, tokens, positions, valid=valid))
+    padded = np.asarray(transformer.logits(ckpt.params, ckpt.cfg, tokens, positions, valid=valid))
     for i, row in enumerate(rows):
-        alone = np.asarray(decoder.logits(ckpt.params, ckpt.cfg, row[None]))[0]
+        alone = np.asarray(transformer.logits(ckpt.params, ckpt.cfg, row[None]))[0]
         np.testing.assert_allclose(padded[i, width - len(row) :], alone, atol=1e-5, rtol=0)
 
 
@@ -84,32 +85,34 @@ def test_cached_prefill_and_decode_match_full_forward(family, cpu_decode):
     _, model, ckpt = family
     cfg = ckpt.cfg
     tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 20))
-    full = np.asarray(decoder.logits(ckpt.params, cfg, tokens))
-    cache = decoder.init_cache(cfg, 2, 32, per_layer=cpu_decode)
+    full = np.asarray(transformer.logits(ckpt.params, cfg, tokens))
+    cache = init_cache(cfg, 2, 32, per_layer=cpu_decode)
     pos = np.broadcast_to(np.arange(12), (2, 12))
-    hidden, cache = decoder.forward(ckpt.params, cfg, tokens[:, :12], pos, cache=cache)
-    steps = [np.asarray(decoder.logits_from_hidden(ckpt.params, hidden))]
+    hidden, cache = transformer.forward(ckpt.params, cfg, tokens[:, :12], pos, cache=cache)
+    steps = [np.asarray(transformer.logits_from_hidden(ckpt.params, hidden))]
     params = ckpt.params
     if cpu_decode:  # the sampler's per-layer, output-major params
-        params = sampler._slice_layers(params, cfg)
-        assert isinstance(params["layers"][0]["q"], decoder.OutMajor)
+        params = transformer.out_major_layers(params, cfg)
+        assert isinstance(params["layers"][0]["q"], OutMajor)
     for t in range(12, 20):
-        hidden, cache = decoder.forward(params, cfg, tokens[:, t : t + 1], np.full((2, 1), t), cache=cache)
-        steps.append(np.asarray(decoder.logits_from_hidden(params, hidden, head_first=cpu_decode)))
+        hidden, cache = transformer.forward(
+            params, cfg, tokens[:, t : t + 1], np.full((2, 1), t), cache=cache
+        )
+        steps.append(np.asarray(transformer.logits_from_hidden(params, hidden, head_first=cpu_decode)))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=TOL, rtol=0)
 
 
 def test_parameter_gradients_match_torch_autograd(family):
     """Every parameter's gradient of a linear function of the logits equals torch's: checks the
-    hand-written backwards of `decoder.dense` (both weight-gradient orders: wide and narrow outputs)
-    and of `decoder.swiglu`."""
+    hand-written backwards of `blocks.cpu.dense` (both weight-gradient orders: wide and narrow outputs)
+    and of `blocks.mlp.swiglu`."""
     _, model, ckpt = family
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, model.config.vocab_size, (2, 13))
     weights = rng.standard_normal((2, 13, model.config.vocab_size)).astype(np.float32)
 
     def ours(params):
-        return (decoder.logits(params, ckpt.cfg, tokens) * weights).sum()
+        return (transformer.logits(params, ckpt.cfg, tokens) * weights).sum()
 
     grads = jax.grad(ours)(ckpt.params)
     model.zero_grad()

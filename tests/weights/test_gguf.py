@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
+from mllmjax import models
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.weights.embedded import EMBEDDED_MODELS, embedded_gguf_path
@@ -62,6 +63,8 @@ def hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Random HF-named, HF-layout float32 tensors for cfg."""
     rng = np.random.default_rng(seed)
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    o_bias = getattr(cfg, "attention_bias", False)
+    qkv_bias, qk_norm = o_bias or cfg.family == "qwen2", cfg.family == "qwen3"
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (cfg.vocab_size, d),
         "model.norm.weight": (d,),
@@ -83,13 +86,13 @@ def hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
                 p + "mlp.down_proj.weight": (d, f),
             }
         )
-        if cfg.qkv_bias:
+        if qkv_bias:
             shapes[p + "self_attn.q_proj.bias"] = (cfg.num_heads * h,)
             shapes[p + "self_attn.k_proj.bias"] = (cfg.num_kv_heads * h,)
             shapes[p + "self_attn.v_proj.bias"] = (cfg.num_kv_heads * h,)
-        if cfg.o_bias:
+        if o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (d,)
-        if cfg.qk_norm:
+        if qk_norm:
             shapes[p + "self_attn.q_norm.weight"] = (h,)
             shapes[p + "self_attn.k_norm.weight"] = (h,)
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
@@ -199,13 +202,13 @@ def write_tiny_gguf(
 
 def tiny_cfg(family: str, **overrides) -> ModelConfig:
     # vocab = the tiny byte-level tokenizer's size, so the token list and the embedding agree.
-    return ModelConfig.tiny(family, vocab_size=len(tiny_vocab()[0]), **overrides)
+    return models.tiny(family, vocab_size=len(tiny_vocab()[0]), **overrides)
 
 
 # ---------------------------------------------------------------------------- tiny files
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_tiny_round_trip(tmp_path, family):
-    overrides = {"qkv_bias": True, "o_bias": True} if family == "llama" else {}
+    overrides = {"attention_bias": True} if family == "llama" else {}
     cfg = tiny_cfg(family, **overrides)
     path = tmp_path / f"{family}.gguf"
     originals = write_tiny_gguf(path, cfg)
@@ -221,7 +224,7 @@ def test_tiny_round_trip(tmp_path, family):
     assert hf["tie_word_embeddings"] is cfg.tie_word_embeddings
     assert (hf["bos_token_id"], hf["eos_token_id"]) == (1, 0)
     assert hf["dtype"] == hf["torch_dtype"] == "float32"
-    assert ModelConfig.from_hf_config(hf) == cfg
+    assert models.from_hf_config(hf) == cfg
 
     assert sorted(source.tensor_names()) == sorted(originals)
     for name, original in originals.items():
@@ -242,7 +245,7 @@ def test_llama_permutation_is_not_applied_to_qwen(tmp_path):
     np.testing.assert_array_equal(open_gguf(path).load(name), originals[name])
     # and the same bytes under the llama architecture do get un-permuted
     path2 = tmp_path / "l.gguf"
-    cfg2 = tiny_cfg("llama", qkv_bias=True, o_bias=True, tie_word_embeddings=False)
+    cfg2 = tiny_cfg("llama", attention_bias=True, tie_word_embeddings=False)
     write_tiny_gguf(path2, cfg2)
     raw = gguf.GGUFReader(path2).tensors
     raw_q = next(t for t in raw if t.name == "blk.0.attn_q.weight").data
@@ -255,7 +258,7 @@ def test_rope_linear_scaling(tmp_path):
     write_tiny_gguf(path, cfg, rope_linear=2.0)
     hf = open_gguf(path).hf_config()
     assert hf["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
-    assert ModelConfig.from_hf_config(hf) == cfg
+    assert models.from_hf_config(hf) == cfg
 
 
 def test_llama3_rope_freqs(tmp_path):
@@ -276,7 +279,7 @@ def test_llama3_rope_freqs(tmp_path):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
-    ours = ModelConfig.from_hf_config(hf)
+    ours = models.from_hf_config(hf)
     base = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
     np.testing.assert_allclose(ours.inv_freq(), base / factors, rtol=1e-6)
 
@@ -452,8 +455,8 @@ def test_smollm2_tensors_match_transformers(smollm2):
 def test_smollm2_config_matches_transformers(smollm2):
     source, hf_cfg, _, _, _ = smollm2
     ours = source.hf_config()
-    cfg = ModelConfig.from_hf_config(ours)
-    assert cfg == ModelConfig.smollm2_135m()
+    cfg = models.from_hf_config(ours)
+    assert cfg == models.smollm2_135m()
     ref = hf_cfg.to_dict()
     for key in (
         "model_type",
@@ -574,14 +577,14 @@ def test_quantized_llama_q_is_dequantized_and_unpermuted(tmp_path, qtype):
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2):
-    """End to end: GGUF -> our param tree (the shared name table) -> our decoder == HF on the GGUF."""
+    """End to end: GGUF -> our param tree (the family's name table) -> our model == HF on the GGUF."""
     import jax.numpy as jnp
 
-    from mllmjax.models.decoder import logits
+    from mllmjax.models.transformer import logits
     from mllmjax.weights.table import params_from_hf
 
     source, _, _, _, (ids, ref) = smollm2
-    cfg = ModelConfig.from_hf_config(source.hf_config())
+    cfg = models.from_hf_config(source.hf_config())
     ours = np.asarray(logits(params_from_hf(cfg, source), cfg, jnp.asarray([ids])))
     # float32 through 30 layers: differences at float32 resolution of the logit scale (~38).
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -1,38 +1,38 @@
-"""Model configuration: one decoder for the Llama family, Qwen2/Qwen2.5 and Qwen3.
+"""The model configuration every family extends: the fields all decoder-only LMs here share.
 
-The three families differ only in a few switches, so they share one config and one decoder:
-
-- Llama (SmolLM2, Llama 2/3): no biases unless `attention_bias` (then q, k, v and o all have one),
-  optional Llama-3 `rope_scaling`.
-- Qwen2/Qwen2.5: q, k and v carry a bias, o does not.
-- Qwen3: RMSNorm on q and k per head, an explicit `head_dim` that need not be hidden/heads.
-
-`from_hf_config` reads both the transformers-5 spelling (`rope_parameters`, `dtype`) and the older one
-(`rope_theta`, `rope_scaling`, `torch_dtype`).
+A family subclasses `ModelConfig` in its own module (`LlamaConfig` in `llama.py`, ...) with the fields
+only it has, and reads it from the HF config with `read_common` plus its own keys; `registry`
+dispatches an HF config to its family. Configs are frozen and hashable: they are static arguments of
+jitted functions (rope scaling is stored as a sorted tuple of items for that reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from mllmjax.errors import UnsupportedModelError
+from mllmjax.models.blocks import rope
+from mllmjax.models.params import map_specs
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_POSITIVE = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    family: str
+    family: ClassVar[str] = ""  # the registry name, set by each family's subclass
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,29 +42,15 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or {"rope_type": one of SUPPORTED_ROPE_TYPES, plus that type's keys}; stored as a sorted
-    # tuple of items so the config is hashable (it is a static argument of jitted functions).
-    rope_scaling: tuple[tuple[str, Any], ...] | dict[str, Any] | None = None
+    # None, or {"rope_type": one of rope.SUPPORTED_ROPE_TYPES, plus that type's keys}
+    rope_scaling: rope.RopeScaling | dict[str, Any] = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: bool = False
 
     def __post_init__(self) -> None:
-        if self.family not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"unknown model family {self.family!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-        ):
+        if not self.family:
+            raise TypeError("ModelConfig is the base of the family configs; build one with a family's class")
+        for name in _POSITIVE:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UnsupportedModelError(f"{name} must be a positive integer, got {value!r}")
@@ -76,163 +62,70 @@ class ModelConfig:
             raise UnsupportedModelError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
-        if self.rope_scaling is not None:
-            kind = dict(self.rope_scaling).get("rope_type")
-            if kind not in SUPPORTED_ROPE_TYPES:
-                raise UnsupportedModelError(
-                    f"rope scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-                )
+        rope.check_scaling(self.rope_scaling)
 
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    # ------------------------------------------------------------------ HF config
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from a transformers `config.json` dict; raise UnsupportedModelError on anything we
-        would silently get wrong."""
-        archs = hf.get("architectures") or []
-        model_type = hf.get("model_type")
-        family = None
-        for arch in archs:
-            family = SUPPORTED_ARCHITECTURES.get(arch, family)
-        if family is None:
-            family = SUPPORTED_MODEL_TYPES.get(model_type)
-        if family is None:
-            got = ", ".join(archs) or model_type or "nothing"
-            raise UnsupportedModelError(
-                f"unsupported architecture {got}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
-        if hf.get("mlp_bias"):
-            raise UnsupportedModelError("mlp_bias=true is not supported")
-        if hf.get("use_sliding_window"):
-            raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+    def param_specs(self) -> dict[str, Any]:
+        """Shape and logical axis names of every parameter, as a tree shaped like the params."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its parameters")
 
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        theta, scaling = _read_rope(hf)
-        attention_bias = bool(hf.get("attention_bias", False))
-        if family == "qwen2":
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = attention_bias
-        return cls(
-            family=family,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            qk_norm=family == "qwen3",
-        )
-
-    # ------------------------------------------------------------------ RoPE
     def inv_freq(self) -> np.ndarray:
         """Rotary inverse frequencies [head_dim // 2], float32, with the configured scaling."""
-        dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        scaling = dict(self.rope_scaling or {"rope_type": "default"})
-        kind = scaling["rope_type"]
-        if kind == "linear":
-            inv = inv / float(scaling["factor"])
-        elif kind == "llama3":
-            factor = float(scaling["factor"])
-            low = float(scaling.get("low_freq_factor", 1.0))
-            high = float(scaling.get("high_freq_factor", 4.0))
-            old_len = float(scaling["original_max_position_embeddings"])
-            wavelen = 2 * math.pi / inv
-            scaled = np.where(wavelen > old_len / low, inv / factor, inv)
-            smooth = (old_len / wavelen - low) / (high - low)
-            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-            inv = np.where(medium, smoothed, scaled)
-        return inv.astype(np.float32)
-
-    # ------------------------------------------------------------------ presets
-    @classmethod
-    def tiny(cls, family: str = "llama", **overrides: Any) -> ModelConfig:
-        """A small config for tests: GQA, head_dim != hidden/heads for qwen3."""
-        base: dict[str, Any] = dict(
-            family=family,
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=96,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            rope_theta=10000.0,
-            max_position_embeddings=512,
-            tie_word_embeddings=family == "llama",
-            qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
-        )
-        if family == "qwen3":
-            base["head_dim"] = 24
-        base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def smollm2_135m(cls) -> ModelConfig:
-        return cls(
-            family="llama",
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_layers=30,
-            num_heads=9,
-            num_kv_heads=3,
-            head_dim=64,
-            rms_norm_eps=1e-5,
-            rope_theta=100000.0,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-        )
+        return rope.inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
     def num_params(self) -> int:
-        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * d * f + 2 * d
-        if self.qkv_bias:
-            per_layer += h * (self.num_heads + 2 * self.num_kv_heads)
-        if self.o_bias:
-            per_layer += d
-        if self.qk_norm:
-            per_layer += 2 * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + head + d + self.num_layers * per_layer
+        counts: list[int] = []
+        map_specs(lambda _, spec: counts.append(math.prod(spec.shape)), self.param_specs())
+        return sum(counts)
 
 
-def _read_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
-        params = params["full_attention"]
-    legacy = hf.get("rope_scaling")
-    if params:
-        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    else:
-        theta = float(hf.get("rope_theta", 10000.0))
-        scaling = dict(legacy) if legacy else {}
-    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    scaling.pop("type", None)
-    if kind == "default":
-        return theta, None
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"rope scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
-    return theta, {"rope_type": kind, **scaling}
+def read_common(hf: dict[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` fields of a transformers `config.json` dict (both spellings of rope and dtype)."""
+    heads = hf["num_attention_heads"]
+    theta, scaling = rope.read_rope(hf)
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def refuse(hf: dict[str, Any], *, activation: str) -> None:
+    """Raise UnsupportedModelError on the HF settings a plain Llama-style block would silently get
+    wrong: another activation, MLP biases, sliding-window attention."""
+    act = hf.get("hidden_act", activation)
+    if act != activation:
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only {activation!r})")
+    if hf.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true is not supported")
+    if hf.get("use_sliding_window"):
+        raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+
+
+def tiny_fields(**overrides: Any) -> dict[str, Any]:
+    """The shared fields of the tiny test configs: GQA, 2 layers, a 256-token vocabulary."""
+    base: dict[str, Any] = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+    )
+    base.update(overrides)
+    return base

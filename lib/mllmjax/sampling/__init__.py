@@ -1,6 +1,8 @@
 """Sampling: strategies (how a token is drawn) and the compiled decoder loop (`generate`, `stream`)."""
 
-from mllmjax.sampling.sampler import Completion, StreamChunk, bucket, compile_count, generate, stream
+from mllmjax.sampling.buckets import bucket
+from mllmjax.sampling.programs import compile_count
+from mllmjax.sampling.sampler import Completion, StreamChunk, generate, stream
 from mllmjax.sampling.strategies import Greedy, Sample, Strategy, make_strategy
 
 __all__ = [

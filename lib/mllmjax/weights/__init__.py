@@ -2,9 +2,9 @@
 
 Every source (a local HF folder, a hub id, a single safetensors file, a `.bin` file, a GGUF file)
 presents the same `WeightSource` interface: the HF config dict, the HF tensor names, and a loader that
-returns one tensor at a time in the HF layout (as transformers' state_dict would hold it). The per-family
-name table (`mllmjax.weights.table`) then maps HF names onto our parameter tree, so one table serves
-every source format.
+returns one tensor at a time in the HF layout (as transformers' state_dict would hold it). The family's
+name table (`HF_NAMES`, applied by `mllmjax.weights.table`) then maps HF names onto our parameter tree,
+so one table serves every source format.
 """
 
 from __future__ import annotations

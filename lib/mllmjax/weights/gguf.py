@@ -5,14 +5,14 @@ Design decisions:
 - Read with the `gguf` package's `GGUFReader`, which memory-maps the file; `load()` dequantizes one
   tensor (any quant type, via `gguf.quants.dequantize`) and returns it as float32 in the HF layout, so
   a conversion never holds more than one dequantized tensor at a time. No torch.
-- Only the three families our decoder implements (llama, qwen2, qwen3) are accepted; any other
-  `general.architecture` is an UnsupportedModelError at open time, before anything is converted.
+- A file is read by the family whose `GGUF_ARCHITECTURE` matches its `general.architecture` (see
+  `mllmjax.models.registry`); any other architecture is an UnsupportedModelError at open time, before
+  anything is converted.
 - Tensor names are mapped by a fixed table (llama.cpp `blk.N.attn_q` -> HF
   `model.layers.N.self_attn.q_proj`), the inverse of llama.cpp's `convert_hf_to_gguf.py`. A tensor the
   table does not know is a WeightsError: guessing would drop weights silently.
 - llama.cpp permutes the rows of Llama's q/k projections (weights and biases) so that its RoPE can
-  rotate adjacent pairs; we undo that for the llama architecture only. Qwen2/Qwen3 are written
-  unpermuted (llama.cpp uses NEOX-style RoPE for them), so they pass through.
+  rotate adjacent pairs; we undo that for the families that declare `GGUF_PERMUTED_QK`.
 - Float metadata is stored as float32 (rms_norm_eps 1e-5 comes back as 9.999999747e-06); we take the
   shortest decimal that round-trips through float32, i.e. the value the converter was given.
 - Llama 3.1+ files carry RoPE scaling as a `rope_freqs` tensor (per-frequency divisors) instead of
@@ -34,12 +34,10 @@ from typing import Any
 import numpy as np
 
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
+from mllmjax.models.registry import FAMILIES, family_of_gguf
 
-SUPPORTED_GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+# llama.cpp architecture -> its family module.
+SUPPORTED_GGUF_ARCHITECTURES = {m.GGUF_ARCHITECTURE: m for m in FAMILIES.values()}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -90,7 +88,8 @@ class GGUFSource:
                 f"{self.path} is not a readable GGUF file (truncated or corrupt?): {_one_line(e)}"
             ) from e
         self.arch = self._field("general.architecture")
-        if self.arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        self.family = family_of_gguf(self.arch)
+        if self.family is None:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
@@ -136,7 +135,7 @@ class GGUFSource:
         hidden = int(self._require(f"{arch}.embedding_length"))
         heads = int(self._require(f"{arch}.attention.head_count"))
         kv_heads = self._field(f"{arch}.attention.head_count_kv", heads)
-        if isinstance(kv_heads, list):  # per-layer counts (hybrid models) are not our decoder
+        if isinstance(kv_heads, list):  # per-layer counts: hybrid models, none of our families
             if len(set(kv_heads)) != 1:
                 raise UnsupportedModelError(f"{self.path}: per-layer key/value head counts are not supported")
             kv_heads = kv_heads[0]
@@ -154,9 +153,9 @@ class GGUFSource:
                 raise WeightsError(f"{self.path}: neither {arch}.vocab_size nor a token list is present")
             vocab = len(tokens.data)
         theta = float(self._field(f"{arch}.rope.freq_base", 10000.0))
-        has_bias = "attn_q.bias" in {n.split(".", 2)[-1] for n in self._tensors if n.startswith("blk.")}
+        layer_tensors = {n.split(".", 2)[-1] for n in self._tensors if n.startswith("blk.")}
         config: dict[str, Any] = {
-            "architectures": [SUPPORTED_GGUF_ARCHITECTURES[arch]],
+            "architectures": [self.family.ARCHITECTURES[0]],
             "model_type": arch,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
@@ -173,9 +172,7 @@ class GGUFSource:
             "torch_dtype": "float32",
             "dtype": "float32",
         }
-        if arch == "llama":
-            config["attention_bias"] = has_bias
-            config["mlp_bias"] = False
+        config = self.family.gguf_hf_config(config, layer_tensors)
         scaling = self._rope_scaling(theta, head_dim)
         if scaling is not None:
             config["rope_scaling"] = scaling
@@ -266,7 +263,7 @@ class GGUFSource:
     def load(self, name: str) -> np.ndarray:
         gguf_name = self._gguf_tensor(name).name
         array = self._dequantize(gguf_name)
-        if self.arch == "llama":
+        if self.family.GGUF_PERMUTED_QK:
             kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
             if kind == "attn_q":
                 array = unpermute_rope_rows(array, self._config["num_attention_heads"])

@@ -1,17 +1,15 @@
-"""The declarative HF <-> mllmjax name table and the streaming loader built on it.
+"""The streaming loader from HF-named tensors onto our parameter tree, and back, driven by the family's
+name table (`family.HF_NAMES`).
 
-One table serves Llama, Qwen2 and Qwen3 (their names agree; each family just lacks some rows), and
-every source format, because each WeightSource presents HF names in the HF layout.
-
-`params_from_hf` streams: it reads one source tensor at a time into a host buffer for its (layer-
-stacked) parameter, and as soon as a parameter is complete it is placed on the devices with its
-sharding and the host buffer is dropped. Every source tensor must be used and every expected tensor
-present with the right shape, else a WeightsError names the tensor.
+Every source format presents HF names in the HF layout, so one table per family serves all of them.
+`params_from_hf` reads one source tensor at a time into its (layer-stacked) parameter, placed on the
+devices with its sharding as soon as it arrives, so host memory holds one tensor at a time. Every
+source tensor must be used and every expected tensor present with the right shape, else a
+WeightsError names the tensor.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -25,19 +23,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mllmjax.errors import WeightsError
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.decoder import Params, map_specs, param_specs
+from mllmjax.models.params import Params, Rule, flatten, map_specs, unflatten
+from mllmjax.models.registry import family
 
 # Source tensors that carry no weights (old checkpoints saved RoPE buffers).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """hf: the HF name, with {i} for the layer index; ours: our param path; kind: the layout change."""
-
-    hf: str
-    ours: str
-    kind: str = "copy"
+__all__ = ["KINDS", "Rule", "expected_hf_tensors", "hf_tensors_from_params", "params_from_hf"]
 
 
 # kind -> (hf layout -> ours, ours -> hf layout), given (array, cfg)
@@ -58,7 +50,7 @@ def _heads_bias(n_attr: str) -> tuple[Callable, Callable]:
     )
 
 
-_KINDS: dict[str, tuple[Callable, Callable]] = {
+KINDS: dict[str, tuple[Callable, Callable]] = {
     "copy": (lambda w, cfg: w, lambda w, cfg: w),
     "transpose": (lambda w, cfg: w.T, lambda w, cfg: w.T),
     "q_in": _heads_in("num_heads"),
@@ -72,64 +64,22 @@ _KINDS: dict[str, tuple[Callable, Callable]] = {
     ),
 }
 
-RULES: tuple[Rule, ...] = (
-    Rule("model.embed_tokens.weight", "embed"),
-    Rule("model.norm.weight", "final_norm"),
-    Rule("lm_head.weight", "lm_head"),
-    Rule("model.layers.{i}.input_layernorm.weight", "layers/attn_norm"),
-    Rule("model.layers.{i}.self_attn.q_proj.weight", "layers/q", "q_in"),
-    Rule("model.layers.{i}.self_attn.k_proj.weight", "layers/k", "kv_in"),
-    Rule("model.layers.{i}.self_attn.v_proj.weight", "layers/v", "kv_in"),
-    Rule("model.layers.{i}.self_attn.q_proj.bias", "layers/q_bias", "q_bias"),
-    Rule("model.layers.{i}.self_attn.k_proj.bias", "layers/k_bias", "kv_bias"),
-    Rule("model.layers.{i}.self_attn.v_proj.bias", "layers/v_bias", "kv_bias"),
-    Rule("model.layers.{i}.self_attn.o_proj.weight", "layers/o", "o_out"),
-    Rule("model.layers.{i}.self_attn.o_proj.bias", "layers/o_bias"),
-    Rule("model.layers.{i}.self_attn.q_norm.weight", "layers/q_norm"),
-    Rule("model.layers.{i}.self_attn.k_norm.weight", "layers/k_norm"),
-    Rule("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm"),
-    Rule("model.layers.{i}.mlp.gate_proj.weight", "layers/gate", "transpose"),
-    Rule("model.layers.{i}.mlp.up_proj.weight", "layers/up", "transpose"),
-    Rule("model.layers.{i}.mlp.down_proj.weight", "layers/down", "transpose"),
-)
-
 
 def _flat_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     flat: dict[str, Any] = {}
-    map_specs(lambda path, spec: flat.__setitem__(path, spec), param_specs(cfg))
+    map_specs(lambda path, spec: flat.__setitem__(path, spec), cfg.param_specs())
     return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, int | None, tuple[int, ...]]]:
     """Every HF tensor the config implies: name -> (rule, layer or None, HF shape)."""
     flat = _flat_specs(cfg)
     out: dict[str, tuple[Rule, int | None, tuple[int, ...]]] = {}
-    for rule in RULES:
+    for rule in family(cfg).HF_NAMES:
         if rule.ours not in flat:
             continue
         shape = flat[rule.ours][0]
-        inv = _KINDS[rule.kind][1]
+        inv = KINDS[rule.kind][1]
         if "{i}" in rule.hf:
             layer_shape = inv(np.empty(shape[1:], np.int8), cfg).shape
             for i in range(cfg.num_layers):
@@ -184,7 +134,7 @@ def params_from_hf(
         source = _Source(source)
     dtype = np.dtype(dtype)
     flat_specs = _flat_specs(cfg)
-    flat_shardings = _flatten(shardings) if shardings is not None else {}
+    flat_shardings = flatten(shardings) if shardings is not None else {}
     expected = expected_hf_tensors(cfg)
     names = [n for n in source.tensor_names() if not _IGNORED.match(n)]
 
@@ -214,7 +164,7 @@ def params_from_hf(
     for name in (n for n in names if n in expected):
         rule, layer, _ = expected[name]
         try:
-            value = _KINDS[rule.kind][0](np.asarray(source.load(name)), cfg).astype(dtype, copy=False)
+            value = KINDS[rule.kind][0](np.asarray(source.load(name)), cfg).astype(dtype, copy=False)
         except WeightsError:
             raise
         except Exception as e:
@@ -236,7 +186,7 @@ def params_from_hf(
         _check_tied(source.load("lm_head.weight"), done["embed"], dtype)
         if on_tensor is not None:
             on_tensor("lm_head.weight")
-    return _unflatten({p: done[p] for p in flat_specs})
+    return unflatten({p: done[p] for p in flat_specs})
 
 
 def _place(value: np.ndarray, sharding: Any) -> jax.Array:
@@ -275,8 +225,8 @@ def hf_tensors_from_params(
     cfg: ModelConfig, params: Params, dtype: Any = None
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, array in HF layout) for export; a tied head is not written (HF re-ties it)."""
-    flat = _flatten(params)
+    flat = flatten(params)
     for name, (rule, layer, _) in expected_hf_tensors(cfg).items():
         arr = np.asarray(flat[rule.ours] if layer is None else flat[rule.ours][layer])
-        out = np.ascontiguousarray(_KINDS[rule.kind][1](arr, cfg))
+        out = np.ascontiguousarray(KINDS[rule.kind][1](arr, cfg))
         yield name, out if dtype is None else out.astype(dtype)

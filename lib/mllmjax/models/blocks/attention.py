@@ -1,0 +1,101 @@
+"""Grouped-query attention with a mask derived from positions, and its parameters.
+
+A key at position p is visible to a query at position q iff 0 <= p <= q. Padding and empty cache
+slots carry position -1, so one code path serves the full forward, cached prefill and one-token
+decode, and a padded row computes exactly what the unpadded row would (masked keys get probability 0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mllmjax.models.params import ParamSpec
+
+MASKED = -1e30  # finite, so a row with no visible key gives a uniform (not NaN) softmax
+CAUSAL_BLOCK = 64  # the smallest query block of `attention_causal`
+CAUSAL_MAX_BLOCKS = 8
+
+
+def projection_specs(d: int, n: int, k: int, h: int) -> dict[str, ParamSpec]:
+    """q, k, v [D, heads, H] and o [N, H, D] of an attention layer with n query and k kv heads."""
+    return {
+        "q": ParamSpec((d, n, h), ("embed", "heads", "head_dim")),
+        "k": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "v": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "o": ParamSpec((n, h, d), ("heads", "head_dim", "embed")),
+    }
+
+
+def qkv_bias_specs(n: int, k: int, h: int) -> dict[str, ParamSpec]:
+    return {
+        "q_bias": ParamSpec((n, h), ("heads", "head_dim")),
+        "k_bias": ParamSpec((k, h), ("kv_heads", "head_dim")),
+        "v_bias": ParamSpec((k, h), ("kv_heads", "head_dim")),
+    }
+
+
+def visible(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """[B, T, S]: key s is visible to query t iff 0 <= k_pos <= q_pos."""
+    return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    *,
+    cache_layout: bool = False,
+) -> jax.Array:
+    """Grouped-query attention with the position-derived causal mask.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H], or with cache_layout the per-layer cache's k [B, K, H, S] and
+    v [B, K, S, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key).
+    """
+    b, t, n, h = q.shape
+    if cache_layout:
+        k_minor = "BKHS"
+    else:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+        k_minor = "BKSH"
+    kv = k.shape[1]
+    g = n // kv
+    # Head n reads kv head n // G (HF's repeat_kv). The G query heads of a kv head and the T queries
+    # form one [G*T, H] block, so each (row, kv head) is one plain [G*T, H] x [H, S] product with the
+    # contracted dims minor in both operands, the layout XLA:CPU runs fastest.
+    qh = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    scores = jnp.einsum(f"BKMH,{k_minor}->BKMS", qh, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    scores = scores.reshape(b, kv, g, t, -1)
+    scores = jnp.where(visible(q_pos, k_pos)[:, None, None], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)  # [B, K, G*T, H]
+    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def causal_blocks(t: int) -> int:
+    """How many query blocks `attention_causal` splits a sequence of t tokens into (1: no split)."""
+    block = max(CAUSAL_BLOCK, -(-t // CAUSAL_MAX_BLOCKS))
+    return t // block if t % block == 0 else 1
+
+
+def attention_causal(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
+) -> jax.Array:
+    """`attention` of a sequence over itself (k, v: [B, T, K, H], the queries' own tokens), skipping the
+    key blocks after each query block.
+
+    Query block i attends to keys 0 .. end of block i only, under the same position mask: exact as long
+    as positions increase along each row's valid tokens, as every batch here is laid out (left-padded
+    prompts, then completions). With n blocks (`causal_blocks`) the products and the saved
+    probabilities shrink to (n + 1) / 2n of the full square.
+    """
+    t = q.shape[1]
+    n = causal_blocks(t)
+    block = t // n
+    outs = []
+    for i in range(n):
+        rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
+        outs.append(attention(q[:, rows], k[:, keys], v[:, keys], q_pos[:, rows], k_pos[:, keys]))
+    return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)

@@ -1,0 +1,46 @@
+"""Gated MLPs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mllmjax.models.blocks.cpu import OutMajor, dense
+from mllmjax.models.params import ParamSpec
+
+
+def swiglu_specs(d: int, f: int) -> dict[str, ParamSpec]:
+    return {
+        "gate": ParamSpec((d, f), ("embed", "mlp")),
+        "up": ParamSpec((d, f), ("embed", "mlp")),
+        "down": ParamSpec((f, d), ("mlp", "embed")),
+    }
+
+
+def swiglu_mlp(
+    x: jax.Array, gate: jax.Array | OutMajor, up: jax.Array | OutMajor, down: jax.Array | OutMajor
+) -> jax.Array:
+    """down(silu(gate(x)) * up(x)), the Llama MLP."""
+    return dense(swiglu(dense(x, gate), dense(x, up)), down)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, whose backward keeps only gate and up and recomputes the sigmoid: autodiff
+    would save the sigmoid and silu(gate) too, two more [tokens, F] arrays per layer."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    gate, up = res
+    x, g32 = gate.astype(jnp.float32), g.astype(jnp.float32)
+    s = jax.nn.sigmoid(x)
+    d_gate = g32 * up.astype(jnp.float32) * s * (1.0 + x * (1.0 - s))
+    return d_gate.astype(gate.dtype), (g32 * x * s).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

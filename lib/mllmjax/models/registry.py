@@ -1,0 +1,73 @@
+"""The model families, by name: the one table a new family is added to.
+
+A family is one module that declares (see docs/adding-a-model.md):
+    ARCHITECTURES, MODEL_TYPES   the HF `architectures` / `model_type` values it reads
+    Config                       its `ModelConfig` subclass; `config_from_hf(hf)`, `tiny(**overrides)`
+    param_specs(cfg)             shape and logical axes of every parameter
+    HF_NAMES                     its HF name table (`params.Rule` rows)
+    GGUF_ARCHITECTURE, GGUF_PERMUTED_QK, gguf_hf_config(config, layer_tensors)   its GGUF reading
+    rope(cfg, positions)         the rope tables its block reads
+    block(cfg, p, x, kv, ctx)    one decoder layer
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import mllmjax.models.llama as llama
+import mllmjax.models.qwen2 as qwen2
+import mllmjax.models.qwen3 as qwen3
+from mllmjax.errors import UnsupportedModelError
+from mllmjax.models.config import ModelConfig
+
+FAMILIES: dict[str, ModuleType] = {m.Config.family: m for m in (llama, qwen2, qwen3)}
+
+
+def family(cfg: ModelConfig | str) -> ModuleType:
+    """The module of a config's family (or of a family name)."""
+    name = cfg if isinstance(cfg, str) else cfg.family
+    if name not in FAMILIES:
+        raise UnsupportedModelError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def architectures() -> list[str]:
+    return [arch for m in FAMILIES.values() for arch in m.ARCHITECTURES]
+
+
+def family_of_hf(hf: dict[str, Any]) -> ModuleType:
+    """The family an HF config belongs to: by its `architectures`, else its `model_type`."""
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    found = None
+    for arch in archs:
+        found = next((m for m in FAMILIES.values() if arch in m.ARCHITECTURES), found)
+    if found is None:
+        found = next((m for m in FAMILIES.values() if model_type in m.MODEL_TYPES), None)
+    if found is None:
+        got = ", ".join(archs) or model_type or "nothing"
+        raise UnsupportedModelError(
+            f"unsupported architecture {got}; supported: {', '.join(architectures())}"
+        )
+    return found
+
+
+def family_of_gguf(arch: str) -> ModuleType | None:
+    """The family of a GGUF `general.architecture`, or None."""
+    return next((m for m in FAMILIES.values() if arch == m.GGUF_ARCHITECTURE), None)
+
+
+def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
+    """The config of a transformers `config.json` dict; UnsupportedModelError on anything we would
+    silently get wrong."""
+    return family_of_hf(hf).config_from_hf(hf)
+
+
+def tiny(family_name: str = "llama", **overrides: Any) -> ModelConfig:
+    """A small config of a family for tests."""
+    return family(family_name).tiny(**overrides)
+
+
+def smollm2_135m() -> ModelConfig:
+    return llama.LlamaConfig.smollm2_135m()

@@ -1,0 +1,201 @@
+"""The driver every family runs through: embed, the family's block over the layers, final norm, logits.
+
+- The layers are stacked on a leading axis, so the forward is one `lax.scan` over them: compile time
+  does not grow with depth, and remat wraps one body. A caller may pass the layers as a sequence of
+  per-layer trees (`split_layers`) instead; they are then unrolled (decode loops and training on CPU,
+  where the scan's stacking copies cost time), as they are with a per-layer cache.
+- Norms, RoPE, softmax and logits are float32 whatever the compute dtype; the KV cache is kept in the
+  compute dtype.
+- The LM head is stored as [vocab, embed] like the embedding, so tied and untied models share one code
+  path and the loss can slice the vocabulary for chunked log-softmax.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllmjax.models.blocks.cpu import OutMajor, out_major_layer, split_layers, stack_layers, weight_first
+from mllmjax.models.blocks.kernels import Kernel
+from mllmjax.models.blocks.norms import rms_norm
+from mllmjax.models.cache import KVCache, write_rows
+from mllmjax.models.config import ModelConfig
+from mllmjax.models.layer import LayerContext
+from mllmjax.models.params import Params, ParamSpec, map_specs
+from mllmjax.models.registry import family
+
+XLA = Kernel()
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters (normal(0, 0.02) weights, unit norms, zero biases), for tests and benches."""
+    specs = cfg.param_specs()
+    leaves: list[str] = []
+    map_specs(lambda path, _: leaves.append(path), specs)
+    keys = dict(zip(leaves, jax.random.split(rng, len(leaves)), strict=True))
+
+    def make(path: str, spec: ParamSpec) -> jax.Array:
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith("norm"):
+            return jnp.ones(spec.shape, dtype)
+        if name.endswith("bias"):
+            return jnp.zeros(spec.shape, dtype)
+        return (0.02 * jax.random.normal(keys[path], spec.shape, jnp.float32)).astype(dtype)
+
+    return map_specs(make, specs)
+
+
+def layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """One layer's param specs, without the leading layer axis."""
+    return {name: ParamSpec(s.shape[1:], s.axes[1:]) for name, s in cfg.param_specs()["layers"].items()}
+
+
+def out_major_layers(params: Params, cfg: ModelConfig) -> Params:
+    """params with the layers as a tuple of per-layer trees, their matrices output-major (`OutMajor`):
+    what a decode loop on the CPU takes, sliced and transposed once outside the loop."""
+    specs = layer_specs(cfg)
+    layers = split_layers(params["layers"], cfg.num_layers)
+    return {**params, "layers": tuple(out_major_layer(lp, specs) for lp in layers)}
+
+
+def _run_layers(
+    body: Callable[..., Any],
+    x: jax.Array,
+    layers: Any,
+    cache: KVCache | None,
+    cfg: ModelConfig,
+    unrolled: bool,
+) -> tuple[jax.Array, Any, Any]:
+    """x through every layer's body, scanned or unrolled; returns (x, new keys, new values)."""
+    split = isinstance(layers, (tuple, list))
+    if unrolled:
+        # A caller looping over decode steps, or differentiating, passes the layers pre-sliced
+        # (`split_layers`, outside its loop or its grad); stacked layers are sliced here.
+        new_k, new_v = [], []
+        for i, lp in enumerate(layers if split else split_layers(layers, cfg.num_layers)):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, kv = body(x, (lp, kv))
+            new_k.append(kv[0] if kv is not None else None)
+            new_v.append(kv[1] if kv is not None else None)
+        return x, tuple(new_k), tuple(new_v)
+    kv = (cache.k, cache.v) if cache is not None else None
+    x, new = jax.lax.scan(body, x, (stack_layers(layers) if split else layers, kv))
+    return (x, *new) if new is not None else (x, None, None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "kernel"))
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    cache: KVCache | None = None,
+    compute_dtype: Any = None,
+    remat: Callable[..., Any] | None = None,
+    kernel: Kernel = XLA,
+    rope: Any = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Run the model; return (final-normed hidden states [B, T, D], updated cache or None).
+
+    params["layers"]: stacked, or a sequence of per-layer trees (`split_layers`; then unrolled).
+    tokens, positions: [B, T] int. valid: [B, T] bool, False for padding (default all True).
+    With a cache, the T new tokens are written at each row's `cache.index`, and attend to everything
+    already cached plus themselves; invalid tokens are stored with position -1 (never attended) and do
+    not advance the row's index. Without one, positions must increase along each row's valid tokens.
+    remat: a `jax.checkpoint` policy to recompute the layer body in the backward pass, or None.
+    kernel: the attention backend of a forward without a cache. rope: the family's rope tables of
+    these positions, if the caller has them (default: computed here).
+    """
+    fam = family(cfg)
+    cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
+    if valid is None:
+        valid = jnp.ones(tokens.shape, bool)
+    positions = positions.astype(jnp.int32)
+    key_pos = jnp.where(valid, positions, -1)
+    cache_pos = write_rows(cache.pos, key_pos, cache.index) if cache is not None else key_pos
+    ctx = LayerContext(
+        rope=fam.rope(cfg, positions) if rope is None else rope,
+        q_pos=positions,
+        k_pos=cache_pos,
+        index=cache.index if cache is not None else None,
+        per_layer=cache is not None and cache.per_layer,
+        kernel=kernel,
+    )
+    x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)  # [B, T, D]
+
+    def body(x: jax.Array, layer: tuple[Params, Any]) -> tuple[jax.Array, Any]:
+        lp, kv = layer
+        return fam.block(cfg, jax.tree.map(lambda p: p.astype(cdt), lp), x, kv, ctx)
+
+    layers = params["layers"]
+    unrolled = ctx.per_layer or (cache is None and isinstance(layers, (tuple, list)))
+    if remat is not None:
+        # Under scan, XLA cannot merge the backward's recomputation with the forward (JAX's docs on
+        # jax.checkpoint); unrolled it would, and keep every activation after all.
+        body = jax.checkpoint(body, policy=remat, prevent_cse=unrolled)
+    x, new_k, new_v = _run_layers(body, x, layers, cache, cfg, unrolled)
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if cache is None:
+        return hidden, None
+    index = cache.index + valid.sum(axis=1).astype(jnp.int32)
+    return hidden, KVCache(k=new_k, v=new_v, pos=cache_pos, index=index)
+
+
+def lm_head(params: Params) -> jax.Array:
+    """The output projection [V, D] (the embedding when tied)."""
+    return params["lm_head"] if "lm_head" in params else params["embed"]
+
+
+def logits_from_hidden(params: Params, hidden: jax.Array, *, head_first: bool = False) -> jax.Array:
+    """Float32 logits [..., V] from final hidden states [..., D]. head_first: computed as head [V, D] x
+    hidden^T and transposed back, which XLA:CPU runs faster for a decode step's few rows."""
+    head = lm_head(params).astype(hidden.dtype)
+    if head_first:
+        return weight_first(head, hidden, jnp.float32)
+    return jnp.einsum("...D,VD->...V", hidden, head, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
+def logits(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    compute_dtype: Any = None,
+    remat: Callable[..., Any] | None = None,
+) -> jax.Array:
+    """Full-sequence float32 logits [B, T, V] (jitted; positions default to 0..T-1)."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, _ = forward(params, cfg, tokens, positions, valid=valid, compute_dtype=compute_dtype, remat=remat)
+    return logits_from_hidden(params, hidden)
+
+
+def param_bytes(params: Params) -> int:
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+__all__ = [
+    "XLA",
+    "KVCache",
+    "Kernel",
+    "OutMajor",
+    "forward",
+    "init_params",
+    "layer_specs",
+    "lm_head",
+    "logits",
+    "logits_from_hidden",
+    "out_major_layers",
+    "param_bytes",
+    "split_layers",
+    "stack_layers",
+]

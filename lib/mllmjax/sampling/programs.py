@@ -1,0 +1,244 @@
+"""The sampler's compiled programs: prefill and the decode loop, one jitted set per shape bucket.
+
+- One program runs the prefill and every decode step (`lax.while_loop`), so no token crosses to the
+  host until the batch is done; the loop stops early once every row has finished. Streaming runs the
+  same step function in donated chunks of a few tokens.
+- Group sampling: the B prompts are prefilled once, then the cache and the last-token logits are
+  repeated n times along the batch (prompt-major: row = prompt * n + sample).
+- Randomness is per row: each row's key is folded with the step, so rows never share randomness.
+- A row stops on any stop id (kept in the ids and log-probs: the trainer must learn to emit it) or
+  when it reaches its limit of new tokens.
+- The whole-run program decodes in windows (`buckets.decode_windows`), growing the cache between them.
+- On the CPU (`unroll`), the decode loop unrolls the layers over a per-layer cache and multiplies
+  weight-first: each layer matrix is transposed once per program into an output-major copy and the
+  LM head runs head-first, because XLA:CPU repacks the right-hand operand of x [B, D] @ W at every call.
+- The whole-run program creates the cache inside (nothing to donate); the streaming decode program
+  takes the loop state, cache included, as a donated argument, so XLA updates the cache in place
+  instead of allocating and copying a new one for every chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mllmjax.models.cache import KVCache, grow_cache, init_cache
+from mllmjax.models.config import ModelConfig
+from mllmjax.models.params import Params
+from mllmjax.models.registry import family
+from mllmjax.models.transformer import forward, logits_from_hidden, out_major_layers
+from mllmjax.sampling.strategies import Strategy
+
+_trace_lock = threading.Lock()
+_traces = 0
+
+
+def compile_count() -> int:
+    """How many sampler programs have been traced (each trace is one XLA compilation)."""
+    return _traces
+
+
+def _count_trace() -> None:
+    global _traces
+    with _trace_lock:
+        _traces += 1
+
+
+@struct.dataclass
+class DecodeState:
+    """The decode loop's carry. Rows are prompt-major: row = prompt * n + sample."""
+
+    cache: KVCache
+    last: jax.Array  # [R] int32, the token sampled last (fed at the next step)
+    pos: jax.Array  # [R] int32, the position `last` will take
+    rope: Any  # the family's rope tables of pos, made one step ahead (see `rope.rope_tables`)
+    done: jax.Array  # [R] bool
+    stopped: jax.Array  # [R] bool, finished on a stop id (else on length)
+    limit: jax.Array  # [R] int32, most new tokens this row may produce
+    count: jax.Array  # [R] int32, new tokens produced so far
+    out_ids: jax.Array  # [R, N] int32
+    out_logprobs: jax.Array  # [R, N] float32
+    keys: jax.Array  # [R] per-row PRNG keys
+    step: jax.Array  # [] int32, tokens sampled so far (= the next column of out_ids)
+
+
+def _sample_rows(strategy: Strategy, logits: jax.Array, keys: jax.Array, step: jax.Array):
+    """Draw one token per row with that row's own key, so rows never share randomness."""
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    tokens, logprobs = jax.vmap(lambda lg, k: strategy.next_tokens(lg[None], k))(logits, step_keys)
+    return tokens[:, 0], logprobs[:, 0]
+
+
+def _record(state: DecodeState, logits: jax.Array, strategy: Strategy, stop_ids: jax.Array) -> DecodeState:
+    """Sample from logits [R, V], write the token into the rows that are still running."""
+    tokens, logprobs = _sample_rows(strategy, logits, state.keys, state.step)
+    live = ~state.done
+    col = state.step
+    out_ids = state.out_ids.at[:, col].set(jnp.where(live, tokens, 0))
+    out_logprobs = state.out_logprobs.at[:, col].set(jnp.where(live, logprobs, 0.0))
+    count = state.count + live.astype(jnp.int32)
+    is_stop = live & jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+    done = state.done | is_stop | (count >= state.limit)
+    return state.replace(
+        last=jnp.where(live, tokens, state.last),
+        done=done,
+        stopped=state.stopped | is_stop,
+        count=count,
+        out_ids=out_ids,
+        out_logprobs=out_logprobs,
+        step=state.step + 1,
+    )
+
+
+def _prefill(
+    params: Params,
+    tokens: jax.Array,
+    valid: jax.Array,
+    limit: jax.Array,
+    keys: jax.Array,
+    stop_ids: jax.Array,
+    *,
+    cfg: ModelConfig,
+    strategy: Strategy,
+    n: int,
+    cache_len: int,
+    out_len: int,
+    compute_dtype: Any,
+    unroll: bool,
+) -> DecodeState:
+    """Prefill B prompts [B, P] once, repeat for n samples each, sample every row's first token."""
+    b, p = tokens.shape
+    cdt = jnp.dtype(compute_dtype)
+    fam = family(cfg)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    cache = init_cache(cfg, b, cache_len, cdt, per_layer=unroll)
+    hidden, cache = forward(params, cfg, tokens, positions, valid=valid, cache=cache, compute_dtype=cdt)
+    last_idx = jnp.max(jnp.where(valid, jnp.arange(p)[None, :], -1), axis=1)  # [B]
+    # Right or left padding: the next slot is the one after the last valid token.
+    cache = cache.replace(index=(last_idx + 1).astype(jnp.int32))
+    last_hidden = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]  # [B, D]
+    logits = logits_from_hidden(params, last_hidden)  # [B, V]
+    lengths = valid.sum(axis=1).astype(jnp.int32)
+
+    def rep(x: jax.Array, axis: int = 0) -> jax.Array:
+        return jnp.repeat(x, n, axis=axis) if n > 1 else x
+
+    if unroll:
+        cache = cache.replace(k=tuple(rep(x) for x in cache.k), v=tuple(rep(x) for x in cache.v))
+    else:
+        cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1))
+    cache = cache.replace(pos=rep(cache.pos), index=rep(cache.index))
+    rows, pos = b * n, rep(lengths)
+    state = DecodeState(
+        cache=cache,
+        last=jnp.zeros((rows,), jnp.int32),
+        pos=pos,
+        rope=fam.rope(cfg, pos[:, None]),
+        done=rep(limit) <= 0,
+        stopped=jnp.zeros((rows,), bool),
+        limit=rep(limit),
+        count=jnp.zeros((rows,), jnp.int32),
+        out_ids=jnp.zeros((rows, out_len), jnp.int32),
+        out_logprobs=jnp.zeros((rows, out_len), jnp.float32),
+        keys=keys,
+        step=jnp.zeros((), jnp.int32),
+    )
+    return _record(state, rep(logits), strategy, stop_ids)
+
+
+def _decode(
+    params: Params,
+    state: DecodeState,
+    until: jax.Array,
+    stop_ids: jax.Array,
+    *,
+    cfg: ModelConfig,
+    strategy: Strategy,
+    compute_dtype: Any,
+) -> DecodeState:
+    """Decode until every row is done, `until` tokens have been sampled, or a row's next slot is past
+    the end of the cache (the end of a window: see `decode_windows`)."""
+    cdt = jnp.dtype(compute_dtype)
+    fam = family(cfg)
+    if state.cache.per_layer and not isinstance(params["layers"], tuple):
+        params = out_major_layers(params, cfg)
+    window = state.cache.length
+
+    def cond(s: DecodeState) -> jax.Array:
+        return (s.step < until) & ~jnp.all(s.done) & (jnp.max(s.cache.index) < window)
+
+    def body(s: DecodeState) -> DecodeState:
+        hidden, cache = forward(
+            params,
+            cfg,
+            s.last[:, None],
+            s.pos[:, None],
+            valid=~s.done[:, None],
+            cache=s.cache,
+            compute_dtype=cdt,
+            rope=s.rope,
+        )
+        logits = logits_from_hidden(params, hidden[:, 0], head_first=s.cache.per_layer)
+        pos = s.pos + 1
+        rope = fam.rope(cfg, pos[:, None])
+        s = s.replace(cache=cache, pos=pos, rope=rope)
+        return _record(s, logits, strategy, stop_ids)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.cache
+def sliced_layers(cfg: ModelConfig) -> Callable[[Params], Params]:
+    def sliced(params: Params) -> Params:
+        _count_trace()
+        return out_major_layers(params, cfg)
+
+    return jax.jit(sliced)
+
+
+@functools.cache
+def compiled(
+    cfg: ModelConfig,
+    strategy: Strategy,
+    compute_dtype: str,
+    n: int,
+    windows: tuple[int, ...],
+    out_len: int,
+    unroll: bool,
+) -> tuple[Callable, Callable, Callable]:
+    """(whole run, prefill, decode) jitted for one configuration and shape bucket. The whole run
+    grows its cache through `windows`; the streaming pair uses the full cache (windows[-1])."""
+    static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype)
+    shapes = dict(n=n, out_len=out_len, unroll=unroll)
+
+    def run(params, tokens, valid, limit, keys, stop_ids):
+        _count_trace()
+        state = _prefill(
+            params, tokens, valid, limit, keys, stop_ids, cache_len=windows[0], **shapes, **static
+        )
+        if unroll:
+            params = out_major_layers(params, cfg)
+        for i, window in enumerate(windows):
+            if i:
+                state = state.replace(cache=grow_cache(state.cache, window))
+            state = _decode(params, state, jnp.int32(out_len), stop_ids, **static)
+        return state.out_ids, state.out_logprobs, state.count, state.stopped
+
+    def prefill(params, tokens, valid, limit, keys, stop_ids):
+        _count_trace()
+        return _prefill(
+            params, tokens, valid, limit, keys, stop_ids, cache_len=windows[-1], **shapes, **static
+        )
+
+    def decode(params, state, until, stop_ids):
+        _count_trace()
+        return _decode(params, state, until, stop_ids, **static)
+
+    # The streaming state (KV cache included) is donated: see the module docstring.
+    return jax.jit(run), jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
