@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import DEFAULT_MESH, Dtype, Force, Mesh
+from mllmjax_cli.flags import with_settings
+from mllmjax_cli.options import Force
 from mllmjax_cli.progress import stage_progress
 
 HELP = """Convert HF or GGUF weights into an mllmjax checkpoint (sharded Orbax params + config + tokenizer).
@@ -28,6 +29,7 @@ Examples:
 def register(app: typer.Typer) -> None:
     @app.command(name="convert", help=HELP, short_help="HF / GGUF weights -> a sharded Orbax checkpoint.")
     @handle_errors
+    @with_settings("dtype", "mesh")
     def convert(
         source: Annotated[
             str, typer.Argument(help="Hub id, HF folder, weights file, .gguf, or smollm2-135m.")
@@ -35,11 +37,11 @@ def register(app: typer.Typer) -> None:
         out: Annotated[
             Path | None, typer.Option("-o", "--out", help="Checkpoint directory to write.")
         ] = None,
-        dtype: Dtype = "auto",
-        mesh: Mesh = DEFAULT_MESH,
         force: Force = False,
+        **settings: Any,
     ) -> None:
         from mllmjax.convert import convert as run
+        from mllmjax.sharding import make_mesh
 
         target = out if out is not None else Path(Path(source).name.removesuffix(".gguf") + "-mllmjax")
         with stage_progress("convert") as progress:
@@ -48,7 +50,14 @@ def register(app: typer.Typer) -> None:
             def on_tensor(name: str, done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total, description=name)
 
-            result = run(source, target, dtype=dtype, mesh=mesh, force=force, on_tensor=on_tensor)
+            result = run(
+                source,
+                target,
+                dtype=settings["dtype"],
+                mesh=make_mesh(settings["mesh"]),
+                force=force,
+                on_tensor=on_tensor,
+            )
         c = result.cfg
         err_console.print(
             f"wrote {result.out}: {c.family}, {result.num_params / 1e6:.1f}M params, {result.dtype}, "

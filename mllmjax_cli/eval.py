@@ -5,35 +5,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import (
-    DEFAULT_MESH,
-    AnswerField,
-    Data,
-    Dtype,
-    Force,
-    Greedy,
-    Json,
-    MaxBatch,
-    MaxNewTokens,
-    Mesh,
-    MinP,
-    NumPrompts,
-    Offset,
-    QuestionField,
-    Seed,
-    Split,
-    SystemPromptFile,
-    TopK,
-    TopP,
-    sampling_strategy_args,
-)
-from mllmjax_cli.rollout import sample_problems
+from mllmjax_cli.flags import Override, with_settings
+from mllmjax_cli.options import Force, Greedy, Json, NumPrompts, Offset
+from mllmjax_cli.rollout import SAMPLING_SETTINGS, sample_problems
 
 HELP = """Evaluate a checkpoint on a held-out split: pass@1 (greedy by default), and with -k K samples per
 problem pass@k and maj@k (majority vote over extracted answers), plus the strict-format rate, mean length
@@ -51,73 +32,64 @@ Examples:
 def register(app: typer.Typer) -> None:
     @app.command(name="eval", help=HELP, short_help="Held-out accuracy: pass@1, pass@k, maj@k, format rate.")
     @handle_errors
+    @with_settings(
+        *SAMPLING_SETTINGS,
+        split=Override("test"),  # evaluation is on held-out data
+        # Greedy pass@1 unless several samples per problem are asked for.
+        temperature=Override(
+            None, "Sampling temperature; default 0 (greedy) for k=1, else 1.0.", type=float | None
+        ),
+    )
     def eval_(
         ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
-        data: Data = "gsm8k",
-        split: Split = "test",
-        num_prompts: NumPrompts = None,
-        offset: Offset = 0,
         k: Annotated[int, typer.Option("-k", help="Samples per problem (pass@k, maj@k).")] = 1,
         greedy: Greedy = False,
-        temperature: Annotated[
-            float | None,
-            typer.Option("--temperature", help="Sampling temperature; default 0 (greedy) for k=1, else 1.0."),
-        ] = None,
-        top_k: TopK = 50,
-        top_p: TopP = 1.0,
-        min_p: MinP = 0.0,
-        max_new_tokens: MaxNewTokens = 1024,
-        seed: Seed = 0,
-        system_prompt: SystemPromptFile = None,
-        question_field: QuestionField = None,
-        answer_field: AnswerField = None,
+        num_prompts: NumPrompts = None,
+        offset: Offset = 0,
         out: Annotated[
             Path | None, typer.Option("-o", "--out", help="Also write the completions as rollout records.")
         ] = None,
         force: Force = False,
         json_out: Json = False,
-        mesh: Mesh = DEFAULT_MESH,
-        dtype: Dtype = "auto",
-        batch_size: MaxBatch = 64,
+        **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output, read_meta
         from mllmjax.data import load_problems
+        from mllmjax.distributed import decode_mesh
         from mllmjax.errors import BadInputError
         from mllmjax.evaluation import summarize
-        from mllmjax.prompts import load_system_prompt
         from mllmjax.records import write_records
         from mllmjax.rollout import RolloutConfig
+        from mllmjax.sampling import Sample
 
         if k < 1:
             raise BadInputError(f"-k must be >= 1, got {k}")
         if out is not None:
             check_output(out, force)
-        temp = temperature if temperature is not None else (0.0 if k == 1 else 1.0)
-        cfg = RolloutConfig(
-            group_size=k,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            max_batch=batch_size,
-            system_prompt=load_system_prompt(system_prompt),
-            **sampling_strategy_args(temp, greedy, top_k, top_p, min_p),
-        )
+        mesh, dtype = settings.pop("mesh"), settings.pop("dtype")
+        if settings["temperature"] is None:
+            settings["temperature"] = 0.0 if k == 1 else 1.0
+        s = Settings(**settings)
+        cfg = RolloutConfig.from_settings(s, seed=s.seed, group_size=k, greedy=greedy)
         read_meta(ckpt)  # a clear error before the data is read
         problems = load_problems(
-            data, split=split, question_field=question_field, answer_field=answer_field,
+            s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
             num=num_prompts, offset=offset,
         )  # fmt: skip
         start = time.perf_counter()
         records = sample_problems(
-            ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta={"data": data, "split": split}, label="eval"
-        )
+            ckpt, problems, cfg, mesh=decode_mesh(mesh), dtype=dtype, meta={"data": s.data, "split": s.split},
+            label="eval",
+        )  # fmt: skip
         result, _ = summarize(records)
         if out is not None:
             write_records(records, out, force=force)
-        numbers = {"checkpoint": str(ckpt), "data": data, "split": split, "temperature": cfg.temperature,
+        temperature = cfg.strategy.temperature if isinstance(cfg.strategy, Sample) else 0.0
+        numbers = {"checkpoint": str(ckpt), "data": s.data, "split": s.split, "temperature": temperature,
                    **result.as_dict(), "seconds": time.perf_counter() - start}  # fmt: skip
         if json_out:
             typer.echo(json.dumps(numbers))
-        table = Table(title=f"eval {ckpt} on {data} ({split}), {result.problems} problems x k={result.k}")
+        table = Table(title=f"eval {ckpt} on {s.data} ({s.split}), {result.problems} problems x k={result.k}")
         table.add_column("metric")
         table.add_column("value", justify="right")
         rows = [("pass@1", result.pass_at_1), (f"pass@{result.k}", result.pass_at_k),

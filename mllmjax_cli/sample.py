@@ -11,34 +11,24 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
 from mllmjax.errors import BadInputError, OutputExistsError, RecordError
+from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import (
-    DEFAULT_MESH,
-    Dtype,
-    Force,
-    Greedy,
-    Json,
-    MaxBatch,
-    MaxNewTokens,
-    Mesh,
-    MinP,
-    Seed,
-    Temperature,
-    TopK,
-    TopP,
-    sampling_strategy_args,
-)
+from mllmjax_cli.flags import Override, with_settings
+from mllmjax_cli.options import Force, Greedy, Json
 from mllmjax_cli.progress import stage_progress
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 EXAMPLES = """
 Examples:
 
-  mllmjax sample CKPT "What is 12*7?"                       # streams one greedy-free sample
+  mllmjax sample CKPT "What is 12*7?"                       # streams one sampled completion
   mllmjax sample CKPT "Name a prime." -n 4 --temperature 0.7
   mllmjax sample CKPT --prompts questions.txt --json -o out.jsonl
   cat prompts.jsonl | mllmjax sample CKPT --prompts - --greedy --json
@@ -91,6 +81,13 @@ def register(app: typer.Typer) -> None:
         short_help="Generate completions with the JAX decoder.",
     )
     @handle_errors
+    @with_settings(
+        "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "system_prompt", "mesh", "dtype",
+        "batch_size",
+        max_new_tokens=Override(256),  # interactive use: short answers unless asked for more
+        # A plain chat: no system turn of ours unless one is given.
+        system_prompt=Override(None, "File whose text is the system message (chat mode; default: none)."),
+    )  # fmt: skip
     def sample(
         ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (from `mllmjax convert`/`train`).")],
         prompt: Annotated[list[str] | None, typer.Argument(help="Prompt text; several give a batch.")] = None,
@@ -101,28 +98,22 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         n: Annotated[int, typer.Option("-n", help="Samples per prompt (the prompt is prefilled once).")] = 1,
-        max_new_tokens: MaxNewTokens = 256,
-        temperature: Temperature = 1.0,
         greedy: Greedy = False,
-        top_k: TopK = 50,
-        top_p: TopP = 1.0,
-        min_p: MinP = 0.0,
-        seed: Seed = 0,
         chat: Annotated[
             bool | None,
             typer.Option(
                 "--chat/--no-chat", help="Wrap prompts in the chat template (default: if it has one)."
             ),
         ] = None,
-        system: Annotated[str | None, typer.Option("--system", help="System message (chat mode).")] = None,
         json_out: Json = False,
         out: Annotated[str, typer.Option("-o", "--out", help='Write the output here ("-" = stdout).')] = "-",
         force: Force = False,
-        mesh: Mesh = DEFAULT_MESH,
-        dtype: Dtype = "auto",
-        batch_size: MaxBatch = 64,
+        **settings: Any,
     ) -> None:
+        from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype, stop_ids_for
+        from mllmjax.prompts import load_system_prompt
         from mllmjax.sampling import make_strategy
+        from mllmjax.sharding import make_mesh
 
         texts = list(prompt or [])
         if prompts_file is not None:
@@ -131,32 +122,28 @@ def register(app: typer.Typer) -> None:
             raise BadInputError("no prompts: give PROMPT arguments or --prompts FILE (- for stdin)")
         if out != "-" and Path(out).exists() and not force:
             raise OutputExistsError(f"{out} exists; pass --force to replace it")
-        strategy = make_strategy(**sampling_strategy_args(temperature, greedy, top_k, top_p, min_p))
+        mesh, dtype = settings.pop("mesh"), settings.pop("dtype")
+        s = Settings(**settings)
+        strategy = make_strategy(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, greedy=greedy
+        )
+        system = load_system_prompt(s.system_prompt) if s.system_prompt is not None else None
 
-        checkpoint, params, device_mesh = _load(ckpt, mesh, dtype)
-        cfg = checkpoint.cfg
-        tokenizer = checkpoint.tokenizer()
-        use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-        if use_chat and not getattr(tokenizer, "chat_template", None):
-            raise BadInputError(f"{ckpt}: the tokenizer has no chat template; use --no-chat")
-        from mllmjax.checkpoint import stop_ids_for
-
+        read_meta(ckpt)  # a clear one-line error before any device work if CKPT is not a checkpoint
+        device_mesh = make_mesh(mesh)
+        checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
+        params, cfg, tokenizer = checkpoint.params, checkpoint.cfg, checkpoint.tokenizer()
+        ids = _encode_prompts(
+            ckpt, tokenizer, texts, chat=chat, system=system, context=cfg.max_position_embeddings
+        )
         stop_ids = stop_ids_for(tokenizer, checkpoint.stop_ids)
-        ids = [encode(tokenizer, t, chat=use_chat, system=system) for t in texts]
-        for i, p in enumerate(ids):
-            if len(p) >= cfg.max_position_embeddings:
-                raise BadInputError(
-                    f"prompt {i + 1} is {len(p)} tokens; the model's context is {cfg.max_position_embeddings}"
-                )
 
         sink = sys.stdout if out == "-" else open(out + ".tmp", "w", encoding="utf-8")  # noqa: SIM115
         try:
             if len(texts) == 1 and n == 1 and not json_out and out == "-":
-                _stream_one(params, cfg, ids[0], strategy, tokenizer, max_new_tokens, stop_ids, seed)
+                _stream_one(params, cfg, ids[0], strategy, tokenizer, s.max_new_tokens, stop_ids, s.seed)
             else:
-                completions = _run_batch(
-                    params, cfg, ids, strategy, n, max_new_tokens, stop_ids, seed, batch_size, device_mesh
-                )
+                completions = _run_batch(params, cfg, ids, strategy, n, s, stop_ids, device_mesh)
                 _write(sink, completions, texts, ids, tokenizer, json_out)
         finally:
             if sink is not sys.stdout:
@@ -165,14 +152,18 @@ def register(app: typer.Typer) -> None:
             Path(out + ".tmp").replace(out)
 
 
-def _load(ckpt: Path, mesh_spec: str, dtype: str):
-    from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype
-    from mllmjax.sharding import make_mesh
-
-    read_meta(ckpt)  # a clear one-line error before any device work if CKPT is not a checkpoint
-    device_mesh = make_mesh(mesh_spec)
-    checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
-    return checkpoint, checkpoint.params, device_mesh
+def _encode_prompts(
+    ckpt: Path, tokenizer: Any, texts: list[str], *, chat: bool | None, system: str | None, context: int
+) -> list[list[int]]:
+    """The prompts' token ids, in the chat template by default when the tokenizer has one."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat and not getattr(tokenizer, "chat_template", None):
+        raise BadInputError(f"{ckpt}: the tokenizer has no chat template; use --no-chat")
+    ids = [encode(tokenizer, t, chat=use_chat, system=system) for t in texts]
+    for i, p in enumerate(ids):
+        if len(p) >= context:
+            raise BadInputError(f"prompt {i + 1} is {len(p)} tokens; the model's context is {context}")
+    return ids
 
 
 def _stream_one(params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, stop_ids, seed) -> None:
@@ -198,7 +189,16 @@ def _stream_one(params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, st
     err_console.print(f"[dim]({len(ids)} tokens, finish: {finish})[/]", markup=True)
 
 
-def _run_batch(params, cfg, ids, strategy, n, max_new_tokens, stop_ids, seed, batch_size, device_mesh):
+def _run_batch(
+    params: Any,
+    cfg: Any,
+    ids: list[list[int]],
+    strategy: Any,
+    n: int,
+    s: Settings,
+    stop_ids: Any,
+    device_mesh: Mesh,
+) -> list[Any]:
     from mllmjax.sampling import generate
 
     start = time.perf_counter()
@@ -216,10 +216,10 @@ def _run_batch(params, cfg, ids, strategy, n, max_new_tokens, stop_ids, seed, ba
             ids,
             strategy,
             n=n,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=s.max_new_tokens,
             stop_ids=stop_ids,
-            seed=seed,
-            max_batch=batch_size,
+            seed=s.seed,
+            max_batch=s.batch_size,
             mesh=use_mesh,
             on_batch=on_batch,
         )

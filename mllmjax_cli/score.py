@@ -15,13 +15,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mllmjax.advantages import DEFAULT_ESTIMATOR, ESTIMATORS
+from mllmjax.advantages import ESTIMATORS
 from mllmjax.errors import BadInputError, OutputExistsError
 from mllmjax.records import STDIO, read_records, write_records
-from mllmjax.rewards import DEFAULT_REWARD_SPEC, REWARDS
+from mllmjax.rewards import REWARDS
 from mllmjax.scoring import ScoreConfig, score_records
+from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import Advantage, Force, Json, Overlong, OverlongPenalty, Reward, RewardFn
+from mllmjax_cli.flags import Override, with_settings
+from mllmjax_cli.options import Force, Json
 
 HELP = f"""Add rewards and group advantages to rollout records (JSON Lines, schema mllmjax.rollout/1).
 
@@ -39,7 +41,7 @@ Rewards (--reward name=weight,...; known: {", ".join(sorted(REWARDS))}):
 \b
 Advantages (--advantage; known: {", ".join(sorted(ESTIMATORS))}):
   grpo (r-mean)/(std+1e-4); dr_grpo r-mean; rloo r - mean of the others;
-  reinforce global z-score; grpo_clip2 the predecessor's, for comparison
+  reinforce global z-score; grpo_clip2 grpo + 0.02 global z, clipped
 
 \b
 Examples:
@@ -56,25 +58,21 @@ Examples:
 def register(app: typer.Typer) -> None:
     @app.command(name="score", help=HELP, short_help="Add rewards and group advantages to rollout records.")
     @handle_errors
+    @with_settings(
+        "reward", "reward_fn", "advantage", "overlong", "overlong_penalty", "group_size",
+        # Records carry their groups: G is checked against them only when given.
+        group_size=Override(None, "Expected G; by default the largest sample index + 1.", type=int | None),
+    )  # fmt: skip
     def score(
         rollouts: Annotated[str, typer.Argument(help="Rollout records (JSON Lines), or - for stdin.")],
-        reward: Reward = DEFAULT_REWARD_SPEC,
-        reward_fn: RewardFn = None,
-        advantage: Advantage = DEFAULT_ESTIMATOR,
         filter_zero_variance: Annotated[
             bool,
             typer.Option("--filter-zero-variance", help="Drop groups whose rewards are all equal."),
         ] = False,
-        overlong: Overlong = "none",
-        overlong_penalty: OverlongPenalty = 1.0,
-        group_size: Annotated[
-            int | None,
-            typer.Option("-G", "--group-size", help="Expected G; by default the largest sample index + 1."),
-        ] = None,
         workers: Annotated[
             int,
             typer.Option("--workers", help="Reward worker processes; 0 scores in this process."),
-        ] = 0,
+        ] = ScoreConfig.workers,
         out: Annotated[
             Path | None,
             typer.Option(
@@ -83,14 +81,12 @@ def register(app: typer.Typer) -> None:
         ] = None,
         force: Force = False,
         json_: Json = False,
+        **settings: Any,
     ) -> None:
-        config = ScoreConfig(
-            rewards=reward,
-            reward_fns=tuple(reward_fn or ()),
-            advantage=advantage,
+        group_size = settings.pop("group_size")
+        config = ScoreConfig.from_settings(
+            Settings(**settings),
             filter_zero_variance=filter_zero_variance,
-            overlong=overlong,  # type: ignore[arg-type]  # validated by ScoreConfig
-            overlong_penalty=overlong_penalty,
             workers=workers,
             group_size=group_size,
             source="<stdin>" if rollouts == STDIO else rollouts,

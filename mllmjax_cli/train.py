@@ -4,36 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from mllmjax.settings import Settings
+from mllmjax.training import TRAIN_SETTINGS
 from mllmjax_cli.errors import err_console, handle_errors
-from mllmjax_cli.options import (
-    DEFAULT_MESH,
-    Attention,
-    Beta,
-    ClipHigh,
-    ClipLow,
-    ComputeDtype,
-    Force,
-    Json,
-    Kl,
-    LayerLoop,
-    LossAgg,
-    Lr,
-    Mesh,
-    MicroBatch,
-    Minibatches,
-    Optimizer,
-    PpoEpochs,
-    Remat,
-    Seed,
-    Temperature,
-    TisCap,
-    Warmup,
-    WeightDecay,
-)
+from mllmjax_cli.flags import Override, with_settings
+from mllmjax_cli.options import Force, Json
 from mllmjax_cli.progress import stage_progress
 
 HELP = """Run PPO epochs of the GRPO loss on scored rollout records and write a new checkpoint whose
@@ -59,53 +38,33 @@ def register(app: typer.Typer) -> None:
         short_help="PPO epochs of the GRPO loss on scored rollouts -> a new checkpoint.",
     )
     @handle_errors
+    # One call is one step of a scripted loop: by default the schedule spans this one step.
+    @with_settings(*TRAIN_SETTINGS, "seed", "mesh", steps=Override(1, "GRPO steps the LR schedule spans."))
     def train(
         ckpt: Annotated[Path, typer.Argument(help="Checkpoint to start from.")],
         scored: Annotated[
             str, typer.Argument(help='Scored rollout records (from `mllmjax score`; "-" = stdin).')
         ],
         out: Annotated[Path, typer.Option("-o", "--out", help="Checkpoint directory to write.")],
-        ppo_epochs: PpoEpochs = 2,
-        minibatches: Minibatches = 1,
-        micro_batch: MicroBatch = None,
-        lr: Lr = 1e-6,
-        optimizer: Optimizer = "lion",
-        weight_decay: WeightDecay = 1e-8,
-        warmup: Warmup = 0.05,
-        steps: Annotated[int, typer.Option("--steps", help="GRPO steps the LR schedule spans.")] = 1,
-        beta: Beta = 0.04,
-        kl: Kl = "k3",
-        clip_low: ClipLow = 0.2,
-        clip_high: ClipHigh = 0.3,
-        loss_agg: LossAgg = "token",
-        temperature: Temperature = 1.0,
-        tis_cap: TisCap = None,
-        remat: Remat = "none",
-        layer_loop: LayerLoop = "auto",
-        compute_dtype: ComputeDtype = None,
-        attention: Attention = "auto",
         resume: Annotated[
             bool, typer.Option("--resume", help="Continue CKPT's optimizer state and step.")
         ] = False,
-        seed: Seed = 0,
-        mesh: Mesh = DEFAULT_MESH,
         force: Force = False,
         json_out: Json = False,
+        **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output
         from mllmjax.records import read_records
+        from mllmjax.sharding import make_mesh
         from mllmjax.training import make_train_config, train_checkpoint
 
         check_output(out, force)
-        cfg = make_train_config(
-            ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, lr=lr, optimizer=optimizer,
-            weight_decay=weight_decay, warmup=warmup, steps=steps, beta=beta, kl=kl, clip_low=clip_low,
-            clip_high=clip_high, loss_agg=loss_agg, tis_cap=tis_cap, remat=remat, temperature=temperature,
-            compute_dtype=compute_dtype, attention=attention, layer_loop=layer_loop,
-        )  # fmt: skip
+        mesh = make_mesh(settings.pop("mesh"))
+        s = Settings(**settings)
+        cfg = make_train_config(s)
         records = read_records(scored)
         with stage_progress("train") as progress:
-            task = progress.add_task("compiling", total=ppo_epochs * minibatches)
+            task = progress.add_task("compiling", total=s.ppo_epochs * s.minibatches)
 
             def on_update(m: dict[str, float]) -> None:
                 progress.update(
@@ -118,7 +77,7 @@ def register(app: typer.Typer) -> None:
 
             result = train_checkpoint(
                 ckpt, records, out, cfg, source="<stdin>" if scored == "-" else scored, mesh=mesh,
-                resume=resume, seed=seed, force=force, on_update=on_update,
+                resume=resume, seed=s.seed, force=force, on_update=on_update,
                 on_memory=lambda est: progress.console.print(est.describe()),
             )  # fmt: skip
         if json_out:

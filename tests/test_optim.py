@@ -28,7 +28,7 @@ def test_first_update_has_positive_lr_and_warmup_reaches_peak() -> None:
     peak, total = 1e-6, 800  # 400 steps x 2 PPO epochs
     lrs = _lrs(warmup_cosine(peak, total), total + 2)
     warmup = 40  # 5% of 800
-    assert lrs[0] == pytest.approx(peak / warmup, rel=1e-6)  # FIX: the predecessor's was 0
+    assert lrs[0] == pytest.approx(peak / warmup, rel=1e-6)  # not 0: the first update already moves
     np.testing.assert_allclose(lrs[:warmup], peak * np.arange(1, warmup + 1) / warmup, rtol=1e-6)
     assert lrs[warmup - 1] == pytest.approx(peak, rel=1e-6)
     assert lrs.argmax() == warmup - 1

@@ -102,8 +102,10 @@ def test_stdin_plain_lines_output_file_and_force(ckpt, tmp_path):
     assert json.loads(out.read_text().splitlines()[0])["prompt"] == "w1"
 
 
-def test_single_prompt_streams_text_in_chat_mode(ckpt):
-    res = _invoke(ckpt, "hi", "--greedy", "--max-new-tokens", "5", "--system", "w9")
+def test_single_prompt_streams_text_in_chat_mode(ckpt, tmp_path):
+    system = tmp_path / "system.txt"
+    system.write_text("w9\n")
+    res = _invoke(ckpt, "hi", "--greedy", "--max-new-tokens", "5", "--system-prompt", system)
     assert res.exit_code == 0, res.output
     ck = load_checkpoint(ckpt)
     tok = ck.tokenizer()

@@ -16,8 +16,8 @@ rewards; global: mean, std over all rewards of all hosts; EPS = 1e-4):
 - dr_grpo:   r - mean_g                                (Dr. GRPO: no std division)
 - rloo:      r - mean of the other G-1 rewards = G / (G-1) * (r - mean_g)
 - reinforce: (r - mean) / (std + EPS)                  (a global z-score, no grouping)
-- grpo_clip2, the predecessor's estimator, kept for comparison. DESIGN.md words it "grpo + 0.02 x global
-  z-score, positives rescaled so the group max is 1.5, floor -4 x group max"; precisely, per group:
+- grpo_clip2, kept for comparison: "grpo + 0.02 x global z-score, positives rescaled so the group max
+  is 1.5, floor -4 x group max"; precisely, per group:
       a   = grpo(r) + 0.02 * reinforce(r)
       m   = max_g(a)
       a   = where(a > 0, a * 1.5 / m, a)               (only when m > 0: the group max becomes 1.5)
@@ -39,13 +39,13 @@ from collections.abc import Callable
 import numpy as np
 
 from mllmjax.errors import BadInputError
+from mllmjax.settings import DEFAULTS
 
 EPS = 1e-4
 AllGather = Callable[[np.ndarray], np.ndarray]
 Estimator = Callable[..., np.ndarray]
 
 ESTIMATORS: dict[str, Estimator] = {}
-DEFAULT_ESTIMATOR = "grpo"
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -105,7 +105,7 @@ def reinforce(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.n
 
 
 def grpo_clip2(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
-    """The predecessor's estimator (see the module docstring for the exact definition).
+    """grpo plus a global z-score term, clipped (see the module docstring for the exact definition).
 
     a = grpo + 0.02 * global z; positives scaled so the group max is 1.5; floor -4 x the group max.
     Sign flip: an all-equal group below the global mean (e.g. all wrong) has max a = 0.02 z < 0, so the
@@ -134,7 +134,7 @@ def get_estimator(name: str) -> Estimator:
 
 
 def compute_advantages(
-    rewards: np.ndarray, name: str = DEFAULT_ESTIMATOR, *, all_gather: AllGather | None = None
+    rewards: np.ndarray, name: str = DEFAULTS.advantage, *, all_gather: AllGather | None = None
 ) -> np.ndarray:
     """Advantages [groups, G] for rewards [groups, G] with the estimator registered as `name`."""
     fn = get_estimator(name)

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from mllmjax.errors import BadInputError
 
@@ -182,15 +183,15 @@ def _process_devices(index: int) -> list[Any]:
     return [d for d in jax.devices() if d.process_index == index]
 
 
-def decode_mesh(spec: str, flag: str = "--mesh") -> Any:
-    """Where rollouts decode: the mesh of `spec` over every device with one process, and over this
-    host's own devices (`local_mesh`) in a multi-host run."""
+def decode_mesh(spec: str, flag: str = "--mesh") -> Mesh:
+    """Where rollouts decode, parsed from a --mesh string: the mesh of `spec` over every device with one
+    process, and over this host's own devices (`local_mesh`) in a multi-host run."""
     from mllmjax.sharding import make_mesh
 
     return make_mesh(spec) if jax.process_count() == 1 else local_mesh(spec, flag)
 
 
-def local_mesh(spec: str, flag: str = "--mesh") -> Any:
+def local_mesh(spec: str, flag: str = "--mesh") -> Mesh:
     """A mesh of this process's own devices laid out by `spec` (e.g. 'tensor=-1'): where each host
     decodes its share of a multi-host run's prompts."""
     from mllmjax.sharding import make_mesh
@@ -205,20 +206,17 @@ def local_mesh(spec: str, flag: str = "--mesh") -> Any:
         ) from None
 
 
-def host_local_copy(tree: Any, shardings: Callable[[Any], Any], mesh: Any) -> Any:
+def host_local_copy(tree: Any, shardings: Callable[[Mesh], Any], mesh: Mesh) -> Any:
     """The global arrays `tree` as arrays on this process's `mesh` (from `local_mesh`), laid out by
     `shardings(mesh)` (a tree of NamedShardings shaped like `tree`).
 
     Every process's local mesh is stacked on a leading "hosts" axis into one global mesh; the arrays
     are resharded onto it replicated over "hosts" (one all-gather across hosts, in device memory), and
-    this process's shards of that are exactly a whole copy on its own devices."""
+    this process's shards of that are exactly a whole copy on its own devices. A collective: every
+    process must call it, each with its own local mesh of one shape."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings(mesh))
-    from jax.sharding import Mesh
-
-    spec = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
-    grids = [_local_grid(spec, i) for i in range(jax.process_count())]
-    hosts = Mesh(np.stack(grids), ("hosts", *mesh.axis_names))
+    hosts = Mesh(np.stack(_local_grids(mesh)), ("hosts", *mesh.axis_names))
     replicated = jax.device_put(tree, shardings(hosts))
     return jax.tree.map(
         lambda x, s: jax.make_array_from_single_device_arrays(
@@ -229,8 +227,12 @@ def host_local_copy(tree: Any, shardings: Callable[[Any], Any], mesh: Any) -> An
     )
 
 
-def _local_grid(spec: str, index: int) -> np.ndarray:
-    """The device grid process `index`'s `local_mesh(spec)` has (the same on every process)."""
-    from mllmjax.sharding import make_mesh
-
-    return make_mesh(spec, _process_devices(index)).devices
+def _local_grids(mesh: Mesh) -> list[np.ndarray]:
+    """Every process's local device grid, in process order, given this process's `mesh`: the grids are
+    exchanged as device ids, so each process's layout is the one it built (a collective)."""
+    ids = allgather_objects(np.vectorize(lambda d: d.id, otypes=[np.int64])(mesh.devices))
+    by_id = {d.id: d for d in jax.devices()}
+    grids = [np.vectorize(by_id.__getitem__, otypes=[object])(grid) for grid in ids]
+    if any(grid.shape != mesh.devices.shape for grid in grids):
+        raise BadInputError(f"every host must decode on a mesh of one shape; got {[g.shape for g in grids]}")
+    return grids

@@ -6,12 +6,12 @@ Design decisions:
   Each chunk's gradient is written out (d logp / d logits = (onehot - softmax) / T): the backward needs
   the chunk's softmax only. It is kept from the forward while the softmax of all the chunks together
   stays under `KEEP_SOFTMAX_BYTES` (1 GiB), and otherwise rebuilt from the saved logsumexp by
-  recomputing the chunk's logits (one more [C, D] x [D, V] product per chunk). Keeping it made one
-  SmolLM2 update (1536 completion tokens, 302 MB of softmax) 0.4-0.6 s faster out of 11.
+  recomputing the chunk's logits (one more [C, D] x [D, V] product per chunk); keeping it saves that
+  product when memory allows.
 - Only the positions that predict completion tokens go through the LM head: batches put every
   completion at or after a static `completion_start` (prompts left-padded to a common width), so the
   prompt's hidden states are sliced off before the head.
-- Logits are divided by the sampling temperature before the softmax (the predecessor divided log-probs).
+- Logits are divided by the sampling temperature before the softmax: the distribution the sampler drew from.
 - Aggregation is expressed as per-token weights computed once from the whole (mini)batch's completion
   mask: the loss is sum(weight * per-token loss). Any split of the rows into micro-batches then sums to
   exactly the same loss and gradient, which is what makes gradient accumulation correct.
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from mllmjax.errors import BadInputError
+from mllmjax.settings import DEFAULTS
 
 # ---------------------------------------------------------------------------------------------
 # per-token log-probs
@@ -162,7 +163,7 @@ def sequence_logprobs(
     """Log-probs aligned with `tokens` [B, T]: out[:, t] = log p(tokens[t] | tokens[<t]).
 
     Only positions t >= completion_start are scored (earlier ones are 0), so the LM head never sees
-    the prompt's states. hidden: [B, T, D] from `decoder.forward`; head: [V, D].
+    the prompt's states. hidden: [B, T, D] from `mllmjax.models.transformer.forward`; head: [V, D].
     """
     t = tokens.shape[1]
     start = max(1, completion_start)
@@ -248,11 +249,11 @@ def agg_dr_grpo(mask: jax.Array, length: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    aggregation: str = "token"
-    beta: float = 0.04
-    kl_estimator: str = "k3"
+    clip_low: float = DEFAULTS.clip_low
+    clip_high: float = DEFAULTS.clip_high
+    aggregation: str = DEFAULTS.loss_agg
+    beta: float = DEFAULTS.beta
+    kl_estimator: str = DEFAULTS.kl
     # dr_grpo's constant: the sampler's max new tokens; None = the batch's completion width.
     max_completion_len: int | None = None
     # Truncated importance sampling cap (applied only when sampler log-probs are given).

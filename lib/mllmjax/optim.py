@@ -1,16 +1,15 @@
 """Optimizers and the learning-rate schedule, counted in optimizer updates.
 
 Design decisions:
-- Lion (weight decay 1e-8, the predecessor's choice) or AdamW from optax, after global-norm clipping
-  (1.0). Optimizers are registered by name so a flag picks one and a user can add one.
+- Lion or AdamW from optax, after global-norm clipping (1.0). Optimizers are registered by name so a
+  flag picks one and a user can add one.
 - The schedule's clock is the optimizer update: a run of S steps x E PPO epochs x M minibatches makes
-  S * E * M updates, and that is the schedule's length (FIX: the predecessor counted steps while making
-  two updates per step, so its LR reached 0 halfway through the run).
+  S * E * M updates, and that is the schedule's length, so the LR reaches 0 at the end of the run and
+  not earlier.
 - Warm-up is linear over the first W = max(1, round(warmup_frac * total)) updates and its first update
-  already has LR peak / W (FIX: the predecessor's first update had LR 0, a wasted update). Update u
-  (1-based) gets peak * u / W for u <= W, then peak * (1 + cos(pi * (u - W) / (total - W + 1))) / 2,
-  so the last update also has a small positive LR and the LR would reach 0 at update total + 1.
-  Updates past `total` get 0.
+  already has LR peak / W (no update is wasted at LR 0). Update u (1-based) gets peak * u / W for
+  u <= W, then peak * (1 + cos(pi * (u - W) / (total - W + 1))) / 2, so the last update also has a
+  small positive LR and the LR would reach 0 at update total + 1. Updates past `total` get 0.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from mllmjax.errors import BadInputError
+from mllmjax.settings import DEFAULTS
 
 
 def total_updates(steps: int, ppo_epochs: int, minibatches: int) -> int:
@@ -33,7 +33,7 @@ def total_updates(steps: int, ppo_epochs: int, minibatches: int) -> int:
     return steps * ppo_epochs * minibatches
 
 
-def warmup_cosine(peak_lr: float, total: int, warmup_frac: float = 0.05) -> optax.Schedule:
+def warmup_cosine(peak_lr: float, total: int, warmup_frac: float = DEFAULTS.warmup) -> optax.Schedule:
     """LR as a function of the number of updates already applied (optax's count, 0-based)."""
     if total < 1:
         raise BadInputError(f"the schedule needs at least one update, got total={total!r}")
@@ -74,10 +74,10 @@ def _adamw(lr: optax.Schedule, weight_decay: float) -> optax.GradientTransformat
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    name: str = "lion"
-    peak_lr: float = 1e-6
-    warmup_frac: float = 0.05
-    weight_decay: float = 1e-8
+    name: str = DEFAULTS.optimizer
+    peak_lr: float = DEFAULTS.lr
+    warmup_frac: float = DEFAULTS.warmup
+    weight_decay: float = DEFAULTS.weight_decay
     clip_norm: float | None = 1.0
     total_updates: int = 1
 

@@ -6,12 +6,11 @@ Design decisions:
   recall part (the facts the question gives) and a verify part (working them out and checking), then
   the final answer alone inside `<answer>`, which is what the format and correct rewards look for.
 - Two worked examples of the exact output format (`EXAMPLES`) go before the question as earlier
-  user/assistant turns. SmolLM2-135M-Instruct, given only a description of the tags, wrote no
-  `<answer>` tag at all (issue 6: 0 of 96 samples; 0 of 48 here on GSM8K); with one example inside
-  the system prompt it wrote one in 1 of 20 probe samples; as chat turns, in 59% of 96 samples on
-  `builtin:arith:level=0` (scripts/measure_default_task.py). The examples restate the answer after
-  the check ("so 23 is right"): with a bare check the model often copied the check's number into
-  `<answer>`.
+  user/assistant turns: a small instruct model given only a description of the tags writes almost no
+  `<answer>` tag, and an example inside the system prompt barely helps, while the same examples as chat
+  turns make it write the format most of the time (scripts/measure_default_task.py measures it). The
+  examples restate the answer after the check ("so 23 is right"): with a bare check the model often
+  copied the check's number into `<answer>`.
 - `build_prompt` uses the tokenizer's chat template with the generation prompt added, so the completion
   starts where the assistant's reply does. A base model without a chat template gets a plain
   "system text / Question: ... Answer: ..." layout instead, so any tokenizer works.

@@ -8,7 +8,7 @@ Every reward has one signature (custom ones too):
 the whole rollout record as its JSON object (schema `mllmjax.rollout/1`: prompt, finish_reason, meta, ...).
 A custom reward is any importable function with that signature, named `package.module:function`.
 
-The three built-ins follow the predecessor's recipe with its bugs fixed (DESIGN.md, "Semantics"):
+The three built-ins:
 
 - `correct` (1.0 or 0.0): extract the prediction first, then compare. The prediction is the content of the
   last closed `<answer>...</answer>` block; failing that, the last `\\boxed{...}` (balanced braces); failing
@@ -20,7 +20,7 @@ The three built-ins follow the predecessor's recipe with its bugs fixed (DESIGN.
   refuses to run elsewhere (scoring then uses worker processes, see `mllmjax.scoring`).
   A gold answer that does not parse is an error (recorded in reward_errors), never a silent 0.
 - `format` (1.0 or 0.0): the whole completion is `<think>T</think>\\n<answer>A</answer>` with nothing
-  before or after it (not even whitespace: the predecessor accepted trailing text), T and A non-blank and
+  before or after it (not even whitespace), T and A non-blank and
   free of the four tags.
 - `tags` (0 to 1): +0.25 for each of `<think>`, `</think>`, `<answer>`, `</answer>` appearing exactly once.
 
@@ -40,11 +40,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mllmjax.errors import BadInputError
+from mllmjax.settings import DEFAULTS
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float]
 
 REWARDS: dict[str, RewardFn] = {}
-DEFAULT_REWARD_SPEC = "correct=1.0,format=0.5,tags=0.5"
 DEFAULT_CORRECT_TIMEOUT_S = 3
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -231,7 +231,7 @@ def parse_reward_weights(spec: str) -> tuple[tuple[str, float], ...]:
             raise BadInputError(f"reward item {item!r} has no name (expected name=weight)")
         out.append((name, _parse_weight(weight, item) if sep else 1.0))
     if not out:
-        raise BadInputError(f"no rewards in {spec!r} (expected e.g. {DEFAULT_REWARD_SPEC})")
+        raise BadInputError(f"no rewards in {spec!r} (expected e.g. {DEFAULTS.reward})")
     names = [n for n, _ in out]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

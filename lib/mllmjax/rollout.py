@@ -23,23 +23,23 @@ from typing import Any
 from mllmjax.data import Problem
 from mllmjax.errors import BadInputError
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.decoder import Params
-from mllmjax.prompts import EXAMPLES, SYSTEM_PROMPT, build_prompt
+from mllmjax.models.params import Params
+from mllmjax.prompts import EXAMPLES, SYSTEM_PROMPT, build_prompt, load_system_prompt
 from mllmjax.records import RolloutRecord
 from mllmjax.sampling.sampler import generate
-from mllmjax.sampling.strategies import make_strategy
+from mllmjax.sampling.strategies import Strategy, make_strategy
+from mllmjax.settings import DEFAULTS, Settings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-    group_size: int = 16
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float | None = None
-    min_p: float | None = None
-    seed: int = 0
-    max_batch: int = 64
+    """How rollouts are sampled: `strategy` (Greedy or Sample, validated when made) draws the tokens."""
+
+    strategy: Strategy = dataclasses.field(default_factory=make_strategy)
+    group_size: int = DEFAULTS.group_size
+    max_new_tokens: int = DEFAULTS.max_new_tokens
+    seed: int = DEFAULTS.seed
+    max_batch: int = DEFAULTS.batch_size
     system_prompt: str = SYSTEM_PROMPT
     examples: tuple[tuple[str, str], ...] = EXAMPLES
 
@@ -48,12 +48,23 @@ class RolloutConfig:
             raise BadInputError(f"--group-size must be >= 1, got {self.group_size}")
         if self.max_new_tokens < 1:
             raise BadInputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise BadInputError(f"--temperature must be >= 0, got {self.temperature}")
 
-    def strategy(self) -> Any:
-        return make_strategy(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, seed: int, group_size: int | None = None, greedy: bool = False
+    ) -> RolloutConfig:
+        """The rollout settings of `settings` (sampling flags, group size, batch size, system prompt
+        file); `group_size` and `greedy` override them, as evaluation does."""
+        s = settings
+        return cls(
+            strategy=make_strategy(
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, greedy=greedy
+            ),
+            group_size=group_size or s.group_size,
+            max_new_tokens=s.max_new_tokens,
+            seed=seed,
+            max_batch=s.batch_size,
+            system_prompt=load_system_prompt(s.system_prompt),
         )
 
 
@@ -86,7 +97,7 @@ def make_rollouts(
         params,
         model_cfg,
         [ids for _, ids in encoded],
-        cfg.strategy(),
+        cfg.strategy,
         n=cfg.group_size,
         max_new_tokens=cfg.max_new_tokens,
         stop_ids=stop_ids,

@@ -11,10 +11,10 @@ Design decisions:
   package: the server process is started fresh (no JAX runtime threads inherited, unlike `fork` from a
   parent that has initialised JAX) and each worker then forks from it cheaply (unlike `spawn`, which
   re-imports everything per worker). `workers=0` scores in this process, which is the fastest choice
-  for small inputs; when called off the main thread it switches to one worker process by itself.
-  Measured on the 2-core dev box (GSM8K-length completions, scripts/bench_score.py): in process ~960/s,
-  2 workers ~930/s, so 0 is the default; workers pay off on machines with idle cores. A script that
-  asks for workers needs the usual `if __name__ == "__main__":` guard (forkserver re-imports __main__).
+  for small inputs (a worker pool costs more than it saves on a 2-core machine; workers pay off on
+  machines with idle cores); when called off the main thread it switches to one worker process by
+  itself. A script that asks for workers needs the usual `if __name__ == "__main__":` guard (forkserver
+  re-imports __main__).
 - Workers receive only (completion, answer) unless a reward other than the built-ins is configured, in
   which case they also receive the record's JSON object (the documented reward signature).
 - Overlong completions (finish_reason "length"): `none` leaves them alone; `penalty` adds a reward named
@@ -40,18 +40,18 @@ from typing import Any, Literal
 import numpy as np
 
 from mllmjax import rewards as rewards_lib
-from mllmjax.advantages import DEFAULT_ESTIMATOR, AllGather, compute_advantages, get_estimator, zero_variance
+from mllmjax.advantages import AllGather, compute_advantages, get_estimator, zero_variance
 from mllmjax.errors import BadInputError, RuntimeFailure
 from mllmjax.records import RolloutRecord, group_records
 from mllmjax.rewards import (
     DEFAULT_CORRECT_TIMEOUT_S,
-    DEFAULT_REWARD_SPEC,
     RewardFn,
     RewardOutcome,
     evaluate_rewards,
     parse_reward_weights,
     resolve_rewards,
 )
+from mllmjax.settings import DEFAULTS, Settings
 
 OVERLONG_MODES = ("none", "mask", "penalty")
 OVERLONG_REWARD = "overlong"
@@ -63,12 +63,12 @@ class ScoreConfig:
     """What `score` does. `rewards` is a weight spec like "correct=1.0,format=0.5,tags=0.5" (custom
     rewards as `package.module:function=w` items or in `reward_fns`)."""
 
-    rewards: str = DEFAULT_REWARD_SPEC
-    reward_fns: tuple[str, ...] = ()
-    advantage: str = DEFAULT_ESTIMATOR
+    rewards: str = DEFAULTS.reward
+    reward_fns: tuple[str, ...] = DEFAULTS.reward_fn
+    advantage: str = DEFAULTS.advantage
     filter_zero_variance: bool = False
-    overlong: Literal["none", "mask", "penalty"] = "none"
-    overlong_penalty: float = 1.0
+    overlong: Literal["none", "mask", "penalty"] = DEFAULTS.overlong  # type: ignore[assignment]
+    overlong_penalty: float = DEFAULTS.overlong_penalty
     workers: int = 0
     correct_timeout_s: int = DEFAULT_CORRECT_TIMEOUT_S
     group_size: int | None = None
@@ -100,6 +100,19 @@ class ScoreConfig:
             raise BadInputError(
                 f"--overlong penalty adds a reward named {OVERLONG_REWARD!r}; rename the custom one"
             )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> ScoreConfig:
+        """The score settings of `settings` (reward, reward_fn, advantage, overlong, overlong_penalty);
+        `kwargs` sets the others (filter_zero_variance, workers, group_size, source, ...)."""
+        return cls(
+            rewards=settings.reward,
+            reward_fns=tuple(settings.reward_fn),
+            advantage=settings.advantage,
+            overlong=settings.overlong,  # type: ignore[arg-type]  # validated in __post_init__
+            overlong_penalty=settings.overlong_penalty,
+            **kwargs,
+        )
 
     def weights(self) -> tuple[tuple[str, float], ...]:
         items = parse_reward_weights(self.rewards)

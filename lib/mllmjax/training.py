@@ -26,13 +26,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mllmjax import memory
 from mllmjax.checkpoint import Checkpoint, check_output, copy_side_files, load_checkpoint, write_checkpoint
 from mllmjax.errors import ArtifactError, BadInputError
 from mllmjax.memory import MemoryEstimate
 from mllmjax.records import RolloutRecord, require_scored
-from mllmjax.sharding import batch_sharding, make_mesh
+from mllmjax.settings import Settings
+from mllmjax.sharding import place_rows
 from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState
 
 LENGTH_BUCKET = 32
@@ -106,53 +108,29 @@ def batch_from_records(records: Sequence[RolloutRecord], *, pad_id: int = 0) -> 
 
 def place_batch(batch: Batch, mesh: Any) -> Batch:
     """Shard the batch's rows over the data-parallel mesh axes (replicated when they do not divide)."""
-
-    def put(x: Any) -> Any:
-        sharding = batch_sharding(mesh, x.ndim)
-        spec = sharding.spec[0]
-        axes = (spec,) if isinstance(spec, str) else (spec or ())
-        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if x.shape[0] % size:
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        return jax.device_put(x, sharding)
-
-    return jax.tree.map(put, batch)
+    return place_rows(batch, mesh)
 
 
-def make_train_config(
-    *,
-    ppo_epochs: int = 2,
-    minibatches: int = 1,
-    micro_batch: int | None = None,
-    lr: float = 1e-6,
-    optimizer: str = "lion",
-    weight_decay: float = 1e-8,
-    warmup: float = 0.05,
-    steps: int = 1,
-    beta: float = 0.04,
-    kl: str = "k3",
-    clip_low: float = 0.2,
-    clip_high: float = 0.3,
-    loss_agg: str = "token",
-    tis_cap: float | None = None,
-    remat: str = "none",
-    temperature: float = 1.0,
-    compute_dtype: str | None = None,
-    attention: str = "auto",
-    layer_loop: str = "auto",
-) -> TrainConfig:
-    """A TrainConfig from the flag values `train` and `grpo` share; the LR schedule spans
-    steps x ppo_epochs x minibatches optimizer updates."""
+# The settings `make_train_config` reads: the flags `train` and `grpo` share.
+TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
+                  "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "temperature", "tis_cap", "remat",
+                  "layer_loop", "compute_dtype", "attention")  # fmt: skip
+
+
+def make_train_config(settings: Settings) -> TrainConfig:
+    """The TrainConfig of `settings`; the LR schedule spans steps x ppo_epochs x minibatches updates."""
     from mllmjax.loss import LossConfig
     from mllmjax.optim import OptimConfig, total_updates
 
+    s = settings
     return TrainConfig(
-        loss=LossConfig(clip_low=clip_low, clip_high=clip_high, aggregation=loss_agg, beta=beta,
-                        kl_estimator=kl, tis_cap=tis_cap),
-        optim=OptimConfig(name=optimizer, peak_lr=lr, warmup_frac=warmup, weight_decay=weight_decay,
-                          total_updates=total_updates(steps, ppo_epochs, minibatches)),
-        ppo_epochs=ppo_epochs, minibatches=minibatches, micro_batch=micro_batch, remat=remat,
-        temperature=temperature, compute_dtype=compute_dtype, attention=attention, layer_loop=layer_loop,
+        loss=LossConfig(clip_low=s.clip_low, clip_high=s.clip_high, aggregation=s.loss_agg, beta=s.beta,
+                        kl_estimator=s.kl, tis_cap=s.tis_cap),
+        optim=OptimConfig(name=s.optimizer, peak_lr=s.lr, warmup_frac=s.warmup, weight_decay=s.weight_decay,
+                          total_updates=total_updates(s.steps, s.ppo_epochs, s.minibatches)),
+        ppo_epochs=s.ppo_epochs, minibatches=s.minibatches, micro_batch=s.micro_batch, remat=s.remat,
+        temperature=s.temperature, compute_dtype=s.compute_dtype, attention=s.attention,
+        layer_loop=s.layer_loop,
     )  # fmt: skip
 
 
@@ -216,21 +194,20 @@ def train_checkpoint(
     out: str | Path,
     cfg: TrainConfig,
     *,
+    mesh: Mesh,
+    seed: int,
     source: str = "records",
-    mesh: str = "data=1,fsdp=-1,tensor=1",
     resume: bool = False,
-    seed: int = 0,
     force: bool = False,
     on_update: Callable[[dict[str, float]], None] | None = None,
     on_memory: Callable[[MemoryEstimate], None] | None = None,
 ) -> TrainResult:
-    """PPO epochs on scored records from CKPT; write a new checkpoint (with opt_state) at OUT.
+    """PPO epochs on scored records from CKPT on `mesh`; write a new checkpoint (with opt_state) at OUT.
 
     Before the parameters are loaded, the memory one update needs is estimated (`mllmjax.memory`),
     passed to on_memory, and a run that cannot fit stops with BadInputError."""
     ckpt_path, out = Path(ckpt_path), Path(out)
     check_output(out, force)
-    device_mesh = make_mesh(mesh)
     head = load_checkpoint(ckpt_path, load_params=False)
     check_records(records, head.tokenizer(), head.cfg.vocab_size, source)
     if resume:
@@ -238,12 +215,12 @@ def train_checkpoint(
     widths = padded_shape(*_longest(records))
     estimate = memory.for_train_config(
         head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(widths), completion_len=widths[1],
-        param_dtype=head.meta.get("dtype", "float32"), mesh=device_mesh, donated=True,
+        param_dtype=head.meta.get("dtype", "float32"), mesh=mesh, donated=True,
     )  # fmt: skip
     if on_memory is not None:
         on_memory(estimate)
     estimate.check(memory.TRAIN_HINT)
-    ckpt = load_checkpoint(ckpt_path, mesh=device_mesh)
+    ckpt = load_checkpoint(ckpt_path, mesh=mesh)
     reference = ckpt.meta.get("reference", str(ckpt_path)) if resume else str(ckpt_path)
     ref_params = None
     if cfg.loss.beta > 0:
@@ -253,13 +230,13 @@ def train_checkpoint(
         else:
             if not Path(reference).is_dir():
                 raise ArtifactError(f"the KL reference {reference} (from {ckpt_path}/mllmjax.json) is gone")
-            ref_params = load_checkpoint(reference, mesh=device_mesh).params
-    trainer = Trainer(ckpt.cfg, cfg, ref_params=ref_params, donate=True, mesh=device_mesh)
+            ref_params = load_checkpoint(reference, mesh=mesh).params
+    trainer = Trainer(ckpt.cfg, cfg, ref_params=ref_params, donate=True, mesh=mesh)
     if resume:
         state = restore_train_state(ckpt, trainer)
     else:
         state = trainer.init_state(ckpt.params, jax.random.key_data(jax.random.key(seed)))
-    batch = place_batch(batch_from_records(records), device_mesh)
+    batch = place_batch(batch_from_records(records), mesh)
     state, history = trainer.train_on_batch(state, batch, on_update=on_update)
     step = int(ckpt.meta.get("step", 0)) + 1
     metrics = "".join(json.dumps(m) + "\n" for m in history)

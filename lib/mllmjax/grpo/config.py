@@ -6,10 +6,16 @@ import dataclasses
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mllmjax.errors import BadInputError
-from mllmjax.rewards import DEFAULT_REWARD_SPEC
+from mllmjax.settings import Settings, setting
+from mllmjax.sharding import DEFAULT_MESH
+
+if TYPE_CHECKING:
+    from mllmjax.rollout import RolloutConfig
+    from mllmjax.scoring import ScoreConfig
+    from mllmjax.trainer import TrainConfig
 
 RECIPES_DIR = Path(__file__).parent.parent / "recipes"
 EMBEDDED_RECIPE = "embedded-default"
@@ -17,69 +23,29 @@ PER_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPOConfig:
-    """Every setting of a run, flat, named like the CLI flags (with underscores). Defaults are the
-    predecessor's GSM8K recipe with DESIGN.md's fixes."""
+class GRPOConfig(Settings):
+    """Every setting of a run: the shared `Settings` plus the devices it runs on, validated as a whole.
 
-    # What to train and on what.
-    model: str = "smollm2-135m"
-    data: str = "gsm8k"
-    split: str = "train"
-    question_field: str | None = None
-    answer_field: str | None = None
-    system_prompt: str | None = None  # a file whose text replaces the built-in system prompt
-    # The loop.
-    steps: int = 400
-    prompts_per_step: int = 1
-    seed: int = 0
-    # Rollout.
-    group_size: int = 16
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    min_p: float = 0.0
-    batch_size: int = 64
-    # Score.
-    reward: str = DEFAULT_REWARD_SPEC
-    reward_fn: tuple[str, ...] = ()
-    advantage: str = "grpo"
-    overlong: str = "none"
-    overlong_penalty: float = 1.0
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
-    # Train.
-    ppo_epochs: int = 2
-    minibatches: int = 1
-    micro_batch: int | None = None
-    lr: float = 1e-6
-    optimizer: str = "lion"
-    weight_decay: float = 1e-8
-    warmup: float = 0.05
-    beta: float = 0.04
-    kl: str = "k3"
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    loss_agg: str = "token"
-    tis_cap: float | None = None
-    remat: str = "none"
-    layer_loop: str = "auto"
-    compute_dtype: str | None = None
-    attention: str = "auto"
-    # Evaluation on a held-out split (greedy pass@1); 0 = off.
-    eval_every: int = 0
-    eval_data: str | None = None  # default: --data
-    eval_split: str = "test"
-    eval_num_prompts: int = 100
-    # Run directory.
-    save_every: int = 50
-    keep: int = 3
-    save_rollouts: bool = False
-    report_to: tuple[str, ...] = ()
-    mesh: str = "data=1,fsdp=-1,tensor=1"
+    With neither a model nor data named, `build_config` starts from the embedded default recipe;
+    otherwise from these defaults: GSM8K, G=16, 1 prompt per step, 2 PPO epochs, temperature 1, top-k 50,
+    1024 new tokens, rewards correct/format/tags at 1/0.5/0.5, Lion at 1e-6, KL beta 0.04."""
+
+    mesh: str = setting(
+        DEFAULT_MESH,
+        "Device mesh as axis=size pairs over (data, fsdp, tensor); -1 takes the remaining devices.",
+    )
     # Rollouts on another sharding of the same devices (e.g. tensor-parallel decode); None = `mesh`.
-    sample_mesh: str | None = None
-    dtype: str = "auto"
+    sample_mesh: str | None = setting(
+        None,
+        "Mesh for rollouts and eval over the same devices (default: --mesh), e.g. tensor=8 to decode "
+        "tensor-parallel while training fsdp; the parameters are resharded in device memory before each "
+        "rollout. Multi-host: each host decodes its share of the prompts on its own devices, so this "
+        "describes one host's devices.",
+    )
+    dtype: str = setting(
+        "auto",
+        "Parameter dtype: float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on accelerators).",
+    )
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "batch_size",
@@ -109,42 +75,24 @@ class GRPOConfig:
         self.train_config()
 
     # ----------------------------------------------------------------------------- stage configs
-    def rollout_config(self, *, seed: int, group_size: int | None = None, greedy: bool = False) -> Any:
-        from mllmjax.prompts import load_system_prompt
+    def rollout_config(
+        self, *, seed: int, group_size: int | None = None, greedy: bool = False
+    ) -> RolloutConfig:
         from mllmjax.rollout import RolloutConfig
-        from mllmjax.sampling.strategies import sampling_strategy_args
 
-        strategy = sampling_strategy_args(self.temperature, greedy, self.top_k, self.top_p, self.min_p)
-        return RolloutConfig(
-            group_size=group_size or self.group_size,
-            max_new_tokens=self.max_new_tokens,
-            seed=seed,
-            max_batch=self.batch_size,
-            system_prompt=load_system_prompt(self.system_prompt),
-            **strategy,
-        )
+        return RolloutConfig.from_settings(self, seed=seed, group_size=group_size, greedy=greedy)
 
-    def score_config(self) -> Any:
+    def score_config(self) -> ScoreConfig:
         from mllmjax.scoring import ScoreConfig
 
-        return ScoreConfig(
-            rewards=self.reward,
-            reward_fns=tuple(self.reward_fn),
-            advantage=self.advantage,
-            filter_zero_variance=self.dynamic_sampling,
-            overlong=self.overlong,  # type: ignore[arg-type]  # validated by ScoreConfig
-            overlong_penalty=self.overlong_penalty,
-            group_size=self.group_size,
-            source="rollouts",
+        return ScoreConfig.from_settings(
+            self, filter_zero_variance=self.dynamic_sampling, group_size=self.group_size, source="rollouts"
         )
 
-    def train_config(self) -> Any:
+    def train_config(self) -> TrainConfig:
         from mllmjax.training import make_train_config
 
-        names = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
-                 "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "tis_cap", "remat", "temperature",
-                 "compute_dtype", "attention", "layer_loop")  # fmt: skip
-        return make_train_config(**{n: getattr(self, n) for n in names})
+        return make_train_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

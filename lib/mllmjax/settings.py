@@ -1,0 +1,115 @@
+"""Every user-facing setting, declared once: its default beside its help.
+
+`Settings` is flat and named like the CLI flags (with underscores). The stage configs (`RolloutConfig`,
+`ScoreConfig`, `TrainConfig`, `LossConfig`, `OptimConfig`) take their defaults from `DEFAULTS`,
+`GRPOConfig` adds the device settings and validates a whole run, and the CLI derives each command's
+options from these fields (`mllmjax_cli.flags`), so a new flag is one line here (plus the code that
+reads it).
+
+No import of the library: the reward worker processes import this module and must not load JAX. That is
+why the device settings live on `GRPOConfig`: the default mesh is `mllmjax.sharding.DEFAULT_MESH`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with its default and the help its command-line flag shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The settings the commands share, unvalidated: each stage config checks the values it takes."""
+
+    # What to train and on what.
+    model: str = setting(
+        "smollm2-135m",
+        "Checkpoint, hub id, HF folder, .gguf or smollm2-135m (converted into a cache on first use).",
+    )
+    data: str = setting(
+        "gsm8k", "gsm8k, a hub id owner/name[:config], a .jsonl/.parquet file, or builtin:TASK (offline)."
+    )
+    split: str = setting("train", "Dataset split.")
+    question_field: str | None = setting(None, "Record field holding the question (default: question).")
+    answer_field: str | None = setting(None, "Record field holding the gold answer (default: answer).")
+    system_prompt: str | None = setting(None, "File whose text replaces the built-in system prompt.")
+    # The loop.
+    steps: int = setting(400, "GRPO steps.")
+    prompts_per_step: int = setting(1, "Prompts (groups) per step.")
+    seed: int = setting(0, "Random seed; runs are deterministic for a seed.")
+    # Rollout.
+    group_size: int = setting(16, "Completions per prompt (one group).")
+    max_new_tokens: int = setting(1024, "Most new tokens per completion.")
+    temperature: float = setting(1.0, "Sampling temperature; 0 = greedy.")
+    top_k: int = setting(50, "Keep the k most probable tokens; 0 = off.")
+    top_p: float = setting(1.0, "Nucleus: keep the top probability mass p; 1 = off.")
+    min_p: float = setting(0.0, "Drop tokens below p x the top probability; 0 = off.")
+    batch_size: int = setting(64, "Most rows (prompts x samples) decoded at once.")
+    # Score.
+    reward: str = setting(
+        "correct=1.0,format=0.5,tags=0.5", "Rewards and weights, name=weight comma-separated."
+    )
+    reward_fn: tuple[str, ...] = setting(
+        (), "A custom reward package.module:function[=weight] (weight 1 by default); repeatable."
+    )
+    advantage: str = setting("grpo", "Advantage estimator: grpo, dr_grpo, rloo, reinforce, grpo_clip2.")
+    overlong: str = setting(
+        "none",
+        "Completions cut at max length: none; mask (advantage 0); penalty (reward -= --overlong-penalty).",
+    )
+    overlong_penalty: float = setting(1.0, "Penalty for --overlong penalty.")
+    dynamic_sampling: bool = setting(
+        False, "Sample more prompts until every group in the batch has varying rewards."
+    )
+    max_sampling_rounds: int = setting(4, "Most sampling rounds per step with --dynamic-sampling.")
+    # Train.
+    ppo_epochs: int = setting(2, "Passes over each batch.")
+    minibatches: int = setting(1, "Optimizer updates per epoch.")
+    micro_batch: int | None = setting(None, "Rows per forward/backward (gradients are summed).")
+    lr: float = setting(1e-6, "Peak learning rate.")
+    optimizer: str = setting("lion", "lion or adamw.")
+    weight_decay: float = setting(1e-8, "Decoupled weight decay.")
+    warmup: float = setting(0.05, "Warm-up fraction of all updates.")
+    beta: float = setting(0.04, "KL coefficient; 0 keeps no reference model.")
+    kl: str = setting("k3", "KL estimator: k1, k2 or k3.")
+    clip_low: float = setting(0.2, "Ratio clip below: 1 - clip_low.")
+    clip_high: float = setting(0.3, "Ratio clip above: 1 + clip_high.")
+    loss_agg: str = setting("token", "token (global token mean), sequence, or dr_grpo.")
+    tis_cap: float | None = setting(None, "Truncated importance sampling against the sampler's log-probs.")
+    remat: str = setting("none", "none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.")
+    layer_loop: str = setting(
+        "auto",
+        "Decoder layers in the training forward: scan (one compiled layer body), unroll (faster on a CPU, "
+        "longer to compile), or auto (unroll on a CPU without --remat, scan otherwise).",
+    )
+    compute_dtype: str | None = setting(
+        None,
+        "Dtype of activations and matmuls (float32, bfloat16, float16); parameters, gradients and optimizer "
+        "state stay in the checkpoint's dtype, so --compute-dtype bfloat16 on a float32 checkpoint trains "
+        "float32 master weights with bfloat16 compute. Default: the parameter dtype.",
+    )
+    attention: str = setting(
+        "auto",
+        "Attention kernel of the training forward: auto (cuDNN flash attention on a GPU with a "
+        "bfloat16/float16 compute dtype, the Pallas flash kernel on a TPU, XLA otherwise), xla, cudnn, "
+        "or pallas.",
+    )
+    # Evaluation on a held-out split (greedy pass@1).
+    eval_every: int = setting(
+        0, "Greedy held-out accuracy every N steps (and at step 0 and the end); 0 = off."
+    )
+    eval_data: str | None = setting(None, "Evaluation data (default: --data).")
+    eval_split: str = setting("test", "Evaluation split.")
+    eval_num_prompts: int = setting(100, "Evaluation problems.")
+    # Run directory.
+    save_every: int = setting(50, "Checkpoint every N steps (and at the end).")
+    keep: int = setting(3, "Checkpoints kept (the newest).")
+    save_rollouts: bool = setting(False, "Keep each step's scored records in RUN/rollouts/.")
+    report_to: tuple[str, ...] = setting((), "tensorboard or wandb (extras); repeatable.")
+
+
+DEFAULTS = Settings()
