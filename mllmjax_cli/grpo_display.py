@@ -16,12 +16,15 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
+from mllmjax.grpo import GRPOConfig, Hook, eta_seconds, steady_step_seconds, terms_off
 from mllmjax_cli.errors import err_console
 
 
@@ -29,21 +32,46 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-class Display:
+def _clock(seconds: float | None) -> str:
+    """H:MM:SS, or -:--:-- while unknown (rich's own format)."""
+    if seconds is None:
+        return "-:--:--"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class _EtaColumn(ProgressColumn):
+    """The run's own ETA: rich's TimeRemainingColumn only sees updates within 30 s, and a step is longer."""
+
+    def __init__(self, display: Display):
+        super().__init__()
+        self.display = display
+
+    def render(self, task: Task) -> Text:
+        return Text(_clock(self.display.remaining_s()), style="progress.remaining")
+
+
+class Display(Hook):
     """Live rich display on a terminal; one plain log line per step otherwise."""
 
-    def __init__(self, steps: int):
+    def __init__(self, cfg: GRPOConfig):
         self.live_mode = err_console.is_terminal
-        self.steps = steps
+        self.steps = cfg.steps
+        self.off = terms_off(cfg)
         self.last: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.phase = "starting"
-        self.rollout_tokens = 0
+        # The ETA: wall times of the steps this process ran, measured from the end of the one before.
+        self._mark = time.perf_counter()
+        self._step_s: list[float] = []
+        self._first_steady_s: float | None = None
+        self._eta: float | None = None
         self.progress = Progress(
             TextColumn("[bold]grpo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+            TimeElapsedColumn(), TextColumn("ETA"), _EtaColumn(self), console=err_console,
         )  # fmt: skip
-        self.task = self.progress.add_task("starting", total=steps)
+        self.task = self.progress.add_task("starting", total=self.steps)
         self.live = (
             Live(self._render(), console=err_console, refresh_per_second=4, transient=False)
             if self.live_mode
@@ -60,24 +88,33 @@ class Display:
             self.live.update(self._render())
             self.live.__exit__(*exc)
 
+    def remaining_s(self) -> float | None:
+        """Seconds left: the estimate made at the last step, counting down since."""
+        if self._eta is None:
+            return None
+        return max(0.0, self._eta - (time.perf_counter() - self._mark))
+
+    def _val(self, m: dict[str, Any], key: str, spec: str = ".3f") -> str:
+        return "off" if key in self.off else _fmt(m.get(key), spec)
+
     def _table(self) -> Table:
-        m = self.last
+        m, v = self.last, self._val
         t = Table(show_header=False, box=None, pad_edge=False)
         for _ in range(4):
             t.add_column(style="dim")
             t.add_column(justify="right")
         rewards = " ".join(
-            f"{k.split('/', 1)[1]} {_fmt(v, '.2f')}" for k, v in m.items() if k.startswith("reward/")
+            f"{k.split('/', 1)[1]} {_fmt(x, '.2f')}" for k, x in m.items() if k.startswith("reward/")
         )
         rows = [
-            ("reward", _fmt(m.get("reward")), "accuracy", _fmt(m.get("accuracy")),
-             "eval acc", _fmt(self.last_eval.get("eval/accuracy")), "lr", _fmt(m.get("lr"), ".2e")),
-            ("kl", _fmt(m.get("kl"), ".4f"), "entropy", _fmt(m.get("entropy")),
-             "clip frac", _fmt(m.get("clip_frac")), "|grad|", _fmt(m.get("grad_norm"))),
-            ("length", _fmt(m.get("completion_len"), ".1f"), "truncated", _fmt(m.get("truncation_rate")),
-             "zero-var", _fmt(m.get("frac_reward_zero_std")), "rounds", _fmt(m.get("sampling_rounds"), ".0f")),
-            ("rollout s", _fmt(m.get("rollout_s"), ".1f"), "train s", _fmt(m.get("train_s"), ".1f"),
-             "sample tok/s", _fmt(m.get("rollout_tok_s"), ".0f"), "train tok/s", _fmt(m.get("train_tok_s"), ".0f")),
+            ("reward", v(m, "reward"), "accuracy", v(m, "accuracy"),
+             "eval acc", v(self.last_eval, "eval/accuracy"), "lr", v(m, "lr", ".2e")),
+            ("kl", v(m, "kl", ".4f"), "entropy", v(m, "entropy"),
+             "clip frac", v(m, "clip_frac"), "|grad|", v(m, "grad_norm")),
+            ("length", v(m, "completion_len", ".1f"), "truncated", v(m, "truncation_rate"),
+             "zero-var", v(m, "frac_reward_zero_std"), "rounds", v(m, "sampling_rounds", ".0f")),
+            ("rollout s", v(m, "rollout_s", ".1f"), "train s", v(m, "train_s", ".1f"),
+             "sample tok/s", v(m, "rollout_tok_s", ".0f"), "train tok/s", v(m, "train_tok_s", ".0f")),
         ]  # fmt: skip
         for r in rows:
             t.add_row(*r)
@@ -92,8 +129,9 @@ class Display:
         if self.live is not None:
             self.live.update(self._render())
 
-    def event(self, kind: str, data: dict[str, Any]) -> None:
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
+            self._mark = time.perf_counter()
             self.progress.update(self.task, completed=data["step"])
             if data["resumed"]:
                 self.log(f"resuming at step {data['step']} of {data['steps']}")
@@ -103,29 +141,35 @@ class Display:
             self.log(data["line"])
         elif kind == "phase":
             self.phase = data["phase"]
-            self.rollout_tokens = 0
             self.progress.update(self.task, description=self.phase)
         elif kind == "rollout_progress":
             self.progress.update(
                 self.task, description=f"rollout {data['samples']} samples, {data['tokens']} tokens"
             )
         elif kind == "update":
+            kl = "off" if "kl" in self.off else f"{data['kl']:.4f}"
             self.progress.update(
-                self.task,
-                description=f"train: loss {data['loss']:+.4f} kl {data['kl']:.4f} |g| {data['grad_norm']:.3f}",
+                self.task, description=f"train: loss {data['loss']:+.4f} kl {kl} |g| {data['grad_norm']:.3f}"
             )
-        elif kind == "eval":
-            self.last_eval = data
-            self.log(
-                f"step {data['step']}: eval accuracy {data['eval/accuracy']:.3f}, format {data['eval/format']:.3f}"
-            )
-        elif kind == "step":
-            self.last = data
-            if "eval/accuracy" in data:
-                self.last_eval = data
-            self.progress.update(self.task, completed=data["step"])
-            if not self.live_mode:
-                self.log(_log_line(data, self.steps))
+        self._refresh()
+
+    def on_metrics(self, row: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if row["step"] == 0:  # the evaluation before training
+            self.last_eval = row
+            self.log(f"step 0: eval accuracy {row['eval/accuracy']:.3f}, format {row['eval/format']:.3f}")
+        else:
+            self._step_s.append(now - self._mark)
+            if len(self._step_s) == 1:
+                self._first_steady_s = steady_step_seconds(row)
+            self._eta = eta_seconds(self._step_s, self.steps - row["step"], self._first_steady_s)
+            self.last = row
+            if "eval/accuracy" in row:
+                self.last_eval = row
+            self.progress.update(self.task, completed=row["step"])
+        self._mark = now
+        if row["step"] and not self.live_mode:
+            self.log(_log_line(row, self.steps, self.off, self._eta))
         self._refresh()
 
     def log(self, message: str) -> None:
@@ -135,12 +179,15 @@ class Display:
             err_console.print(message)
 
 
-def _log_line(m: dict[str, Any], steps: int) -> str:
-    parts = [f"step {m['step']}/{steps}", f"reward {_fmt(m.get('reward'))}", f"acc {_fmt(m.get('accuracy'))}",
-             f"kl {_fmt(m.get('kl'), '.4f')}", f"ent {_fmt(m.get('entropy'))}", f"clip {_fmt(m.get('clip_frac'))}",
-             f"len {_fmt(m.get('completion_len'), '.1f')}", f"trunc {_fmt(m.get('truncation_rate'), '.2f')}",
-             f"zero-var {_fmt(m.get('frac_reward_zero_std'), '.2f')}", f"rollout {_fmt(m.get('rollout_s'), '.1f')}s",
-             f"train {_fmt(m.get('train_s'), '.1f')}s", f"{_fmt(m.get('rollout_tok_s'), '.0f')} tok/s"]  # fmt: skip
+def _log_line(m: dict[str, Any], steps: int, off: frozenset[str], eta: float | None) -> str:
+    def v(key: str, spec: str = ".3f") -> str:
+        return "off" if key in off else _fmt(m.get(key), spec)
+
+    parts = [f"step {m['step']}/{steps}", f"eta {_clock(eta)}", f"reward {v('reward')}", f"acc {v('accuracy')}",
+             f"kl {v('kl', '.4f')}", f"ent {v('entropy')}", f"clip {v('clip_frac')}",
+             f"len {v('completion_len', '.1f')}", f"trunc {v('truncation_rate', '.2f')}",
+             f"zero-var {v('frac_reward_zero_std', '.2f')}", f"rollout {v('rollout_s', '.1f')}s",
+             f"train {v('train_s', '.1f')}s", f"{v('rollout_tok_s', '.0f')} tok/s"]  # fmt: skip
     if "eval/accuracy" in m:
         parts.append(f"eval acc {m['eval/accuracy']:.3f}")
     return "  ".join(parts)
@@ -176,13 +223,12 @@ class _Signals:
         return self.count > 0
 
 
-def run_with_display(cfg: Any, run_dir: Path, *, resume: bool, force: bool, json_out: bool) -> None:
+def run_with_display(cfg: GRPOConfig, run_dir: Path, *, resume: bool, force: bool, json_out: bool) -> None:
     """Run the loop under the live display; print the summary (and JSON with --json)."""
     from mllmjax.grpo import GRPORun
 
-    loop = GRPORun(cfg, run_dir, resume=resume, force=force)
-    display = Display(cfg.steps)
-    loop.emit = display.event
+    display = Display(cfg)
+    loop = GRPORun(cfg, run_dir, resume=resume, force=force, hooks=[display])
     started = time.perf_counter()
     with display, _Signals(display) as signals:
         result = loop.run(stop_requested=signals.stop_requested)

@@ -6,11 +6,7 @@ batch_from_records -> Trainer.train_on_batch), on SmolLM2-135M-Instruct (the emb
 (beta 0.04, so the reference log-probs are computed), micro-batches of 4 rows (gradients summed; the
 whole batch in one pass needs ~24 GB here). Old log-probs cost nothing extra: epoch 0's
 forward records them (ratio 1) for epoch 1. The step runs once to compile, then --reps times timed;
-the table shows medians.
-
-Measured on the 2-core dev machine (jax 0.10.2): rollout 23.1 s (16%), scoring 0.03 s, reference
-log-probs 13.9 s (9%), old log-probs 0, updates 57.1 + 52.9 s (75%), step 147.6 s. On a CPU the
-updates dominate: every row of a group recomputes the ~350-token prompt forward and backward.
+the table shows medians. Results and their history: docs/benchmarks.md.
 
     python scripts/bench_grpo.py                 # ~8 minutes on 2 cores
     python scripts/bench_grpo.py --reps 1 --new-tokens 64
@@ -68,13 +64,13 @@ def main() -> None:
     if path is None:
         path = Path(tmp.name) / "smollm2"
         convert("smollm2-135m", path)
-    mesh = make_mesh("data=1,fsdp=-1,tensor=1")
-    ckpt = load_checkpoint(path, mesh=mesh)
-    tokenizer = ckpt.tokenizer()
     cfg = GRPOConfig(
         model=str(path), data="gsm8k", group_size=args.group_size, max_new_tokens=args.new_tokens,
         ppo_epochs=args.ppo_epochs, steps=args.reps + 1, micro_batch=args.micro_batch,
     )  # fmt: skip
+    mesh = make_mesh(cfg.mesh)
+    ckpt = load_checkpoint(path, mesh=mesh)
+    tokenizer = ckpt.tokenizer()
     trainer = Trainer(ckpt.cfg, cfg.train_config(), ref_params=ckpt.params)
     state = trainer.init_state(ckpt.params, jax.random.key_data(jax.random.key(0)))
     problem = Problem(id="bench:0", question=QUESTION, answer="72")

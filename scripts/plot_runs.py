@@ -11,8 +11,11 @@ with `mllmjax eval` before and after).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
 
 
 def main() -> None:
@@ -27,6 +30,8 @@ def main() -> None:
 
     import matplotlib
 
+    from mllmjax.grpo.run_dir import read_metrics
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -36,7 +41,8 @@ def main() -> None:
         extra[Path(run)] = [tuple(float(x) for x in p.split(":")) for p in pts.split(",") if p]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for i, run in enumerate(args.runs):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        # Step 0 is the evaluation before training: no training metrics.
+        rows = read_metrics(run)
         pts = [(r["step"], r[args.key]) for r in rows if r.get(args.key) is not None and r["step"] > 0]
         if not pts:
             continue

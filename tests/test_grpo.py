@@ -3,9 +3,11 @@ exact resume after kill -9 at several points, Ctrl-C, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +22,16 @@ from typer.testing import CliRunner
 
 from mllmjax.checkpoint import load_checkpoint, read_meta
 from mllmjax.convert import convert
-from mllmjax.grpo import GRPOConfig, build_config, checkpoint_steps, read_config_file, read_metrics
+from mllmjax.grpo import (
+    GRPOConfig,
+    build_config,
+    checkpoint_steps,
+    eta_seconds,
+    read_config_file,
+    read_metrics,
+    steady_step_seconds,
+    terms_off,
+)
 from mllmjax_cli.main import app
 
 runner = CliRunner()
@@ -142,7 +153,7 @@ def test_recipes_and_the_embedded_default():
     default = build_config()  # no model, no data: the embedded default recipe
     assert default.model == "smollm2-135m" and default.data == "builtin:arith:level=0"
     assert default.max_new_tokens == 128 and default.reward == "correct=1.0" and default.dynamic_sampling
-    named = build_config({"data": "gsm8k"})  # data named: the predecessor's recipe as defaults
+    named = build_config({"data": "gsm8k"})  # data named: the GSM8K defaults of GRPOConfig
     assert named.model == "smollm2-135m" and named.group_size == 16 and named.max_new_tokens == 1024
     assert named.lr == 1e-6 and named.optimizer == "lion" and named.beta == 0.04 and named.ppo_epochs == 2
     qwen = build_config(read_config_file("gsm8k-qwen2.5-3b"))
@@ -244,7 +255,7 @@ def test_an_abandoned_step_rolls_back_to_the_state_it_started_from(ckpt, tmp_pat
     """A KeyboardInterrupt after step 2's first update (which took over a state, donated to XLA) saves
     the same step-1 state as one before step 2 trained at all: the updates never consumed the state
     kept to roll the step back."""
-    import mllmjax.grpo.loop as grpo_mod
+    from mllmjax.grpo import faults
 
     monkeypatch.syspath_prepend(str(TESTS))
 
@@ -253,7 +264,7 @@ def test_an_abandoned_step_rolls_back_to_the_state_it_started_from(ckpt, tmp_pat
             if (name, step) == point:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(grpo_mod, "crash_point", interrupt)
+        monkeypatch.setattr(faults, "crash_point", interrupt)
         run = tmp_path / f"{point[0]}_{point[1]}"
         args = ["grpo", "--model", str(ckpt), *TINY, "--steps", "3", "--save-every", "100", "-o", str(run)]
         result = runner.invoke(app, [*args, "--json"])
@@ -353,3 +364,81 @@ def test_config_validation():
         GRPOConfig(group_size=1)
     with pytest.raises(Exception, match="optimizer"):
         GRPOConfig(optimizer="sgd")
+
+
+def test_eta_from_the_runs_own_step_times():
+    assert eta_seconds([], 18) is None
+    assert eta_seconds([90.0, 40.0], 0) == 0.0
+    # Step 1 of a dynamic-sampling run: 4 sampling rounds, 60 s of compilation (20 s in the rollout).
+    first = {"step": 1, "step_s": 150.0, "rollout_s": 60.0, "train_s": 89.0, "sampling_rounds": 4,
+             "compile_s": 60.0, "rollout_compile_s": 20.0}  # fmt: skip
+    # One round of the rollout less its compile ((60 - 20) / 4) + the rest less its compile (90 - 40).
+    assert steady_step_seconds(first) == pytest.approx(60.0)
+    assert eta_seconds([150.0], 17, first_steady_s=60.0) == pytest.approx(17 * 60.0)
+    assert eta_seconds([150.0], 17) == pytest.approx(17 * 150.0)
+    # Once a later step is done the first (compiling) one is left out: the mean of the later steps.
+    assert eta_seconds([150.0, 62.0, 58.0], 15, first_steady_s=99.0) == pytest.approx(15 * 60.0)
+    # A made-up 18-step run: step 1 compiles, then steps of 30-52 s (dynamic sampling takes 1-4 rounds,
+    # a recompile here and there). From step 1 on, every estimate is within 30% of the time the run
+    # then takes.
+    steps = [
+        95.0,
+        44.0,
+        38.0,
+        51.0,
+        33.0,
+        47.0,
+        40.0,
+        36.0,
+        52.0,
+        30.0,
+        41.0,
+        45.0,
+        35.0,
+        39.0,
+        48.0,
+        31.0,
+        43.0,
+        37.0,
+    ]
+    for done in range(1, len(steps)):
+        eta = eta_seconds(steps[:done], len(steps) - done, first_steady_s=40.0)
+        actual = sum(steps[done:])
+        assert abs(eta - actual) <= 0.3 * actual, (done, eta, actual)
+
+
+def test_terms_that_are_not_computed_show_off(capsys):
+    from rich.console import Console
+
+    from mllmjax_cli.grpo_display import Display
+
+    assert terms_off(GRPOConfig()) == frozenset({"eval/accuracy", "sampling_rounds"})
+    cfg = GRPOConfig(data="builtin:sums", steps=3, beta=0.0, eval_every=0, ppo_epochs=1)
+    assert terms_off(cfg) == frozenset({"kl", "eval/accuracy", "clip_frac", "sampling_rounds"})
+    # A second minibatch updates off-policy (the first one moved the parameters): its ratio can clip.
+    assert "clip_frac" not in terms_off(dataclasses.replace(cfg, minibatches=2))
+    display = Display(cfg)
+    display.on_event("start", {"step": 0, "steps": 3, "resumed": False})
+    display.on_metrics({"step": 1, "reward": 0.5, "accuracy": 0.25, "kl": 0.0, "clip_frac": 0.0,
+                        "sampling_rounds": 1, "entropy": 1.5, "rollout_s": 1.0, "step_s": 2.0})  # fmt: skip
+    line = capsys.readouterr().err
+    assert "kl off" in line and "clip off" in line and "kl 0.0000" not in line, line
+    assert re.search(r"eta \d+:\d\d:\d\d", line), line  # an estimate from the first step on
+    console = Console(record=True, width=200)
+    console.print(display._table())
+    table = " ".join(console.export_text().split())
+    for label in ("eval acc off", "kl off", "clip frac off", "rounds off"):
+        assert label in table, table
+    assert "reward 0.500" in table and "entropy 1.500" in table
+
+
+def test_plain_log_line_of_a_beta_0_run(ckpt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = tmp_path / "run"
+    args = ["grpo", "--model", str(ckpt), *TINY, "--beta", "0", "--steps", "2", "-o", str(run)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.output.splitlines() if x.startswith("step ")]
+    assert len(lines) == 2 and all("kl off" in x for x in lines), result.output
+    assert re.search(r"step 1/2  eta \d+:\d\d:\d\d ", lines[0]) and "eta 0:00:00" in lines[1], lines
+    assert all(r["compile_s"] >= r["rollout_compile_s"] >= 0 for r in read_metrics(run))

@@ -1,14 +1,21 @@
 """The GRPO loop in one process: rollout -> score -> PPO epochs, step after step, in a run directory.
 
-`GRPORun(cfg, run_dir).run()` is what `mllmjax grpo` calls. Each step calls the same library functions as
-the single commands (`make_rollouts`, `score_records`, `batch_from_records` + `Trainer.train_on_batch`,
-`write_checkpoint`), with the current parameters in memory: no disk round trip between the stages.
+`GRPORun(cfg, run_dir, hooks=...).run()` is what `mllmjax grpo` calls. Each step calls the same library
+functions as the single commands (`make_rollouts`, `score_records`, `batch_from_records` +
+`Trainer.train_on_batch`, `write_checkpoint`), with the current parameters in memory: no disk round trip
+between the stages.
 
-Run directory (DESIGN.md):
+Modules: `config` (GRPOConfig, recipes, config files), `run_dir` (the files of a run), `context` (opening
+a run: the frozen `RunContext` and the small mutable `RunState`), `stages` (sample + score, train,
+evaluate), `loop` (`GRPORun`: the steps, checkpoints, hooks), `report` (the `Hook` interface; plots,
+TensorBoard, W&B; which terms are off; the ETA), `faults` (test-only kill injection).
+
+Run directory:
 
     RUN/config.json         every resolved setting (GRPOConfig), plus the resolved start checkpoint
     RUN/metrics.jsonl       one JSON object per step (rewards, accuracy, KL, entropy, clip fraction,
-                            lengths, truncation, zero-variance fraction, times, tokens/s, eval/*)
+                            lengths, truncation, zero-variance fraction, times, compile time, tokens/s,
+                            eval/*); step 0 is the evaluation before training, when there is one
     RUN/checkpoints/step_N/ checkpoint artifacts with opt_state/ (every --save-every steps and at the
                             end; the last --keep are kept)
     RUN/rollouts/step_N.jsonl  the scored records of each step (--save-rollouts)
@@ -26,7 +33,10 @@ Design decisions:
   deleted. metrics.jsonl is appended once per step and cut back to the resumed step on resume.
 - Interrupts. `stop_requested()` is polled between steps (in a multi-host run, all processes stop
   when any one was asked to): the loop then saves a checkpoint and returns `stopped`. A
-  KeyboardInterrupt inside a step abandons that step and saves the last finished one.
+  KeyboardInterrupt inside a step abandons that step (its updates ran on a copy of the train state, so
+  the state it started from is intact) and saves the last finished one.
+- Reporting is hooks: the loop calls each `Hook` with progress events, every metrics row and the result,
+  and knows no display or sink.
 - The embedded default (SmolLM2-135M-Instruct on the built-in arithmetic task) is a recipe file like any
   other (`recipes/embedded-default.toml`), applied when neither a model nor data is named.
 - Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; with `dynamic_sampling`
@@ -44,21 +54,31 @@ from mllmjax.grpo.config import (
     read_config_file,
     recipe_names,
 )
-from mllmjax.grpo.loop import GRPORun, RunResult, derived_seed, problem_index
-from mllmjax.grpo.run_dir import checkpoint_steps, read_metrics, read_run_config
+from mllmjax.grpo.context import RunContext, RunState
+from mllmjax.grpo.loop import GRPORun, RunResult
+from mllmjax.grpo.report import Hook, eta_seconds, steady_step_seconds, terms_off
+from mllmjax.grpo.run_dir import RunDir, checkpoint_steps, read_metrics, read_run_config
+from mllmjax.grpo.stages import derived_seed, problem_index
 
 __all__ = [
     "EMBEDDED_RECIPE",
     "GRPOConfig",
     "GRPORun",
+    "Hook",
+    "RunContext",
+    "RunDir",
     "RunResult",
+    "RunState",
     "build_config",
     "checkpoint_steps",
     "derived_seed",
+    "eta_seconds",
     "normalise_settings",
     "problem_index",
     "read_config_file",
     "read_metrics",
     "read_run_config",
     "recipe_names",
+    "steady_step_seconds",
+    "terms_off",
 ]

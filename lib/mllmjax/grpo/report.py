@@ -1,13 +1,34 @@
-"""What a run reports besides metrics.jsonl: plots of the curves, TensorBoard and W&B."""
+"""Reporting as hooks: the loop calls every hook with its progress events, each metrics row and the
+result; plots, TensorBoard, W&B (and the CLI's live display) subscribe. Also the pure helpers a
+display needs: which terms a run does not compute, and the ETA from the run's own step times."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mllmjax.errors import BadInputError
 from mllmjax.grpo.config import GRPOConfig
+
+if TYPE_CHECKING:
+    from mllmjax.grpo.loop import RunResult
+
+
+class Hook:
+    """Follows a run; every method is optional. The loop calls the hooks in order, on every process of
+    a multi-host run (the ones that write files are only made on the primary process)."""
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """Progress: start (step, steps, resumed, start_checkpoint), convert (out), memory (line, bytes),
+        phase (phase), rollout_progress (tokens, samples), update (one PPO update's metrics)."""
+
+    def on_metrics(self, row: dict[str, Any]) -> None:
+        """Each row appended to metrics.jsonl: step 0's evaluation before training, then every step."""
+
+    def on_end(self, result: RunResult) -> None:
+        """Once, after the last checkpoint is written (also when the run stopped or was interrupted)."""
+
 
 PLOTS = {
     "reward": ("reward", "reward (weighted mean)"),
@@ -18,14 +39,13 @@ PLOTS = {
 }
 
 
-def draw_plots(run_dir: Path, metrics: Sequence[dict[str, Any]]) -> list[Path]:
+def draw_plots(out_dir: Path, metrics: Sequence[dict[str, Any]]) -> list[Path]:
     """PNG curves of reward, accuracy (with held-out eval accuracy when present), KL, entropy and length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     written = []
     for name, (key, title) in PLOTS.items():
@@ -51,55 +71,125 @@ def draw_plots(run_dir: Path, metrics: Sequence[dict[str, Any]]) -> list[Path]:
     return written
 
 
-class _TensorBoard:
-    @staticmethod
-    def check() -> None:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError as e:
-            raise BadInputError(
-                "--report-to tensorboard needs the tensorboard package: pip install 'mllmjax[tensorboard]'"
-            ) from e
+class PlotHook(Hook):
+    """RUN/plots/*.png, drawn when the run ends or stops."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def on_end(self, result: RunResult) -> None:
+        if result.metrics:
+            draw_plots(self.out_dir, result.metrics)
+
+
+class TensorBoardHook(Hook):
+    """Every numeric metric as a scalar in RUN/tensorboard."""
+
+    extra = "tensorboard"
 
     def __init__(self, run_dir: Path, cfg: GRPOConfig):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def log(self, row: dict[str, Any], step: int) -> None:
+    def on_metrics(self, row: dict[str, Any]) -> None:
         for k, v in row.items():
             if isinstance(v, int | float) and k != "step":
-                self.writer.add_scalar(k, v, step)
+                self.writer.add_scalar(k, v, int(row["step"]))
         self.writer.flush()
 
-    def close(self) -> None:
+    def on_end(self, result: RunResult) -> None:
         self.writer.close()
 
 
-class _WandB:
-    @staticmethod
-    def check() -> None:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            raise BadInputError(
-                "--report-to wandb needs the wandb package: pip install 'mllmjax[wandb]'"
-            ) from e
+class WandBHook(Hook):
+    """Every numeric metric logged to a W&B run named for the run directory."""
+
+    extra = "wandb"
 
     def __init__(self, run_dir: Path, cfg: GRPOConfig):
         import wandb
 
         self.run = wandb.init(project="mllmjax", name=run_dir.name, dir=str(run_dir), config=cfg.to_dict())
 
-    def log(self, row: dict[str, Any], step: int) -> None:
-        self.run.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+    def on_metrics(self, row: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=int(row["step"]))
 
-    def close(self) -> None:
+    def on_end(self, result: RunResult) -> None:
         self.run.finish()
 
 
-REPORTERS: dict[str, Any] = {"tensorboard": _TensorBoard, "wandb": _WandB}
+REPORTERS: dict[str, type[TensorBoardHook] | type[WandBHook]] = {
+    "tensorboard": TensorBoardHook,
+    "wandb": WandBHook,
+}
 
 
-def make_reporter(name: str, run_dir: Path, cfg: GRPOConfig) -> Any:
-    return REPORTERS[name](run_dir, cfg)
+def check_reporters(names: Sequence[str]) -> None:
+    """Fail on a missing extra before anything is written."""
+    import importlib
+
+    for name in names:
+        extra = REPORTERS[name].extra
+        try:
+            importlib.import_module(extra)
+        except ImportError as e:
+            raise BadInputError(
+                f"--report-to {name} needs the {extra} package: pip install 'mllmjax[{extra}]'"
+            ) from e
+
+
+def reporting_hooks(cfg: GRPOConfig, run_dir: Path, plots_dir: Path) -> list[Hook]:
+    """The hooks that write a run's reports: plots, then each --report-to sink."""
+    return [PlotHook(plots_dir), *(REPORTERS[name](run_dir, cfg) for name in cfg.report_to)]
+
+
+def terms_off(cfg: GRPOConfig) -> frozenset[str]:
+    """The metrics a run with these settings does not compute (a display shows `off`, not a number):
+    the KL with --beta 0 (no reference model), held-out accuracy with --eval-every 0, the clip fraction
+    with one PPO epoch of one minibatch (the only update is on-policy, ratio 1, nothing to clip), and the
+    sampling rounds without --dynamic-sampling."""
+    off = set()
+    if cfg.beta == 0:
+        off.add("kl")
+    if not cfg.eval_every:
+        off.add("eval/accuracy")
+    if cfg.ppo_epochs == 1 and cfg.minibatches == 1:
+        off.add("clip_frac")
+    if not cfg.dynamic_sampling:
+        off.add("sampling_rounds")
+    return frozenset(off)
+
+
+def steady_step_seconds(row: dict[str, Any]) -> float:
+    """What a step like this one takes once nothing is left to compile, from its metrics row: the step
+    less its compile time (`compile_s`, `rollout_compile_s`), with one sampling round instead of the
+    row's `sampling_rounds` (dynamic sampling needs more rounds while most groups are all wrong, which
+    a learning policy soon leaves behind)."""
+    rollout_compile = row.get("rollout_compile_s", 0.0)
+    rounds = max(int(row.get("sampling_rounds", 1)), 1)
+    per_round = max(row["rollout_s"] - rollout_compile, 0.0) / rounds
+    rest = row["step_s"] - row["rollout_s"] - (row.get("compile_s", 0.0) - rollout_compile)
+    return per_round + max(rest, 0.0)
+
+
+def eta_seconds(
+    step_seconds: Sequence[float], remaining: int, first_steady_s: float | None = None
+) -> float | None:
+    """Seconds the `remaining` steps will take, from the wall times of the steps run so far (in order).
+
+    The first step compiles the programs the later ones reuse, so it is left out once a later step is
+    done: the estimate is then the mean of the later steps (which carry the occasional recompile for a new
+    shape). After only the first step it is `first_steady_s` (`steady_step_seconds` of its row) per step,
+    or that step's own time when not given. None before any step is done.
+    """
+    if remaining <= 0:
+        return 0.0
+    if not step_seconds:
+        return None
+    later = step_seconds[1:]
+    if later:
+        per_step = sum(later) / len(later)
+    else:
+        per_step = step_seconds[0] if first_steady_s is None else first_steady_s
+    return per_step * remaining

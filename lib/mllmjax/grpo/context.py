@@ -1,0 +1,225 @@
+"""Opening a run: everything a run holds fixed (`RunContext`, built once) and the small state that
+changes step by step (`RunState`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mllmjax.convert import resolve_model
+from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
+from mllmjax.grpo.config import GRPOConfig
+from mllmjax.grpo.report import Hook, check_reporters, reporting_hooks
+from mllmjax.grpo.run_dir import CONFIG_FILE, RunDir, read_run_config
+from mllmjax.grpo.stages import train_rng
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunContext:
+    """What a run holds fixed from its first step to its last."""
+
+    cfg: GRPOConfig
+    run_dir: RunDir
+    start_checkpoint: Path  # the model the run started from (and the KL reference)
+    mesh: Any  # jax.sharding.Mesh of training
+    sample_mesh: Any  # the Mesh rollouts and evaluation decode on (`mesh` unless --sample-mesh)
+    model_cfg: Any
+    hf_config: dict[str, Any]
+    tokenizer: Any
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    problems: Sequence[Any]
+    eval_problems: Sequence[Any]
+    trainer: Any
+    primary: bool  # the process that writes the run directory
+    hooks: tuple[Hook, ...]
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a step changes: the train state (params, optimizer, update count, RNG), the last finished
+    step, the cursor into the data order, the metrics rows so far and the last checkpointed step."""
+
+    train: Any
+    step: int = 0
+    cursor: int = 0
+    metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    saved_step: int = -1
+
+
+def check_run_dir(path: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run without --force, or to resume a directory that is not a run."""
+    if not resume and path.exists() and any(path.iterdir()) and not force:
+        raise OutputExistsError(
+            f"{path} exists; pass --resume {path} to continue it or --force to replace it"
+        )
+    if resume and not (path / CONFIG_FILE).is_file():
+        raise ArtifactError(f"{path} is not a grpo run directory (no {CONFIG_FILE})")
+
+
+def open_run(
+    cfg: GRPOConfig, path: Path, *, resume: bool, force: bool, hooks: Sequence[Hook], emit: Emit
+) -> tuple[RunContext, RunState]:
+    """Load everything a run needs, in the order that fails cheapest first (reporters, data, memory),
+    and write nothing before all of it is known to work; then create or resume the run directory."""
+    import jax
+
+    from mllmjax.checkpoint import load_checkpoint, resolve_dtype
+    from mllmjax.distributed import barrier, is_primary
+    from mllmjax.trainer import Trainer
+
+    check_reporters(cfg.report_to)
+    # Multi-host: every process runs the loop; each samples and scores its share of the prompts,
+    # the scored records are gathered, and process 0 writes the run's files.
+    run_dir = RunDir(path, primary=is_primary())
+    start_checkpoint = _start_checkpoint(cfg, run_dir, resume=resume, force=force, emit=emit)
+    mesh, sample_mesh = _meshes(cfg)
+    problems, eval_problems = _problems(cfg)  # a bad --data fails before the model is loaded
+    start = load_checkpoint(start_checkpoint, mesh=mesh, dtype=resolve_dtype(cfg.dtype))
+    tokenizer = start.tokenizer()
+    tcfg = cfg.train_config()
+    check_memory(cfg, start, tcfg, tokenizer, problems, mesh, sample_mesh, emit)
+    trainer = Trainer(
+        start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None, donate=True, mesh=mesh
+    )
+    if resume:
+        state = _resumed_state(cfg, run_dir, trainer, start.params, mesh)
+    else:
+        run_dir.create({**cfg.to_dict(), "start_checkpoint": str(start_checkpoint),
+                        "model_config": start.cfg.family, "devices": jax.device_count(),
+                        "processes": jax.process_count()})  # fmt: skip
+        state = RunState(train=trainer.init_state(start.params, train_rng(cfg.seed)))
+    barrier("grpo:setup")
+    ctx = RunContext(
+        cfg=cfg, run_dir=run_dir, start_checkpoint=start_checkpoint, mesh=mesh, sample_mesh=sample_mesh,
+        model_cfg=start.cfg, hf_config=start.hf_config, tokenizer=tokenizer, stop_ids=start.stop_ids,
+        pad_id=tokenizer.pad_token_id or 0, problems=problems, eval_problems=eval_problems, trainer=trainer,
+        primary=run_dir.primary,
+        hooks=(*hooks, *(reporting_hooks(cfg, path, run_dir.plots) if run_dir.primary else ())),
+    )  # fmt: skip
+    return ctx, state
+
+
+def _start_checkpoint(cfg: GRPOConfig, run_dir: RunDir, *, resume: bool, force: bool, emit: Emit) -> Path:
+    """The checkpoint the run starts from: the saved one on resume, else --model (converted on first use)."""
+    import jax
+
+    from mllmjax.checkpoint import META_FILE
+    from mllmjax.distributed import barrier
+
+    if resume:
+        return Path(read_run_config(run_dir.path)["start_checkpoint"])
+    if force:
+        run_dir.remove()
+    barrier("grpo:fresh-run-dir")
+    if jax.process_count() > 1 and not (Path(cfg.model) / META_FILE).is_file():
+        raise BadInputError(
+            f"a multi-host run needs --model to be a converted checkpoint on storage every host "
+            f"sees; run `mllmjax convert {cfg.model} -o DIR` once and pass --model DIR"
+        )
+    emit("phase", {"phase": "model"})
+    return resolve_model(cfg.model, dtype=cfg.dtype, on_convert=lambda out: emit("convert", {"out": out}))
+
+
+def _meshes(cfg: GRPOConfig) -> tuple[Any, Any]:
+    """--mesh and --sample-mesh parsed, once, into the training and the decoding Mesh."""
+    import jax
+
+    from mllmjax.distributed import decode_mesh
+    from mllmjax.sharding import make_mesh
+
+    mesh = make_mesh(cfg.mesh)
+    if jax.process_count() > 1:  # each host decodes its share of the prompts on its own devices
+        flag = "--sample-mesh" if cfg.sample_mesh else "--mesh"
+        return mesh, decode_mesh(cfg.sample_mesh or cfg.mesh, flag)
+    return mesh, make_mesh(cfg.sample_mesh) if cfg.sample_mesh else mesh
+
+
+def _problems(cfg: GRPOConfig) -> tuple[list[Any], list[Any]]:
+    """The training problems and the held-out ones (none with --eval-every 0)."""
+    from mllmjax.data import load_problems
+
+    fields = {"question_field": cfg.question_field, "answer_field": cfg.answer_field}
+    problems = load_problems(cfg.data, split=cfg.split, **fields)
+    if not cfg.eval_every:
+        return problems, []
+    held_out = load_problems(
+        cfg.eval_data or cfg.data, split=cfg.eval_split, num=cfg.eval_num_prompts, **fields
+    )
+    return problems, held_out
+
+
+def _resumed_state(cfg: GRPOConfig, run_dir: RunDir, trainer: Any, start_params: Any, mesh: Any) -> RunState:
+    """The state of the last whole checkpoint, and metrics.jsonl cut back to its step."""
+    from mllmjax.checkpoint import load_checkpoint, resolve_dtype
+    from mllmjax.training import restore_train_state
+
+    steps = run_dir.checkpoint_steps()
+    run_dir.clean_partial()
+    if steps:
+        ckpt = load_checkpoint(run_dir.checkpoint(steps[-1]), mesh=mesh, dtype=resolve_dtype(cfg.dtype))
+        grpo_meta = ckpt.meta.get("grpo", {})
+        step = int(grpo_meta.get("step", steps[-1]))
+        state = RunState(restore_train_state(ckpt, trainer), step=step, cursor=int(grpo_meta["cursor"]))
+    else:  # killed before the first checkpoint: start over in the same directory
+        state = RunState(trainer.init_state(start_params, train_rng(cfg.seed)))
+    state.metrics = run_dir.read_metrics(upto=state.step)
+    state.saved_step = state.step
+    run_dir.rewrite_metrics(state.metrics)
+    return state
+
+
+def check_memory(
+    cfg: GRPOConfig, start: Any, tcfg: Any, tokenizer: Any, problems: Sequence[Any], mesh: Any,
+    sample_mesh: Any, emit: Emit,
+) -> None:  # fmt: skip
+    """Estimate the memory of a rollout and of one update (prompt length from the first 256
+    problems), report both as 'memory' events, and stop before the optimizer state exists if
+    either cannot fit."""
+    import jax
+
+    from mllmjax import memory
+    from mllmjax.rollout import encode_prompt
+    from mllmjax.sampling.sampler import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket, unrolled
+    from mllmjax.training import padded_shape
+
+    rcfg = cfg.rollout_config(seed=0)
+    longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) for p in problems[:256])
+    dtype = jax.tree.leaves(start.params)[0].dtype.name
+    # Not donated: the updates take over a copy, and the state the step started from stays alive
+    # beside it (to roll the step back), which is the "new state" of a non-donated update.
+    widths = padded_shape(longest, cfg.max_new_tokens)
+    update = memory.for_train_config(
+        start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
+        seq_len=sum(widths), completion_len=widths[1], param_dtype=dtype, mesh=mesh,
+    )  # fmt: skip
+    # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
+    # and, with --sample-mesh, a resharded copy of the parameters are alive.
+    # Multi-host: a host decodes its share of the prompts.
+    share = -(-cfg.prompts_per_step // jax.process_count())
+    prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), share))
+    decode = memory.estimate_sampling(
+        start.cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
+        cache_len=decode_windows(prompt_bucket(longest), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)),
+        mesh=sample_mesh, out_major=unrolled(),
+    )  # fmt: skip
+    rollout = memory.MemoryEstimate(
+        {
+            "params": update.parts["params"],
+            "optimizer": update.parts["optimizer"],
+            "reference": update.parts["reference"],
+            "sampling copy": decode.parts["params"] if sample_mesh is not mesh else 0,
+            "decode_weights": decode.parts.get("decode_weights", 0),
+            "kv_cache": decode.parts["kv_cache"],
+            "logits": decode.parts["logits"],
+        },
+        update.available,
+    )
+    for name, estimate in (("rollout", rollout), ("update", update)):
+        emit("memory", {"line": estimate.describe(name), "bytes": estimate.total})
+    rollout.check("use a smaller --batch-size or --max-new-tokens, or more devices in --sample-mesh")
+    update.check(memory.TRAIN_HINT)

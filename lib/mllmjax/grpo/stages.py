@@ -1,0 +1,191 @@
+"""The stages of one GRPO step, as functions of the run's context and state: sample and score (with
+dynamic sampling), train, evaluate. They call the same library functions as the single commands."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mllmjax.grpo import faults
+
+if TYPE_CHECKING:
+    from mllmjax.grpo.context import RunContext
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def problem_index(cursor: int, n: int, seed: int) -> int:
+    """The dataset index of the cursor-th prompt of a run: epochs of seeded permutations."""
+    epoch, pos = divmod(cursor, n)
+    return int(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed derived from integers (the sampler's seed for a step and sampling round)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def train_rng(seed: int) -> Any:
+    """The trainer's initial RNG key data (minibatch shuffling), a function of the run's seed."""
+    import jax
+
+    return jax.random.key_data(jax.random.key(derived_seed(seed, 1)))
+
+
+def collect_rollouts(
+    ctx: RunContext, params: Any, step: int, cursor: int, emit: Emit
+) -> tuple[list[Any], dict[str, Any], dict[str, float], int]:
+    """Sample and score until the step's batch is full (more rounds only with dynamic sampling).
+
+    Returns (scored records, score summary, counters, the cursor after the prompts consumed)."""
+    from mllmjax.rollout import gather_records, host_rollouts
+    from mllmjax.scoring import reward_outcomes, score_records
+
+    cfg = ctx.cfg
+    wanted = cfg.prompts_per_step * cfg.group_size
+    kept: list[Any] = []
+    summaries: list[dict[str, Any]] = []
+    all_records: list[Any] = []
+    rollout_s = score_s = 0.0
+    rounds = groups_sampled = 0
+    score_cfg = cfg.score_config()
+    while len(kept) < wanted and rounds < cfg.max_sampling_rounds:
+        count = cfg.prompts_per_step - len(kept) // cfg.group_size
+        n = len(ctx.problems)
+        problems = [ctx.problems[problem_index(cursor + i, n, cfg.seed)] for i in range(count)]
+        cursor += count
+        t0 = time.perf_counter()
+        emit("phase", {"phase": "rollout", "round": rounds})
+        # This host's share: sampled on its devices, rewards scored here, then every host's joined.
+        mine = host_rollouts(
+            params, ctx.model_cfg, ctx.tokenizer, problems,
+            cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds)),
+            stop_ids=ctx.stop_ids, policy=f"{ctx.run_dir.path}@{step - 1}", first_group=groups_sampled,
+            mesh=ctx.sample_mesh, compute_dtype=cfg.compute_dtype, meta={"step": step, "round": rounds},
+            on_batch=lambda tokens, samples: emit("rollout_progress", {"tokens": tokens, "samples": samples}),
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        emit("phase", {"phase": "score"})
+        pairs = gather_records(list(zip(mine, reward_outcomes(mine, score_cfg), strict=True)))
+        records = [record for record, _ in pairs]
+        scored, summary = score_records(records, score_cfg, outcomes=[o for _, o in pairs])
+        rollout_s += t1 - t0
+        score_s += time.perf_counter() - t1
+        kept.extend(scored)
+        summaries.append(summary)
+        all_records.extend(records)
+        groups_sampled += len(problems)
+        rounds += 1
+        if not cfg.dynamic_sampling:
+            break
+    kept = kept[:wanted]
+    counters = {"rollout_s": rollout_s, "score_s": score_s, "sampling_rounds": rounds,
+                "prompts_sampled": groups_sampled, "groups_trained": len(kept) // cfg.group_size,
+                "completion_tokens": sum(len(r.completion_ids) for r in all_records)}  # fmt: skip
+    return kept, merge_summaries(summaries), counters, cursor
+
+
+def train_on_records(
+    ctx: RunContext, state: Any, step: int, records: list[Any], emit: Emit
+) -> tuple[Any, dict[str, Any]]:
+    """The PPO epochs on the step's scored records; returns (new train state, the step's train metrics).
+    `state` stays whole: the updates run on a copy, so an abandoned step can roll back to it."""
+    import jax
+
+    from mllmjax.training import batch_from_records, place_batch
+
+    if not records:  # dynamic sampling found no group with signal: nothing to learn from
+        return state, {"updates": int(state.step), "train_s": 0.0, "skipped": 1.0}
+    emit("phase", {"phase": "train"})
+    t0 = time.perf_counter()
+    batch = place_batch(batch_from_records(records, pad_id=ctx.pad_id), ctx.mesh)
+    timings: dict[str, float] = {}
+
+    def on_update(m: dict[str, float]) -> None:
+        emit("update", m)
+        faults.crash_point("update", step)
+
+    # The updates are donated a copy of the state: each writes its new state into the buffers of the
+    # one before (a fresh state per update would break up the kept malloc heap, see mllmjax.runtime).
+    working = jax.tree.map(lambda x: x.copy(), state)  # same placement, new buffers
+    state, history = ctx.trainer.train_on_batch(working, batch, on_update=on_update, timings=timings)
+    row: dict[str, Any] = {"train_s": time.perf_counter() - t0}
+    row["ref_logps_s"] = timings.get("ref_logps_s", 0.0)
+    row["updates"] = int(state.step)
+    for key in ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean", "grad_norm"):
+        row[key] = float(np.mean([h[key] for h in history]))
+    row["clip_frac"] = row["clip_low"] + row["clip_high"]
+    row["ratio_min"] = float(min(h["ratio_min"] for h in history))
+    row["ratio_max"] = float(max(h["ratio_max"] for h in history))
+    row["lr"] = history[-1]["lr"]
+    row["train_tok_s"] = sum(h["tokens"] for h in history) / max(row["train_s"], 1e-9)
+    return state, row
+
+
+def evaluate(ctx: RunContext, params: Any, step: int, emit: Emit) -> dict[str, float]:
+    """Greedy pass@1 on the held-out problems, as `eval/*` metrics."""
+    from mllmjax.evaluation import summarize
+    from mllmjax.rollout import gather_records, host_rollouts
+
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    emit("phase", {"phase": "eval"})
+    records = host_rollouts(
+        params, ctx.model_cfg, ctx.tokenizer, ctx.eval_problems,
+        cfg.rollout_config(seed=derived_seed(cfg.seed, 3), group_size=1, greedy=True),
+        stop_ids=ctx.stop_ids, policy=f"{ctx.run_dir.path}@{step}", mesh=ctx.sample_mesh,
+        compute_dtype=cfg.compute_dtype,
+    )  # fmt: skip
+    result, _ = summarize(gather_records(records))
+    return {"eval/accuracy": result.pass_at_1, "eval/format": result.format_rate,
+            "eval/mean_tokens": result.mean_tokens, "eval/truncation_rate": result.truncation_rate,
+            "eval/problems": float(result.problems), "eval_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Weighted means of the per-round score summaries (dynamic sampling scores in rounds)."""
+    if len(summaries) == 1:
+        return summaries[0]
+    n = np.array([s["records"] for s in summaries], np.float64)
+    w = n / n.sum()
+
+    def avg(get: Callable[[dict[str, Any]], Any]) -> float | None:
+        vals = [get(s) for s in summaries]
+        if any(v is None for v in vals):
+            return None
+        return float(np.dot(w, vals))
+
+    merged = dict(summaries[-1])
+    merged["rewards_mean"] = {
+        k: avg(lambda s, k=k: s["rewards_mean"][k]) for k in summaries[0]["rewards_mean"]
+    }
+    merged["reward"] = {"mean": avg(lambda s: s["reward"]["mean"]), "std": avg(lambda s: s["reward"]["std"])}
+    merged["accuracy"] = avg(lambda s: s["accuracy"])
+    merged["frac_reward_zero_std"] = float(
+        sum(s["frac_reward_zero_std"] * s["groups"] for s in summaries) / sum(s["groups"] for s in summaries)
+    )
+    merged["truncation_rate"] = avg(lambda s: s["truncation_rate"])
+    merged["completion_tokens"] = {"mean": avg(lambda s: s["completion_tokens"]["mean"])}
+    merged["reward_errors"] = sum(s["reward_errors"] for s in summaries)
+    merged["seconds"] = sum(s["seconds"] for s in summaries)
+    return merged
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """A score summary as flat metrics-row keys."""
+    row: dict[str, Any] = {f"reward/{k}": v for k, v in summary["rewards_mean"].items()}
+    row["reward"] = summary["reward"]["mean"]
+    row["reward_std"] = summary["reward"]["std"]
+    row["accuracy"] = summary["accuracy"]
+    row["frac_reward_zero_std"] = summary["frac_reward_zero_std"]
+    row["truncation_rate"] = summary["truncation_rate"]
+    tokens = summary["completion_tokens"]
+    row["completion_len"] = tokens["mean"]
+    for key in ("mean_correct", "mean_incorrect"):
+        if tokens.get(key) is not None:
+            row[f"completion_len_{key.removeprefix('mean_')}"] = tokens[key]
+    row["reward_errors"] = summary["reward_errors"]
+    return row
