@@ -6,23 +6,9 @@ log-softmax, the clipped policy-gradient loss at ratio 1 (PPO epoch 0) with toke
 entropy of the completion tokens as a metric, KL off, backward, global-norm clipping and AdamW.
 The torch side asks HF for logits only at the positions that predict completion tokens
 (`logits_to_keep`), the same saving the JAX side makes, so the comparison is like for like.
-The two run alternately in one process with the same thread count; seconds per update are medians.
-
-Measured on this 2-core machine (AMD EPYC, AVX-512; jax 0.10.2, torch 2.13), launcher settings, --reps 5
-after 2 warm-up rounds. 2026-12-01, layers unrolled (`--layer-loop auto` on a CPU): JAX 11.01 s per update
-against torch 10.66 s, 0.97x wall, 1.01x CPU time; a later, busier run 11.60 s against 11.30 s (0.97x wall,
-1.03x CPU time); the day before, in quieter runs, 9.82 s against 9.64 s (0.98x) and 1.00x. Scanned layers
-in the same runs: 0.93x and 0.97x. --micro-batch 4 gave 0.99x, 8 gave 0.96x. Where the rest goes
-(jax.profiler trace of one update, 10.7 s): the matmuls take 9.5 s, about 170 GFLOP/s (the same shapes
-alone ran at 176-207 GFLOP/s in JAX and 191-200 in torch); both threads are busy for 9.4-10.0 s, and the
-0.6-0.75 s with one thread idle is spread over hundreds of ops (matmul tails 0.35 s, attention's small
-batched dots 0.2 s, the LM-head reductions 0.06 s), with no single one to fix. XLA:CPU's dot back ends
-(YNNPACK, the default, XNNPACK, Eigen) and its scheduler types ran the same speed or slower.
-Earlier: 2026-11-30, scanned, JAX 10.63 s against torch 10.02 s (0.94x wall, 0.98x CPU time), from 13.08 s
-against 11.86 s (0.91x) that morning by donating the state (no heap growth), the written-out LM-head
-gradient keeping the softmax (0.5-0.8 s), attention in causal query blocks (0.5 s) and the SwiGLU
-backward (0.3 s). Before `decoder.dense` it was 15.89 s against 11.43 s (0.72x); before the kept heap,
-17.9 s against 12.4 s (0.69x).
+The two run alternately in one process with the same thread count; seconds per update are medians,
+with the process's CPU time beside them (steadier than wall time on a shared machine). Results and
+their history: docs/benchmarks.md.
 
     python scripts/bench_train.py --threads 2 --reps 3
     python scripts/bench_train.py --remat nothing_saveable --chunk 512
@@ -87,14 +73,14 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mllmjax import models
     from mllmjax.loss import LossConfig
-    from mllmjax.models import decoder
-    from mllmjax.models.config import ModelConfig
+    from mllmjax.models import transformer
     from mllmjax.optim import OptimConfig
     from mllmjax.trainer import Batch, TrainConfig, Trainer
 
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig.smollm2_135m()
+    cfg = models.smollm2_135m()
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
     b, p, c = args.batch, args.prompt, args.completion
@@ -119,7 +105,7 @@ def main() -> None:
     # Donating, as `mllmjax train` does: each update writes the new state into the old one's buffers
     # (torch's optimizer also updates in place).
     trainer = Trainer(cfg, tcfg, donate=True)
-    state = trainer.init_state(decoder.init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    state = trainer.init_state(transformer.init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
     batch = Batch(
         tokens=jnp.asarray(tokens),
         positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),

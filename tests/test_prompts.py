@@ -24,7 +24,7 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# The format reward's rule (DESIGN.md): the whole completion is <think>...</think> newline <answer>...</answer>.
+# The format reward's rule (docs/design.md): the whole completion is <think>...</think> newline <answer>...</answer>.
 STRICT = re.compile(r"<think>(?:(?!</think>).)*</think>\n<answer>(?:(?!</answer>).)*</answer>", re.S)
 
 

@@ -1,4 +1,4 @@
-"""`mllmjax rollout`: records per DESIGN.md, log-probs against HF, determinism, the score pipeline."""
+"""`mllmjax rollout`: records per docs/design.md, log-probs against HF, determinism, the score pipeline."""
 
 from __future__ import annotations
 

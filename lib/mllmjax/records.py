@@ -1,7 +1,7 @@
 """Rollout records: the `mllmjax.rollout/1` JSON Lines schema that rollout, score, train and
 `sample --json` exchange.
 
-One line per completion (DESIGN.md, "Artifacts"):
+One line per completion:
 
     {"schema": "mllmjax.rollout/1", "prompt_id", "group", "sample", "prompt", "prompt_ids",
      "completion", "completion_ids", "logprobs", "finish_reason": "stop"|"length",

@@ -6,27 +6,23 @@ them with a fresh mmap and unmaps it again on free. Every call then faults all o
 one zero-filled page at a time. Two sets of glibc malloc tunables fix this:
 
 - Huge pages (`glibc.malloc.hugetlb=1`; glibc >= 2.35, where the kernel gives transparent huge pages
-  only on request: `/sys/kernel/mm/transparent_hugepage/enabled` is `[madvise]`, the common default).
-  One training update of SmolLM2-135M (8 x 256 tokens) on 2 cores took 1.58 million faults and 4.7 s
-  of kernel time in 4 KiB pages, about 30 thousand and 2.3 s in huge pages, and ran 10-15% faster.
+  only on request: `/sys/kernel/mm/transparent_hugepage/enabled` is `[madvise]`, the common default):
+  far fewer page faults while the heap grows.
 - Keeping the heap (`glibc.malloc.arena_max=1`, `glibc.malloc.mmap_max=0`, a trim threshold of
   64 TiB; glibc >= 2.26): one arena grown with brk, no mmap for large blocks and no trimming, so a
-  freed buffer stays in the process and the next call reuses it. After the first few updates that
-  same update takes no page faults and 0.1 s of kernel time (13.0-14.2 s instead of 15.1-17.7). It
-  matters most after an idle spell (a GRPO step alternates sampling, scoring and training, and a
-  benchmark alternates with torch): an update that followed 12 idle seconds took 20-24 s, 11-14 s of
-  it in the kernel, and takes 13-15 s with the heap kept. The cost: the process keeps its peak
-  memory until it exits instead of returning freed memory to the system, so the heap has to stay
-  at one call's size. Two things keep it there (that update holds 7.4 GB):
+  freed buffer stays in the process and the next call reuses it without faulting. It matters most
+  after an idle spell, as when a GRPO step switches between sampling and training. The cost: the
+  process keeps its peak memory until it exits instead of returning freed memory to the system, so
+  the heap has to stay at one call's size. Two things keep it there:
   - Synchronous dispatch on the CPU (`sync_dispatch_if_asked`, after the launcher set
     MLLMJAX_SYNC_DISPATCH=1 with the heap tunables): with JAX's default asynchronous dispatch, a
     call's temporaries are freed a moment after its outputs are ready, so the next call, dispatched
-    at once, allocated its own 5.8 GB before the last one's were back, and the heap grew to 13-18.7 GB
-    within six updates. Inline, a call has freed everything when it returns. (JAX keeps calls over
-    several devices asynchronous.)
+    at once, allocates its own before the last one's are back and the heap grows. Inline, a call has
+    freed everything when it returns. (JAX keeps calls over several devices asynchronous.)
   - Donated training state (`Trainer(donate=True)`, as `train` and `grpo` run it): without it every
-    update allocates a whole new state, which broke up the freed blocks and grew the heap to 22.6 GB
-    in four calls.
+    update allocates a whole new state, which breaks up the freed blocks and grows the heap.
+
+The measurements behind these settings are in docs/benchmarks.md.
 
 glibc reads tunables only at process start, so the `mllmjax` entry point (and the benchmarks, so that
 they measure what users get) re-executes itself once with GLIBC_TUNABLES set. `MLLMJAX_HUGEPAGES=0`

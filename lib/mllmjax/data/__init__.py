@@ -45,15 +45,13 @@ __all__ = [
 ]
 
 DEFAULT_TASK = "builtin:arith:level=0"
-"""The embedded default's task. Measured with scripts/measure_default_task.py on SmolLM2-135M-Instruct
-(12 problems x G=8, temperature 1.0, top-k 50, 160 new tokens): 10% of samples correct, 52% in the
-strict format, 58% of groups hold at least one correct sample and every group's rewards vary, so GRPO
-has signal from step one; level 1 (numbers to 20) gave 4% correct, level 2 1%."""
+"""The embedded default's task: the level at which SmolLM2-135M-Instruct gets some but not all answers
+right at temperature 1, so groups' rewards vary and GRPO has signal from the first step
+(scripts/measure_default_task.py; the figures are in docs/benchmarks.md)."""
 
 DEFAULT_MAX_NEW_TOKENS = 160
-"""Length budget measured with `DEFAULT_TASK`: mean completion 86 tokens, 15% cut at 160. Evaluations of
-the embedded default use it; its grpo recipe samples 128 (a step is shorter, and a cut completion,
-which scores 0, teaches brevity)."""
+"""Length budget for evaluating `DEFAULT_TASK`: most completions end well before it. The embedded grpo
+recipe samples 128 instead (a step is shorter, and a cut completion, which scores 0, teaches brevity)."""
 
 SHORT_NAMES = {"gsm8k": ("openai/gsm8k", "main")}
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")

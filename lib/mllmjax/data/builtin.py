@@ -14,8 +14,8 @@ Design decisions:
 - Two tasks: `arith` (word problems) and `sums` (bare expressions, "What is 17 - 8?"). Levels set
   the difficulty: 0 is one addition or subtraction with numbers up to 9, 1 the same up to 20, 2 adds
   multiplication and larger numbers, 3 chains two operations. The embedded default is `arith` level 0,
-  the one where SmolLM2-135M-Instruct gets some answers right from the start (10% of samples at
-  temperature 1; scripts/measure_default_task.py).
+  the one where SmolLM2-135M-Instruct gets some answers right from the start
+  (scripts/measure_default_task.py).
 - Generators are registered by name (`BUILTIN_TASKS`), so a user can add a task in code.
 """
 
