@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from mllmjax.grpo import GRPOConfig, Hook, eta_seconds, steady_step_seconds, terms_off
+from mllmjax.grpo import GRPOConfig, Hook, eta_seconds, terms_off
 from mllmjax_cli.errors import err_console
 
 
@@ -62,10 +62,9 @@ class Display(Hook):
         self.last: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.phase = "starting"
-        # The ETA: wall times of the steps this process ran, measured from the end of the one before.
+        # The ETA: from the metrics rows of the steps this process ran, counting down between them.
         self._mark = time.perf_counter()
-        self._step_s: list[float] = []
-        self._first_steady_s: float | None = None
+        self._rows: list[dict[str, Any]] = []
         self._eta: float | None = None
         self.progress = Progress(
             TextColumn("[bold]grpo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -159,10 +158,8 @@ class Display(Hook):
             self.last_eval = row
             self.log(f"step 0: eval accuracy {row['eval/accuracy']:.3f}, format {row['eval/format']:.3f}")
         else:
-            self._step_s.append(now - self._mark)
-            if len(self._step_s) == 1:
-                self._first_steady_s = steady_step_seconds(row)
-            self._eta = eta_seconds(self._step_s, self.steps - row["step"], self._first_steady_s)
+            self._rows.append(row)
+            self._eta = eta_seconds(self._rows, self.steps - row["step"])
             self.last = row
             if "eval/accuracy" in row:
                 self.last_eval = row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,12 @@ def compile_seconds() -> float:
         jax.monitoring.register_event_duration_secs_listener(listen)
         _compiled["listening"] = True
     return float(_compiled["seconds"])
+
+
+def system_seconds() -> float:
+    """System CPU seconds of this process so far: mostly page faults, as the heap first grows to its
+    peak; a step's share is its `sys_s`, which an ETA leaves out like compile time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 @dataclasses.dataclass
@@ -118,10 +125,11 @@ class GRPORun:
         cfg = ctx.cfg
         step = state.step + 1
         t0 = time.perf_counter()
-        compiled_before = compile_seconds()
+        compiled_before, sys_before = compile_seconds(), system_seconds()
         records, summary, counters, cursor = collect_rollouts(ctx, state.train.params, step, state.cursor,
                                                               self.emit)  # fmt: skip
         rollout_compile_s = compile_seconds() - compiled_before
+        rollout_sys_s = system_seconds() - sys_before
         faults.crash_point("rollout", step)
         row: dict[str, Any] = {"step": step, **summary_metrics(summary), **counters}
         row["rollout_tok_s"] = counters["completion_tokens"] / max(counters["rollout_s"], 1e-9)
@@ -133,6 +141,8 @@ class GRPORun:
         row["elapsed_s"] = time.perf_counter() - t_start
         row["compile_s"] = compile_seconds() - compiled_before
         row["rollout_compile_s"] = rollout_compile_s
+        row["sys_s"] = system_seconds() - sys_before
+        row["rollout_sys_s"] = rollout_sys_s
         if cfg.save_rollouts:
             from mllmjax.records import write_records
 

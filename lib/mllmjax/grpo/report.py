@@ -4,6 +4,7 @@ display needs: which terms a run does not compute, and the ETA from the run's ow
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,35 +162,29 @@ def terms_off(cfg: GRPOConfig) -> frozenset[str]:
     return frozenset(off)
 
 
-def steady_step_seconds(row: dict[str, Any]) -> float:
-    """What a step like this one takes once nothing is left to compile, from its metrics row: the step
-    less its compile time (`compile_s`, `rollout_compile_s`), with one sampling round instead of the
-    row's `sampling_rounds` (dynamic sampling needs more rounds while most groups are all wrong, which
-    a learning policy soon leaves behind)."""
-    rollout_compile = row.get("rollout_compile_s", 0.0)
-    rounds = max(int(row.get("sampling_rounds", 1)), 1)
-    per_round = max(row["rollout_s"] - rollout_compile, 0.0) / rounds
-    rest = row["step_s"] - row["rollout_s"] - (row.get("compile_s", 0.0) - rollout_compile)
-    return per_round + max(rest, 0.0)
+def steady_step_seconds(row: dict[str, Any], *, first: bool = False, cores: int | None = None) -> float:
+    """What a step like this one takes once nothing is left to compile or to fault in, from its metrics
+    row: its time less its JAX compile time (`compile_s`) and less its system CPU time (`sys_s`: the
+    kernel zeroing pages the process touches for the first time, as its heap grows to its peak) spread
+    over the `cores` (default: the cores this process may run on). `first`: the first step a process
+    runs, whose sampling rounds count as one (an untrained policy needs the most dynamic-sampling rounds
+    of the run)."""
+    cores = cores or len(os.sched_getaffinity(0))
+    seconds = row["step_s"] - row.get("compile_s", 0.0) - row.get("sys_s", 0.0) / cores
+    if first:
+        rounds = max(int(row.get("sampling_rounds", 1)), 1)
+        rollout = row["rollout_s"] - row.get("rollout_compile_s", 0.0) - row.get("rollout_sys_s", 0.0) / cores
+        seconds -= max(rollout, 0.0) * (rounds - 1) / rounds
+    return max(seconds, 0.0)
 
 
-def eta_seconds(
-    step_seconds: Sequence[float], remaining: int, first_steady_s: float | None = None
-) -> float | None:
-    """Seconds the `remaining` steps will take, from the wall times of the steps run so far (in order).
-
-    The first step compiles the programs the later ones reuse, so it is left out once a later step is
-    done: the estimate is then the mean of the later steps (which carry the occasional recompile for a new
-    shape). After only the first step it is `first_steady_s` (`steady_step_seconds` of its row) per step,
-    or that step's own time when not given. None before any step is done.
-    """
+def eta_seconds(rows: Sequence[dict[str, Any]], remaining: int, cores: int | None = None) -> float | None:
+    """Seconds the `remaining` steps will take: the mean steady time (`steady_step_seconds`) of the steps
+    this process ran so far (their metrics rows, in order), times the steps left; None before any step.
+    Compilation is left out, so a recompile for a new shape later in the run is not foreseen."""
     if remaining <= 0:
         return 0.0
-    if not step_seconds:
+    if not rows:
         return None
-    later = step_seconds[1:]
-    if later:
-        per_step = sum(later) / len(later)
-    else:
-        per_step = step_seconds[0] if first_steady_s is None else first_steady_s
-    return per_step * remaining
+    steady = [steady_step_seconds(r, first=i == 0, cores=cores) for i, r in enumerate(rows)]
+    return sum(steady) / len(steady) * remaining
