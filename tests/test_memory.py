@@ -13,7 +13,7 @@ from mllmjax.loss import LossConfig
 from mllmjax.models import transformer
 from mllmjax.models.llama import LlamaConfig
 from mllmjax.optim import OptimConfig
-from mllmjax.sampling.sampler import decode_windows
+from mllmjax.sampling.buckets import decode_windows
 from mllmjax.sharding import make_mesh, shard_params
 from mllmjax.trainer import Batch, TrainConfig, Trainer
 

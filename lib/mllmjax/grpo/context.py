@@ -184,7 +184,8 @@ def check_memory(
 
     from mllmjax import memory
     from mllmjax.rollout import encode_prompt
-    from mllmjax.sampling.sampler import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket, unrolled
+    from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
+    from mllmjax.sampling.sampler import unrolled
     from mllmjax.training import padded_shape
 
     rcfg = cfg.rollout_config(seed=0)
