@@ -82,6 +82,41 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=False,
         ),
     ),
+    # Gemma: 4 layers so that both layer types and windows shorter than the test sequences are
+    # exercised; soft-capping small enough to bend the scores and logits.
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_hidden_layers=4,
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=20,
+            intermediate_size=80,
+            sliding_window=5,
+            query_pre_attn_scalar=18,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=4,
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=20,
+            intermediate_size=80,
+            sliding_window=5,
+            query_pre_attn_scalar=18,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+            },
+        ),
+    ),
     "qwen3-tied": (
         "Qwen3Config",
         dict(
@@ -100,13 +135,8 @@ def make_hf_model(name: str, seed: int = 0, vocab_size: int = 128, num_layers: i
     import transformers
 
     cls_name, kwargs = TINY_CONFIGS[name]
-    config = getattr(transformers, cls_name)(
-        vocab_size=vocab_size,
-        num_hidden_layers=num_layers,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        **kwargs,
-    )
+    base = dict(vocab_size=vocab_size, num_hidden_layers=num_layers, max_position_embeddings=256, rms_norm_eps=1e-5)
+    config = getattr(transformers, cls_name)(**{**base, **kwargs})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # norms default to ones; make them random so their math is tested too

@@ -54,6 +54,7 @@ def token_logprobs(
     chunk_size: int = 256,
     with_entropy: bool = True,
     recompute: bool | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Float32 log p(targets) and full-vocabulary entropy from hidden states, chunked over tokens.
 
@@ -61,6 +62,7 @@ def token_logprobs(
     entropy [B, T] or None). At most `chunk_size` tokens' logits [chunk, V] are live at a time.
     For the backward, recompute=False keeps each chunk's softmax (all of [B*T, V] in float32, saved),
     True recomputes each chunk's logits, None (the default) keeps when `keeps_softmax` says so.
+    softcap: the model's final-logit soft-cap (logits -> c * tanh(logits / c) before the temperature).
     """
     if temperature <= 0:
         raise BadInputError(f"temperature must be > 0 to score log-probs, got {temperature!r}")
@@ -77,8 +79,10 @@ def token_logprobs(
     h = h.reshape(n_chunks, chunk, d)
     y = y.reshape(n_chunks, chunk)
     head = head.astype(hidden.dtype)
-    inv_t, keep = 1.0 / temperature, keeps_softmax(n_chunks * chunk, head.shape[0], recompute)
-    logp, ent = jax.lax.map(lambda xs: _chunk_logprobs(*xs, head, inv_t, with_entropy, keep), (h, y))
+    # A soft-capped head's backward recomputes the logits anyway (see `_chunk_logprobs`): keep nothing.
+    keep = softcap is None and keeps_softmax(n_chunks * chunk, head.shape[0], recompute)
+    inv_t = 1.0 / temperature
+    logp, ent = jax.lax.map(lambda xs: _chunk_logprobs(*xs, head, inv_t, with_entropy, keep, softcap), (h, y))
     logp = logp.reshape(-1)[:n].reshape(b, t)
     ent = ent.reshape(-1)[:n].reshape(b, t)
     return logp, (ent if with_entropy else None)
@@ -95,11 +99,28 @@ def keeps_softmax(tokens: int, vocab: int, recompute: bool | None) -> bool:
     return not recompute
 
 
+def _chunk_logits(
+    hc: jax.Array, head: jax.Array, inv_t: float, softcap: float | None
+) -> tuple[jax.Array, Any]:
+    """(The chunk's float32 logits [C, V] / T, soft-capped first; tanh of the capped logits or None)."""
+    raw = jnp.einsum("CD,VD->CV", hc, head, preferred_element_type=jnp.float32)
+    if softcap is None:
+        return raw * inv_t, None
+    tanh = jnp.tanh(raw / softcap)
+    return softcap * tanh * inv_t, tanh
+
+
 def _chunk_forward(
-    hc: jax.Array, yc: jax.Array, head: jax.Array, inv_t: float, with_entropy: bool, want_probs: bool
+    hc: jax.Array,
+    yc: jax.Array,
+    head: jax.Array,
+    inv_t: float,
+    with_entropy: bool,
+    want_probs: bool,
+    softcap: float | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """One chunk: (logp [C], entropy [C] (zeros without it), logsumexp [C], softmax [C, V] or None)."""
-    logits = jnp.einsum("CD,VD->CV", hc, head, preferred_element_type=jnp.float32) * inv_t
+    logits, _ = _chunk_logits(hc, head, inv_t, softcap)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - peak)
     total = jnp.sum(e, axis=-1, keepdims=True)
@@ -110,40 +131,62 @@ def _chunk_forward(
     return logp, ent, lse, probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _chunk_logprobs(
-    hc: jax.Array, yc: jax.Array, head: jax.Array, inv_t: float, with_entropy: bool, keep: bool
+    hc: jax.Array,
+    yc: jax.Array,
+    head: jax.Array,
+    inv_t: float,
+    with_entropy: bool,
+    keep: bool,
+    softcap: float | None,
 ) -> tuple[jax.Array, jax.Array]:
     """(log p(yc) [C], entropy [C]) of the chunk's hidden states hc [C, D] under head [V, D].
 
     The gradient is written out: d logp / d logits = (onehot(y) - softmax) / T, so the backward needs
     the softmax and nothing else. keep=True saves the chunk's softmax from the forward; keep=False
     saves the logsumexp [C] and recomputes the logits (one more [C, D] x [D, V] product) to rebuild it.
-    Entropy is a metric: no gradient flows back through it.
+    Entropy is a metric: no gradient flows back through it. With a soft-cap the backward also needs
+    tanh of the raw logits (d cap / d raw = 1 - tanh^2), so it always recomputes the chunk's logits.
     """
-    logp, ent, _, _ = _chunk_forward(hc, yc, head, inv_t, with_entropy, want_probs=False)
+    logp, ent, _, _ = _chunk_forward(hc, yc, head, inv_t, with_entropy, False, softcap)
     return logp, ent
 
 
 def _chunk_logprobs_fwd(
-    hc: jax.Array, yc: jax.Array, head: jax.Array, inv_t: float, with_entropy: bool, keep: bool
+    hc: jax.Array,
+    yc: jax.Array,
+    head: jax.Array,
+    inv_t: float,
+    with_entropy: bool,
+    keep: bool,
+    softcap: float | None,
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
-    logp, ent, lse, probs = _chunk_forward(hc, yc, head, inv_t, with_entropy, want_probs=keep)
+    logp, ent, lse, probs = _chunk_forward(hc, yc, head, inv_t, with_entropy, keep, softcap)
     return (logp, ent), (hc, yc, head, probs if keep else lse)
 
 
 def _chunk_logprobs_bwd(
-    inv_t: float, with_entropy: bool, keep: bool, res: tuple[jax.Array, ...], cts: tuple[jax.Array, jax.Array]
+    inv_t: float,
+    with_entropy: bool,
+    keep: bool,
+    softcap: float | None,
+    res: tuple[jax.Array, ...],
+    cts: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, None, jax.Array]:
     hc, yc, head, saved = res
-    if keep:
+    tanh = None
+    if keep:  # never with a soft-cap
         probs = saved
     else:
-        logits = jnp.einsum("CD,VD->CV", hc, head, preferred_element_type=jnp.float32) * inv_t
+        logits, tanh = _chunk_logits(hc, head, inv_t, softcap)
         probs = jnp.exp(logits - saved[:, None])
     g = cts[0] * inv_t  # [C]
     onehot = jnp.arange(probs.shape[-1], dtype=yc.dtype)[None, :] == yc[:, None]
-    dlogits = (jnp.where(onehot, g[:, None], 0.0) - probs * g[:, None]).astype(hc.dtype)
+    dlogits = jnp.where(onehot, g[:, None], 0.0) - probs * g[:, None]
+    if tanh is not None:
+        dlogits = dlogits * (1.0 - tanh * tanh)
+    dlogits = dlogits.astype(hc.dtype)
     dh = jnp.einsum("CV,VD->CD", dlogits, head, preferred_element_type=jnp.float32).astype(hc.dtype)
     dhead = jnp.einsum("CV,CD->VD", dlogits, hc, preferred_element_type=jnp.float32).astype(head.dtype)
     return dh, None, dhead

@@ -263,6 +263,7 @@ class Trainer:
             temperature=self.cfg.temperature,
             chunk_size=self.cfg.logit_chunk,
             recompute=self.cfg.logit_recompute,
+            softcap=self.model_cfg.final_logit_softcap,
         )
 
     def _logprobs(self, params: Params, batch: Batch) -> jax.Array:

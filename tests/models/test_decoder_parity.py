@@ -20,7 +20,7 @@ TOL = 1e-4
 
 
 # The cache and padding tests exercise shared code; one config per family keeps CI time down.
-FAMILY_CONFIGS = ["llama-linear-rope-bias", "qwen2", "qwen3"]
+FAMILY_CONFIGS = ["llama-linear-rope-bias", "qwen2", "qwen3", "gemma2", "gemma3"]
 _converted: dict[str, tuple] = {}
 
 
@@ -89,7 +89,8 @@ def test_cached_prefill_and_decode_match_full_forward(family, cpu_decode):
     cache = init_cache(cfg, 2, 32, per_layer=cpu_decode)
     pos = np.broadcast_to(np.arange(12), (2, 12))
     hidden, cache = transformer.forward(ckpt.params, cfg, tokens[:, :12], pos, cache=cache)
-    steps = [np.asarray(transformer.logits_from_hidden(ckpt.params, hidden))]
+    cap = cfg.final_logit_softcap
+    steps = [np.asarray(transformer.logits_from_hidden(ckpt.params, hidden, softcap=cap))]
     params = ckpt.params
     if cpu_decode:  # the sampler's per-layer, output-major params
         params = transformer.out_major_layers(params, cfg)
@@ -98,7 +99,9 @@ def test_cached_prefill_and_decode_match_full_forward(family, cpu_decode):
         hidden, cache = transformer.forward(
             params, cfg, tokens[:, t : t + 1], np.full((2, 1), t), cache=cache
         )
-        steps.append(np.asarray(transformer.logits_from_hidden(params, hidden, head_first=cpu_decode)))
+        steps.append(
+            np.asarray(transformer.logits_from_hidden(params, hidden, head_first=cpu_decode, softcap=cap))
+        )
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=TOL, rtol=0)
 
 

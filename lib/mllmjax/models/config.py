@@ -12,10 +12,12 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
+import jax
 import numpy as np
 
 from mllmjax.errors import UnsupportedModelError
 from mllmjax.models.blocks import rope
+from mllmjax.models.blocks.norms import rms_norm
 from mllmjax.models.params import map_specs
 
 _POSITIVE = (
@@ -46,6 +48,8 @@ class ModelConfig:
     rope_scaling: rope.RopeScaling | dict[str, Any] = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
+    # logits -> c * tanh(logits / c) before the softmax (Gemma 2's final_logit_softcapping), or None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -71,6 +75,20 @@ class ModelConfig:
     def param_specs(self) -> dict[str, Any]:
         """Shape and logical axis names of every parameter, as a tree shaped like the params."""
         raise NotImplementedError(f"{type(self).__name__} does not declare its parameters")
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer: its sliding attention window W (it sees itself and its W - 1 predecessors), or
+        None for a layer that sees the whole causal past. The KV cache keeps a ring buffer of
+        min(W, cache length) slots for a windowed layer (`mllmjax.models.cache`)."""
+        return (None,) * self.num_layers
+
+    def embed_multiplier(self) -> float | None:
+        """What the driver multiplies the embeddings by, in the compute dtype (Gemma: sqrt(hidden))."""
+        return None
+
+    def final_norm(self, x: jax.Array, weight: jax.Array) -> jax.Array:
+        """The norm after the last layer (RMSNorm; Gemma's is (1 + w)-scaled)."""
+        return rms_norm(x, weight, self.rms_norm_eps)
 
     def inv_freq(self) -> np.ndarray:
         """Rotary inverse frequencies [head_dim // 2], float32, with the configured scaling."""

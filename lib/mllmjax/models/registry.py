@@ -15,13 +15,15 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import mllmjax.models.gemma2 as gemma2
+import mllmjax.models.gemma3 as gemma3
 import mllmjax.models.llama as llama
 import mllmjax.models.qwen2 as qwen2
 import mllmjax.models.qwen3 as qwen3
 from mllmjax.errors import UnsupportedModelError
 from mllmjax.models.config import ModelConfig
 
-FAMILIES: dict[str, ModuleType] = {m.Config.family: m for m in (llama, qwen2, qwen3)}
+FAMILIES: dict[str, ModuleType] = {m.Config.family: m for m in (llama, qwen2, qwen3, gemma2, gemma3)}
 
 
 def family(cfg: ModelConfig | str) -> ModuleType:
@@ -46,6 +48,9 @@ def family_of_hf(hf: dict[str, Any]) -> ModuleType:
     if found is None:
         found = next((m for m in FAMILIES.values() if model_type in m.MODEL_TYPES), None)
     if found is None:
+        for m in FAMILIES.values():  # a family may refuse a relative it does not read, with a reason
+            if hasattr(m, "refuse_architecture"):
+                m.refuse_architecture(hf)
         got = ", ".join(archs) or model_type or "nothing"
         raise UnsupportedModelError(
             f"unsupported architecture {got}; supported: {', '.join(architectures())}"

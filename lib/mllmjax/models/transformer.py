@@ -22,8 +22,7 @@ import numpy as np
 
 from mllmjax.models.blocks.cpu import OutMajor, out_major_layer, split_layers, stack_layers, weight_first
 from mllmjax.models.blocks.kernels import Kernel
-from mllmjax.models.blocks.norms import rms_norm
-from mllmjax.models.cache import KVCache, write_rows
+from mllmjax.models.cache import KVCache, ring_write, write_rows
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.layer import LayerContext
 from mllmjax.models.params import Params, ParamSpec, map_specs
@@ -70,25 +69,29 @@ def _run_layers(
     cache: KVCache | None,
     cfg: ModelConfig,
     unrolled: bool,
-) -> tuple[jax.Array, Any, Any]:
-    """x through every layer's body, scanned or unrolled; returns (x, new keys, new values)."""
+) -> tuple[jax.Array, Any, Any, Any]:
+    """x through every layer's body, scanned or unrolled; returns (x, new keys, new values, the sum
+    over layers of the blocks' aux outputs)."""
     split = isinstance(layers, (tuple, list))
     if unrolled:
         # A caller looping over decode steps, or differentiating, passes the layers pre-sliced
         # (`split_layers`, outside its loop or its grad); stacked layers are sliced here.
-        new_k, new_v = [], []
+        new_k, new_v, auxes = [], [], []
         for i, lp in enumerate(layers if split else split_layers(layers, cfg.num_layers)):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, kv = body(x, (lp, kv))
+            x, (kv, aux) = body(x, (lp, kv, i))
             new_k.append(kv[0] if kv is not None else None)
             new_v.append(kv[1] if kv is not None else None)
-        return x, tuple(new_k), tuple(new_v)
+            auxes.append(aux)
+        return x, tuple(new_k), tuple(new_v), jax.tree.map(lambda *a: sum(a), *auxes)
     kv = (cache.k, cache.v) if cache is not None else None
-    x, new = jax.lax.scan(body, x, (stack_layers(layers) if split else layers, kv))
-    return (x, *new) if new is not None else (x, None, None)
+    xs = (stack_layers(layers) if split else layers, kv, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+    x, (new, aux) = jax.lax.scan(body, x, xs)
+    aux = jax.tree.map(lambda a: a.sum(axis=0), aux)
+    return (x, *new, aux) if new is not None else (x, None, None, aux)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "kernel"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "kernel", "with_aux"))
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -101,14 +104,18 @@ def forward(
     remat: Callable[..., Any] | None = None,
     kernel: Kernel = XLA,
     rope: Any = None,
-) -> tuple[jax.Array, KVCache | None]:
-    """Run the model; return (final-normed hidden states [B, T, D], updated cache or None).
+    with_aux: bool = False,
+) -> Any:
+    """Run the model; return (final-normed hidden states [B, T, D], updated cache or None), and with
+    with_aux a third item: the sum over layers of what the family's blocks report besides
+    (a dict of arrays, e.g. an MoE router's statistics; {} for a dense family).
 
     params["layers"]: stacked, or a sequence of per-layer trees (`split_layers`; then unrolled).
     tokens, positions: [B, T] int. valid: [B, T] bool, False for padding (default all True).
     With a cache, the T new tokens are written at each row's `cache.index`, and attend to everything
     already cached plus themselves; invalid tokens are stored with position -1 (never attended) and do
-    not advance the row's index. Without one, positions must increase along each row's valid tokens.
+    not advance the row's index. Windowed layers keep ring buffers of their window instead
+    (`mllmjax.models.cache`), into which padding never goes. Without one, positions must increase along each row's valid tokens.
     remat: a `jax.checkpoint` policy to recompute the layer body in the backward pass, or None.
     kernel: the attention backend of a forward without a cache. rope: the family's rope tables of
     these positions, if the caller has them (default: computed here).
@@ -120,6 +127,7 @@ def forward(
     positions = positions.astype(jnp.int32)
     key_pos = jnp.where(valid, positions, -1)
     cache_pos = write_rows(cache.pos, key_pos, cache.index) if cache is not None else key_pos
+    ring = ring_write(cache.ring_pos, key_pos) if cache is not None and cache.ring_pos is not None else None
     ctx = LayerContext(
         rope=fam.rope(cfg, positions) if rope is None else rope,
         q_pos=positions,
@@ -127,12 +135,20 @@ def forward(
         index=cache.index if cache is not None else None,
         per_layer=cache is not None and cache.per_layer,
         kernel=kernel,
+        valid=valid,
+        ring=ring,
+        windows=cache.windows if cache is not None else (),
     )
     x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)  # [B, T, D]
+    multiplier = cfg.embed_multiplier()
+    if multiplier is not None:  # in the compute dtype, as HF scales it
+        x = x * jnp.asarray(multiplier, cdt)
 
-    def body(x: jax.Array, layer: tuple[Params, Any]) -> tuple[jax.Array, Any]:
-        lp, kv = layer
-        return fam.block(cfg, jax.tree.map(lambda p: p.astype(cdt), lp), x, kv, ctx)
+    def body(x: jax.Array, layer: tuple[Params, Any, Any]) -> tuple[jax.Array, Any]:
+        lp, kv, index = layer
+        out = fam.block(cfg, jax.tree.map(lambda p: p.astype(cdt), lp), x, kv, ctx.at(index))
+        x, kv, aux = out if len(out) == 3 else (*out, {})
+        return x, (kv, aux)
 
     layers = params["layers"]
     unrolled = ctx.per_layer or (cache is None and isinstance(layers, (tuple, list)))
@@ -140,12 +156,14 @@ def forward(
         # Under scan, XLA cannot merge the backward's recomputation with the forward (JAX's docs on
         # jax.checkpoint); unrolled it would, and keep every activation after all.
         body = jax.checkpoint(body, policy=remat, prevent_cse=unrolled)
-    x, new_k, new_v = _run_layers(body, x, layers, cache, cfg, unrolled)
-    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    if cache is None:
-        return hidden, None
-    index = cache.index + valid.sum(axis=1).astype(jnp.int32)
-    return hidden, KVCache(k=new_k, v=new_v, pos=cache_pos, index=index)
+    x, new_k, new_v, aux = _run_layers(body, x, layers, cache, cfg, unrolled)
+    hidden = cfg.final_norm(x, params["final_norm"])
+    new_cache = None
+    if cache is not None:
+        index = cache.index + valid.sum(axis=1).astype(jnp.int32)
+        ring_pos = ring.new_pos if ring is not None else None
+        new_cache = cache.replace(k=new_k, v=new_v, pos=cache_pos, index=index, ring_pos=ring_pos)
+    return (hidden, new_cache, aux) if with_aux else (hidden, new_cache)
 
 
 def lm_head(params: Params) -> jax.Array:
@@ -153,13 +171,18 @@ def lm_head(params: Params) -> jax.Array:
     return params["lm_head"] if "lm_head" in params else params["embed"]
 
 
-def logits_from_hidden(params: Params, hidden: jax.Array, *, head_first: bool = False) -> jax.Array:
+def logits_from_hidden(
+    params: Params, hidden: jax.Array, *, head_first: bool = False, softcap: float | None = None
+) -> jax.Array:
     """Float32 logits [..., V] from final hidden states [..., D]. head_first: computed as head [V, D] x
-    hidden^T and transposed back, which XLA:CPU runs faster for a decode step's few rows."""
+    hidden^T and transposed back, which XLA:CPU runs faster for a decode step's few rows. softcap:
+    the config's `final_logit_softcap` (logits -> c * tanh(logits / c), Gemma 2)."""
     head = lm_head(params).astype(hidden.dtype)
     if head_first:
-        return weight_first(head, hidden, jnp.float32)
-    return jnp.einsum("...D,VD->...V", hidden, head, preferred_element_type=jnp.float32)
+        out = weight_first(head, hidden, jnp.float32)
+    else:
+        out = jnp.einsum("...D,VD->...V", hidden, head, preferred_element_type=jnp.float32)
+    return out if softcap is None else softcap * jnp.tanh(out / softcap)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat"))
@@ -176,7 +199,7 @@ def logits(
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     hidden, _ = forward(params, cfg, tokens, positions, valid=valid, compute_dtype=compute_dtype, remat=remat)
-    return logits_from_hidden(params, hidden)
+    return logits_from_hidden(params, hidden, softcap=cfg.final_logit_softcap)
 
 
 def param_bytes(params: Params) -> int:

@@ -12,6 +12,11 @@
 - On the CPU (`unroll`), the decode loop unrolls the layers over a per-layer cache and multiplies
   weight-first: each layer matrix is transposed once per program into an output-major copy and the
   LM head runs head-first, because XLA:CPU repacks the right-hand operand of x [B, D] @ W at every call.
+- A model with sliding-window layers (`ModelConfig.layer_windows`) decodes over a per-layer cache on
+  every backend, its windowed layers keeping a ring buffer of their window (`models.cache`): the
+  layers' caches differ in length, so they cannot be stacked for a scan, and decode reads W keys per
+  step in those layers instead of the whole context. Off the CPU its layers are unrolled too, sliced
+  once per program (no output-major copy, no head-first LM head: those are for XLA:CPU).
 - The whole-run program creates the cache inside (nothing to donate); the streaming decode program
   takes the loop state, cache included, as a donated argument, so XLA updates the cache in place
   instead of allocating and copying a new one for every chunk.
@@ -28,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mllmjax.models.cache import KVCache, grow_cache, init_cache
+from mllmjax.models.blocks.cpu import split_layers
+from mllmjax.models.cache import KVCache, cache_window, grow_cache, init_cache
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
 from mllmjax.models.registry import family
@@ -117,23 +123,24 @@ def _prefill(
     cdt = jnp.dtype(compute_dtype)
     fam = family(cfg)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    cache = init_cache(cfg, b, cache_len, cdt, per_layer=unroll)
+    cache = init_cache(cfg, b, cache_len, cdt, per_layer=per_layer_cache(cfg, unroll))
     hidden, cache = forward(params, cfg, tokens, positions, valid=valid, cache=cache, compute_dtype=cdt)
     last_idx = jnp.max(jnp.where(valid, jnp.arange(p)[None, :], -1), axis=1)  # [B]
     # Right or left padding: the next slot is the one after the last valid token.
     cache = cache.replace(index=(last_idx + 1).astype(jnp.int32))
     last_hidden = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]  # [B, D]
-    logits = logits_from_hidden(params, last_hidden)  # [B, V]
+    logits = logits_from_hidden(params, last_hidden, softcap=cfg.final_logit_softcap)  # [B, V]
     lengths = valid.sum(axis=1).astype(jnp.int32)
 
     def rep(x: jax.Array, axis: int = 0) -> jax.Array:
         return jnp.repeat(x, n, axis=axis) if n > 1 else x
 
-    if unroll:
+    if cache.per_layer:
         cache = cache.replace(k=tuple(rep(x) for x in cache.k), v=tuple(rep(x) for x in cache.v))
     else:
         cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1))
-    cache = cache.replace(pos=rep(cache.pos), index=rep(cache.index))
+    ring_pos = rep(cache.ring_pos) if cache.ring_pos is not None else None
+    cache = cache.replace(pos=rep(cache.pos), index=rep(cache.index), ring_pos=ring_pos)
     rows, pos = b * n, rep(lengths)
     state = DecodeState(
         cache=cache,
@@ -161,13 +168,13 @@ def _decode(
     cfg: ModelConfig,
     strategy: Strategy,
     compute_dtype: Any,
+    unroll: bool,
 ) -> DecodeState:
     """Decode until every row is done, `until` tokens have been sampled, or a row's next slot is past
     the end of the cache (the end of a window: see `decode_windows`)."""
     cdt = jnp.dtype(compute_dtype)
     fam = family(cfg)
-    if state.cache.per_layer and not isinstance(params["layers"], tuple):
-        params = out_major_layers(params, cfg)
+    params = decode_params(params, cfg, unroll)
     window = state.cache.length
 
     def cond(s: DecodeState) -> jax.Array:
@@ -184,7 +191,7 @@ def _decode(
             compute_dtype=cdt,
             rope=s.rope,
         )
-        logits = logits_from_hidden(params, hidden[:, 0], head_first=s.cache.per_layer)
+        logits = logits_from_hidden(params, hidden[:, 0], head_first=unroll, softcap=cfg.final_logit_softcap)
         pos = s.pos + 1
         rope = fam.rope(cfg, pos[:, None])
         s = s.replace(cache=cache, pos=pos, rope=rope)
@@ -193,11 +200,28 @@ def _decode(
     return jax.lax.while_loop(cond, body, state)
 
 
+def per_layer_cache(cfg: ModelConfig, unroll: bool) -> bool:
+    """Whether the sampler decodes over a per-layer cache: on the CPU (`unroll`), and for a model with
+    windowed layers everywhere (see the module docstring)."""
+    return unroll or cache_window(cfg) is not None
+
+
+def decode_params(params: Params, cfg: ModelConfig, unroll: bool) -> Params:
+    """params with the layers as the decode loop takes them, sliced once outside it: output-major
+    per-layer trees on the CPU (`unroll`), plain per-layer trees for a per-layer cache elsewhere,
+    stacked (for the scan) otherwise. Layers already sliced are returned as they are."""
+    if isinstance(params["layers"], tuple) or not per_layer_cache(cfg, unroll):
+        return params
+    if unroll:
+        return out_major_layers(params, cfg)
+    return {**params, "layers": split_layers(params["layers"], cfg.num_layers)}
+
+
 @functools.cache
-def sliced_layers(cfg: ModelConfig) -> Callable[[Params], Params]:
+def sliced_layers(cfg: ModelConfig, unroll: bool) -> Callable[[Params], Params]:
     def sliced(params: Params) -> Params:
         _count_trace()
-        return out_major_layers(params, cfg)
+        return decode_params(params, cfg, unroll)
 
     return jax.jit(sliced)
 
@@ -214,16 +238,15 @@ def compiled(
 ) -> tuple[Callable, Callable, Callable]:
     """(whole run, prefill, decode) jitted for one configuration and shape bucket. The whole run
     grows its cache through `windows`; the streaming pair uses the full cache (windows[-1])."""
-    static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype)
-    shapes = dict(n=n, out_len=out_len, unroll=unroll)
+    static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype, unroll=unroll)
+    shapes = dict(n=n, out_len=out_len)
 
     def run(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
         state = _prefill(
             params, tokens, valid, limit, keys, stop_ids, cache_len=windows[0], **shapes, **static
         )
-        if unroll:
-            params = out_major_layers(params, cfg)
+        params = decode_params(params, cfg, unroll)
         for i, window in enumerate(windows):
             if i:
                 state = state.replace(cache=grow_cache(state.cache, window))

@@ -1,16 +1,27 @@
 """Grouped-query attention with a mask derived from positions, and its parameters.
 
-A key at position p is visible to a query at position q iff 0 <= p <= q. Padding and empty cache
-slots carry position -1, so one code path serves the full forward, cached prefill and one-token
-decode, and a padded row computes exactly what the unpadded row would (masked keys get probability 0).
+A key at position p is visible to a query at position q iff 0 <= p <= q (and, in a sliding-window
+layer of window W, q - p < W: the query and the W - 1 tokens before it, as HF counts it). Padding and
+empty cache slots carry position -1, so one code path serves the full forward, cached prefill and
+one-token decode, and a padded row computes exactly what the unpadded row would (masked keys get
+probability 0).
+
+The options a family passes through `LayerContext.attend`: `scale` (the score multiplier, default
+head_dim ** -0.5; Gemma's query_pre_attn_scalar ** -0.5), `softcap` (scores -> c * tanh(scores / c)
+before the mask, Gemma 2) and `window` (a Python int, or a traced scalar when the layers are scanned
+and only some are windowed).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from mllmjax.models.params import ParamSpec
+
+Window = int | jax.Array | None  # a sliding window, static or traced; None: the whole causal past
 
 MASKED = -1e30  # finite, so a row with no visible key gives a uniform (not NaN) softmax
 CAUSAL_BLOCK = 64  # the smallest query block of `attention_causal`
@@ -35,9 +46,17 @@ def qkv_bias_specs(n: int, k: int, h: int) -> dict[str, ParamSpec]:
     }
 
 
-def visible(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """[B, T, S]: key s is visible to query t iff 0 <= k_pos <= q_pos."""
-    return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+def visible(q_pos: jax.Array, k_pos: jax.Array, window: Window = None) -> jax.Array:
+    """[B, T, S]: key s is visible to query t iff 0 <= k_pos <= q_pos (and q_pos - k_pos < window)."""
+    seen = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is None:
+        return seen
+    return seen & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+
+
+def scores_of(scores: jax.Array, softcap: float | None) -> jax.Array:
+    """Soft-capped attention scores c * tanh(s / c) (float32), or the scores themselves."""
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
 def attention(
@@ -48,11 +67,15 @@ def attention(
     k_pos: jax.Array,
     *,
     cache_layout: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: Window = None,
 ) -> jax.Array:
     """Grouped-query attention with the position-derived causal mask.
 
     q: [B, T, N, H]; k, v: [B, S, K, H], or with cache_layout the per-layer cache's k [B, K, H, S] and
-    v [B, K, S, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key).
+    v [B, K, S, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key). scale, softcap, window: see the
+    module docstring.
     """
     b, t, n, h = q.shape
     if cache_layout:
@@ -66,9 +89,10 @@ def attention(
     # form one [G*T, H] block, so each (row, kv head) is one plain [G*T, H] x [H, S] product with the
     # contracted dims minor in both operands, the layout XLA:CPU runs fastest.
     qh = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
-    scores = jnp.einsum(f"BKMH,{k_minor}->BKMS", qh, k, preferred_element_type=jnp.float32) * (h**-0.5)
-    scores = scores.reshape(b, kv, g, t, -1)
-    scores = jnp.where(visible(q_pos, k_pos)[:, None, None], scores, MASKED)
+    scale = h**-0.5 if scale is None else scale
+    scores = jnp.einsum(f"BKMH,{k_minor}->BKMS", qh, k, preferred_element_type=jnp.float32) * scale
+    scores = scores_of(scores.reshape(b, kv, g, t, -1), softcap)
+    scores = jnp.where(visible(q_pos, k_pos, window)[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
     out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)  # [B, K, G*T, H]
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -81,7 +105,7 @@ def causal_blocks(t: int) -> int:
 
 
 def attention_causal(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, **options: Any
 ) -> jax.Array:
     """`attention` of a sequence over itself (k, v: [B, T, K, H], the queries' own tokens), skipping the
     key blocks after each query block.
@@ -89,7 +113,8 @@ def attention_causal(
     Query block i attends to keys 0 .. end of block i only, under the same position mask: exact as long
     as positions increase along each row's valid tokens, as every batch here is laid out (left-padded
     prompts, then completions). With n blocks (`causal_blocks`) the products and the saved
-    probabilities shrink to (n + 1) / 2n of the full square.
+    probabilities shrink to (n + 1) / 2n of the full square. options: `attention`'s scale, softcap
+    and window.
     """
     t = q.shape[1]
     n = causal_blocks(t)
@@ -97,5 +122,5 @@ def attention_causal(
     outs = []
     for i in range(n):
         rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
-        outs.append(attention(q[:, rows], k[:, keys], v[:, keys], q_pos[:, rows], k_pos[:, keys]))
+        outs.append(attention(q[:, rows], k[:, keys], v[:, keys], q_pos[:, rows], k_pos[:, keys], **options))
     return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)

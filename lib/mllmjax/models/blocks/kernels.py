@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mllmjax.errors import BadInputError
-from mllmjax.models.blocks.attention import attention, attention_causal, visible
+from mllmjax.models.blocks.attention import Window, attention, attention_causal, visible
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 PALLAS_BLOCK = 128  # the TPU kernel's default block along the sequence
@@ -75,24 +75,37 @@ def attend(
     kernel: Kernel,
     *,
     cache_layout: bool | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: Window = None,
 ) -> jax.Array:
     """Attention of q [B, T, N, H] over k, v with the position mask, by the kernel's backend.
 
     cache_layout None: k, v [B, T, K, H] are the queries' own tokens (full forward). True/False: k, v
-    are a KV cache (per-layer layout or [B, S, K, H]), which always goes through XLA.
+    are a KV cache (per-layer layout or [B, S, K, H]), which always goes through XLA. scale, softcap,
+    window: see `attention`. The fused kernels take a scale but neither soft-capping nor a window:
+    a layer with either runs through XLA.
     """
+    options = dict(scale=scale, softcap=softcap, window=window)
     if cache_layout is not None:
-        return attention(q, k, v, q_pos, k_pos, cache_layout=cache_layout)
+        return attention(q, k, v, q_pos, k_pos, cache_layout=cache_layout, **options)
+    if softcap is not None or window is not None or kernel.name == "xla":
+        return attention_causal(q, k, v, q_pos, k_pos, **options)
     if kernel.name == "pallas":
-        return attention_pallas(q, k, v, q_pos, k_pos, kernel)
-    if kernel.name != "xla":
-        impl = "xla" if kernel.name == "fused-xla" else kernel.name
-        return attention_fused(q, k, v, q_pos, k_pos, implementation=impl)
-    return attention_causal(q, k, v, q_pos, k_pos)
+        return attention_pallas(q, k, v, q_pos, k_pos, kernel, scale=scale)
+    impl = "xla" if kernel.name == "fused-xla" else kernel.name
+    return attention_fused(q, k, v, q_pos, k_pos, implementation=impl, scale=scale)
 
 
 def attention_fused(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *, implementation: str
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    *,
+    implementation: str,
+    scale: float | None = None,
 ) -> jax.Array:
     """`attention` through jax.nn.dot_product_attention (implementation "cudnn" or, for tests, "xla").
 
@@ -103,7 +116,9 @@ def attention_fused(
     mask = visible(q_pos, k_pos)
     if t == s:
         mask = mask | jnp.eye(t, dtype=bool)[None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=scale, implementation=implementation
+    )
 
 
 def _pallas_specs(kernel: Kernel, q: jax.Array, k: jax.Array) -> tuple[Any, Any] | None:
@@ -122,7 +137,13 @@ def _pallas_specs(kernel: Kernel, q: jax.Array, k: jax.Array) -> tuple[Any, Any]
 
 
 def attention_pallas(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, kernel: Kernel = Kernel()
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    kernel: Kernel = Kernel(),
+    scale: float | None = None,
 ) -> jax.Array:
     """`attention` through JAX's Pallas TPU flash-attention kernel (elsewhere, run and compiled under
     `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`, as the tests do).
@@ -140,7 +161,7 @@ def attention_pallas(
     if specs is not None:
         heads, pos = specs
         return jax.shard_map(
-            lambda *a: attention_pallas(*a), mesh=kernel.mesh, in_specs=(heads, heads, heads, pos, pos),
+            lambda *a: attention_pallas(*a, scale=scale), mesh=kernel.mesh, in_specs=(heads, heads, heads, pos, pos),
             out_specs=heads, check_vma=False,
         )(q, k, v, q_pos, k_pos)  # fmt: skip
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -156,6 +177,9 @@ def attention_pallas(
     segments = jnp.pad((k_pos >= 0).astype(jnp.int32), ((0, 0), (0, pad)))
     args = (heads_first(q, 1), heads_first(k, groups), heads_first(v, groups))
     out = fa.flash_attention(
-        *args, segment_ids=fa.SegmentIds(q=segments, kv=segments), causal=True, sm_scale=h**-0.5
+        *args,
+        segment_ids=fa.SegmentIds(q=segments, kv=segments),
+        causal=True,
+        sm_scale=h**-0.5 if scale is None else scale,
     )
     return out[:, :, :t].transpose(0, 2, 1, 3)

@@ -24,6 +24,13 @@ def swiglu_mlp(
     return dense(swiglu(dense(x, gate), dense(x, up)), down)
 
 
+def geglu_mlp(
+    x: jax.Array, gate: jax.Array | OutMajor, up: jax.Array | OutMajor, down: jax.Array | OutMajor
+) -> jax.Array:
+    """down(gelu_tanh(gate(x)) * up(x)), the Gemma MLP (HF `gelu_pytorch_tanh`: the tanh approximation)."""
+    return dense(jax.nn.gelu(dense(x, gate), approximate=True) * dense(x, up), down)
+
+
 @jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(gate) * up, whose backward keeps only gate and up and recomputes the sigmoid: autodiff
