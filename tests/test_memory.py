@@ -102,6 +102,26 @@ def test_sampling_estimate_counts_the_kv_cache():
     assert cpu.total == est.total + cpu.parts["decode_weights"]
 
 
+def test_sampling_estimate_counts_ring_slots_of_windowed_layers():
+    """A sliding-window layer keeps a ring of min(W, length) slots: the estimate equals the bytes of
+    the cache `init_cache` builds, and the layers sliced for the per-layer decode loop are counted."""
+    from mllmjax.models.cache import init_cache
+    from mllmjax.models.gemma3 import Gemma3Config
+
+    cfg = Gemma3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=6, num_heads=2,
+        num_kv_heads=1, head_dim=32, sliding_window=64,
+    )  # fmt: skip
+    assert cfg.layer_windows() == (64,) * 5 + (None,)
+    for length in (32, 512):
+        est = memory.estimate_sampling(cfg, rows=4, cache_len=length, param_dtype="bfloat16")
+        cache = init_cache(cfg, 4, length, jnp.bfloat16)
+        assert est.parts["kv_cache"] == sum(x.nbytes for x in (*cache.k, *cache.v))
+    assert est.parts["kv_cache"] == 2 * 4 * (5 * 64 + 512) * 32 * 2
+    layers = sum(x.nbytes for x in jax.tree.leaves(transformer.init_params(cfg, jax.random.key(0))["layers"]))
+    assert est.parts["decode_weights"] == layers // 2  # float32 init, bfloat16 estimate
+
+
 def test_check_refuses_what_cannot_fit(monkeypatch):
     est = memory.MemoryEstimate({"params": 3 * 10**9, "activations": 2 * 10**9}, available=4 * 10**9)
     assert est.describe() == (

@@ -37,7 +37,7 @@ from mllmjax.sharding import param_shardings
 FORMAT = "mllmjax.checkpoint/1"
 META_FILE = "mllmjax.json"
 # Tokens that end an assistant turn in the chat templates of the supported families.
-CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>")
+CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

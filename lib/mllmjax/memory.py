@@ -11,7 +11,8 @@ Design decisions:
   micro-batch keeps for the backward pass under the remat policy (see `_saved_per_token_layer`), plus
   the chunked LM-head logits.
 - Sampling counts the parameters, the KV cache (keys and values of every layer for every row and
-  slot, in the compute dtype) and the last-token logits of every row.
+  slot, in the compute dtype; a sliding-window layer's ring holds min(W, length) slots) and the
+  last-token logits of every row.
 - Available memory is the device's own limit (`memory_stats()['bytes_limit']` on GPU/TPU); on the CPU,
   where the fake devices share the host, it is MemAvailable split over the local devices.
 - Commands print the estimate before a training run starts and stop with one line if it cannot fit
@@ -34,6 +35,7 @@ import numpy as np
 from mllmjax.errors import BadInputError
 from mllmjax.models.blocks.attention import causal_blocks
 from mllmjax.models.blocks.cpu import input_dims
+from mllmjax.models.cache import cache_window
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import ParamSpec, map_specs
 from mllmjax.sharding import DEFAULT_RULES, _as_tuple
@@ -223,9 +225,10 @@ def estimate_sampling(
     out_major: the decode loop works on an output-major copy of the layer matrices (the sampler's
     unrolled CPU path, `blocks.cpu.out_major_layer`), counted as "decode_weights".
     """
-    if not isinstance(cache_len, int):
-        windows = list(cache_len)
-        cache_len = max([windows[0]] + [a + b for a, b in zip(windows[:-1], windows[1:], strict=True)])
+    lengths = [cache_len] if isinstance(cache_len, int) else list(cache_len)
+    # Slots over all layers at each window; growing from one window to the next holds both.
+    slots = [_kv_slots(cfg, n) for n in lengths]
+    peak = max([slots[0]] + [a + b for a, b in zip(slots[:-1], slots[1:], strict=True)])
     sizes = _mesh_sizes(mesh)
     tensor = sizes.get("tensor", 1)
     kv = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
@@ -233,14 +236,23 @@ def estimate_sampling(
     c_bytes = _dtype_bytes(compute_dtype or param_dtype)
     parts = {
         "params": param_bytes_per_device(cfg, param_dtype, sizes),
-        "kv_cache": 2 * cfg.num_layers * r * cache_len * kv * cfg.head_dim * c_bytes,
+        "kv_cache": 2 * r * peak * kv * cfg.head_dim * c_bytes,
         "logits": 3 * 4 * r * cfg.vocab_size,
     }
     if out_major:
         layers = cfg.param_specs()["layers"]
         names = {f"layers/{n}" for n, s in layers.items() if input_dims(ParamSpec(s.shape[1:], s.axes[1:]))}
         parts["decode_weights"] = param_bytes_per_device(cfg, param_dtype, sizes, only=names.__contains__)
+    elif cache_window(cfg) is not None:  # the layers sliced once into per-layer trees (`decode_params`)
+        is_layer = lambda path: path.startswith("layers/")  # noqa: E731
+        parts["decode_weights"] = param_bytes_per_device(cfg, param_dtype, sizes, only=is_layer)
     return MemoryEstimate(parts, available)
+
+
+def _kv_slots(cfg: ModelConfig, length: int) -> int:
+    """Cache slots of all layers together for a `length`-slot cache: a windowed layer keeps a ring of
+    min(W, length) slots (`models.cache`), every other layer `length`."""
+    return sum(length if w is None else min(w, length) for w in cfg.layer_windows())
 
 
 def available_bytes(devices: Any = None) -> int | None:

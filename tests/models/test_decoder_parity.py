@@ -81,12 +81,15 @@ def test_left_padded_rows_compute_what_unpadded_rows_do(family):
 @pytest.mark.parametrize("cpu_decode", [False, True], ids=["stacked", "out-major"])
 def test_cached_prefill_and_decode_match_full_forward(family, cpu_decode):
     """Prefill then one token at a time through the cache == the full forward. cpu_decode: the decode
-    steps take the CPU sampler's form (per-layer cache, `OutMajor` layer matrices, head-first logits)."""
+    steps take the CPU sampler's form (per-layer cache, `OutMajor` layer matrices, head-first logits).
+    Windowed families get a per-layer cache either way, with ring buffers of the window (5 < 12 here)
+    in their sliding layers (tests/models/test_ring_cache.py tests those further)."""
     _, model, ckpt = family
     cfg = ckpt.cfg
     tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 20))
     full = np.asarray(transformer.logits(ckpt.params, cfg, tokens))
     cache = init_cache(cfg, 2, 32, per_layer=cpu_decode)
+    assert (cache.ring_pos is not None) == any(w is not None for w in cfg.layer_windows())
     pos = np.broadcast_to(np.arange(12), (2, 12))
     hidden, cache = transformer.forward(ckpt.params, cfg, tokens[:, :12], pos, cache=cache)
     cap = cfg.final_logit_softcap

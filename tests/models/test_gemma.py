@@ -84,7 +84,9 @@ def test_softcapped_loss_gradient_matches_autodiff():
         return (logp * weights[:, 3:]).sum()
 
     np.testing.assert_allclose(chunked(hidden, head), direct(hidden, head), rtol=1e-5)
-    for got, want in zip(jax.grad(chunked, (0, 1))(hidden, head), jax.grad(direct, (0, 1))(hidden, head)):
+    for got, want in zip(
+        jax.grad(chunked, (0, 1))(hidden, head), jax.grad(direct, (0, 1))(hidden, head), strict=True
+    ):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -34,6 +34,7 @@ _POSITIVE = (
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     family: ClassVar[str] = ""  # the registry name, set by each family's subclass
+    norm_identity: ClassVar[float] = 1.0  # the norm weight that scales by one (Gemma stores w for 1 + w)
 
     vocab_size: int
     hidden_size: int

@@ -43,6 +43,7 @@ ACTIVATION = "gelu_pytorch_tanh"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Gemma2Config(ModelConfig):
     family: ClassVar[str] = "gemma2"
+    norm_identity: ClassVar[float] = 0.0
     query_pre_attn_scalar: float = 256.0  # attention scores are scaled by its inverse square root
     sliding_window: int | None = 4096
     layer_types: tuple[str, ...] = ()  # SLIDING or GLOBAL per layer; () = HF's default pattern
@@ -85,7 +86,9 @@ def default_layer_types(family: str, num_layers: int) -> tuple[str, ...]:
 
 def check_layer_types(layer_types: tuple[str, ...], num_layers: int, window: int | None) -> None:
     if len(layer_types) != num_layers:
-        raise UnsupportedModelError(f"layer_types lists {len(layer_types)} layers, the model has {num_layers}")
+        raise UnsupportedModelError(
+            f"layer_types lists {len(layer_types)} layers, the model has {num_layers}"
+        )
     unknown = sorted(set(layer_types) - {SLIDING, GLOBAL})
     if unknown:
         raise UnsupportedModelError(
@@ -101,7 +104,9 @@ def read_gemma(hf: dict[str, Any], family: str) -> dict[str, Any]:
     if act != ACTIVATION:
         raise UnsupportedModelError(f"hidden_activation {act!r} is not supported (only {ACTIVATION!r})")
     if hf.get("use_bidirectional_attention"):
-        raise UnsupportedModelError("bidirectional attention (an embedding model) is not supported; only causal LMs")
+        raise UnsupportedModelError(
+            "bidirectional attention (an embedding model) is not supported; only causal LMs"
+        )
     if hf.get("attention_bias"):
         raise UnsupportedModelError("attention_bias=true is not supported for Gemma")
     num_layers = hf["num_hidden_layers"]

@@ -23,9 +23,9 @@ from mllmjax.errors import UnsupportedModelError
 from mllmjax.models.blocks import rope as rope_lib
 from mllmjax.models.blocks.rope import rope_tables
 from mllmjax.models.cache import LayerKV
+from mllmjax.models.config import tiny_fields
 from mllmjax.models.gemma2 import GLOBAL, SLIDING, Gemma2Config, gemma_block, gemma_hf_names, read_gemma
 from mllmjax.models.gemma2 import param_specs as gemma_param_specs
-from mllmjax.models.config import tiny_fields
 from mllmjax.models.layer import LayerContext
 from mllmjax.models.params import Params, Rule
 

@@ -32,7 +32,7 @@ XLA = Kernel()
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
-    """Random parameters (normal(0, 0.02) weights, unit norms, zero biases), for tests and benches."""
+    """Random parameters (normal(0, 0.02) weights, identity norms, zero biases), for tests and benches."""
     specs = cfg.param_specs()
     leaves: list[str] = []
     map_specs(lambda path, _: leaves.append(path), specs)
@@ -40,8 +40,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> P
 
     def make(path: str, spec: ParamSpec) -> jax.Array:
         name = path.rsplit("/", 1)[-1]
-        if name.endswith("norm"):
-            return jnp.ones(spec.shape, dtype)
+        if name.endswith("norm"):  # the identity norm: ones, or zeros for (1 + w) norms
+            return jnp.full(spec.shape, cfg.norm_identity, dtype)
         if name.endswith("bias"):
             return jnp.zeros(spec.shape, dtype)
         return (0.02 * jax.random.normal(keys[path], spec.shape, jnp.float32)).astype(dtype)

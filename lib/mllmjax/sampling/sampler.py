@@ -25,7 +25,7 @@ from mllmjax.errors import BadInputError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
 from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
-from mllmjax.sampling.programs import DecodeState, compile_count, compiled, sliced_layers
+from mllmjax.sampling.programs import DecodeState, compile_count, compiled, per_layer_cache, sliced_layers
 from mllmjax.sampling.strategies import Greedy, Sample, Strategy
 from mllmjax.sharding import place_rows
 
@@ -122,7 +122,9 @@ def generate(
         data-parallel axes when they divide evenly.
     unroll_layers: unroll the layer loop with a per-layer cache and output-major layer matrices
         (default: on CPU, where XLA would otherwise copy each layer's weights and cache at every step,
-        and multiplies a step's few rows faster weight-first; see `mllmjax.models.blocks.cpu`).
+        and multiplies a step's few rows faster weight-first; see `mllmjax.models.blocks.cpu`). A model
+        with sliding-window layers decodes over a per-layer cache (ring buffers of the window in
+        those layers) either way; see `mllmjax.sampling.programs`.
     first_index: the random stream of prompt i is that of prompt first_index + i (a host decoding
         its share of a larger list passes where its share starts, and samples what one process would).
     on_batch(done_tokens, done_samples): called after each batch, for progress bars.
@@ -201,8 +203,8 @@ def stream(
     unroll = unrolled(unroll_layers)
     _, prefill, decode = compiled(cfg, strategy, cdt.name, 1, windows, out_len, unroll)
     state = prefill(params, tokens, valid, limit, _row_keys(seed, [0], 1), stops)
-    if unroll:  # slice (and transpose) the layers once, not in every chunk's call
-        params = sliced_layers(cfg)(params)
+    if per_layer_cache(cfg, unroll):  # slice (and, on CPU, transpose) the layers once, not every chunk
+        params = sliced_layers(cfg, unroll)(params)
     sent = 0
     while True:
         count, done = (int(x) for x in jax.device_get((state.count[0], state.done[0])))
