@@ -147,8 +147,10 @@ class Display(Hook):
             )
         elif kind == "update":
             kl = "off" if "kl" in self.off else f"{data['kl']:.4f}"
+            aux = f" router aux {data['router_aux']:.4f}" if "router_aux" in data else ""
             self.progress.update(
-                self.task, description=f"train: loss {data['loss']:+.4f} kl {kl} |g| {data['grad_norm']:.3f}"
+                self.task,
+                description=f"train: loss {data['loss']:+.4f} kl {kl} |g| {data['grad_norm']:.3f}{aux}",
             )
         self._refresh()
 

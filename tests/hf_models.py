@@ -117,6 +117,37 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         ),
     ),
+    # Qwen3-MoE: several experts, top-2, renormalised or not; odd expert widths.
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=20,
+            intermediate_size=80,
+            moe_intermediate_size=36,
+            num_experts=5,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-moe-tied": (
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=28,
+            num_experts=7,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            tie_word_embeddings=True,
+        ),
+    ),
     "qwen3-tied": (
         "Qwen3Config",
         dict(
@@ -135,7 +166,9 @@ def make_hf_model(name: str, seed: int = 0, vocab_size: int = 128, num_layers: i
     import transformers
 
     cls_name, kwargs = TINY_CONFIGS[name]
-    base = dict(vocab_size=vocab_size, num_hidden_layers=num_layers, max_position_embeddings=256, rms_norm_eps=1e-5)
+    base = dict(
+        vocab_size=vocab_size, num_hidden_layers=num_layers, max_position_embeddings=256, rms_norm_eps=1e-5
+    )
     config = getattr(transformers, cls_name)(**{**base, **kwargs})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -144,6 +177,15 @@ def make_hf_model(name: str, seed: int = 0, vocab_size: int = 128, num_layers: i
             if "norm" in pname or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def checkpoint_tensors(model: Any, tensors: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A model's tensors (default its state_dict; or e.g. its parameters' gradients) under the names
+    save_pretrained writes: transformers 5 fuses some checkpoint tensors in memory (Qwen3-MoE's
+    per-expert projections into one gate_up_proj) and splits them back on saving."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(model.state_dict() if tensors is None else tensors))
 
 
 def make_tokenizer(vocab_size: int = 128) -> Any:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import checkpoint_tensors
 
 from mllmjax import models
 from mllmjax.errors import BadInputError
@@ -100,10 +101,15 @@ def _hf_model(family: str):
     elif family == "qwen2":
         hf_cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6)
         cls = transformers.Qwen2ForCausalLM
-    else:
+    elif family == "qwen3":
         hf_cfg = transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False, rope_theta=1e6)
         cls = transformers.Qwen3ForCausalLM
-    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2}[family])
+    else:
+        hf_cfg = transformers.Qwen3MoeConfig(**common, head_dim=24, tie_word_embeddings=False, rope_theta=1e6,
+                                             num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40,
+                                             norm_topk_prob=True)  # fmt: skip
+        cls = transformers.Qwen3MoeForCausalLM
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "qwen3_moe": 3}[family])
     model = cls(hf_cfg).eval().to(torch.float32)
     return model, models.from_hf_config(hf_cfg.to_dict())
 
@@ -127,10 +133,10 @@ def _hf_greedy(model, prompt: list[int], max_new: int, eos: int | None = None):
     return ids, logps
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 def test_greedy_matches_transformers(family):
     model, cfg = _hf_model(family)
-    params = params_from_hf(cfg, model.state_dict())
+    params = params_from_hf(cfg, checkpoint_tensors(model))
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (1, 2, 5, 8, 13, 17, 30, 4, 11)]
     max_new = 12

@@ -18,13 +18,16 @@ def test_eight_fake_devices():
 
 
 @pytest.mark.parametrize(
-    "spec", ["data=1,fsdp=-1,tensor=1", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4", "data=8"]
-)
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+    "spec",
+    ["data=1,fsdp=-1,tensor=1", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4", "data=8",
+     "data=1,fsdp=2,expert=4", "expert=2,tensor=4"],
+)  # fmt: skip
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 def test_sharded_logits_equal_unsharded(spec, family):
     # sizes divisible by the mesh, so every rule really shards
+    extra = {"num_experts": 8, "moe_intermediate_size": 32} if family == "qwen3_moe" else {}
     cfg = models.tiny(
-        family, num_heads=8, num_kv_heads=4, vocab_size=256, hidden_size=64, intermediate_size=128
+        family, num_heads=8, num_kv_heads=4, vocab_size=256, hidden_size=64, intermediate_size=128, **extra
     )
     params = transformer.init_params(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 12))
@@ -38,6 +41,9 @@ def test_sharded_logits_equal_unsharded(spec, family):
         assert sharded["layers"]["q"].sharding.spec == P(
             None, "fsdp" if mesh.shape["fsdp"] > 1 else None, "tensor", None
         )
+    if family == "qwen3_moe" and mesh.shape["expert"] > 1:  # experts over expert, D over fsdp, F over tensor
+        fsdp, tensor = (a if mesh.shape[a] > 1 else None for a in ("fsdp", "tensor"))
+        assert sharded["layers"]["experts_gate"].sharding.spec == P(None, "expert", fsdp, tensor)
 
 
 def test_indivisible_dimension_is_replicated_not_an_error():
@@ -48,8 +54,9 @@ def test_indivisible_dimension_is_replicated_not_an_error():
 
 
 def test_mesh_spec_parsing():
-    assert parse_mesh_spec("fsdp=-1", 8) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert parse_mesh_spec("data=2,fsdp=-1,tensor=2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert parse_mesh_spec("fsdp=-1", 8) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert parse_mesh_spec("data=2,fsdp=-1,tensor=2", 8) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert parse_mesh_spec("fsdp=2,expert=-1", 8) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
     for bad, fragment in [
         ("pipe=2", "AXIS=SIZE"),
         ("data=2,data=4", "twice"),

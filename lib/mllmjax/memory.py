@@ -10,6 +10,11 @@ Design decisions:
   old ones are donated, as `train` does; grpo keeps them to roll a step back), and the activations one
   micro-batch keeps for the backward pass under the remat policy (see `_saved_per_token_layer`), plus
   the chunked LM-head logits.
+- A mixture of experts keeps, per token and layer, its k top-k rows (padded to whole blocks, at most
+  1.25 k x D) and the k expert outputs instead of an MLP's 3 F, and one layer at a time holds an
+  "experts" workspace: the float32 gradient accumulators of the layer's experts (the loop form), or
+  every block's gathered weights and their gradients (the blocks form, `blocks.moe`), plus the
+  layer's experts gathered whole on each device when the experts are sharded.
 - Sampling counts the parameters, the KV cache (keys and values of every layer for every row and
   slot, in the compute dtype; a sliding-window layer's ring holds min(W, length) slots) and the
   last-token logits of every row.
@@ -35,6 +40,7 @@ import numpy as np
 from mllmjax.errors import BadInputError
 from mllmjax.models.blocks.attention import causal_blocks
 from mllmjax.models.blocks.cpu import input_dims
+from mllmjax.models.blocks.moe import PAD_FRACTION, block_rows, gathered_bytes, num_blocks, resolve_impl
 from mllmjax.models.cache import cache_window
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import ParamSpec, map_specs
@@ -116,34 +122,92 @@ def param_bytes_per_device(
 
 
 def _rows_per_device(rows: int, sizes: Mapping[str, int]) -> int:
-    dp = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    dp = sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("expert", 1)
     return rows // dp if rows % dp == 0 else rows  # an uneven batch is replicated
+
+
+def _experts(cfg: ModelConfig) -> tuple[int, int, int] | None:
+    """(experts, top-k, expert width) of a mixture-of-experts config, None for a dense one."""
+    layers = cfg.param_specs()["layers"]
+    if "experts_gate" not in layers:
+        return None
+    _, e, _, f = layers["experts_gate"].shape
+    return e, int(cfg.num_experts_per_tok), f
+
+
+def _mlp_saved(cfg: ModelConfig, compute_bytes: int, remat: str, tensor: int) -> float:
+    """Bytes one token's MLP keeps for the backward pass. Dense: gate, up and their product (3 F), or
+    with a dots policy the gate, up and down outputs (2 F + D). Mixture of experts: its rows (at most
+    k (1 + 1 / PAD_FRACTION) D: a block's padding), the k expert outputs the weighted sum reads (k D),
+    the router logits (E) and the float32 router probabilities (2 x 4 E with the top-k's); with a dots
+    policy the router logits only (the grouped products are recomputed inside their custom VJP); in
+    the layer `nothing_saveable` recomputes, the rows and the router (the expert outputs are consumed
+    by the weighted sum's backward first)."""
+    moe = _experts(cfg)
+    if moe is None:
+        f = cfg.intermediate_size // tensor
+        return compute_bytes * (2 * f + cfg.hidden_size if remat.startswith("dots") else 3 * f)
+    e, k, _ = moe
+    rows = k * (1 + 1 / PAD_FRACTION) * cfg.hidden_size
+    if remat.startswith("dots"):
+        return compute_bytes * e
+    outputs = 0 if remat == "recomputed" else k * cfg.hidden_size
+    return compute_bytes * (rows + outputs + e) + 8 * e
 
 
 def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat: str, tensor: int) -> float:
     """Bytes one token keeps per layer for the backward pass.
 
     remat none: the layer input and both norm outputs (3 D), q/k/v after and before RoPE
-    (2 (N + 2K) H), the attention output (N H), the residual after attention (D), gate, up and their
-    product (3 F) in the compute dtype, plus the float32 attention scores, masked scores and
-    probabilities (3 N S, S the keys a query's causal block reads).
+    (2 (N + 2K) H), the attention output (N H), the residual after attention (D), the MLP's
+    (`_mlp_saved`: gate, up and their product, 3 F) in the compute dtype, plus the float32 attention
+    scores, masked scores and probabilities (3 N S, S the keys a query's causal block reads).
     dots_saveable / dots_with_no_batch_dims_saveable: the matmul outputs only (q, k, v, o, gate, up,
     down, and the scores). nothing_saveable: the layer input only (the layer is recomputed).
     "recomputed": what the one layer being recomputed during its backward holds at once under
     nothing_saveable: as none, less the q/k/v before RoPE, dead by then (RoPE's backward needs only
     cos/sin, the projections' only their input).
     """
-    d, f, h = cfg.hidden_size, cfg.intermediate_size // tensor, cfg.head_dim
+    d, h = cfg.hidden_size, cfg.head_dim
     n, k = max(1, cfg.num_heads // tensor), max(1, cfg.num_kv_heads // tensor)
     blocks = causal_blocks(seq)  # the keys a query's block reads: (blocks + 1) / (2 blocks) of seq
     keys = seq * (blocks + 1) / (2 * blocks)
     scores = 4 * 3 * n * keys
+    mlp = _mlp_saved(cfg, compute_bytes, remat, tensor)
     if remat == "nothing_saveable":
         return compute_bytes * d
     if remat in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
-        return compute_bytes * ((n + 2 * k) * h + d + 2 * f + d) + 4 * n * keys
+        return compute_bytes * ((n + 2 * k) * h + d + d) + mlp + 4 * n * keys
     pre_rope = compute_bytes * (n + 2 * k) * h if remat == "recomputed" else 0
-    return compute_bytes * (3 * d + 2 * (n + 2 * k) * h + n * h + d + 3 * f) + scores - pre_rope
+    return compute_bytes * (3 * d + 2 * (n + 2 * k) * h + n * h + d) + mlp + scores - pre_rope
+
+
+def _experts_workspace(
+    cfg: ModelConfig, tokens: int, compute_bytes: int, sizes: Mapping[str, int], backend: str | None
+) -> int:
+    """Bytes one layer's mixture of experts holds at once in its backward pass, for `tokens` tokens
+    (the micro-batch: the dispatch sorts all of them): the cotangents of its rows (twice: the grouped
+    product's and the gather's) and of the expert outputs, its float32 weight-gradient accumulators,
+    and in the blocks form every block's gathered weights and their float32 gradients; plus the
+    layer's experts gathered whole (in the compute dtype) when they are sharded. 0 for a dense model."""
+    moe = _experts(cfg)
+    if moe is None:
+        return 0
+    e, k, f = moe
+    d = cfg.hidden_size
+    matrices = 3 * d * f  # one expert's gate, up and down
+    form = resolve_impl(
+        getattr(cfg, "moe_impl", "auto"), gathered_bytes(tokens, k, e, d, f, compute_bytes), backend
+    )
+    rows = k * (1 + 1 / PAD_FRACTION)
+    work = int(tokens * compute_bytes * (2 * rows + k) * d) + 4 * e * matrices
+    if form == "blocks":
+        pairs = tokens * k
+        work += num_blocks(pairs, e, block_rows(pairs, e)) * matrices * (compute_bytes + 4)
+    experts = lambda path: path.startswith("layers/experts_")  # noqa: E731
+    if param_bytes_per_device(cfg, "uint8", sizes, only=experts) < cfg.num_layers * e * matrices:
+        work += e * matrices * compute_bytes  # sharded: gathered whole for the layer
+    return work
 
 
 def estimate_training(
@@ -163,10 +227,12 @@ def estimate_training(
     mesh: Any = None,
     available: int | None = None,
     donated: bool = False,
+    backend: str | None = None,
 ) -> MemoryEstimate:
     """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens, of which the
     last `completion_len` (default all) go through the LM head; donated: the update writes the new
-    state into the old one's buffers (`Trainer(donate=True)`)."""
+    state into the old one's buffers (`Trainer(donate=True)`). backend: where it runs ("cpu", "gpu",
+    "tpu"; default this process's), which picks a mixture of experts' grouped-matmul form."""
     sizes = _mesh_sizes(mesh)
     tensor = sizes.get("tensor", 1)
     params = param_bytes_per_device(cfg, param_dtype, sizes)
@@ -203,6 +269,7 @@ def estimate_training(
         "new state": 0 if donated else params + slots,
         "activations": int(activations),
         "logits": int(logits),
+        "experts": _experts_workspace(cfg, (micro_batch or rows) * seq_len, c_bytes, sizes, backend),
     }
     return MemoryEstimate(parts, available)
 

@@ -80,6 +80,11 @@ class Settings:
     clip_high: float = setting(0.3, "Ratio clip above: 1 + clip_high.")
     loss_agg: str = setting("token", "token (global token mean), sequence, or dr_grpo.")
     tis_cap: float | None = setting(None, "Truncated importance sampling against the sampler's log-probs.")
+    router_aux_coef: float = setting(
+        0.0,
+        "Mixture-of-experts models: add this times the router's load-balancing loss (HF's "
+        "router_aux_loss_coef formula, reported as router_aux) to the loss; 0 only reports it.",
+    )
     remat: str = setting("none", "none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.")
     layer_loop: str = setting(
         "auto",

@@ -2,10 +2,10 @@
 
 Sharding stays out of the architecture: a config's `param_specs()` gives every parameter logical axis
 names ("vocab", "embed", "heads", ...), and one rules table maps those onto the mesh axes (data, fsdp,
-tensor); the models never import this module. A mesh axis that does not divide a dimension is dropped
-for that array (it is replicated along it) rather than failing, so one rules table serves every model
-size; two logical axes of one array that map to the same mesh axis are rejected, since that sharding
-is meaningless.
+expert, tensor); the models never import this module. A mesh axis that does not divide a dimension is
+dropped for that array (it is replicated along it) rather than failing, so one rules table serves every
+model size; two logical axes of one array that map to the same mesh axis are rejected, since that
+sharding is meaningless.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from mllmjax.models.params import Params, map_specs
 if TYPE_CHECKING:
     from mllmjax.models.config import ModelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DEFAULT_MESH = "data=1,fsdp=-1,tensor=1"
 
 MeshAxes = str | tuple[str, ...] | None
@@ -69,10 +69,14 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-# fsdp shards the model dimension (all-gathered per layer); tensor shards heads/mlp/vocab.
+# fsdp shards the model dimension (all-gathered per layer); tensor shards heads/mlp/vocab; expert
+# shards a mixture of experts' stacked expert weights by expert. Outside the experts the expert axis is
+# one more data-parallel axis (the batch rows are split over it too), as in GShard: the devices of an
+# expert group hold different experts and different rows.
 DEFAULT_RULES = ShardingRules(
     {
-        "batch": ("data", "fsdp"),
+        "batch": ("data", "fsdp", "expert"),
+        "experts": "expert",
         "vocab": "tensor",
         "embed": "fsdp",
         "heads": "tensor",

@@ -12,6 +12,10 @@ Design decisions:
   epochs; log-probs passed in the batch (e.g. the sampler's) are used as-is instead.
 - Reference log-probs for the KL term are computed once per batch (the reference is frozen), and the
   reference parameters are kept only when beta > 0.
+- A mixture-of-experts model's router load-balancing loss (HF's `load_balancing_loss_func`) is reported
+  as `router_aux` and, times `router_aux_coef`, added to the loss. Its product of means does not split
+  over micro-batches, so it is taken per micro-batch (as HF takes it per forward call) and averaged
+  over them, each weighted by its share of the rows: with one micro-batch it is HF's value exactly.
 - Batch layout: tokens [B, T] with each prompt left-padded so every completion starts at or after the
   static `completion_start`; the LM head then only sees positions that predict completion tokens.
 - Functions are mesh-agnostic: they are jitted without explicit shardings, so parameters and batches
@@ -37,8 +41,9 @@ from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig, aggregation_weights, combine_metrics, grpo_loss, sequence_logprobs
 from mllmjax.models.blocks.cpu import split_layers, stack_layers
 from mllmjax.models.blocks.kernels import Kernel, resolve_attention
+from mllmjax.models.blocks.moe import load_balancing_loss
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.transformer import forward, lm_head
+from mllmjax.models.transformer import forward, layer_specs, lm_head
 from mllmjax.optim import OptimConfig, make_optimizer
 from mllmjax.settings import DEFAULTS
 from mllmjax.sharding import mesh_axes
@@ -91,6 +96,8 @@ class TrainConfig:
     logit_chunk: int = 256
     logit_recompute: bool | None = None
     shuffle: bool = True
+    # Mixture-of-experts models: the weight of the router's load-balancing loss in the loss.
+    router_aux_coef: float = DEFAULTS.router_aux_coef
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
@@ -117,6 +124,8 @@ class TrainConfig:
             raise BadInputError(f"temperature must be > 0 for training, got {self.temperature!r}")
         if self.logit_chunk < 1:
             raise BadInputError(f"logit_chunk must be >= 1, got {self.logit_chunk!r}")
+        if not self.router_aux_coef >= 0:
+            raise BadInputError(f"router_aux_coef must be >= 0, got {self.router_aux_coef!r}")
 
 
 @struct.dataclass
@@ -211,6 +220,7 @@ class Trainer:
         self._compute_dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else None
         self._remat = REMAT_POLICIES[cfg.remat]
         self._unroll = unrolls_layers(cfg.layer_loop, cfg.remat)
+        self._router = "router" in layer_specs(model_cfg)  # a mixture of experts: report router_aux
         self._update_jits: dict[Any, Any] = {}
         self.logprobs = jax.jit(self._logprobs)
         self.grads = jax.jit(self._grads, static_argnames=("micro_batch",))
@@ -243,9 +253,12 @@ class Trainer:
             return Kernel(name)
         return Kernel(name, self.mesh, mesh_axes(self.mesh, "batch"), mesh_axes(self.mesh, "heads"))
 
-    def _forward_logprobs(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array | None]:
+    def _forward_logprobs(
+        self, params: Params, batch: Batch
+    ) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array]]:
+        """(log-probs [B, T], entropy [B, T], the blocks' summed aux outputs: a router's statistics)."""
         cdt = self._compute_dtype or params["embed"].dtype
-        hidden, _ = forward(
+        hidden, _, aux = forward(
             params,
             self.model_cfg,
             batch.tokens,
@@ -254,8 +267,9 @@ class Trainer:
             compute_dtype=self._compute_dtype,
             remat=self._remat,
             kernel=self._kernel(resolve_attention(self.cfg.attention, cdt)),
+            with_aux=True,
         )
-        return sequence_logprobs(
+        logp, ent = sequence_logprobs(
             hidden,
             lm_head(params),
             batch.tokens,
@@ -265,16 +279,18 @@ class Trainer:
             recompute=self.cfg.logit_recompute,
             softcap=self.model_cfg.final_logit_softcap,
         )
+        return logp, ent, aux
 
     def _logprobs(self, params: Params, batch: Batch) -> jax.Array:
         """Log-probs [B, T] of the batch's tokens under params (0 before completion_start), no grad."""
-        logp, _ = self._forward_logprobs(self._split(jax.lax.stop_gradient(params)), batch)
+        logp, _, _ = self._forward_logprobs(self._split(jax.lax.stop_gradient(params)), batch)
         return logp
 
     def _micro_loss(
-        self, params: Params, batch: Batch, weights: jax.Array, token_count: jax.Array
+        self, params: Params, batch: Batch, weights: jax.Array, token_count: jax.Array, share: float
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array]]:
-        logp, ent = self._forward_logprobs(params, batch)
+        """The micro-batch's part of the minibatch loss; share: its fraction of the minibatch's rows."""
+        logp, ent, aux = self._forward_logprobs(params, batch)
         loss, metrics = grpo_loss(
             logp,
             batch.old_logps,
@@ -287,6 +303,11 @@ class Trainer:
             token_count=token_count,
         )
         metrics["entropy"] = jnp.sum(batch.completion * ent) / token_count
+        if self._router:
+            router_aux = share * load_balancing_loss(aux)
+            loss = loss + self.cfg.router_aux_coef * router_aux
+            metrics["loss"] = loss
+            metrics["router_aux"] = jax.lax.stop_gradient(router_aux)
         return loss, (metrics, jax.lax.stop_gradient(logp))
 
     def _grads(
@@ -307,7 +328,7 @@ class Trainer:
         def body(carry, xs):
             acc, metrics = carry
             mbatch, mweights = xs
-            (_, (m, logp)), g = grad_fn(split, mbatch, mweights, token_count)
+            (_, (m, logp)), g = grad_fn(split, mbatch, mweights, token_count, mb / b)
             g = self._stack(g)
             acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
             return (acc, combine_metrics(metrics, m)), logp
@@ -317,6 +338,8 @@ class Trainer:
             k: jnp.zeros((), jnp.float32)
             for k in ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean")
         }
+        if self._router:
+            zero_metrics["router_aux"] = jnp.zeros((), jnp.float32)
         zero_metrics["ratio_min"] = jnp.array(jnp.inf, jnp.float32)
         zero_metrics["ratio_max"] = jnp.array(-jnp.inf, jnp.float32)
         (grads, metrics), logps = jax.lax.scan(body, (zero_grads, zero_metrics), micro)

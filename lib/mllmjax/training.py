@@ -114,7 +114,7 @@ def place_batch(batch: Batch, mesh: Any) -> Batch:
 # The settings `make_train_config` reads: the flags `train` and `grpo` share.
 TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
                   "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "temperature", "tis_cap", "remat",
-                  "layer_loop", "compute_dtype", "attention")  # fmt: skip
+                  "layer_loop", "compute_dtype", "attention", "router_aux_coef")  # fmt: skip
 
 
 def make_train_config(settings: Settings) -> TrainConfig:
@@ -130,7 +130,7 @@ def make_train_config(settings: Settings) -> TrainConfig:
                           total_updates=total_updates(s.steps, s.ppo_epochs, s.minibatches)),
         ppo_epochs=s.ppo_epochs, minibatches=s.minibatches, micro_batch=s.micro_batch, remat=s.remat,
         temperature=s.temperature, compute_dtype=s.compute_dtype, attention=s.attention,
-        layer_loop=s.layer_loop,
+        layer_loop=s.layer_loop, router_aux_coef=s.router_aux_coef,
     )  # fmt: skip
 
 

@@ -32,7 +32,8 @@ class GRPOConfig(Settings):
 
     mesh: str = setting(
         DEFAULT_MESH,
-        "Device mesh as axis=size pairs over (data, fsdp, tensor); -1 takes the remaining devices.",
+        "Device mesh as axis=size pairs over (data, fsdp, expert, tensor); -1 takes the remaining "
+        "devices. expert shards a mixture of experts' experts (elsewhere it splits the batch rows).",
     )
     # Rollouts on another sharding of the same devices (e.g. tensor-parallel decode); None = `mesh`.
     sample_mesh: str | None = setting(

@@ -117,6 +117,8 @@ def train_on_records(
     row["updates"] = int(state.step)
     for key in ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean", "grad_norm"):
         row[key] = float(np.mean([h[key] for h in history]))
+    if "router_aux" in history[0]:  # a mixture of experts: the router's load-balancing loss
+        row["router_aux"] = float(np.mean([h["router_aux"] for h in history]))
     row["clip_frac"] = row["clip_low"] + row["clip_high"]
     row["ratio_min"] = float(min(h["ratio_min"] for h in history))
     row["ratio_max"] = float(max(h["ratio_max"] for h in history))

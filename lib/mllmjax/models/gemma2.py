@@ -34,7 +34,6 @@ from mllmjax.models.params import Params, ParamSpec, Rule, decoder_hf_names, dec
 ARCHITECTURES = ("Gemma2ForCausalLM",)
 MODEL_TYPES = ("gemma2",)
 GGUF_ARCHITECTURE = "gemma2"
-GGUF_PERMUTED_QK = False  # llama.cpp runs NEOX-style RoPE for Gemma
 
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
 ACTIVATION = "gelu_pytorch_tanh"
@@ -131,10 +130,6 @@ def read_gemma(hf: dict[str, Any], family: str) -> dict[str, Any]:
 
 def config_from_hf(hf: dict[str, Any]) -> Gemma2Config:
     return Gemma2Config(**read_gemma(hf, "gemma2"))
-
-
-def gguf_hf_config(config: dict[str, Any], layer_tensors: set[str]) -> dict[str, Any]:
-    return config
 
 
 def tiny(**overrides: Any) -> Gemma2Config:

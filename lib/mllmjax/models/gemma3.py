@@ -32,7 +32,6 @@ from mllmjax.models.params import Params, Rule
 ARCHITECTURES = ("Gemma3ForCausalLM",)
 MODEL_TYPES = ("gemma3_text",)
 GGUF_ARCHITECTURE = "gemma3"
-GGUF_PERMUTED_QK = False  # llama.cpp runs NEOX-style RoPE for Gemma
 
 MULTIMODAL = ("Gemma3ForConditionalGeneration",)
 
@@ -85,10 +84,6 @@ def config_from_hf(hf: dict[str, Any]) -> Gemma3Config:
         )
         local_theta, local_scaling = float(hf.get("rope_local_base_freq", 10_000.0)), None
     return Gemma3Config(**fields, local_rope_theta=local_theta, local_rope_scaling=local_scaling)
-
-
-def gguf_hf_config(config: dict[str, Any], layer_tensors: set[str]) -> dict[str, Any]:
-    return config
 
 
 def tiny(**overrides: Any) -> Gemma3Config:

@@ -26,8 +26,6 @@ from mllmjax.models.params import QKV_BIAS_HF_NAMES, Params, ParamSpec, Rule, de
 ARCHITECTURES = ("LlamaForCausalLM",)
 MODEL_TYPES = ("llama",)
 GGUF_ARCHITECTURE = "llama"
-# llama.cpp permutes Llama's q/k rows so its RoPE rotates adjacent pairs; the GGUF reader undoes it.
-GGUF_PERMUTED_QK = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,11 +59,6 @@ Config = LlamaConfig
 def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
     refuse(hf, activation="silu")
     return LlamaConfig(**read_common(hf), attention_bias=bool(hf.get("attention_bias", False)))
-
-
-def gguf_hf_config(config: dict[str, Any], layer_tensors: set[str]) -> dict[str, Any]:
-    """The Llama keys of the HF config of a GGUF file whose per-layer tensors are `layer_tensors`."""
-    return {**config, "attention_bias": "attn_q.bias" in layer_tensors, "mlp_bias": False}
 
 
 def tiny(**overrides: Any) -> LlamaConfig:

@@ -21,7 +21,8 @@ class ParamSpec(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One row of an HF name table. hf: the HF tensor name, with {i} for the layer index; ours: our
+    """One row of an HF name table. hf: the HF tensor name, with {i} for the layer index and {j} for
+    the expert index of a mixture of experts' stacked weights (`mllmjax.weights.table`); ours: our
     param path ("layers/q"); kind: the layout change between them (`mllmjax.weights.table.KINDS`)."""
 
     hf: str

@@ -25,7 +25,6 @@ from mllmjax.models.params import QKV_BIAS_HF_NAMES, Params, ParamSpec, decoder_
 ARCHITECTURES = ("Qwen2ForCausalLM",)
 MODEL_TYPES = ("qwen2",)
 GGUF_ARCHITECTURE = "qwen2"
-GGUF_PERMUTED_QK = False  # llama.cpp runs NEOX-style RoPE for Qwen: q/k rows are stored as HF has them
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,10 +41,6 @@ Config = Qwen2Config
 def config_from_hf(hf: dict[str, Any]) -> Qwen2Config:
     refuse(hf, activation="silu")
     return Qwen2Config(**read_common(hf))
-
-
-def gguf_hf_config(config: dict[str, Any], layer_tensors: set[str]) -> dict[str, Any]:
-    return config
 
 
 def tiny(**overrides: Any) -> Qwen2Config:

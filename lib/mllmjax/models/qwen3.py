@@ -26,7 +26,6 @@ from mllmjax.models.params import QKV_BIAS_HF_NAMES, Params, ParamSpec, Rule, de
 ARCHITECTURES = ("Qwen3ForCausalLM",)
 MODEL_TYPES = ("qwen3",)
 GGUF_ARCHITECTURE = "qwen3"
-GGUF_PERMUTED_QK = False  # llama.cpp runs NEOX-style RoPE for Qwen: q/k rows are stored as HF has them
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,10 +43,6 @@ Config = Qwen3Config
 def config_from_hf(hf: dict[str, Any]) -> Qwen3Config:
     refuse(hf, activation="silu")
     return Qwen3Config(**read_common(hf), attention_bias=bool(hf.get("attention_bias", False)))
-
-
-def gguf_hf_config(config: dict[str, Any], layer_tensors: set[str]) -> dict[str, Any]:
-    return config
 
 
 def tiny(**overrides: Any) -> Qwen3Config:

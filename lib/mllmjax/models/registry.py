@@ -5,7 +5,7 @@ A family is one module that declares (see docs/adding-a-model.md):
     Config                       its `ModelConfig` subclass; `config_from_hf(hf)`, `tiny(**overrides)`
     param_specs(cfg)             shape and logical axes of every parameter
     HF_NAMES                     its HF name table (`params.Rule` rows)
-    GGUF_ARCHITECTURE, GGUF_PERMUTED_QK, gguf_hf_config(config, layer_tensors)   its GGUF reading
+    GGUF_ARCHITECTURE            llama.cpp's architecture name for it (the reading: weights/gguf_arch.py)
     rope(cfg, positions)         the rope tables its block reads
     block(cfg, p, x, kv, ctx)    one decoder layer
 """
@@ -20,10 +20,13 @@ import mllmjax.models.gemma3 as gemma3
 import mllmjax.models.llama as llama
 import mllmjax.models.qwen2 as qwen2
 import mllmjax.models.qwen3 as qwen3
+import mllmjax.models.qwen3_moe as qwen3_moe
 from mllmjax.errors import UnsupportedModelError
 from mllmjax.models.config import ModelConfig
 
-FAMILIES: dict[str, ModuleType] = {m.Config.family: m for m in (llama, qwen2, qwen3, gemma2, gemma3)}
+FAMILIES: dict[str, ModuleType] = {
+    m.Config.family: m for m in (llama, qwen2, qwen3, gemma2, gemma3, qwen3_moe)
+}
 
 
 def family(cfg: ModelConfig | str) -> ModuleType:

@@ -5,14 +5,18 @@ Design decisions:
 - Read with the `gguf` package's `GGUFReader`, which memory-maps the file; `load()` dequantizes one
   tensor (any quant type, via `gguf.quants.dequantize`) and returns it as float32 in the HF layout, so
   a conversion never holds more than one dequantized tensor at a time. No torch.
-- A file is read by the family whose `GGUF_ARCHITECTURE` matches its `general.architecture` (see
-  `mllmjax.models.registry`); any other architecture is an UnsupportedModelError at open time, before
-  anything is converted.
-- Tensor names are mapped by a fixed table (llama.cpp `blk.N.attn_q` -> HF
-  `model.layers.N.self_attn.q_proj`), the inverse of llama.cpp's `convert_hf_to_gguf.py`. A tensor the
-  table does not know is a WeightsError: guessing would drop weights silently.
+- What each architecture's file holds (its tensor names, q/k permutation, norm shift, experts and HF
+  config keys) is `weights/gguf_arch.py`'s table, keyed by llama.cpp's `general.architecture`, the
+  inverse of llama.cpp's `convert_hf_to_gguf.py`. A file opens whether or not the family that runs it
+  is registered yet; only an architecture the table lacks is an UnsupportedModelError at open time,
+  before anything is converted. A tensor the table does not know is a WeightsError: guessing would
+  drop weights silently.
 - llama.cpp permutes the rows of Llama's q/k projections (weights and biases) so that its RoPE can
-  rotate adjacent pairs; we undo that for the families that declare `GGUF_PERMUTED_QK`.
+  rotate adjacent pairs, and adds 1 to every Gemma `*norm.weight` (its RMSNorm multiplies by w, HF's
+  by 1 + w); we undo both, in float32 as transformers' GGUF loader does.
+- Mixture-of-experts files stack each projection's experts into one [E, ...] tensor; we present the
+  HF checkpoint's per-expert names, each loading its slice. The last stacked tensor is kept
+  dequantized, so loading its E experts in a row dequantizes it once, and only one is held at a time.
 - Float metadata is stored as float32 (rms_norm_eps 1e-5 comes back as 9.999999747e-06); we take the
   shortest decimal that round-trips through float32, i.e. the value the converter was given.
 - Llama 3.1+ files carry RoPE scaling as a `rope_freqs` tensor (per-frequency divisors) instead of
@@ -29,37 +33,19 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
-from mllmjax.models.registry import FAMILIES, family_of_gguf
-
-# llama.cpp architecture -> its family module.
-SUPPORTED_GGUF_ARCHITECTURES = {m.GGUF_ARCHITECTURE: m for m in FAMILIES.values()}
+from mllmjax.models.registry import family_of_gguf
+from mllmjax.weights.gguf_arch import ARCHITECTURES, GGUFArch
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 # Not model parameters in HF: folded into hf_config()["rope_scaling"].
@@ -88,26 +74,25 @@ class GGUFSource:
                 f"{self.path} is not a readable GGUF file (truncated or corrupt?): {_one_line(e)}"
             ) from e
         self.arch = self._field("general.architecture")
-        self.family = family_of_gguf(self.arch)
-        if self.family is None:
+        if self.arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+                f"supported: {', '.join(ARCHITECTURES)}"
             )
-        if self._field(f"{self.arch}.expert_count", 0):
-            raise UnsupportedModelError(f"{self.path}: mixture-of-experts GGUF models are not supported")
+        self.spec: GGUFArch = ARCHITECTURES[self.arch]
+        if self.meta.get("expert_count", 0) and not self.spec.expert_names:
+            moe = ", ".join(a for a, spec in ARCHITECTURES.items() if spec.expert_names)
+            raise UnsupportedModelError(
+                f"{self.path}: mixture-of-experts {self.arch!r} GGUF models are not supported; "
+                f"supported mixture-of-experts architectures: {moe}"
+            )
         self._tensors = {t.name: t for t in self._reader.tensors}
-        self._hf_to_gguf: dict[str, str] = {}
+        # HF name -> (GGUF name, expert index into a stacked tensor or None)
+        self._hf_to_gguf: dict[str, tuple[str, int | None]] = {}
         for gguf_name in self._tensors:
-            if gguf_name == _ROPE_FREQS:
-                continue
-            hf_name = _hf_name(gguf_name)
-            if hf_name is None:
-                raise WeightsError(
-                    f"{self.path}: GGUF tensor {gguf_name!r} has no HF counterpart we know; the file is not "
-                    f"a plain {'/'.join(SUPPORTED_GGUF_ARCHITECTURES)} model"
-                )
-            self._hf_to_gguf[hf_name] = gguf_name
+            if gguf_name != _ROPE_FREQS:
+                self._hf_to_gguf.update(self._hf_names(gguf_name))
+        self._stacked: tuple[str, np.ndarray] | None = None  # the last dequantized expert stack
         self._config = self._build_hf_config()
         # The vocabulary and merges (~100k small arrays) are only needed by the tokenizer, which
         # transformers reads from the file itself: drop them so they do not sit beside the weights.
@@ -130,49 +115,54 @@ class GGUFSource:
             raise WeightsError(f"{self.path}: GGUF metadata {key!r} is missing")
         return value
 
+    @property
+    def meta(self) -> _ArchMetadata:
+        """The metadata under this file's architecture prefix (`gguf_arch.Metadata`)."""
+        return _ArchMetadata(self)
+
     def _build_hf_config(self) -> dict[str, Any]:
-        arch = self.arch
-        hidden = int(self._require(f"{arch}.embedding_length"))
-        heads = int(self._require(f"{arch}.attention.head_count"))
-        kv_heads = self._field(f"{arch}.attention.head_count_kv", heads)
+        """The keys every decoder shares, from the metadata; then the architecture's own (`gguf_arch`)."""
+        meta = self.meta
+        hidden = int(meta.require("embedding_length"))
+        heads = int(meta.require("attention.head_count"))
+        kv_heads = meta.get("attention.head_count_kv", heads)
         if isinstance(kv_heads, list):  # per-layer counts: hybrid models, none of our families
             if len(set(kv_heads)) != 1:
                 raise UnsupportedModelError(f"{self.path}: per-layer key/value head counts are not supported")
             kv_heads = kv_heads[0]
-        head_dim = int(self._field(f"{arch}.attention.key_length") or hidden // heads)
-        rope_dim = self._field(f"{arch}.rope.dimension_count")
+        head_dim = int(meta.get("attention.key_length") or hidden // heads)
+        rope_dim = meta.get("rope.dimension_count")
         if rope_dim is not None and int(rope_dim) != head_dim:
             raise UnsupportedModelError(
                 f"{self.path}: partial rotary embeddings (rope.dimension_count {rope_dim} != head_dim "
                 f"{head_dim}) are not supported"
             )
-        vocab = self._field(f"{arch}.vocab_size")
+        vocab = meta.get("vocab_size")
         if vocab is None:
             tokens = self._reader.fields.get("tokenizer.ggml.tokens")
             if tokens is None:
-                raise WeightsError(f"{self.path}: neither {arch}.vocab_size nor a token list is present")
+                raise WeightsError(f"{self.path}: neither {self.arch}.vocab_size nor a token list is present")
             vocab = len(tokens.data)
-        theta = float(self._field(f"{arch}.rope.freq_base", 10000.0))
-        layer_tensors = {n.split(".", 2)[-1] for n in self._tensors if n.startswith("blk.")}
+        theta = float(meta.get("rope.freq_base", 10000.0))
+        act_key, act = self.spec.activation
         config: dict[str, Any] = {
-            "architectures": [self.family.ARCHITECTURES[0]],
-            "model_type": arch,
+            "architectures": [self.spec.hf_architecture],
+            "model_type": self.spec.model_type,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
-            "intermediate_size": int(self._require(f"{arch}.feed_forward_length")),
-            "num_hidden_layers": int(self._require(f"{arch}.block_count")),
+            "intermediate_size": int(meta.require("feed_forward_length")),
+            "num_hidden_layers": int(meta.require("block_count")),
             "num_attention_heads": heads,
             "num_key_value_heads": int(kv_heads),
             "head_dim": head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": float(self._field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+            act_key: act,
+            "rms_norm_eps": float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": theta,
-            "max_position_embeddings": int(self._field(f"{arch}.context_length", 2048)),
+            "max_position_embeddings": int(meta.get("context_length", 2048)),
             "tie_word_embeddings": "output.weight" not in self._tensors,
             "torch_dtype": "float32",
             "dtype": "float32",
         }
-        config = self.family.gguf_hf_config(config, layer_tensors)
         scaling = self._rope_scaling(theta, head_dim)
         if scaling is not None:
             config["rope_scaling"] = scaling
@@ -184,11 +174,11 @@ class GGUFSource:
             value = self._field(f"tokenizer.ggml.{key}")
             if value is not None:
                 config[hf_key] = int(value)
-        return config
+        layer_tensors = {n.split(".", 2)[-1] for n in self._tensors if n.startswith("blk.")}
+        return self.spec.hf_config(config, meta, layer_tensors)
 
     def _rope_scaling(self, theta: float, head_dim: int) -> dict[str, Any] | None:
-        arch = self.arch
-        kind = self._field(f"{arch}.rope.scaling.type")
+        kind = self.meta.get("rope.scaling.type")
         if _ROPE_FREQS in self._tensors:
             if kind not in (None, "none"):
                 raise UnsupportedModelError(
@@ -197,11 +187,11 @@ class GGUFSource:
             return self._llama3_scaling(theta, head_dim)
         if kind in (None, "none"):
             return None
-        factor = self._field(f"{arch}.rope.scaling.factor")
+        factor = self.meta.get("rope.scaling.factor")
         if factor is None:
             raise WeightsError(f"{self.path}: rope.scaling.type {kind!r} without rope.scaling.factor")
         scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
-        orig = self._field(f"{arch}.rope.scaling.original_context_length")
+        orig = self.meta.get("rope.scaling.original_context_length")
         if orig is not None:
             scaling["original_max_position_embeddings"] = int(orig)
         return scaling
@@ -233,19 +223,48 @@ class GGUFSource:
     def hf_config(self) -> dict[str, Any]:
         return dict(self._config)
 
+    @property
+    def family(self) -> ModuleType | None:
+        """The registered family that runs this file (None while its family is not registered)."""
+        return family_of_gguf(self.arch)
+
     # ------------------------------------------------------------------ tensors
+    def _hf_names(self, gguf_name: str) -> dict[str, tuple[str, int | None]]:
+        """The HF name(s) a GGUF tensor holds: one, or one per expert of a stacked expert tensor."""
+        if gguf_name in _GLOBAL_NAMES:
+            return {_GLOBAL_NAMES[gguf_name]: (gguf_name, None)}
+        match = _LAYER_RE.fullmatch(gguf_name)
+        kind = match.group(2) if match else ""
+        if kind in self.spec.layer_names:
+            return {f"model.layers.{match.group(1)}.{self.spec.layer_names[kind]}": (gguf_name, None)}
+        if kind in self.spec.expert_names:
+            experts = int(self._tensors[gguf_name].shape[-1])  # ggml's slowest dimension
+            declared = int(self.meta.require("expert_count"))
+            if experts != declared:
+                raise WeightsError(
+                    f"{self.path}: {gguf_name} stacks {experts} experts but expert_count is {declared}"
+                )
+            pattern = f"model.layers.{match.group(1)}.{self.spec.expert_names[kind]}"
+            return {pattern.format(j=j): (gguf_name, j) for j in range(experts)}
+        raise WeightsError(
+            f"{self.path}: GGUF tensor {gguf_name!r} has no HF counterpart we know; the file is not a "
+            f"plain {self.arch} model"
+        )
+
     def tensor_names(self) -> list[str]:
         return list(self._hf_to_gguf)
 
-    def _gguf_tensor(self, name: str) -> Any:
-        gguf_name = self._hf_to_gguf.get(name)
-        if gguf_name is None:
+    def _gguf_tensor(self, name: str) -> tuple[str, int | None]:
+        found = self._hf_to_gguf.get(name)
+        if found is None:
             raise WeightsError(f"{self.path}: no tensor {name!r} in this GGUF file")
-        return self._tensors[gguf_name]
+        return found
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
+        gguf_name, expert = self._gguf_tensor(name)
         # ggml lists dimensions fastest-first; HF (row-major) lists them slowest-first.
-        return tuple(int(d) for d in reversed(self._gguf_tensor(name).shape))
+        shape = tuple(int(d) for d in reversed(self._tensors[gguf_name].shape))
+        return shape if expert is None else shape[1:]
 
     def _dequantize(self, gguf_name: str) -> np.ndarray:
         import gguf
@@ -261,14 +280,21 @@ class GGUFSource:
             ) from e
 
     def load(self, name: str) -> np.ndarray:
-        gguf_name = self._gguf_tensor(name).name
+        gguf_name, expert = self._gguf_tensor(name)
+        if expert is not None:
+            if self._stacked is None or self._stacked[0] != gguf_name:
+                self._stacked = None  # free the previous stack before dequantizing the next
+                self._stacked = (gguf_name, self._dequantize(gguf_name))
+            return self._stacked[1][expert].copy()  # a copy: the caller must not pin the whole stack
+        self._stacked = None
         array = self._dequantize(gguf_name)
-        if self.family.GGUF_PERMUTED_QK:
-            kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
-            if kind == "attn_q":
-                array = unpermute_rope_rows(array, self._config["num_attention_heads"])
-            elif kind == "attn_k":
-                array = unpermute_rope_rows(array, self._config["num_key_value_heads"])
+        kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
+        if self.spec.permuted_qk and kind == "attn_q":
+            array = unpermute_rope_rows(array, self._config["num_attention_heads"])
+        elif self.spec.permuted_qk and kind == "attn_k":
+            array = unpermute_rope_rows(array, self._config["num_key_value_heads"])
+        if self.spec.norm_shift and gguf_name.endswith("norm.weight"):
+            array = array - np.float32(self.spec.norm_shift)
         return np.ascontiguousarray(array)
 
     # ------------------------------------------------------------------ tokenizer
@@ -296,16 +322,21 @@ class GGUFSource:
     def close(self) -> None:
         # Drop the memory map; numpy closes the file once no array views remain.
         self._tensors = {}
+        self._stacked = None
         self._reader = None  # type: ignore[assignment]
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    return None
+class _ArchMetadata:
+    """`gguf_arch.Metadata` over a source: keys under its architecture's prefix."""
+
+    def __init__(self, source: GGUFSource):
+        self._source = source
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._source._field(f"{self._source.arch}.{key}", default)
+
+    def require(self, key: str) -> Any:
+        return self._source._require(f"{self._source.arch}.{key}")
 
 
 def unpermute_rope_rows(array: np.ndarray, num_heads: int) -> np.ndarray:

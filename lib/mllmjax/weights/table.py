@@ -6,11 +6,16 @@ Every source format presents HF names in the HF layout, so one table per family 
 devices with its sharding as soon as it arrives, so host memory holds one tensor at a time. Every
 source tensor must be used and every expected tensor present with the right shape, else a
 WeightsError names the tensor.
+
+A rule's HF name holds `{i}` for the layer and, in a mixture of experts, `{j}` for the expert: such a
+tensor is the [layer] (or [layer, expert]) slice of a parameter stacked on those leading axes, written
+into it in place as it arrives, and yielded slice by slice on export.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -71,21 +76,24 @@ def _flat_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str 
     return flat
 
 
-def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, int | None, tuple[int, ...]]]:
-    """Every HF tensor the config implies: name -> (rule, layer or None, HF shape)."""
+def stacked_axes(rule: Rule) -> int:
+    """How many leading axes of the rule's parameter its HF name indexes: 0, 1 ({i}) or 2 ({i}, {j})."""
+    return ("{i}" in rule.hf) + ("{j}" in rule.hf)
+
+
+def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]]:
+    """Every HF tensor the config implies: name -> (rule, its index into the stacked parameter: (),
+    (layer,) or (layer, expert), HF shape)."""
     flat = _flat_specs(cfg)
-    out: dict[str, tuple[Rule, int | None, tuple[int, ...]]] = {}
+    out: dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]] = {}
     for rule in family(cfg).HF_NAMES:
         if rule.ours not in flat:
             continue
         shape = flat[rule.ours][0]
-        inv = KINDS[rule.kind][1]
-        if "{i}" in rule.hf:
-            layer_shape = inv(np.empty(shape[1:], np.int8), cfg).shape
-            for i in range(cfg.num_layers):
-                out[rule.hf.format(i=i)] = (rule, i, layer_shape)
-        else:
-            out[rule.hf] = (rule, None, inv(np.empty(shape, np.int8), cfg).shape)
+        n = stacked_axes(rule)
+        hf_shape = KINDS[rule.kind][1](np.empty(shape[n:], np.int8), cfg).shape
+        for index in itertools.product(*(range(size) for size in shape[:n])):
+            out[rule.hf.format(**dict(zip("ij", index, strict=False)))] = (rule, index, hf_shape)
     return out
 
 
@@ -162,7 +170,7 @@ def params_from_hf(
     # tensor at a time and device memory never holds more than the parameters themselves.
     done: dict[str, Any] = {}
     for name in (n for n in names if n in expected):
-        rule, layer, _ = expected[name]
+        rule, index, _ = expected[name]
         try:
             value = KINDS[rule.kind][0](np.asarray(source.load(name)), cfg).astype(dtype, copy=False)
         except WeightsError:
@@ -173,12 +181,13 @@ def params_from_hf(
             raise WeightsError(f"tensor {name!r} contains NaN or infinite values (corrupt source?)")
         path = rule.ours
         sharding = flat_shardings.get(path)
-        if layer is None:
+        if not index:
             done[path] = _place(value, sharding)
         else:
             if path not in done:
                 done[path] = _zeros(flat_specs[path][0], dtype, sharding)
-            done[path] = _set_layer(done[path], _place(value, _drop_leading_axis(sharding)), layer)
+            part = _place(value, _drop_leading_axes(sharding, len(index)))
+            done[path] = _set_slice(done[path], part, *index)
         del value
         if on_tensor is not None:
             on_tensor(name)
@@ -195,11 +204,12 @@ def _place(value: np.ndarray, sharding: Any) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def _drop_leading_axis(sharding: Any) -> Any:
-    """The sharding of one layer's slice of a layer-stacked parameter (the layer axis is never sharded)."""
+def _drop_leading_axes(sharding: Any, n: int) -> Any:
+    """The sharding of one [layer] or [layer, expert] slice of a stacked parameter (`_set_slice` moves
+    it onto the devices that hold its expert)."""
     if sharding is None:
         return None
-    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[n:]))
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> jax.Array:
@@ -208,10 +218,12 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> jax.Array:
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
-# The stacked buffer is donated: XLA writes the layer in place instead of copying the whole parameter.
+# The stacked buffer is donated: XLA writes the slice in place instead of copying the whole parameter.
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, value: jax.Array, layer: int) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, axis=0)
+def _set_slice(stacked: jax.Array, value: jax.Array, *index: int) -> jax.Array:
+    """stacked[index] = value, index a position on the leading axes ((layer,) or (layer, expert))."""
+    start = (*index, *(0,) * value.ndim)
+    return jax.lax.dynamic_update_slice(stacked, value.astype(stacked.dtype)[(None,) * len(index)], start)
 
 
 def _check_tied(head: np.ndarray, embed: jax.Array, dtype: np.dtype) -> None:
@@ -226,7 +238,7 @@ def hf_tensors_from_params(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, array in HF layout) for export; a tied head is not written (HF re-ties it)."""
     flat = flatten(params)
-    for name, (rule, layer, _) in expected_hf_tensors(cfg).items():
-        arr = np.asarray(flat[rule.ours] if layer is None else flat[rule.ours][layer])
+    for name, (rule, index, _) in expected_hf_tensors(cfg).items():
+        arr = np.asarray(flat[rule.ours][index])
         out = np.ascontiguousarray(KINDS[rule.kind][1](arr, cfg))
         yield name, out if dtype is None else out.astype(dtype)
