@@ -54,3 +54,16 @@ def smollm2_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
     result = CliRunner().invoke(app, ["convert", "smollm2-135m", "-o", str(out), "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps memory for each executable it
+    keeps, and a whole suite in one process kept enough of them to reach the kernel's limit of memory
+    mappings per process (vm.max_map_count, 65530 by default), where compiling aborted or crashed."""
+    yield
+    jax.clear_caches()
+    import gc
+
+    gc.collect()
+
