@@ -12,7 +12,9 @@ from mllmjax.runtime import reexec_with_malloc_tuning
 
 
 def main() -> None:
-    reexec_with_malloc_tuning([sys.executable, "-m", "mllmjax_cli.launch", *sys.argv[1:]])
+    args = sys.argv[1:]
+    if args and not {"-h", "--help"} & set(args):  # help runs no JAX: not worth a second start
+        reexec_with_malloc_tuning([sys.executable, "-m", "mllmjax_cli.launch", *args])
     from mllmjax_cli.main import app
 
     app(prog_name="mllmjax")

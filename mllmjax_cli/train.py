@@ -8,8 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mllmjax.settings import Settings
-from mllmjax.training import TRAIN_SETTINGS
+from mllmjax.settings import TRAIN_SETTINGS, Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import Override, with_settings
 from mllmjax_cli.options import Force, Json

@@ -15,9 +15,9 @@ from mllmjax.optim import OptimConfig
 from mllmjax.rollout import RolloutConfig
 from mllmjax.sampling import Greedy, Sample, make_strategy
 from mllmjax.scoring import ScoreConfig
-from mllmjax.settings import DEFAULTS, Settings
+from mllmjax.settings import DEFAULTS, TRAIN_SETTINGS, Settings
 from mllmjax.trainer import TrainConfig
-from mllmjax.training import TRAIN_SETTINGS, make_train_config
+from mllmjax.training import make_train_config
 from mllmjax_cli.main import app
 
 FIELDS = {f.name: f for f in dataclasses.fields(GRPOConfig)}

@@ -6,14 +6,18 @@
 options from these fields (`mllmjax_cli.flags`), so a new flag is one line here (plus the code that
 reads it).
 
-No import of the library: the reward worker processes import this module and must not load JAX. That is
-why the device settings live on `GRPOConfig`: the default mesh is `mllmjax.sharding.DEFAULT_MESH`.
+No import of the library: the reward worker processes and `mllmjax --help` import this module and must
+not load JAX. The device settings live on `GRPOConfig`; the mesh axes and the default mesh, plain
+strings, are declared here (and re-exported by `mllmjax.sharding`) so that declaring them loads no JAX.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+DEFAULT_MESH = "data=1,fsdp=-1,tensor=1"
 
 
 def setting(default: Any, help: str) -> Any:
@@ -118,3 +122,8 @@ class Settings:
 
 
 DEFAULTS = Settings()
+
+# The settings `training.make_train_config` reads: the flags `train` and `grpo` share.
+TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
+                  "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "temperature", "tis_cap", "remat",
+                  "layer_loop", "compute_dtype", "attention", "router_aux_coef")  # fmt: skip

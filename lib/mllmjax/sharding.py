@@ -22,12 +22,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mllmjax.errors import BadInputError
 from mllmjax.models.params import Params, map_specs
+from mllmjax.settings import DEFAULT_MESH, MESH_AXES
 
 if TYPE_CHECKING:
     from mllmjax.models.config import ModelConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-DEFAULT_MESH = "data=1,fsdp=-1,tensor=1"
 
 MeshAxes = str | tuple[str, ...] | None
 

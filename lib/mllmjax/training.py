@@ -111,12 +111,6 @@ def place_batch(batch: Batch, mesh: Any) -> Batch:
     return place_rows(batch, mesh)
 
 
-# The settings `make_train_config` reads: the flags `train` and `grpo` share.
-TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
-                  "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "temperature", "tis_cap", "remat",
-                  "layer_loop", "compute_dtype", "attention", "router_aux_coef")  # fmt: skip
-
-
 def make_train_config(settings: Settings) -> TrainConfig:
     """The TrainConfig of `settings`; the LR schedule spans steps x ppo_epochs x minibatches updates."""
     from mllmjax.loss import LossConfig

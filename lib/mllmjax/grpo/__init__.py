@@ -46,39 +46,28 @@ Design decisions:
 
 from __future__ import annotations
 
-from mllmjax.grpo.config import (
-    EMBEDDED_RECIPE,
-    GRPOConfig,
-    build_config,
-    normalise_settings,
-    read_config_file,
-    recipe_names,
-)
-from mllmjax.grpo.context import RunContext, RunState
-from mllmjax.grpo.loop import GRPORun, RunResult
-from mllmjax.grpo.report import Hook, eta_seconds, steady_step_seconds, terms_off
-from mllmjax.grpo.run_dir import RunDir, checkpoint_steps, read_metrics, read_run_config
-from mllmjax.grpo.stages import derived_seed, problem_index
+import importlib
+from typing import Any
 
-__all__ = [
-    "EMBEDDED_RECIPE",
-    "GRPOConfig",
-    "GRPORun",
-    "Hook",
-    "RunContext",
-    "RunDir",
-    "RunResult",
-    "RunState",
-    "build_config",
-    "checkpoint_steps",
-    "derived_seed",
-    "eta_seconds",
-    "normalise_settings",
-    "problem_index",
-    "read_config_file",
-    "read_metrics",
-    "read_run_config",
-    "recipe_names",
-    "steady_step_seconds",
-    "terms_off",
-]
+# What the package exports, by the submodule that defines it. Loaded on first use, so importing
+# `mllmjax.grpo.config` (the CLI does, to build its flags) does not load JAX through the loop's modules.
+_EXPORTS = {
+    "config": ("EMBEDDED_RECIPE", "GRPOConfig", "build_config", "normalise_settings", "read_config_file",
+               "recipe_names"),
+    "context": ("RunContext", "RunState"),
+    "loop": ("GRPORun", "RunResult"),
+    "report": ("Hook", "eta_seconds", "steady_step_seconds", "terms_off"),
+    "run_dir": ("RunDir", "checkpoint_steps", "read_metrics", "read_run_config"),
+    "stages": ("derived_seed", "problem_index"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mllmjax.grpo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mllmjax.grpo.{module}"), name)
+
+
+__all__ = sorted(_MODULE_OF)

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mllmjax.errors import BadInputError
-from mllmjax.settings import Settings, setting
-from mllmjax.sharding import DEFAULT_MESH
+from mllmjax.settings import DEFAULT_MESH, Settings, setting
 
 if TYPE_CHECKING:
     from mllmjax.rollout import RolloutConfig
