@@ -64,10 +64,11 @@ class Checkpoint:
     params: Params | None = None
 
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
+        """The checkpoint's tokenizer (`mllmjax.tokenizer.load_tokenizer`: no torch import)."""
+        from mllmjax.tokenizer import load_tokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(self.path))
+            return load_tokenizer(self.path)
         except Exception as e:
             raise ArtifactError(f"{self.path}: cannot load the tokenizer: {e}") from e
 
