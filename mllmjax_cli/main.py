@@ -47,12 +47,23 @@ def _root(
     process_id: Annotated[
         int | None, typer.Option("--process-id", help="Multi-host: this process's index, 0 .. N-1.")
     ] = None,
+    no_compile_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-compile-cache",
+            help="Compile every XLA program afresh instead of reusing the persistent compilation cache "
+            "(~/.cache/mllmjax/xla, moved by MLLMJAX_CACHE; also MLLMJAX_COMPILE_CACHE=0).",
+        ),
+    ] = False,
 ) -> None:
     set_debug(debug)
     if ctx.invoked_subcommand is not None:
-        from mllmjax.runtime import sync_dispatch_if_asked
+        from mllmjax.runtime import COMPILE_CACHE_VAR, enable_compile_cache, sync_dispatch_if_asked
 
         sync_dispatch_if_asked()  # before any JAX backend exists
+        if no_compile_cache:
+            os.environ[COMPILE_CACHE_VAR] = "0"
+        enable_compile_cache()  # before the first compilation
     handle_errors(_start_distributed)(ctx.invoked_subcommand, coordinator, num_processes, process_id)
 
 

@@ -1,5 +1,5 @@
 """Test setup: 8 fake CPU devices for sharding tests (set before jax is imported anywhere), float32
-matmuls at full precision, and builders of tiny random HF models for parity tests."""
+matmuls at full precision, no persistent compilation cache, and fixtures of the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Commands run in tests compile afresh (no persistent cache in the user's home); tests/test_compile_cache.py
+# turns it on in its own processes.
+os.environ.setdefault("MLLMJAX_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 

@@ -39,6 +39,7 @@ from mllmjax.errors import BadInputError, WeightsError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.registry import from_hf_config
 from mllmjax.models.transformer import param_bytes
+from mllmjax.runtime import cache_dir
 from mllmjax.sharding import make_mesh, param_shardings
 from mllmjax.weights import WeightSource
 from mllmjax.weights.table import hf_tensors_from_params, params_from_hf
@@ -213,10 +214,6 @@ def export(
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         files += copy_side_files(ckpt_path, tmp)
     return ExportResult(out, sorted(files), out_dtype)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MLLMJAX_CACHE", Path.home() / ".cache" / "mllmjax"))
 
 
 def resolve_model(spec: str, *, dtype: str = "auto", on_convert: Callable[[str], None] | None = None) -> Path:

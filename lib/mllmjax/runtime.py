@@ -29,6 +29,15 @@ they measure what users get) re-executes itself once with GLIBC_TUNABLES set. `M
 leaves out the huge pages, `MLLMJAX_KEEP_HEAP=0` the heap settings and the synchronous dispatch
 (`MLLMJAX_SYNC_DISPATCH=0` only the latter); a tunable that GLIBC_TUNABLES already names keeps the
 user's value. Other C libraries are left alone.
+
+The persistent compilation cache (`enable_compile_cache`, also before the first compilation): every
+command compiles the same XLA programs for the same model and shapes each time it runs, which is most
+of a short command's wall time (a batch-64 decode bucket alone takes over 30 s to compile here). JAX's
+disk cache keeps them under `cache_dir()/xla` (MLLMJAX_CACHE moves the whole cache; MLLMJAX_COMPILE_CACHE=0
+or `mllmjax --no-compile-cache` turns it off), bounded to COMPILE_CACHE_MAX_BYTES by evicting the least
+recently used programs. With a size bound JAX reads and writes entries under a file lock, so concurrent
+commands share one cache safely; in a multi-host run only process 0 writes (JAX's rule) and every
+process reads. A JAX_COMPILATION_CACHE_DIR the user set is left in charge.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 HUGEPAGE_TUNABLES = {"glibc.malloc.hugetlb": "1"}
@@ -47,6 +57,8 @@ KEEP_HEAP_TUNABLES = {
 }
 # Set beside the heap tunables: `sync_dispatch_if_asked` then runs single-device CPU calls inline.
 SYNC_DISPATCH_VAR = "MLLMJAX_SYNC_DISPATCH"
+COMPILE_CACHE_VAR = "MLLMJAX_COMPILE_CACHE"  # 0 / off / false: no persistent compilation cache
+COMPILE_CACHE_MAX_BYTES = 4 << 30
 
 
 def _thp_mode(path: str = _THP_MODE) -> str | None:
@@ -120,3 +132,47 @@ def sync_dispatch_if_asked(environ: Mapping[str, str] = os.environ) -> bool:
 
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
+
+
+def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where mllmjax caches what it derives (converted models, compiled programs): MLLMJAX_CACHE, or
+    ~/.cache/mllmjax."""
+    return Path(environ.get("MLLMJAX_CACHE") or Path.home() / ".cache" / "mllmjax")
+
+
+def compile_cache_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The persistent compilation cache's directory, or None when MLLMJAX_COMPILE_CACHE turns it off."""
+    if environ.get(COMPILE_CACHE_VAR, "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    return cache_dir(environ) / "xla"
+
+
+# JAX's settings of the cache: every program is kept (the small ones are most of a command's count and
+# still cost a compile each), and the directory is bounded (which also makes JAX lock its entries).
+_JAX_CACHE_SETTINGS = {
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+    "jax_compilation_cache_max_size": COMPILE_CACHE_MAX_BYTES,
+}
+
+
+def enable_compile_cache(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """Turn on JAX's persistent compilation cache (see the module docstring); returns its directory,
+    or None when it is off. Before jax is imported it sets JAX's environment variables, so a command
+    that never loads jax (`score`) pays nothing; after, it updates jax.config, which takes effect if
+    nothing was compiled yet."""
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(environ["JAX_COMPILATION_CACHE_DIR"])
+    path = compile_cache_dir(environ)
+    if path is None:
+        return None
+    settings = {"jax_compilation_cache_dir": str(path), **_JAX_CACHE_SETTINGS}
+    if "jax" in sys.modules:
+        import jax
+
+        for name, value in settings.items():
+            jax.config.update(name, value)
+    else:
+        for name, value in settings.items():
+            os.environ[name.upper()] = str(value)
+    return path
