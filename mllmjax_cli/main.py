@@ -61,9 +61,8 @@ def _root(
         from mllmjax.runtime import COMPILE_CACHE_VAR, enable_compile_cache, sync_dispatch_if_asked
 
         sync_dispatch_if_asked()  # before any JAX backend exists
-        if no_compile_cache:
-            os.environ[COMPILE_CACHE_VAR] = "0"
-        enable_compile_cache()  # before the first compilation
+        # Before the first compilation.
+        enable_compile_cache({**os.environ, COMPILE_CACHE_VAR: "0"} if no_compile_cache else os.environ)
     handle_errors(_start_distributed)(ctx.invoked_subcommand, coordinator, num_processes, process_id)
 
 
