@@ -50,12 +50,18 @@ def tiny(**overrides: Any) -> Qwen3Config:
 
 
 def param_specs(cfg: Qwen3Config) -> dict[str, Any]:
+    return layer_param_specs(cfg, swiglu_specs(cfg.hidden_size, cfg.intermediate_size))
+
+
+def layer_param_specs(cfg: Any, mlp: dict[str, ParamSpec]) -> dict[str, Any]:
+    """The decoder's specs with Qwen3's attention half and `mlp` (the MLP's specs) in every layer;
+    shared with Qwen3-MoE, whose layer differs only in its MLP."""
     d, h = cfg.hidden_size, cfg.head_dim
     layer: dict[str, ParamSpec] = {
         "attn_norm": ParamSpec((d,), ("norm",)),
         **projection_specs(d, cfg.num_heads, cfg.num_kv_heads, h),
         "mlp_norm": ParamSpec((d,), ("norm",)),
-        **swiglu_specs(d, cfg.intermediate_size),
+        **mlp,
     }
     if cfg.attention_bias:
         layer.update(qkv_bias_specs(cfg.num_heads, cfg.num_kv_heads, h))
@@ -67,22 +73,24 @@ def param_specs(cfg: Qwen3Config) -> dict[str, Any]:
     )
 
 
-HF_NAMES = decoder_hf_names(
+# The attention half's rows beyond the decoder's common ones (shared with Qwen3-MoE).
+ATTENTION_HF_NAMES = (
     *QKV_BIAS_HF_NAMES,
     Rule("model.layers.{i}.self_attn.o_proj.bias", "layers/o_bias"),
     Rule("model.layers.{i}.self_attn.q_norm.weight", "layers/q_norm"),
     Rule("model.layers.{i}.self_attn.k_norm.weight", "layers/k_norm"),
 )
+HF_NAMES = decoder_hf_names(*ATTENTION_HF_NAMES)
 
 
 def rope(cfg: Qwen3Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     return rope_tables(positions, jnp.asarray(cfg.inv_freq()))
 
 
-def block(
-    cfg: Qwen3Config, p: Params, x: jax.Array, kv: LayerKV | None, ctx: LayerContext
+def attention_half(
+    cfg: Any, p: Params, x: jax.Array, kv: LayerKV | None, ctx: LayerContext
 ) -> tuple[jax.Array, LayerKV | None]:
-    """One decoder layer on x [B, T, D]; kv: this layer's cache (None without one)."""
+    """x + Attention(RMSNorm(x)) with q/k norms: the first half of a Qwen3 (and Qwen3-MoE) layer."""
     eps = cfg.rms_norm_eps
     h = rms_norm(x, p["attn_norm"], eps)
     q, k, v = project(h, p["q"]), project(h, p["k"]), project(h, p["v"])
@@ -95,6 +103,13 @@ def block(
     o = project_out(a, p["o"])
     if cfg.attention_bias:
         o = o + p["o_bias"]
-    x = x + o
-    h = rms_norm(x, p["mlp_norm"], eps)
+    return x + o, kv
+
+
+def block(
+    cfg: Qwen3Config, p: Params, x: jax.Array, kv: LayerKV | None, ctx: LayerContext
+) -> tuple[jax.Array, LayerKV | None]:
+    """One decoder layer on x [B, T, D]; kv: this layer's cache (None without one)."""
+    x, kv = attention_half(cfg, p, x, kv, ctx)
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     return x + swiglu_mlp(h, p["gate"], p["up"], p["down"]), kv

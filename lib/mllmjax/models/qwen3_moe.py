@@ -17,18 +17,16 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 
+import mllmjax.models.qwen3 as qwen3
 from mllmjax.errors import UnsupportedModelError
-from mllmjax.models.blocks.attention import projection_specs, qkv_bias_specs
-from mllmjax.models.blocks.linear import project, project_out
 from mllmjax.models.blocks.moe import IMPLS, moe_mlp, moe_specs
 from mllmjax.models.blocks.norms import rms_norm
-from mllmjax.models.blocks.rope import apply_rope, rope_tables
 from mllmjax.models.cache import LayerKV
 from mllmjax.models.config import ModelConfig, read_common, refuse, tiny_fields
 from mllmjax.models.layer import LayerContext
-from mllmjax.models.params import QKV_BIAS_HF_NAMES, Params, ParamSpec, Rule, decoder_hf_names, decoder_specs
+from mllmjax.models.params import Params, Rule, decoder_hf_names
+from mllmjax.models.qwen3 import ATTENTION_HF_NAMES, attention_half, layer_param_specs
 
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 MODEL_TYPES = ("qwen3_moe",)
@@ -119,39 +117,19 @@ def tiny(**overrides: Any) -> Qwen3MoeConfig:
 
 
 def param_specs(cfg: Qwen3MoeConfig) -> dict[str, Any]:
-    d, h = cfg.hidden_size, cfg.head_dim
-    layer: dict[str, ParamSpec] = {
-        "attn_norm": ParamSpec((d,), ("norm",)),
-        **projection_specs(d, cfg.num_heads, cfg.num_kv_heads, h),
-        "mlp_norm": ParamSpec((d,), ("norm",)),
-        **moe_specs(d, cfg.moe_intermediate_size, cfg.num_experts),
-    }
-    if cfg.attention_bias:
-        layer.update(qkv_bias_specs(cfg.num_heads, cfg.num_kv_heads, h))
-        layer["o_bias"] = ParamSpec((d,), ("norm",))
-    layer["q_norm"] = ParamSpec((h,), ("head_dim",))
-    layer["k_norm"] = ParamSpec((h,), ("head_dim",))
-    return decoder_specs(
-        layer, vocab=cfg.vocab_size, embed=d, num_layers=cfg.num_layers, tied=cfg.tie_word_embeddings
-    )
+    return layer_param_specs(cfg, moe_specs(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts))
 
 
 # {j}: the expert index; each HF expert tensor is one [layer, expert] slice of a stacked parameter.
 _EXPERT = "model.layers.{i}.mlp.experts.{j}."
 HF_NAMES = decoder_hf_names(
-    *QKV_BIAS_HF_NAMES,
-    Rule("model.layers.{i}.self_attn.o_proj.bias", "layers/o_bias"),
-    Rule("model.layers.{i}.self_attn.q_norm.weight", "layers/q_norm"),
-    Rule("model.layers.{i}.self_attn.k_norm.weight", "layers/k_norm"),
+    *ATTENTION_HF_NAMES,
     Rule("model.layers.{i}.mlp.gate.weight", "layers/router", "transpose"),
     Rule(_EXPERT + "gate_proj.weight", "layers/experts_gate", "transpose"),
     Rule(_EXPERT + "up_proj.weight", "layers/experts_up", "transpose"),
     Rule(_EXPERT + "down_proj.weight", "layers/experts_down", "transpose"),
 )
-
-
-def rope(cfg: Qwen3MoeConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return rope_tables(positions, jnp.asarray(cfg.inv_freq()))
+rope = qwen3.rope
 
 
 def block(
@@ -159,20 +137,8 @@ def block(
 ) -> tuple[jax.Array, LayerKV | None, dict[str, jax.Array]]:
     """One decoder layer on x [B, T, D]; kv: this layer's cache (None without one). Returns the
     router's statistics too (`blocks.moe.router_stats`), for the load-balancing loss."""
-    eps = cfg.rms_norm_eps
-    h = rms_norm(x, p["attn_norm"], eps)
-    q, k, v = project(h, p["q"]), project(h, p["k"]), project(h, p["v"])
-    if cfg.attention_bias:
-        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
-    q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-    cos, sin = ctx.rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a, kv = ctx.attend(q, k, v, kv)
-    o = project_out(a, p["o"])
-    if cfg.attention_bias:
-        o = o + p["o_bias"]
-    x = x + o
-    h = rms_norm(x, p["mlp_norm"], eps)
+    x, kv = attention_half(cfg, p, x, kv, ctx)
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     y, stats = moe_mlp(
         h,
         p["router"],
