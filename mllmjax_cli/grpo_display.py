@@ -114,6 +114,8 @@ class Display(Hook):
              "zero-var", v(m, "frac_reward_zero_std"), "rounds", v(m, "sampling_rounds", ".0f")),
             ("rollout s", v(m, "rollout_s", ".1f"), "train s", v(m, "train_s", ".1f"),
              "sample tok/s", v(m, "rollout_tok_s", ".0f"), "train tok/s", v(m, "train_tok_s", ".0f")),
+            ("logp gap", v(m, "logp_mismatch_mean", ".1e"), "gap max", v(m, "logp_mismatch_max", ".1e"),
+             "ratio min", v(m, "ratio_min"), "ratio max", v(m, "ratio_max")),
         ]  # fmt: skip
         for r in rows:
             t.add_row(*r)
@@ -186,7 +188,8 @@ def _log_line(m: dict[str, Any], steps: int, off: frozenset[str], eta: float | N
              f"kl {v('kl', '.4f')}", f"ent {v('entropy')}", f"clip {v('clip_frac')}",
              f"len {v('completion_len', '.1f')}", f"trunc {v('truncation_rate', '.2f')}",
              f"zero-var {v('frac_reward_zero_std', '.2f')}", f"rollout {v('rollout_s', '.1f')}s",
-             f"train {v('train_s', '.1f')}s", f"{v('rollout_tok_s', '.0f')} tok/s"]  # fmt: skip
+             f"train {v('train_s', '.1f')}s", f"{v('rollout_tok_s', '.0f')} tok/s",
+             f"logp gap max {v('logp_mismatch_max', '.1e')}"]  # fmt: skip
     if "eval/accuracy" in m:
         parts.append(f"eval acc {m['eval/accuracy']:.3f}")
     return "  ".join(parts)

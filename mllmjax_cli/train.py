@@ -16,8 +16,9 @@ from mllmjax_cli.progress import stage_progress
 
 HELP = """Run PPO epochs of the GRPO loss on scored rollout records and write a new checkpoint whose
 `parent` is CKPT. The checkpoint holds the optimizer state too, so `--resume` continues bit for bit.
-Per-update metrics (loss, KL, entropy, clip fractions, ratio range, grad norm, LR, tokens/s, and a mixture
-of experts' router load-balancing loss router_aux) are shown and saved as OUT/train_metrics.jsonl.
+Per-update metrics (loss, KL, entropy, clip fractions, ratio range, grad norm, LR, tokens/s, the
+sampler/trainer log-prob gap logp_mismatch_mean/_max, and a mixture of experts' router load-balancing
+loss router_aux) are shown and saved as OUT/train_metrics.jsonl.
 
 The learning-rate schedule (linear warm-up, cosine to 0) spans --steps x --ppo-epochs x --minibatches
 optimizer updates; a scripted loop that calls train once per step passes the loop's --steps and --resume.
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
                     description=f"loss {m['loss']:+.4f} kl {m['kl']:.4f} ent {m['entropy']:.3f} "
                     f"clip {m['clip_low'] + m['clip_high']:.3f} |g| {m['grad_norm']:.3f} lr {m['lr']:.2e} "
                     f"{m['tokens_per_s']:.0f} tok/s"
+                    + (f" logp gap {m['logp_mismatch_max']:.1e}" if "logp_mismatch_max" in m else "")
                     + (f" router aux {m['router_aux']:.4f}" if "router_aux" in m else ""),
                 )
 

@@ -351,7 +351,10 @@ def grpo_loss(
     stop_gradient(logp) (ratio 1, PPO epoch 0). `token_count` is the number of completion tokens the
     token-mean metrics divide by (the whole batch's when this is one micro-batch of it); default this
     mask's count. Metrics that are sums (`loss`, `policy_loss`, `kl`, `entropy`, `clip_low`,
-    `clip_high`, `ratio_mean`) add up over micro-batches; `ratio_min`/`ratio_max` combine by min/max.
+    `clip_high`, `ratio_mean`, `logp_mismatch_mean`) add up over micro-batches; `ratio_min`/`ratio_max`
+    and `logp_mismatch_max` combine by min/max. The `logp_mismatch_*` metrics (only with sampler_logp)
+    are the token mean and max of |old - sampler| log-probs: how far the trainer's log-probs of the
+    sampled tokens are from the sampler's (sampler/trainer drift; ~0 in float32).
     """
     m = mask.astype(jnp.float32)
     if token_count is None:
@@ -390,15 +393,26 @@ def grpo_loss(
         "ratio_min": jnp.min(jnp.where(on, sg_ratio, jnp.inf)),
         "ratio_max": jnp.max(jnp.where(on, sg_ratio, -jnp.inf)),
     }
+    if sampler_logp is not None:
+        # Sampler/trainer drift: |old - sampler| log-prob per completion token (~0 in float32).
+        gap = jax.lax.stop_gradient(jnp.abs(old - sampler_logp))
+        metrics["logp_mismatch_mean"] = jnp.sum(tok_w * gap)
+        metrics["logp_mismatch_max"] = jnp.max(jnp.where(on, gap, 0.0))
     return loss, metrics
 
 
-SUM_METRICS = ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean")
+SUM_METRICS = ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean",
+               "logp_mismatch_mean")  # fmt: skip
+MIN_METRICS = ("ratio_min",)
+MAX_METRICS = ("ratio_max", "logp_mismatch_max")
 
 
 def combine_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Merge two micro-batches' metrics (sums add, extremes take min/max)."""
-    out = {k: a[k] + b[k] for k in a if k not in ("ratio_min", "ratio_max")}
-    out["ratio_min"] = jnp.minimum(a["ratio_min"], b["ratio_min"])
-    out["ratio_max"] = jnp.maximum(a["ratio_max"], b["ratio_max"])
+    out = {k: a[k] + b[k] for k in a if k not in MIN_METRICS + MAX_METRICS}
+    for k in MIN_METRICS:
+        out[k] = jnp.minimum(a[k], b[k])
+    for k in MAX_METRICS:
+        if k in a:
+            out[k] = jnp.maximum(a[k], b[k])
     return out

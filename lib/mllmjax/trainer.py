@@ -10,6 +10,8 @@ Design decisions:
 - `Trainer.train_on_batch` is the PPO driver: E epochs x M minibatches of updates. Epoch 0 uses
   old = stop_gradient(current) (ratio 1) and records those log-probs as the old log-probs of later
   epochs; log-probs passed in the batch (e.g. the sampler's) are used as-is instead.
+- When the batch carries the sampler's log-probs, every update reports `logp_mismatch_mean`/`_max`:
+  |old - sampler| over its completion tokens, the sampler/trainer drift users watch (~0 in float32).
 - Reference log-probs for the KL term are computed once per batch (the reference is frozen), and the
   reference parameters are kept only when beta > 0.
 - A mixture-of-experts model's router load-balancing loss (HF's `load_balancing_loss_func`) is reported
@@ -342,6 +344,9 @@ class Trainer:
             zero_metrics["router_aux"] = jnp.zeros((), jnp.float32)
         zero_metrics["ratio_min"] = jnp.array(jnp.inf, jnp.float32)
         zero_metrics["ratio_max"] = jnp.array(-jnp.inf, jnp.float32)
+        if batch.sampler_logps is not None:
+            zero_metrics["logp_mismatch_mean"] = jnp.zeros((), jnp.float32)
+            zero_metrics["logp_mismatch_max"] = jnp.zeros((), jnp.float32)
         (grads, metrics), logps = jax.lax.scan(body, (zero_grads, zero_metrics), micro)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         metrics["tokens"] = token_count

@@ -14,7 +14,7 @@ Run directory:
 
     RUN/config.json         every resolved setting (GRPOConfig), plus the resolved start checkpoint
     RUN/metrics.jsonl       one JSON object per step (rewards, accuracy, KL, entropy, clip fraction,
-                            lengths, truncation, zero-variance fraction, times, compile time, tokens/s,
+                            sampler/trainer log-prob gap, lengths, truncation, zero-variance fraction, times, compile time, tokens/s,
                             eval/*); step 0 is the evaluation before training, when there is one
     RUN/checkpoints/step_N/ checkpoint artifacts with opt_state/ (every --save-every steps and at the
                             end; the last --keep are kept)

@@ -115,16 +115,27 @@ def train_on_records(
     row: dict[str, Any] = {"train_s": time.perf_counter() - t0}
     row["ref_logps_s"] = timings.get("ref_logps_s", 0.0)
     row["updates"] = int(state.step)
-    for key in ("loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean", "grad_norm"):
+    row.update(update_metrics(history))
+    row["train_tok_s"] = sum(h["tokens"] for h in history) / max(row["train_s"], 1e-9)
+    return state, row
+
+
+def update_metrics(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """A step's metrics from its updates' (`Trainer.train_on_batch`): means of the losses, KL, entropy,
+    clip fractions (and `clip_frac`, their sum), ratio mean and gradient norm; the extremes of the ratio
+    and of the sampler/trainer log-prob gap; the last learning rate."""
+    row: dict[str, float] = {}
+    means = ["loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean", "grad_norm"]
+    means += [k for k in ("router_aux", "logp_mismatch_mean") if k in history[0]]  # MoE; sampler log-probs
+    for key in means:
         row[key] = float(np.mean([h[key] for h in history]))
-    if "router_aux" in history[0]:  # a mixture of experts: the router's load-balancing loss
-        row["router_aux"] = float(np.mean([h["router_aux"] for h in history]))
     row["clip_frac"] = row["clip_low"] + row["clip_high"]
     row["ratio_min"] = float(min(h["ratio_min"] for h in history))
     row["ratio_max"] = float(max(h["ratio_max"] for h in history))
+    if "logp_mismatch_max" in history[0]:
+        row["logp_mismatch_max"] = float(max(h["logp_mismatch_max"] for h in history))
     row["lr"] = history[-1]["lr"]
-    row["train_tok_s"] = sum(h["tokens"] for h in history) / max(row["train_s"], 1e-9)
-    return state, row
+    return row
 
 
 def evaluate(ctx: RunContext, params: Any, step: int, emit: Emit) -> dict[str, float]:
@@ -148,29 +159,39 @@ def evaluate(ctx: RunContext, params: Any, step: int, emit: Emit) -> dict[str, f
 
 
 def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Weighted means of the per-round score summaries (dynamic sampling scores in rounds)."""
+    """The score summary of the union of the rounds' records (dynamic sampling scores in rounds): means
+    weighted by each round's records (correct / incorrect lengths by its correct / incorrect records),
+    the reward's standard deviation pooled exactly, the zero-variance fraction weighted by groups."""
     if len(summaries) == 1:
         return summaries[0]
     n = np.array([s["records"] for s in summaries], np.float64)
-    w = n / n.sum()
 
-    def avg(get: Callable[[dict[str, Any]], Any]) -> float | None:
-        vals = [get(s) for s in summaries]
-        if any(v is None for v in vals):
+    def avg(get: Callable[[dict[str, Any]], Any], weights: np.ndarray = n) -> float | None:
+        vals, w = [get(s) for s in summaries], np.asarray(weights, np.float64)
+        if any(v is None for v, wi in zip(vals, w, strict=True) if wi > 0) or not w.sum():
             return None
-        return float(np.dot(w, vals))
+        return float(sum(wi * v for v, wi in zip(vals, w, strict=True) if wi > 0) / w.sum())
 
     merged = dict(summaries[-1])
+    merged["records"] = int(n.sum())
+    merged["groups"] = sum(s["groups"] for s in summaries)
     merged["rewards_mean"] = {
         k: avg(lambda s, k=k: s["rewards_mean"][k]) for k in summaries[0]["rewards_mean"]
     }
-    merged["reward"] = {"mean": avg(lambda s: s["reward"]["mean"]), "std": avg(lambda s: s["reward"]["std"])}
+    mean = avg(lambda s: s["reward"]["mean"])
+    second = avg(lambda s: s["reward"]["std"] ** 2 + s["reward"]["mean"] ** 2)  # E[r^2] of each round
+    merged["reward"] = {"mean": mean, "std": float(np.sqrt(max(second - mean**2, 0.0)))}
     merged["accuracy"] = avg(lambda s: s["accuracy"])
-    merged["frac_reward_zero_std"] = float(
-        sum(s["frac_reward_zero_std"] * s["groups"] for s in summaries) / sum(s["groups"] for s in summaries)
+    merged["frac_reward_zero_std"] = avg(
+        lambda s: s["frac_reward_zero_std"], np.array([s["groups"] for s in summaries])
     )
     merged["truncation_rate"] = avg(lambda s: s["truncation_rate"])
-    merged["completion_tokens"] = {"mean": avg(lambda s: s["completion_tokens"]["mean"])}
+    tokens: dict[str, Any] = {"mean": avg(lambda s: s["completion_tokens"]["mean"])}
+    if merged["accuracy"] is not None:
+        right = n * np.array([s["accuracy"] for s in summaries])
+        tokens["mean_correct"] = avg(lambda s: s["completion_tokens"]["mean_correct"], right)
+        tokens["mean_incorrect"] = avg(lambda s: s["completion_tokens"]["mean_incorrect"], n - right)
+    merged["completion_tokens"] = tokens
     merged["reward_errors"] = sum(s["reward_errors"] for s in summaries)
     merged["seconds"] = sum(s["seconds"] for s in summaries)
     return merged
