@@ -45,7 +45,9 @@ from mllmjax.weights import WeightSource
 from mllmjax.weights.table import hf_tensors_from_params, params_from_hf
 
 EMBEDDED_NAMES = ("smollm2-135m",)
-_SHARD_BYTES = 2 * 1024**3
+# export's largest safetensors file: above it the weights are split into shards named in
+# model.safetensors.index.json (a tensor larger than this gets a shard of its own).
+MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def resolve_source(spec: str) -> WeightSource:
@@ -172,9 +174,22 @@ class ExportResult:
 
 
 def export(
-    ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, force: bool = False
+    ckpt_path: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> ExportResult:
-    """Write CKPT as an HF folder (config.json, safetensors, tokenizer) that transformers loads."""
+    """Write CKPT as an HF folder (config.json, safetensors, tokenizer) that transformers loads.
+
+    dtype: float32, bfloat16 or float16 (None: the checkpoint's). The weights go into one
+    model.safetensors, or, when they take more than max_shard_bytes, into shards
+    model-0000i-of-0000n.safetensors of at most max_shard_bytes each (in HF's order; a larger tensor
+    gets a shard of its own) listed by model.safetensors.index.json. Each shard is written as soon
+    as it is full, so only one shard's converted tensors are held besides the parameters."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise BadInputError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     ckpt_path, out = Path(ckpt_path), Path(out)
     read_meta(ckpt_path)
     check_output(out, force)
@@ -186,28 +201,38 @@ def export(
     with atomic_dir(out, force) as tmp:
         from mllmjax.weights.safetensors_io import write_safetensors
 
-        shards: list[list[tuple[str, np.ndarray]]] = [[]]
-        size = 0
+        written: list[tuple[Path, list[str]]] = []  # (temporary file, its tensors), in order
+        pending: list[tuple[str, np.ndarray]] = []
+        size = total = 0
+
+        def flush() -> None:
+            path = tmp / f".shard-{len(written)}.safetensors"
+            write_safetensors(path, pending)
+            written.append((path, [name for name, _ in pending]))
+
         for name, arr in hf_tensors_from_params(ckpt.cfg, params, target):
-            if shards[-1] and size + arr.nbytes > _SHARD_BYTES:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, arr))
+            if pending and size + arr.nbytes > max_shard_bytes:
+                flush()
+                pending, size = [], 0
+            pending.append((name, arr))
             size += arr.nbytes
+            total += arr.nbytes
+        flush()
+        pending = []
         weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards):
+        for i, (path, names) in enumerate(written):
             fname = (
                 "model.safetensors"
-                if len(shards) == 1
-                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                if len(written) == 1
+                else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
             )
-            write_safetensors(tmp / fname, shard)
+            os.replace(path, tmp / fname)
             files.append(fname)
-            weight_map.update(dict.fromkeys((n for n, _ in shard), fname))
-        if len(shards) > 1:
-            total = sum(a.nbytes for s in shards for a in (x[1] for x in s))
+            weight_map.update(dict.fromkeys(names, fname))
+        if len(written) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            files.append("model.safetensors.index.json")
         hf = dict(ckpt.hf_config)
         hf["dtype"] = out_dtype
         hf["tie_word_embeddings"] = ckpt.cfg.tie_word_embeddings
