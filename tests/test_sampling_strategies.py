@@ -126,6 +126,24 @@ def test_bad_parameters_are_rejected(kw, match):
         Sample(**kw)
 
 
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
+@pytest.mark.parametrize("greedy", [False, True])
+def test_flags_are_range_checked_even_when_greedy_ignores_them(kw, match, greedy):
+    """`sample --greedy --top-p 1.5` (or eval, greedy by default) must refuse the flag, not drop it."""
+    with pytest.raises(BadInputError, match=match):
+        make_strategy(**kw, greedy=greedy)
+
+
 def test_top_k_keeps_exactly_k_with_ties_to_lower_ids():
     logits = jnp.asarray([[0.5, 1.0, 1.0, 1.0, -2.0]])
     kept = np.isfinite(np.asarray(Sample(top_k=2).filtered_logits(logits)))[0]

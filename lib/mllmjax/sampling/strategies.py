@@ -110,12 +110,7 @@ class Sample:
             raise BadInputError("Sample needs a temperature > 0; temperature 0 is Greedy()")
         if not self.temperature > 0:
             raise BadInputError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise BadInputError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise BadInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and not 0 <= self.min_p < 1:
-            raise BadInputError(f"min_p must be in [0, 1), got {self.min_p!r}")
+        check_filters(self.top_k, self.top_p, self.min_p)
 
     def filtered_logits(self, logits: jax.Array) -> jax.Array:
         """The temperature-scaled logits with removed tokens at -inf: the distribution drawn from."""
@@ -146,6 +141,16 @@ class Sample:
         return tokens, _token_logprobs(scaled, tokens)
 
 
+def check_filters(top_k: int | None, top_p: float | None, min_p: float | None) -> None:
+    """Range checks of the truncation filters (None: off), also for greedy runs, which ignore them."""
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise BadInputError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise BadInputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise BadInputError(f"min_p must be in [0, 1), got {min_p!r}")
+
+
 def make_strategy(
     *,
     temperature: float = DEFAULTS.temperature,
@@ -155,7 +160,11 @@ def make_strategy(
     greedy: bool = False,
 ) -> Greedy | Sample:
     """The strategy the sampling flags (sample, rollout, eval, grpo) describe: temperature 0 or `greedy`
-    is Greedy; top_k 0, top_p 1 and min_p 0 (or None) switch that filter off. Defaults: the flags'."""
+    is Greedy; top_k 0, top_p 1 and min_p 0 (or None) switch that filter off. Defaults: the flags'.
+    Out-of-range values are refused whether or not the run samples."""
+    check_filters(top_k, top_p, min_p)
+    if not temperature >= 0:
+        raise BadInputError(f"--temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if greedy or temperature == 0:
         return Greedy()
     return Sample(
