@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from mllmjax.errors import BadInputError, OutputExistsError, RecordError
+from mllmjax.errors import BadInputError, OutputExistsError, RecordError, decode_utf8
 from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import Override, with_settings
@@ -39,12 +39,15 @@ def read_prompts(spec: str, stdin: TextIO | None = None) -> list[str]:
     """Prompts from a file (or '-' for stdin): JSON objects with a "prompt" field, or plain lines."""
     name = "<stdin>" if spec == "-" else spec
     if spec == "-":
-        lines = (stdin or sys.stdin).read().splitlines()
+        stream = stdin or sys.stdin
+        binary = getattr(stream, "buffer", None)
+        text = stream.read() if binary is None else decode_utf8(binary.read(), name)
     else:
         path = Path(spec)
         if not path.is_file():
             raise BadInputError(f"--prompts {spec}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = decode_utf8(path.read_bytes(), name)
+    lines = text.splitlines()
     prompts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

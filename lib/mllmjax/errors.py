@@ -2,10 +2,13 @@
 
 Every error carries a message a user can act on. The CLI catches `MllmjaxError` in one place, prints
 the message on one line and exits with `exit_code`: 2 for bad input (a wrong flag value, a file that is
-not what it claims to be), 1 for failures at run time.
+not what it claims to be), 1 for failures at run time. User text files are decoded here too
+(`decode_utf8`, `utf8_lines`), so that bytes that are not UTF-8 are bad input naming file and line.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
 
 
 class MllmjaxError(Exception):
@@ -51,3 +54,21 @@ class NotBuiltError(BadInputError):
 
 class RuntimeFailure(MllmjaxError):
     """Something went wrong while running (exit 1)."""
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """`data` as text; bytes that are not UTF-8 are a RecordError naming `source` and the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecordError(source, line, f"not UTF-8 text ({e.reason})") from None
+
+
+def utf8_lines(lines: Iterable[bytes], source: str) -> Iterator[str]:
+    """Decode a binary stream line by line (a JSON Lines reader's input) like `decode_utf8`."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError(source, number, f"not UTF-8 text ({e.reason})") from None

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError, RecordError
+from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError, RecordError, utf8_lines
 
 SCHEMA = "mllmjax.rollout/1"
 FINISH_REASONS = ("stop", "length")
@@ -249,15 +249,13 @@ def read_records(path: str | os.PathLike[str]) -> list[RolloutRecord]:
     """Read rollout records from a JSON Lines file, or from stdin when `path` is `-`."""
     source = _display_name(path)
     if str(path) == STDIO:
-        return parse_records(sys.stdin, source)
+        binary = getattr(sys.stdin, "buffer", None)
+        return parse_records(sys.stdin if binary is None else utf8_lines(binary, source), source)
     p = Path(path)
     if not p.is_file():
         raise BadInputError(f"{source}: no such file (expected rollout records, JSON Lines)")
-    try:
-        with p.open(encoding="utf-8") as f:
-            return parse_records(f, source)
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{source}: not UTF-8 text ({e.reason}); expected JSON Lines") from None
+    with p.open("rb") as f:
+        return parse_records(utf8_lines(f, source), source)
 
 
 def records_to_jsonl(records: Iterable[RolloutRecord]) -> str:

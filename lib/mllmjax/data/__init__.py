@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mllmjax.data import builtin
-from mllmjax.errors import BadInputError, RecordError
+from mllmjax.errors import BadInputError, RecordError, decode_utf8
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -229,11 +229,12 @@ def _read_file(path: Path) -> tuple[list[Any], _Where]:
     if suffix == ".parquet":
         return _read_parquet(path), _Where(path, None, "row")
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise BadInputError(f"data file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise BadInputError(f"cannot read data file {str(path)!r}: {e}") from None
+    text = decode_utf8(data, str(path))
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
