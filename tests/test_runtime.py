@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from mllmjax import runtime
@@ -105,60 +106,61 @@ def test_reexec_runs_the_command_with_the_tunables(tmp_path):
         assert got == wanted and HEAP in got
 
 
-def test_the_kept_heap_takes_no_page_faults_on_reuse():
-    # The effect itself, in a child run with the tunables: allocating, touching and freeing the same
-    # 64 MiB ten times faults its pages in once; glibc's default unmaps the block at every free and
-    # faults it all in again (16 K faults of 4 KiB per round without huge pages).
+def test_the_kept_heap_keeps_a_freed_block_for_reuse():
+    # The allocator's state, in a child run with the tunables: a 64 MiB block comes from the heap
+    # (not its own mapping) and stays in the heap, free, once freed, so the next call's buffer reuses
+    # pages already faulted in. glibc's default maps such a block on its own and unmaps it at free.
+    # (The page faults and RSS this saves depend on the kernel and its huge-page mode: they are
+    # scripts/bench_heap.py's numbers, not a test's.)
     code = (
-        "import ctypes, resource\n"
+        "import ctypes\n"
         "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
-        "def round_():\n"
-        "    p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(ctypes.c_void_p(p))\n"
-        "round_()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(10): round_()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',\n"
+        "                'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc.mallinfo2.restype = Info\n"
+        "p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); held = libc.mallinfo2()\n"
+        "libc.free(ctypes.c_void_p(p)); freed = libc.mallinfo2()\n"
+        "print(held.hblkhd, freed.arena, freed.fordblks)\n"
     )
 
-    def faults(tunables: str | None) -> int:
+    def state(tunables: str | None) -> tuple[int, ...]:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         if tunables:
             env["GLIBC_TUNABLES"] = tunables
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
         )
-        return int(out.stdout)
+        return tuple(int(x) for x in out.stdout.split())
 
-    if runtime._glibc_version() is None or runtime._glibc_version() < (2, 26):
-        pytest.skip("glibc >= 2.26 only")
-    assert faults(HEAP) < 100
-    if runtime._thp_mode() != "always":  # (where every mmap gets huge pages, a round takes 32 faults)
-        assert faults(None) > 10 * 1000  # 10 rounds of 64 MiB, each faulted in again
+    if runtime._glibc_version() is None or runtime._glibc_version() < (2, 33):
+        pytest.skip("glibc >= 2.33 only (mallinfo2)")
+    block = 64 << 20
+    mapped, heap, free = state(HEAP)
+    assert mapped == 0 and heap >= block and free >= block, (mapped, heap, free)
+    mapped, heap, free = state(None)
+    assert mapped >= block and heap < block and free < block, (mapped, heap, free)
 
 
-def test_synchronous_dispatch_keeps_the_heap_at_one_calls_size():
-    # A jitted call with a 256 MiB temporary, run back to back 30 times in a child with the heap
-    # tunables: inline dispatch frees each call's temporary before the next call allocates its own,
-    # so the heap stops growing after the warm-up calls. (Dispatched asynchronously, the next call's
-    # temporary often came before the last one's was freed: the heap grew 0.25-1.5 GiB in 30 calls.)
+def test_synchronous_dispatch_runs_each_call_inline():
+    # In a child with MLLMJAX_SYNC_DISPATCH=1: JAX's CPU calls run inline, so each call's result is
+    # ready (and its temporaries freed) when the call returns, before the next call allocates its
+    # own; that keeps the kept heap at one call's size (the RSS it saves, which depends on the
+    # kernel, is scripts/bench_heap.py's number). Without the variable nothing changes.
     code = (
-        "import resource, sys\n"
         "from mllmjax.runtime import sync_dispatch_if_asked\n"
-        "assert sync_dispatch_if_asked()\n"
+        "asked = sync_dispatch_if_asked()\n"
         "import jax, jax.numpy as jnp\n"
-        "x, v = jnp.ones((4096, 8192)), jnp.ones((8192, 16))\n"
-        "f = jax.jit(lambda x, v: (jnp.cos(jnp.sin(x) * 2.0).T.T @ v)[:4] + ((jnp.sin(x) * 2.0) @ v)[:4])\n"
-        "temp = f.lower(x, v).compile().memory_analysis().temp_size_in_bytes\n"
-        "for _ in range(3): f(x, v).block_until_ready()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
-        "for _ in range(30): f(x, v).block_until_ready()\n"
-        "print(temp, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)\n"
+        "x = jnp.ones((1024, 1024))\n"
+        "f = jax.jit(lambda x: jnp.cos(jnp.sin(x) @ x) @ x)\n"
+        "ready = sum(f(x).is_ready() for _ in range(10))\n"
+        "print(asked, jax.config.read('jax_cpu_enable_async_dispatch'), ready)\n"
     )
-    if runtime._glibc_version() is None or runtime._glibc_version() < (2, 26):
-        pytest.skip("glibc >= 2.26 only")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
-    env.update(GLIBC_TUNABLES=HEAP, MLLMJAX_SYNC_DISPATCH="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(MLLMJAX_SYNC_DISPATCH="1", PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    temp, growth = (int(x) for x in out.stdout.split())
-    assert temp >= 128 << 20  # the call does have a large temporary
-    assert growth <= temp, (temp, growth)
+    assert out.stdout.split() == ["True", "False", "10"]
+    before = jax.config.read("jax_cpu_enable_async_dispatch")
+    for environ in ({}, {"MLLMJAX_SYNC_DISPATCH": "0"}):
+        assert runtime.sync_dispatch_if_asked(environ) is False
+    assert jax.config.read("jax_cpu_enable_async_dispatch") == before

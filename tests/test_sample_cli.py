@@ -96,10 +96,24 @@ def test_stdin_plain_lines_output_file_and_force(ckpt, tmp_path):
     assert [json.loads(x)["prompt"] for x in lines] == ["w1 w2", "w7"]
     again = _invoke(ckpt, "w1", "--json", "-o", out)
     assert again.exit_code == 2 and "--force" in again.output
-    forced = _invoke(ckpt, "w1", "--json", "-o", out, "--force", "--max-new-tokens", "4", "--seed", "3")
-    assert forced.exit_code == 0
-    # Same seed, same prompt as row 0 before: the same completion (reproducible across runs).
-    assert json.loads(out.read_text().splitlines()[0])["prompt"] == "w1"
+    first = json.loads(lines[0])
+    forced = _invoke(
+        ckpt, "w1 w2", "--json", "-o", out, "--force", "--max-new-tokens", "4", "--top-k", "5", "--seed", "3"
+    )
+    assert forced.exit_code == 0, forced.output
+    # Same seed, settings and prompt as row 0 before (now alone in its batch): the same completion,
+    # reproducible across runs. (Sampled with top-5, so this holds only while a row's key depends on
+    # the seed and its prompt's index alone, not on the batch's makeup.)
+    [row] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["prompt"] == "w1 w2"
+    assert len(first["completion_ids"]) == 4
+    assert (row["completion_ids"], row["completion"]) == (first["completion_ids"], first["completion"])
+    assert row["logprobs"] == pytest.approx(first["logprobs"], abs=1e-5)
+    # ... and the seed is what fixes it: another seed samples another completion.
+    other = _invoke(ckpt, "w1 w2", "--json", "--max-new-tokens", "4", "--top-k", "5", "--seed", "4")
+    assert other.exit_code == 0, other.output
+    [reseeded] = [json.loads(x) for x in other.stdout.splitlines() if x.startswith("{")]
+    assert reseeded["completion_ids"] != first["completion_ids"]
 
 
 def test_single_prompt_streams_text_in_chat_mode(ckpt, tmp_path):
