@@ -20,6 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_UTF8 = b'{"question": "1+1?", "answer": "2"}\n\xff\xfe binary \x00\n'
 
 
+def _record(group: int, sample: int, logprob: str = "-0.5") -> bytes:
+    """One rollout record line (JSON text as a writer other than ours might produce it)."""
+    return (
+        f'{{"schema": "mllmjax.rollout/1", "prompt_id": "p{group}", "group": {group}, "sample": {sample}, '
+        f'"prompt": "q", "prompt_ids": [1], "completion": "<answer>4</answer>", "completion_ids": [5, 6], '
+        f'"logprobs": [-0.1, {logprob}], "finish_reason": "stop", "answer": "4", "meta": {{}}, "policy": "p"}}\n'
+    ).encode()
+
+
+GROUP = _record(0, 0) + _record(0, 1)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hostile")
@@ -58,6 +70,15 @@ CASES = [
      ["eval", "CK", "--data", "d.jsonl", "--top-k", "-1"], b"", 2, "top_k"),
     ("sample: --min-p 1", {}, ["sample", "CK", "hi", "--min-p", "1"], b"", 2, "min_p must be in [0, 1)"),
     ("sample: --temperature nan", {}, ["sample", "CK", "hi", "--temperature", "nan"], b"", 2, "temperature"),
+    ("score: a NaN log-prob", {"r.jsonl": GROUP + _record(1, 0, "NaN") + _record(1, 1)},
+     ["score", "r.jsonl", "-o", "out.jsonl"], b"", 2, "r.jsonl:3: field 'logprobs' must be a list of finite"),
+    ("score: an infinite log-prob on stdin", {}, ["score", "-", "-o", "out.jsonl"],
+     _record(0, 0, "-Infinity") + _record(0, 1), 2, "<stdin>:1: field 'logprobs' must be a list of finite"),
+    ("score: a reward weight of 1e308", {"r.jsonl": GROUP}, ["score", "r.jsonl", "--reward", "correct=1e308"],
+     b"", 2, "magnitude <= 1e+09"),
+    ("train: NaN in a scored record's rewards", {"r.jsonl": GROUP.replace(b'"policy": "p"}',
+     b'"policy": "p", "rewards": {"x": NaN}, "reward": 0.0, "advantage": 0.5, "reward_errors": {}}')},
+     ["train", "CK", "r.jsonl", "-o", "out"], b"", 2, "r.jsonl:1: field 'rewards' must be an object of name -> finite"),
 ]  # fmt: skip
 
 

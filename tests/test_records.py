@@ -112,8 +112,11 @@ def test_write_refuses_to_overwrite_without_force_and_is_atomic(tmp_path):
 
 
 def test_construction_validates_in_process():
-    with pytest.raises(ValueError, match="'logprobs' must be a list of numbers"):
+    with pytest.raises(ValueError, match="'logprobs' must be a list of finite numbers"):
         make(logprobs=["x", 1])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="'logprobs' must be a list of finite numbers"):
+            make(logprobs=[bad] * len(make().completion_ids))
 
 
 def test_group_records_complete_groups_any_order():

@@ -221,6 +221,27 @@ def test_raising_custom_reward_scores_zero_and_is_recorded():
     assert summary["reward_errors_by_name"] == {"exploding_reward": 2}
 
 
+@pytest.mark.parametrize("value", [1e308, -1e10, float("nan"), float("inf"), True, "1"])
+def test_a_reward_out_of_range_scores_zero_and_is_recorded(value):
+    """Values the summary cannot average (1e308 overflowed its mean to inf) count as reward errors."""
+    register_reward("test_bad_value", lambda completion, answer, record: value)
+    try:
+        records = [_record(0, 0, "<answer>4</answer>", "4"), _record(0, 1, "<answer>5</answer>", "4")]
+        scored, summary = score_records(records, ScoreConfig(rewards="correct=1,test_bad_value=1"))
+        assert [r.reward for r in scored] == [1.0, 0.0] and summary["reward"]["mean"] == 0.5
+        assert all(r.reward_errors["test_bad_value"].startswith("TypeError: returned") for r in scored)
+        assert summary["reward_errors"] == 2
+    finally:
+        REWARDS.pop("test_bad_value")
+    register_reward("test_big_value", lambda completion, answer, record: -1e9)  # the bound itself is fine
+    try:
+        assert evaluate_rewards(resolve_rewards((("test_big_value", 1.0),)), "", "", {}).values == {
+            "test_big_value": -1e9
+        }
+    finally:
+        REWARDS.pop("test_big_value")
+
+
 def test_registered_reward_by_name_gets_the_record():
     register_reward("test_length", length_reward)
     try:

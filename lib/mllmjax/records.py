@@ -127,9 +127,10 @@ class RolloutRecord:
                 value,
             )
         _require(
-            isinstance(self.logprobs, list) and all(_is_number(x) for x in self.logprobs),
+            isinstance(self.logprobs, list)
+            and all(_is_number(x) and math.isfinite(x) for x in self.logprobs),
             "logprobs",
-            "a list of numbers",
+            "a list of finite numbers",
             self.logprobs,
         )
         if len(self.logprobs) != len(self.completion_ids):
@@ -153,9 +154,11 @@ class RolloutRecord:
         if self.rewards is not None:
             _require(
                 isinstance(self.rewards, dict)
-                and all(isinstance(k, str) and _is_number(v) for k, v in self.rewards.items()),
+                and all(
+                    isinstance(k, str) and _is_number(v) and math.isfinite(v) for k, v in self.rewards.items()
+                ),
                 "rewards",
-                "an object of name -> number",
+                "an object of name -> finite number",
                 self.rewards,
             )
             _require(
@@ -193,7 +196,7 @@ class RolloutRecord:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
     def with_scores(
         self, *, rewards: dict[str, float], reward: float, advantage: float, reward_errors: dict[str, str]

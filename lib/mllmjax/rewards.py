@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import math
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -207,13 +206,20 @@ def load_reward_fn(spec: str) -> tuple[str, RewardFn]:
     return attr.rsplit(".", 1)[-1], fn
 
 
+# The largest magnitude of a reward value or weight: products, group means and variances of such
+# numbers stay far from float64's overflow (a reward of 1e308 made the summary print inf).
+MAX_REWARD = 1e9
+
+
 def _parse_weight(text: str, item: str) -> float:
     try:
         weight = float(text)
     except ValueError:
         raise BadInputError(f"reward weight in {item!r} is not a number") from None
-    if not math.isfinite(weight):
-        raise BadInputError(f"reward weight in {item!r} must be finite")
+    if not abs(weight) <= MAX_REWARD:
+        raise BadInputError(
+            f"reward weight in {item!r} must be a finite number of magnitude <= {MAX_REWARD:g}"
+        )
     return weight
 
 
@@ -273,15 +279,17 @@ class RewardOutcome:
 def evaluate_rewards(
     rewards: tuple[tuple[str, RewardFn, float], ...], completion: str, answer: str, record: Mapping[str, Any]
 ) -> RewardOutcome:
-    """Run every reward on one completion; a reward that raises or returns a non-finite or non-number
-    value scores 0 and is recorded."""
+    """Run every reward on one completion; a reward that raises or returns a non-number, a non-finite
+    number or one of magnitude above MAX_REWARD scores 0 and is recorded."""
     values: dict[str, float] = {}
     errors: dict[str, str] = {}
     for name, fn, _ in rewards:
         try:
             value = fn(completion, answer, record)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise TypeError(f"returned {value!r}, expected a finite number")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_REWARD:
+                raise TypeError(
+                    f"returned {value!r}, expected a finite number of magnitude <= {MAX_REWARD:g}"
+                )
             values[name] = float(value)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
