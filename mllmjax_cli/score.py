@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
     @app.command(name="score", help=HELP, short_help="Add rewards and group advantages to rollout records.")
     @handle_errors
     @with_settings(
-        "reward", "reward_fn", "advantage", "overlong", "overlong_penalty", "group_size",
+        "reward", "reward_fn", "reward_timeout", "advantage", "overlong", "overlong_penalty", "group_size",
         # Records carry their groups: G is checked against them only when given.
         group_size=Override(None, "Expected G; by default the largest sample index + 1.", type=int | None),
     )  # fmt: skip

@@ -41,7 +41,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def run(args: list[str], cwd: Path, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), str(ROOT)]), "XLA_FLAGS": ""}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), str(ROOT)]), "XLA_FLAGS": "",
+           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
     cmd = [sys.executable, "-m", "mllmjax_cli.main", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, input=stdin, capture_output=True, timeout=300)
 
@@ -76,6 +77,10 @@ CASES = [
      _record(0, 0, "-Infinity") + _record(0, 1), 2, "<stdin>:1: field 'logprobs' must be a list of finite"),
     ("score: a reward weight of 1e308", {"r.jsonl": GROUP}, ["score", "r.jsonl", "--reward", "correct=1e308"],
      b"", 2, "magnitude <= 1e+09"),
+    ("score: a reward module that calls sys.exit at import", {"r.jsonl": GROUP, "quits.py": b"raise SystemExit(3)\n"},
+     ["score", "r.jsonl", "--reward-fn", "quits:fn", "-o", "out.jsonl"], b"", 2, "importing 'quits' raised SystemExit: 3"),
+    ("score: a reward module that fails at import", {"r.jsonl": GROUP, "bad.py": b"x = 1 / 0\n"},
+     ["score", "r.jsonl", "--reward-fn", "bad:fn", "-o", "out.jsonl"], b"", 2, "raised ZeroDivisionError"),
     ("train: NaN in a scored record's rewards", {"r.jsonl": GROUP.replace(b'"policy": "p"}',
      b'"policy": "p", "rewards": {"x": NaN}, "reward": 0.0, "advantage": 0.5, "reward_errors": {}}')},
      ["train", "CK", "r.jsonl", "-o", "out"], b"", 2, "r.jsonl:1: field 'rewards' must be an object of name -> finite"),

@@ -34,6 +34,21 @@ def exploding_reward(completion: str, answer: str, record: dict) -> float:
     raise RuntimeError(f"boom on {record['prompt_id']}")
 
 
+def endless_reward(completion: str, answer: str, record: dict) -> float:
+    if completion.endswith("5</answer>"):
+        return 0.25
+    while True:  # never returns on the others
+        pass
+
+
+def stubborn_reward(completion: str, answer: str, record: dict) -> float:
+    try:
+        time.sleep(3600)
+    except Exception:  # a reward that catches everything must still be stopped
+        return 9.0
+    return 9.0
+
+
 def dying_reward(completion: str, answer: str, record: dict) -> float:
     os._exit(3)  # a worker killed mid-task (OOM, segfault): the run must fail, not hang
 
@@ -240,6 +255,32 @@ def test_a_reward_out_of_range_scores_zero_and_is_recorded(value):
         }
     finally:
         REWARDS.pop("test_big_value")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_reward_that_never_returns_is_cut_at_its_time_limit(workers):
+    records = [_record(0, 0, "<answer>4</answer>", "4"), _record(0, 1, "<answer>5</answer>", "4"),
+               _record(1, 0, "<answer>4</answer>", "4"), _record(1, 1, "<answer>4</answer>", "4")]  # fmt: skip
+    config = ScoreConfig(
+        rewards="correct=1",
+        reward_fns=("test_rewards:endless_reward=1", "test_rewards:stubborn_reward=1"),
+        reward_timeout_s=0.2,
+        workers=workers,
+    )
+    scored, summary = score_records(records, config)
+    assert [r.rewards["endless_reward"] for r in scored] == [0.0, 0.25, 0.0, 0.0]
+    assert [r.rewards["stubborn_reward"] for r in scored] == [0.0] * 4
+    assert [r.rewards["correct"] for r in scored] == [1.0, 0.0, 1.0, 1.0]  # the others still score
+    limit = "RewardTimeout: ran past the 0.2 s limit (--reward-timeout)"
+    assert [r.reward_errors.get("endless_reward") for r in scored] == [limit, None, limit, limit]
+    assert all(r.reward_errors["stubborn_reward"] == limit for r in scored)
+    assert summary["reward_errors_by_name"] == {"endless_reward": 3, "stubborn_reward": 4}
+
+
+def test_reward_timeout_is_range_checked():
+    for bad in (0, -1.0, float("nan"), "5"):
+        with pytest.raises(BadInputError, match="--reward-timeout"):
+            ScoreConfig(reward_timeout_s=bad)
 
 
 def test_registered_reward_by_name_gets_the_record():

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import importlib
 import re
+import signal
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -117,6 +118,43 @@ def extract_prediction(completion: str) -> str | None:
     return last_number(completion)
 
 
+# ------------------------------------------------------------------------------------------ time limits
+
+_custom_timeout_s: float | None = None
+
+
+class RewardTimeout(BaseException):
+    """A custom reward ran past its time limit (a BaseException: reward code that catches Exception
+    cannot swallow it)."""
+
+
+def set_custom_timeout(seconds: float | None) -> None:
+    """Time limit of each custom reward call (None: none), enforced with a SIGALRM interval timer."""
+    global _custom_timeout_s
+    if seconds is not None and not (isinstance(seconds, int | float) and 0 < seconds < 1e6):
+        raise BadInputError(f"--reward-timeout must be a number of seconds > 0, got {seconds!r}")
+    _custom_timeout_s = None if seconds is None else float(seconds)
+
+
+def _raise_timeout(signum: int, frame: Any) -> None:
+    raise RewardTimeout(f"ran past the {_custom_timeout_s:g} s limit (--reward-timeout)")
+
+
+def _call_limited(fn: RewardFn, completion: str, answer: str, record: Mapping[str, Any]) -> Any:
+    """fn(...) under the custom-reward time limit. Needs the main thread (signals are delivered there):
+    scoring off it uses a worker process, whose main thread runs the rewards."""
+    seconds = _custom_timeout_s
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        return fn(completion, answer, record)
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(completion, answer, record)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # ------------------------------------------------------------------------------------------ correct
 
 _correct_timeout_s = DEFAULT_CORRECT_TIMEOUT_S
@@ -196,6 +234,14 @@ def load_reward_fn(spec: str) -> tuple[str, RewardFn]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise BadInputError(f"custom reward {spec!r}: cannot import {module_name!r} ({e})") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # the module's own code failed (SystemExit included): bad input, one line
+        message = " ".join(str(e).split())[:200]
+        raise BadInputError(
+            f"custom reward {spec!r}: importing {module_name!r} raised {type(e).__name__}"
+            + (f": {message}" if message else "")
+        ) from None
     fn: Any = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -279,13 +325,17 @@ class RewardOutcome:
 def evaluate_rewards(
     rewards: tuple[tuple[str, RewardFn, float], ...], completion: str, answer: str, record: Mapping[str, Any]
 ) -> RewardOutcome:
-    """Run every reward on one completion; a reward that raises or returns a non-number, a non-finite
-    number or one of magnitude above MAX_REWARD scores 0 and is recorded."""
+    """Run every reward on one completion; a reward that raises, runs past its time limit
+    (`set_custom_timeout`) or returns a non-number, a non-finite number or one of magnitude above
+    MAX_REWARD scores 0 and is recorded."""
     values: dict[str, float] = {}
     errors: dict[str, str] = {}
     for name, fn, _ in rewards:
         try:
-            value = fn(completion, answer, record)
+            builtin = fn in (correct_reward, format_reward, tags_reward)  # correct has its own limit
+            value = (
+                fn(completion, answer, record) if builtin else _call_limited(fn, completion, answer, record)
+            )
             if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_REWARD:
                 raise TypeError(
                     f"returned {value!r}, expected a finite number of magnitude <= {MAX_REWARD:g}"

@@ -71,6 +71,8 @@ class ScoreConfig:
     overlong_penalty: float = DEFAULTS.overlong_penalty
     workers: int = 0
     correct_timeout_s: int = DEFAULT_CORRECT_TIMEOUT_S
+    # Seconds each custom reward call may run (None: no limit).
+    reward_timeout_s: float | None = DEFAULTS.reward_timeout
     group_size: int | None = None
     all_gather: AllGather | None = None
     source: str = "records"
@@ -90,6 +92,12 @@ class ScoreConfig:
         if type(self.correct_timeout_s) is not int or self.correct_timeout_s < 1:
             raise BadInputError(
                 f"the correct-reward time limit must be whole seconds >= 1, got {self.correct_timeout_s!r}"
+            )
+        if self.reward_timeout_s is not None and not (
+            isinstance(self.reward_timeout_s, int | float) and 0 < self.reward_timeout_s < 1e6
+        ):
+            raise BadInputError(
+                f"--reward-timeout must be a number of seconds > 0, got {self.reward_timeout_s!r}"
             )
         if self.group_size is not None and (type(self.group_size) is not int or self.group_size < 2):
             raise BadInputError(f"group size G must be an integer >= 2, got {self.group_size!r}")
@@ -111,6 +119,7 @@ class ScoreConfig:
             advantage=settings.advantage,
             overlong=settings.overlong,  # type: ignore[arg-type]  # validated in __post_init__
             overlong_penalty=settings.overlong_penalty,
+            reward_timeout_s=settings.reward_timeout,
             **kwargs,
         )
 
@@ -129,10 +138,13 @@ class ScoreConfig:
 _worker_rewards: tuple[tuple[str, RewardFn, float], ...] = ()
 
 
-def _init_worker(resolved: tuple[tuple[str, RewardFn, float], ...], timeout_s: int) -> None:
+def _init_worker(
+    resolved: tuple[tuple[str, RewardFn, float], ...], timeout_s: int, custom_timeout_s: float | None
+) -> None:
     global _worker_rewards
     _worker_rewards = resolved
     rewards_lib.set_correct_timeout(timeout_s)
+    rewards_lib.set_custom_timeout(custom_timeout_s)
 
 
 def _score_items(items: list[tuple[str, str, dict[str, Any] | None]]) -> list[RewardOutcome]:
@@ -151,14 +163,16 @@ def _evaluate_all(
     *,
     workers: int,
     timeout_s: int,
+    custom_timeout_s: float | None = None,
 ) -> list[RewardOutcome]:
     needs_record = any(fn not in _BUILTIN_FNS for _, fn, _ in resolved)
     items = [(r.completion, r.answer, r.to_dict() if needs_record else None) for r in records]
     if workers == 0 and threading.current_thread() is not threading.main_thread():
         workers = 1  # math-verify's signal.alarm time limit needs a main thread: use a process's
     if workers == 0:
-        previous = rewards_lib._correct_timeout_s
+        previous = rewards_lib._correct_timeout_s, rewards_lib._custom_timeout_s
         rewards_lib.set_correct_timeout(timeout_s)
+        rewards_lib.set_custom_timeout(custom_timeout_s)
         try:
             global _worker_rewards
             saved, _worker_rewards = _worker_rewards, resolved
@@ -167,14 +181,18 @@ def _evaluate_all(
             finally:
                 _worker_rewards = saved
         finally:
-            rewards_lib.set_correct_timeout(previous)
+            rewards_lib.set_correct_timeout(previous[0])
+            rewards_lib.set_custom_timeout(previous[1])
     chunksize = max(1, min(256, len(items) // (workers * 4) or 1))
     try:
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
         # concurrent.futures rather than multiprocessing.Pool: a worker that dies (OOM, segfault in a
         # custom reward) raises BrokenProcessPool here instead of hanging the run forever.
         with ProcessPoolExecutor(
-            workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(resolved, timeout_s)
+            workers,
+            mp_context=_pool_context(),
+            initializer=_init_worker,
+            initargs=(resolved, timeout_s, custom_timeout_s),
         ) as pool:
             return [outcome for chunk in pool.map(_score_items, chunks) for outcome in chunk]
     except (OSError, EOFError, BrokenProcessPool) as e:
@@ -188,7 +206,10 @@ def reward_outcomes(records: Sequence[RolloutRecord], config: ScoreConfig) -> li
     """Every reward of every record (values and errors), in record order: the expensive half of
     scoring, which a multi-host run does per host on its own records before gathering them."""
     resolved = config.resolved_rewards()
-    return _evaluate_all(records, resolved, workers=config.workers, timeout_s=config.correct_timeout_s)
+    return _evaluate_all(
+        records, resolved, workers=config.workers, timeout_s=config.correct_timeout_s,
+        custom_timeout_s=config.reward_timeout_s,
+    )  # fmt: skip
 
 
 def score_records(

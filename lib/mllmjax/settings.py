@@ -60,6 +60,11 @@ class Settings:
     reward_fn: tuple[str, ...] = setting(
         (), "A custom reward package.module:function[=weight] (weight 1 by default); repeatable."
     )
+    reward_timeout: float = setting(
+        5.0,
+        "Seconds each custom reward call may run; one that runs longer scores 0 and is listed in "
+        "reward_errors (the limit interrupts Python code, not a C extension that never returns to it).",
+    )
     advantage: str = setting("grpo", "Advantage estimator: grpo, dr_grpo, rloo, reinforce, grpo_clip2.")
     overlong: str = setting(
         "none",
