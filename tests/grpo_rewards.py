@@ -22,3 +22,10 @@ def even(completion: str, answer: str, record: dict) -> float:
 def even_groups_only(completion: str, answer: str, record: dict) -> float:
     """Signal only in even-numbered groups: odd groups have zero reward variance (dynamic sampling)."""
     return float(record["group"] % 2 == 0 and record["sample"] % 2 == 0)
+
+
+def starts_5_mod_8(completion: str, answer: str, record: dict) -> float:
+    """1 when the completion's first token id is 5 mod 8 (one id in eight, none of them special), else 0:
+    a task that a tiny random model learns in a few GRPO steps (the reward-rises test)."""
+    ids = record["completion_ids"]
+    return float(bool(ids) and ids[0] % 8 == 5)

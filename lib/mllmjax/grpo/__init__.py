@@ -27,7 +27,7 @@ Design decisions:
   is saved, since dynamic sampling consumes a variable number of prompts), the sampler's seed is derived
   from (seed, step, round), and the trainer's state (params, optimizer state, update count, RNG) is
   saved whole. So resuming from step_N and running to the end gives the same parameters as a run that
-  was never stopped (tested bitwise-close after kill -9 at several points).
+  was never stopped (tested bit for bit after kill -9 at several points).
 - Crash safety. Checkpoints are written atomically (temp dir + rename), so a directory named step_N is
   always whole; stale temp dirs are removed on resume. Old checkpoints are renamed away before they are
   deleted. metrics.jsonl is appended once per step and cut back to the resumed step on resume.
