@@ -6,17 +6,17 @@ from __future__ import annotations
 import ast
 import json
 import operator
-import os
 import re
 from pathlib import Path
 
 import pytest
+from shared_data import SHARED, require_shared
 
 from mllmjax.data import Problem, extract_gold, load_problems, resolve_spec
 from mllmjax.data import builtin as B
 from mllmjax.errors import BadInputError, RecordError
 
-GSM8K_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k"
+GSM8K_DIR = SHARED / "data" / "gsm8k"
 
 GSM8K_FIXTURE = [
     {
@@ -242,17 +242,6 @@ def test_hub_records_become_problems(monkeypatch):
 # ---------------------------------------------------------------- GSM8K itself
 
 
-def _shared_gsm8k(path: Path) -> Path:
-    """The shared GSM8K folder; absent, the test skips and says where it looked (or fails, where
-    MLLMJAX_REQUIRE_SHARED=1 says that the shared data must be there)."""
-    if path.is_dir():
-        return path
-    reason = f"GSM8K data not found at {path.resolve()} (the repository's ../shared/data/gsm8k)"
-    if os.environ.get("MLLMJAX_REQUIRE_SHARED") == "1":
-        pytest.fail(f"{reason}, and MLLMJAX_REQUIRE_SHARED=1 requires it")
-    pytest.skip(reason)
-
-
 def _check_plain_golds(problems: list[Problem]) -> None:
     for p in problems:
         assert re.fullmatch(r"-?\d+(\.\d+)?", p.answer), (p.id, p.answer)
@@ -260,7 +249,7 @@ def _check_plain_golds(problems: list[Problem]) -> None:
 
 
 def test_gsm8k_test_split_golds_are_plain_numbers():
-    problems = load_problems(str(_shared_gsm8k(GSM8K_DIR)), split="test")
+    problems = load_problems(str(require_shared(GSM8K_DIR)), split="test")
     assert len(problems) == 1319
     _check_plain_golds(problems)
 

@@ -8,9 +8,9 @@ import os
 import re
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from shared_data import SHARED, require_shared
 
 from mllmjax.errors import BadInputError, RuntimeFailure
 from mllmjax.records import RolloutRecord
@@ -27,7 +27,7 @@ from mllmjax.rewards import (
 )
 from mllmjax.scoring import ScoreConfig, score_records
 
-GSM8K_TEST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = SHARED / "data" / "gsm8k" / "test.jsonl"
 
 
 def exploding_reward(completion: str, answer: str, record: dict) -> float:
@@ -354,17 +354,6 @@ _FIXTURE = [
 ]
 
 
-def _shared_gsm8k(path: Path) -> Path:
-    """The shared GSM8K file; absent, the test skips and says where it looked (or fails, where
-    MLLMJAX_REQUIRE_SHARED=1 says that the shared data must be there)."""
-    if path.is_file():
-        return path
-    reason = f"GSM8K data not found at {path.resolve()} (the repository's ../shared/data/gsm8k)"
-    if os.environ.get("MLLMJAX_REQUIRE_SHARED") == "1":
-        pytest.fail(f"{reason}, and MLLMJAX_REQUIRE_SHARED=1 requires it")
-    pytest.skip(reason)
-
-
 def _wrong(final: str) -> str:
     """A different number in the same style (thousands separators kept)."""
     value = int(final.replace(",", "")) + 1
@@ -393,7 +382,7 @@ def _check_gold_solutions_score(rows: list[dict]) -> None:
 
 def test_gsm8k_gold_solutions_score_correct_and_wrong_answers_do_not():
     """The whole GSM8K test split (its speed: `python scripts/bench_score.py --budgets`)."""
-    path = _shared_gsm8k(GSM8K_TEST)
+    path = require_shared(GSM8K_TEST)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert len(rows) == 1319
     _check_gold_solutions_score(rows)
