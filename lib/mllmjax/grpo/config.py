@@ -152,8 +152,37 @@ def normalise_settings(raw: dict[str, Any], *, where: str) -> dict[str, Any]:
             value = [v for v in value.split(",") if v]
         if isinstance(value, list):
             value = tuple(value)
+        expected = _type_error(FIELD_TYPES.get(name, ""), value)
+        if expected:
+            raise BadInputError(f"{where}: setting {key!r} must be {expected}, got {value!r}")
         out[name] = value
     return out
+
+
+# The value types a config file may give each setting, read from the fields' annotations.
+FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(GRPOConfig)}
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _type_error(annotation: str, value: Any) -> str | None:
+    """What `value` should have been for a field annotated `annotation` (None when it fits or the
+    annotation is not a simple one: the configs' own checks see those)."""
+    options = [a.strip() for a in annotation.split("|")]
+    if "None" in options and value is None:
+        return None
+    kinds = [a for a in options if a != "None"]
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    if kind == "tuple[str, ...]":
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        return None if ok else "a list of strings"
+    if kind not in _SCALARS:
+        return None
+    if isinstance(value, bool) and kind != "bool":  # TOML true is not the number 1
+        return _NAMES[kind]
+    return None if isinstance(value, _SCALARS[kind]) else _NAMES[kind]
 
 
 def build_config(*layers: dict[str, Any]) -> GRPOConfig:
