@@ -45,7 +45,7 @@ def read_prompts(spec: str, stdin: TextIO | None = None) -> list[str]:
     else:
         path = Path(spec)
         if not path.is_file():
-            raise BadInputError(f"--prompts {spec}: no such file")
+            raise BadInputError(f"--prompts {spec}: {'is a directory' if path.is_dir() else 'no such file'}")
         text = decode_utf8(path.read_bytes(), name)
     lines = text.splitlines()
     prompts = []

@@ -47,6 +47,11 @@ def run(args: list[str], cwd: Path, stdin: bytes = b"") -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=cwd, env=env, input=stdin, capture_output=True, timeout=300)
 
 
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
 # (name, files to write {name: bytes}, args (CK = the checkpoint), stdin, exit code, text the error names)
 CASES = [
     ("sample: prompts file not UTF-8", {"p.txt": b"hello\n\xff\xfe\n"},
@@ -81,6 +86,10 @@ CASES = [
      ["score", "r.jsonl", "--reward-fn", "quits:fn", "-o", "out.jsonl"], b"", 2, "importing 'quits' raised SystemExit: 3"),
     ("score: a reward module that fails at import", {"r.jsonl": GROUP, "bad.py": b"x = 1 / 0\n"},
      ["score", "r.jsonl", "--reward-fn", "bad:fn", "-o", "out.jsonl"], b"", 2, "raised ZeroDivisionError"),
+    ("score: a directory for the records", {"d/x": b""}, ["score", "d", "-o", "out.jsonl"], b"", 2,
+     "d: is a directory (expected rollout records"),
+    ("sample: a directory for the prompts", {"d/x": b""}, ["sample", "CK", "--prompts", "d"], b"", 2,
+     "--prompts d: is a directory"),
     ("grpo: a config file with a string for a number", {"c.toml": b'temperature = "hot"\n'},
      ["grpo", "--config", "c.toml", "--out", "run"], b"", 2, "c.toml: setting 'temperature' must be a number, got 'hot'"),
     ("grpo: a config file with true for a count", {"c.yaml": b"steps: true\n"},
@@ -97,12 +106,13 @@ CASES = [
 def test_hostile_input(case, ckpt, tmp_path):
     _, files, args, stdin, code, names = case
     for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = snapshot(tmp_path)
     result = run([str(ckpt) if a == "CK" else a for a in args], tmp_path, stdin)
     err = result.stderr.decode()
     assert result.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], err
     assert "Traceback" not in err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed

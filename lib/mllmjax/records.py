@@ -256,7 +256,8 @@ def read_records(path: str | os.PathLike[str]) -> list[RolloutRecord]:
         return parse_records(sys.stdin if binary is None else utf8_lines(binary, source), source)
     p = Path(path)
     if not p.is_file():
-        raise BadInputError(f"{source}: no such file (expected rollout records, JSON Lines)")
+        what = "is a directory" if p.is_dir() else "no such file"
+        raise BadInputError(f"{source}: {what} (expected rollout records, JSON Lines)")
     with p.open("rb") as f:
         return parse_records(utf8_lines(f, source), source)
 
