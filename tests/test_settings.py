@@ -105,7 +105,9 @@ def test_stage_configs_take_their_defaults_from_the_settings():
 def test_the_flag_vocabulary_becomes_a_strategy_in_one_place():
     assert make_strategy() == Sample(temperature=1.0, top_k=50)
     assert make_strategy(temperature=0.7, top_k=0, top_p=1.0, min_p=0.0) == Sample(temperature=0.7)
-    assert make_strategy(temperature=0.0) == make_strategy(temperature=-1.0, greedy=True) == Greedy()
+    assert make_strategy(temperature=0.0) == make_strategy(temperature=0.7, greedy=True) == Greedy()
+    with pytest.raises(BadInputError, match="--temperature"):  # greedy ignores it, but it is still checked
+        make_strategy(temperature=-1.0, greedy=True)
     cfg = GRPOConfig().rollout_config(seed=3, group_size=1, greedy=True)
     assert (cfg.strategy, cfg.group_size, cfg.seed) == (Greedy(), 1, 3)
 
