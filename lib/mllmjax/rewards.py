@@ -128,11 +128,18 @@ class RewardTimeout(BaseException):
     cannot swallow it)."""
 
 
+def check_custom_timeout(seconds: float | None) -> None:
+    """A custom-reward time limit must be None or a number of seconds > 0 (and < 1e6)."""
+    if seconds is not None and not (
+        isinstance(seconds, int | float) and not isinstance(seconds, bool) and 0 < seconds < 1e6
+    ):
+        raise BadInputError(f"--reward-timeout must be a number of seconds > 0, got {seconds!r}")
+
+
 def set_custom_timeout(seconds: float | None) -> None:
     """Time limit of each custom reward call (None: none), enforced with a SIGALRM interval timer."""
     global _custom_timeout_s
-    if seconds is not None and not (isinstance(seconds, int | float) and 0 < seconds < 1e6):
-        raise BadInputError(f"--reward-timeout must be a number of seconds > 0, got {seconds!r}")
+    check_custom_timeout(seconds)
     _custom_timeout_s = None if seconds is None else float(seconds)
 
 
@@ -220,6 +227,8 @@ def tags_reward(completion: str, answer: str, record: Mapping[str, Any]) -> floa
 register_reward("correct", correct_reward)
 register_reward("format", format_reward)
 register_reward("tags", tags_reward)
+# The built-in rewards: they need no record and no time limit of ours (correct has math-verify's).
+BUILTIN_FNS = frozenset({correct_reward, format_reward, tags_reward})
 
 
 # ----------------------------------------------------------------------------------- specs & running
@@ -332,7 +341,7 @@ def evaluate_rewards(
     errors: dict[str, str] = {}
     for name, fn, _ in rewards:
         try:
-            builtin = fn in (correct_reward, format_reward, tags_reward)  # correct has its own limit
+            builtin = fn in BUILTIN_FNS  # correct has its own time limit
             value = (
                 fn(completion, answer, record) if builtin else _call_limited(fn, completion, answer, record)
             )

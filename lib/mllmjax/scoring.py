@@ -55,7 +55,6 @@ from mllmjax.settings import DEFAULTS, Settings
 
 OVERLONG_MODES = ("none", "mask", "penalty")
 OVERLONG_REWARD = "overlong"
-_BUILTIN_FNS = frozenset({rewards_lib.correct_reward, rewards_lib.format_reward, rewards_lib.tags_reward})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,12 +92,7 @@ class ScoreConfig:
             raise BadInputError(
                 f"the correct-reward time limit must be whole seconds >= 1, got {self.correct_timeout_s!r}"
             )
-        if self.reward_timeout_s is not None and not (
-            isinstance(self.reward_timeout_s, int | float) and 0 < self.reward_timeout_s < 1e6
-        ):
-            raise BadInputError(
-                f"--reward-timeout must be a number of seconds > 0, got {self.reward_timeout_s!r}"
-            )
+        rewards_lib.check_custom_timeout(self.reward_timeout_s)
         if self.group_size is not None and (type(self.group_size) is not int or self.group_size < 2):
             raise BadInputError(f"group size G must be an integer >= 2, got {self.group_size!r}")
         names = [
@@ -165,7 +159,7 @@ def _evaluate_all(
     timeout_s: int,
     custom_timeout_s: float | None = None,
 ) -> list[RewardOutcome]:
-    needs_record = any(fn not in _BUILTIN_FNS for _, fn, _ in resolved)
+    needs_record = any(fn not in rewards_lib.BUILTIN_FNS for _, fn, _ in resolved)
     items = [(r.completion, r.answer, r.to_dict() if needs_record else None) for r in records]
     if workers == 0 and threading.current_thread() is not threading.main_thread():
         workers = 1  # math-verify's signal.alarm time limit needs a main thread: use a process's
