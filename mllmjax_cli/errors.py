@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,12 +35,27 @@ def debug_enabled() -> bool:
 
 def handle_errors(fn: F) -> F:
     """Wrap a command: a MllmjaxError prints `error: MESSAGE` and exits with its code (2 for bad
-    input, 1 at run time); Ctrl-C exits 130. Tracebacks only with --debug or MLLMJAX_DEBUG=1."""
+    input, 1 at run time); Ctrl-C exits 130 and SIGTERM 143 at once, removing temp files
+    (`mllmjax_cli.interrupts`); a closed stdout (broken pipe) stops quietly with exit 1. Tracebacks only with --debug or MLLMJAX_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mllmjax_cli import interrupts
+
+        interrupts.install()
+        sys.unraisablehook = _quiet_unraisable
+        if not debug_enabled():  # Orbax's read futures, failed with the restore, are logged as "never retrieved"
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed stdout shows here, not as a traceback at interpreter exit
+            return result
+        except BrokenPipeError:
+            # The reader of stdout went away (`mllmjax score -o - | head -n 1`): stop quietly, exit 1,
+            # so that `set -o pipefail` sees the output was cut. Later flushes go to /dev/null.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(1) from None
         except MllmjaxError as e:
             if debug_enabled():
                 raise
@@ -59,6 +76,21 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_default_unraisablehook = sys.unraisablehook
+
+
+def _quiet_unraisable(info: Any) -> None:
+    """Drop what Orbax's asyncio machinery leaves behind after a failed restore (the `error:` line
+    says what failed): `RuntimeError: Event loop is closed` from its callbacks at exit, and the
+    exceptions of its read coroutines collected unawaited. Anything else is printed as usual."""
+    code = getattr(info.object, "cr_code", None)
+    from_orbax = code is not None and "orbax" in code.co_filename
+    closed_loop = isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
+    if not debug_enabled() and (from_orbax or closed_loop):
+        return
+    _default_unraisablehook(info)
 
 
 def _one_line(message: str) -> str:

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         if k < 1:
             raise BadInputError(f"-k must be >= 1, got {k}")
         if out is not None:
-            check_output(out, force)
+            check_output(out, force, file=True)
         mesh, dtype = settings.pop("mesh"), settings.pop("dtype")
         if settings["temperature"] is None:
             settings["temperature"] = 0.0 if k == 1 else 1.0

@@ -4,7 +4,6 @@ otherwise, and the signal handling that lets Ctrl-C finish the current step."""
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -196,21 +195,23 @@ def _log_line(m: dict[str, Any], steps: int, off: frozenset[str], eta: float | N
 
 
 class _Signals:
-    """First SIGINT/SIGTERM: stop after the current step. Second: abandon it (KeyboardInterrupt)."""
+    """First SIGINT/SIGTERM: stop after the current step. Second: abandon it (KeyboardInterrupt). Third:
+    exit at once (130 / 143), for a step that does not come back from a compiled call."""
 
     def __init__(self, display: Display):
         self.display = display
         self.count = 0
-        self.previous: dict[int, Any] = {}
+        self._graceful: Any = None
 
     def __enter__(self) -> _Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        from mllmjax_cli import interrupts
+
+        self._graceful = interrupts.graceful(self._handle)  # a third signal still exits at once
+        self._graceful.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        self._graceful.__exit__(*exc)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1

@@ -55,8 +55,18 @@ def _root(
             "(~/.cache/mllmjax/xla, moved by MLLMJAX_CACHE; also MLLMJAX_COMPILE_CACHE=0).",
         ),
     ] = False,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Load checkpoints without checking each array against the checksum recorded when it was "
+            "written (also MLLMJAX_NO_VERIFY=1).",
+        ),
+    ] = False,
 ) -> None:
     set_debug(debug)
+    if no_verify:
+        os.environ["MLLMJAX_NO_VERIFY"] = "1"  # read by mllmjax.checksums (not imported here: no jax yet)
     if ctx.invoked_subcommand is not None:
         from mllmjax.runtime import COMPILE_CACHE_VAR, enable_compile_cache, sync_dispatch_if_asked
 

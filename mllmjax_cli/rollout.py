@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(load_system_prompt(s.system_prompt))
             return
         if out != "-":
-            check_output(Path(out), force)
+            check_output(Path(out), force, file=True)
         cfg = RolloutConfig.from_settings(s, seed=s.seed, greedy=greedy)
         read_meta(ckpt)  # a clear error before the data is read
         problems = load_problems(

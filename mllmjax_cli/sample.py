@@ -7,6 +7,7 @@ object with a "prompt" field per line, or one plain-text prompt per line.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from mllmjax.errors import BadInputError, OutputExistsError, RecordError, decode_utf8
+from mllmjax.errors import BadInputError, RecordError, decode_utf8
 from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import Override, with_settings
@@ -114,7 +115,9 @@ def register(app: typer.Typer) -> None:
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype, stop_ids_for
+        from mllmjax.cleanup import check_output
         from mllmjax.prompts import load_system_prompt
+        from mllmjax.records import write_text_atomic
         from mllmjax.sampling import make_strategy
         from mllmjax.sharding import make_mesh
 
@@ -123,8 +126,8 @@ def register(app: typer.Typer) -> None:
             texts += read_prompts(prompts_file)
         if not texts:
             raise BadInputError("no prompts: give PROMPT arguments or --prompts FILE (- for stdin)")
-        if out != "-" and Path(out).exists() and not force:
-            raise OutputExistsError(f"{out} exists; pass --force to replace it")
+        if out != "-":
+            check_output(out, force, file=True)
         mesh, dtype = settings.pop("mesh"), settings.pop("dtype")
         s = Settings(**settings)
         strategy = make_strategy(
@@ -141,18 +144,17 @@ def register(app: typer.Typer) -> None:
         )
         stop_ids = stop_ids_for(tokenizer, checkpoint.stop_ids)
 
-        sink = sys.stdout if out == "-" else open(out + ".tmp", "w", encoding="utf-8")  # noqa: SIM115
-        try:
-            if len(texts) == 1 and n == 1 and not json_out and out == "-":
-                _stream_one(params, cfg, ids[0], strategy, tokenizer, s.max_new_tokens, stop_ids, s.seed)
-            else:
-                completions = _run_batch(params, cfg, ids, strategy, n, s, stop_ids, device_mesh)
-                _write(sink, completions, texts, ids, tokenizer, json_out)
-        finally:
-            if sink is not sys.stdout:
-                sink.close()
-        if sink is not sys.stdout:
-            Path(out + ".tmp").replace(out)
+        if len(texts) == 1 and n == 1 and not json_out and out == "-":
+            _stream_one(params, cfg, ids[0], strategy, tokenizer, s.max_new_tokens, stop_ids, s.seed)
+            return
+        completions = _run_batch(params, cfg, ids, strategy, n, s, stop_ids, device_mesh)
+        sink = io.StringIO()
+        _write(sink, completions, texts, ids, tokenizer, json_out)
+        if out == "-":
+            sys.stdout.write(sink.getvalue())
+            sys.stdout.flush()
+        else:  # the whole text first, then a temp file renamed into place: nothing half-written
+            write_text_atomic(Path(out), sink.getvalue())
 
 
 def _encode_prompts(

@@ -16,7 +16,8 @@ import typer
 from rich.table import Table
 
 from mllmjax.advantages import ESTIMATORS
-from mllmjax.errors import BadInputError, OutputExistsError
+from mllmjax.cleanup import check_output
+from mllmjax.errors import BadInputError
 from mllmjax.records import STDIO, read_records, write_records
 from mllmjax.rewards import REWARDS
 from mllmjax.scoring import ScoreConfig, score_records
@@ -94,8 +95,8 @@ def register(app: typer.Typer) -> None:
         to_stdout = out is not None and str(out) == STDIO
         if to_stdout and json_:
             raise BadInputError("--json prints the summary on stdout; write the records to a file with -o")
-        if out is not None and not to_stdout and out.exists() and not force:
-            raise OutputExistsError(f"{out} exists; pass --force to replace it")
+        if out is not None and not to_stdout:
+            check_output(out, force, file=True)
         records = read_records(rollouts)
         scored, summary = score_records(records, config)
         if out is not None:

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests (set before jax is imported anywhere), float32
-matmuls at full precision, no persistent compilation cache, and fixtures of the embedded SmolLM2."""
+matmuls at full precision, no persistent compilation cache in the test process, one shared by the
+commands the tests run as subprocesses, and fixtures of the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ os.environ.setdefault("MLLMJAX_COMPILE_CACHE", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The commands the tests run as subprocesses (dozens of grpo/rollout/sample runs on the same tiny
+# models) share one persistent compilation cache for the session, in a temp dir; set after jax was
+# imported, so this process compiles afresh. (A user's runs use ~/.cache/mllmjax/xla the same way.)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _xla_cache = tempfile.mkdtemp(prefix="mllmjax-test-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 

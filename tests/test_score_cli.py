@@ -158,26 +158,3 @@ def test_real_shell_pipe_with_worker_processes(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert [r.rewards["correct"] for r in read_records(dst)] == [1.0, 0.0, 1.0, 1.0]
-
-
-def test_a_closed_pipe_downstream_ends_quietly(tmp_path):
-    """`mllmjax score big.jsonl -o - | head -n 1`: head closes the pipe early, and score still ends
-    without an error message or traceback, exit 0, as Unix filters do."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "lib"), str(root)]))
-    rows = [_record(g, s, "4") for g in range(600) for s in range(2)]  # far more than a pipe buffer
-    (tmp_path / "r.jsonl").write_text(_jsonl(rows))
-    script = (
-        f"{sys.executable} -m mllmjax_cli.main score r.jsonl -o - --reward correct 2>err.txt | head -n 1 >first.txt;"
-        " echo ${PIPESTATUS[0]} >rc.txt"
-    )
-    subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, timeout=120, check=True)
-    assert json.loads((tmp_path / "first.txt").read_text())["group"] == 0
-    err = (tmp_path / "err.txt").read_text()
-    assert "error:" not in err and "Traceback" not in err and "BrokenPipe" not in err, err
-    assert (tmp_path / "rc.txt").read_text().strip() == "0"

@@ -113,9 +113,9 @@ def test_the_flag_vocabulary_becomes_a_strategy_in_one_place():
 
 
 def test_a_bad_temperature_is_rejected_once_with_the_flag_in_the_message():
-    with pytest.raises(BadInputError, match=r"--temperature must be >= 0 \(0 = greedy\), got -1.0"):
+    with pytest.raises(BadInputError, match=r"--temperature must be finite and >= 0 \(0 = greedy\), got -1.0"):
         RolloutConfig.from_settings(Settings(temperature=-1.0), seed=0)
-    with pytest.raises(BadInputError, match=r"--temperature must be >= 0 \(0 = greedy\), got -0.5"):
+    with pytest.raises(BadInputError, match=r"--temperature must be finite and >= 0 \(0 = greedy\), got -0.5"):
         make_strategy(temperature=-0.5)
     # A run trains on the sampled log-probs: it needs a temperature above 0.
     with pytest.raises(BadInputError, match=r"--temperature must be > 0 for GRPO \(the loss divides by it\)"):

@@ -168,3 +168,28 @@ def test_bfloat16_compute_writes_float32_master_weights(setup):
     assert {x.dtype.name for x in jax.tree.leaves(params)} == {"float32"}
     _bad(setup, read_records(setup / "s1.jsonl"), "bf2", "compute dtype", "--compute-dtype", "int8")
     _bad(setup, read_records(setup / "s1.jsonl"), "bf3", "needs a GPU", "--attention", "cudnn")
+
+
+def test_resume_refuses_a_damaged_optimizer_state(setup, monkeypatch):
+    """Bytes overwritten in a file of opt_state/: `train --resume` names the damaged array (the
+    optimizer state is checksummed like the parameters), and `--no-verify` skips the check."""
+    import shutil
+
+    assert train(setup, "ck0", "s1.jsonl", "d1").exit_code == 0
+    shutil.copytree(setup / "d1", setup / "d1-damaged")
+    sums = json.loads((setup / "d1/mllmjax.json").read_text())["checksums"]
+    assert set(sums) == {"algorithm", "params", "opt_state"} and len(sums["opt_state"]) > len(sums["params"])
+    data = max((setup / "d1-damaged/opt_state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    with data.open("r+b") as f:
+        f.seek(data.stat().st_size // 2)
+        f.write(b"\x55" * 64)
+    result = train(setup, "d1-damaged", "s2.jsonl", "d2", "--resume")
+    assert result.exit_code == 2
+    assert re.search(r"opt_state: array opt_state/\S+ does not match its checksum", result.output), (
+        result.output
+    )
+    assert not (setup / "d2").exists()
+    monkeypatch.setenv("MLLMJAX_NO_VERIFY", "0")  # --no-verify sets it in this process: restored after
+    unchecked = runner.invoke(app, ["--no-verify", "train", str(setup / "d1-damaged"), str(setup / "s2.jsonl"),
+                                    "-o", str(setup / "d2"), *TRAIN, "--resume"])  # fmt: skip
+    assert unchecked.exit_code == 0, unchecked.output

@@ -28,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
+from mllmjax import checksums
+from mllmjax.cleanup import check_output
+from mllmjax.errors import ArtifactError, BadInputError
+from mllmjax.faults import signal_point
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params, map_specs
 from mllmjax.models.registry import from_hf_config
@@ -143,19 +146,67 @@ def load_checkpoint(
     cfg = from_hf_config(hf_config)
     ckpt = Checkpoint(path=path, meta=meta, hf_config=hf_config, cfg=cfg)
     if load_params:
-        import orbax.checkpoint as ocp
-
-        dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(meta.get("dtype", "float32"))
+        saved = jnp.dtype(meta.get("dtype", "float32"))
+        dtype = jnp.dtype(dtype) if dtype is not None else saved
+        expected = expected_checksums(meta, "params")
         shardings = param_shardings(cfg, mesh) if mesh is not None else None
-        target = abstract_params(cfg, dtype, shardings)
+        # Verification needs the arrays as saved: restore in the saved dtype, check, then cast.
+        target = abstract_params(cfg, saved if expected is not None else dtype, shardings)
         params_dir = path / "params"
         if not params_dir.is_dir():
             raise ArtifactError(f"{path}: no params/ directory (incomplete checkpoint?)")
-        try:
-            ckpt.params = ocp.StandardCheckpointer().restore(params_dir.absolute(), target)
-        except Exception as e:
-            raise ArtifactError(f"{params_dir}: cannot restore parameters: {e}") from e
+        ckpt.params = restore_tree(params_dir, target, "parameters")
+        checksums.verify_tree(ckpt.params, expected, str(params_dir))
+        if expected is not None and dtype != saved:
+            ckpt.params = _cast_leafwise(ckpt.params, dtype)
+        signal_point("loaded")
     return ckpt
+
+
+def expected_checksums(meta: dict[str, Any], part: str) -> dict[str, str] | None:
+    """The recorded checksums of `part` (params, opt_state) when they are to be verified, else None."""
+    sums = meta.get("checksums")
+    if not checksums.verify_enabled() or not isinstance(sums, dict):
+        return None  # verification off, or a checkpoint written before checksums existed
+    if sums.get("algorithm") != checksums.ALGORITHM or not isinstance(sums.get(part), dict):
+        return None
+    return sums[part]
+
+
+def restore_tree(directory: Path, target: Any, what: str) -> Any:
+    """Orbax's restore of `directory` onto `target`, its failures one ArtifactError line."""
+    import orbax.checkpoint as ocp
+
+    try:
+        return ocp.StandardCheckpointer().restore(directory.absolute(), target)
+    except Exception as e:
+        raise ArtifactError(f"{directory}: cannot restore the {what}: {_reason(e)}") from e
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, in one line: the innermost cause of a restore failure (tensorstore's own
+    message, naming the array and file), without status-code prefixes or the reprs of bound methods
+    that orbax's wrapper messages carry."""
+    import re
+
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+        chain.append(nxt)
+    text = " ".join(str(chain[-1]).split()) or type(chain[-1]).__name__
+    text = re.sub(r"<bound method [^>]*>", "", text)
+    text = re.sub(r"^[A-Z_]+: ", "", text)
+    return text[:400]
+
+
+def _cast_leafwise(params: Params, dtype: Any) -> Params:
+    """Cast each array and free its source at once: peak memory is the saved tree plus one array."""
+    flat, treedef = jax.tree.flatten(params)
+    out = []
+    for i, x in enumerate(flat):
+        out.append(x.astype(dtype))
+        flat[i] = None
+        x.delete()
+    return jax.tree.unflatten(treedef, out)
 
 
 # Files of a checkpoint that describe the checkpoint itself rather than the model: not carried over
@@ -173,12 +224,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Fail early (before any work) if OUT exists and --force was not given."""
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
-
-
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success rename it onto `out` (replacing an existing
@@ -186,32 +231,41 @@ def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Pat
 
     In a multi-host run every process gets the same directory (process 0's token) to write its shards
     into, and process 0 renames it once all of them are done (see mllmjax.distributed)."""
+    from mllmjax import cleanup
     from mllmjax.distributed import barrier, is_primary, shared_token
 
     out = Path(out)
     check_output(out, force)
     tmp = out.parent / f".{out.name}.tmp-{shared_token()}"
-    if is_primary():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    barrier(f"atomic_dir:{tmp.name}:made")
-    try:
-        yield tmp
-        barrier(f"atomic_dir:{tmp.name}:written")
+    with cleanup.parents_of(out) if is_primary() else contextlib.nullcontext():
         if is_primary():
-            old = None
-            if out.exists():
-                check_output(out, force)
-                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(out, old)
-            os.replace(tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier(f"atomic_dir:{tmp.name}:renamed")
-    except BaseException:
-        if is_primary():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            cleanup.register(tmp, "dir")  # an interrupt (mllmjax_cli.interrupts) removes it
+            tmp.mkdir()
+        barrier(f"atomic_dir:{tmp.name}:made")
+        try:
+            yield tmp
+            barrier(f"atomic_dir:{tmp.name}:written")
+            if is_primary():
+                os.chmod(tmp, cleanup.dir_mode())  # a copytree from a mkdtemp folder made it 0700
+            signal_point("rename")
+            if is_primary():
+                old = None
+                with cleanup.critical():  # an interrupt waits: OUT is never left moved aside
+                    if out.exists():
+                        check_output(out, force, probe=False)
+                        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                        os.replace(out, old)
+                    os.replace(tmp, out)
+                    cleanup.unregister(tmp)
+                    if old is not None:
+                        cleanup.register(old, "dir")
+                if old is not None:
+                    cleanup.remove(old)
+            barrier(f"atomic_dir:{tmp.name}:renamed")
+        except BaseException:
+            if is_primary():
+                cleanup.remove(tmp)
+            raise
 
 
 def write_checkpoint(
@@ -235,6 +289,10 @@ def write_checkpoint(
     leaves = jax.tree.leaves(params)
     dtype = dtype_name(leaves[0].dtype)
     cfg = from_hf_config(hf_config)
+    # Every process takes part (the arrays may be sharded over hosts); process 0 writes them down.
+    sums = {"algorithm": checksums.ALGORITHM, "params": checksums.tree_checksums(params)}
+    if opt_state is not None:
+        sums["opt_state"] = checksums.tree_checksums(opt_state)
     with atomic_dir(out, force) as tmp:
         # Synchronous, so the caller gets a complete artifact; uncompressed, because compressing float
         # weights saves little and makes tensorstore stage a second copy of every array.
@@ -258,6 +316,7 @@ def write_checkpoint(
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "num_params": int(sum(np.prod(x.shape) for x in leaves)),
                 **(extra_meta or {}),
+                "checksums": sums,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out

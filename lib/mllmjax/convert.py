@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from mllmjax import cleanup
 from mllmjax.checkpoint import (
     atomic_dir,
     check_output,
@@ -135,6 +136,7 @@ def convert(
     device_mesh = mesh if mesh is not None else make_mesh()
     src = resolve_source(source)
     tok_dir = Path(tempfile.mkdtemp(prefix="mllmjax-tokenizer-"))
+    cleanup.register(tok_dir, "dir")  # removed by an interrupt too (mllmjax_cli.interrupts)
     try:
         hf_config = src.hf_config()
         cfg = from_hf_config(hf_config)
@@ -161,7 +163,7 @@ def convert(
         )
     finally:
         src.close()
-        shutil.rmtree(tok_dir, ignore_errors=True)
+        cleanup.remove(tok_dir)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return ConvertResult(out, cfg, dtype_name(jdtype), n, param_bytes(params), time.perf_counter() - start)
 

@@ -27,13 +27,11 @@ Design decisions:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -290,20 +288,26 @@ def write_records(
         raise OutputExistsError(f"{p} is a directory; give a file name for the records")
     if p.exists() and not force:
         raise OutputExistsError(f"{p} exists; pass --force to replace it")
+    write_text_atomic(p, text)
+
+
+def write_text_atomic(p: Path, text: str) -> None:
+    """Write `text` to a registered temp file beside `p` (mode from the umask), fsync, rename onto `p`.
+    Missing parent directories are created (and removed again if the write fails)."""
+    from mllmjax.cleanup import parents_of, temp_file
+    from mllmjax.faults import signal_point
+
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadInputError(f"{parent}: no such directory for the output {p}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    with (
+        parents_of(p),
+        temp_file(parent, p.name) as (fd, tmp),
+        os.fdopen(fd, "w", encoding="utf-8") as f,
+    ):
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+        signal_point("write")
         os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def require_scored(records: Sequence[RolloutRecord], *, source: str = "records") -> None:

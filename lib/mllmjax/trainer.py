@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 
 from mllmjax.distributed import to_host
 from mllmjax.errors import BadInputError
+from mllmjax.faults import signal_point
 from mllmjax.loss import LossConfig, aggregation_weights, combine_metrics, grpo_loss, sequence_logprobs
 from mllmjax.models.blocks.cpu import split_layers, stack_layers
 from mllmjax.models.blocks.kernels import Kernel, resolve_attention
@@ -402,6 +403,7 @@ class Trainer:
         on_update(metrics) is called after each update (for progress displays); `timings`, if given,
         receives the seconds spent on the reference log-probs (`ref_logps_s`)."""
         validate_batch(batch)
+        signal_point("update")
         cfg = self.cfg
         b = batch.size
         if b % cfg.minibatches:

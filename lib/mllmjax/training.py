@@ -28,8 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mllmjax import memory
-from mllmjax.checkpoint import Checkpoint, check_output, copy_side_files, load_checkpoint, write_checkpoint
+from mllmjax import checksums, memory
+from mllmjax.checkpoint import (
+    Checkpoint,
+    check_output,
+    copy_side_files,
+    expected_checksums,
+    load_checkpoint,
+    write_checkpoint,
+)
 from mllmjax.errors import ArtifactError, BadInputError
 from mllmjax.memory import MemoryEstimate
 from mllmjax.records import RolloutRecord, require_scored
@@ -44,8 +51,11 @@ def _round_up(n: int, m: int) -> int:
     return max(m, -(-n // m) * m)
 
 
-def check_records(records: Sequence[RolloutRecord], tokenizer: Any, vocab_size: int, source: str) -> None:
-    """Fail early, with a clear message, on records the checkpoint cannot train on."""
+def check_records(
+    records: Sequence[RolloutRecord], tokenizer: Any, vocab_size: int, source: str, context: int | None = None
+) -> None:
+    """Fail early, with a clear message, on records the checkpoint cannot train on (ids outside the
+    vocabulary, rows longer than the model's `context`, ...)."""
     if not records:
         raise BadInputError(f"{source}: no records to train on")
     require_scored(records, source=source)
@@ -55,6 +65,11 @@ def check_records(records: Sequence[RolloutRecord], tokenizer: Any, vocab_size: 
             raise BadInputError(
                 f"{source}:{i}: token id {max(ids)} is outside the checkpoint's vocabulary of {vocab_size}: "
                 "the records come from a different tokenizer"
+            )
+        if context is not None and len(ids) > context:
+            raise BadInputError(
+                f"{source}:{i}: the record is {len(ids)} tokens; the model's context is {context} "
+                "(the records were not sampled from this model)"
             )
         if not np.isfinite(r.advantage):
             raise BadInputError(f"{source}:{i}: advantage is {r.advantage}; re-score the rollouts")
@@ -168,6 +183,7 @@ def restore_train_state(ckpt: Checkpoint, trainer: Trainer) -> TrainState:
             f"{ckpt.path}/opt_state: cannot restore the optimizer state ({type(e).__name__}); "
             "was it written with another --optimizer?"
         ) from e
+    checksums.verify_tree(restored, expected_checksums(ckpt.meta, "opt_state"), f"{ckpt.path}/opt_state")
     return TrainState(
         params=params, opt_state=restored["opt_state"], step=restored["step"], rng=restored["rng"]
     )
@@ -203,7 +219,7 @@ def train_checkpoint(
     ckpt_path, out = Path(ckpt_path), Path(out)
     check_output(out, force)
     head = load_checkpoint(ckpt_path, load_params=False)
-    check_records(records, head.tokenizer(), head.cfg.vocab_size, source)
+    check_records(records, head.tokenizer(), head.cfg.vocab_size, source, head.cfg.max_position_embeddings)
     if resume:
         require_opt_state(head)
     widths = padded_shape(*_longest(records))

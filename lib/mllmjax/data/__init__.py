@@ -25,10 +25,12 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,15 +271,58 @@ def _read_hub(source: _Source, split: str) -> list[dict[str, Any]]:
     import datasets  # heavy; only hub specs need it
 
     label = source.name + (f" (config {source.config!r})" if source.config else "")
+    endpoint = _hub_endpoint()
+    online = _reachable(endpoint)
     try:
-        ds = datasets.load_dataset(source.name, source.config, split=split)
+        # Unreachable: the local cache only, at once (the hub client would retry for half a minute).
+        with contextlib.nullcontext() if online else _hub_offline():
+            ds = datasets.load_dataset(source.name, source.config, split=split)
     except Exception as e:  # ConnectionError, DatasetNotFoundError, ValueError for a split, ...
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if online else f" ({endpoint} cannot be reached and it is not in the local cache)"
         raise BadInputError(
-            f"could not fetch hub dataset {label}, split {split!r}: {cause}; without network access, "
+            f"could not fetch hub dataset {label}, split {split!r}{where}: {cause}; without network access, "
             f"pass a local .jsonl/.parquet file (or a directory with {split}.jsonl) to --data instead"
         ) from e
     return list(ds)
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` (False in offline mode)."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE for this call (the libraries read the variable once, at import)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _load_builtin(

@@ -74,9 +74,15 @@ def read_metrics(run_dir: Path, upto: int | None = None) -> list[dict[str, Any]]
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` whole: a reader sees the old file or the new one, never a mix."""
+    from mllmjax import cleanup
+
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    cleanup.register(tmp, "file")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        cleanup.remove(tmp)
 
 
 @dataclasses.dataclass(frozen=True)

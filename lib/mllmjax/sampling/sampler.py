@@ -22,6 +22,7 @@ import numpy as np
 
 from mllmjax.distributed import to_host
 from mllmjax.errors import BadInputError
+from mllmjax.faults import signal_point
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
 from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
@@ -133,6 +134,7 @@ def generate(
     _validate_run(n, max_new_tokens, max_batch)
     if not prompts_ids:
         return []
+    signal_point("sampling")
     _check_prompts(cfg, prompts_ids)
     cdt = jnp.dtype(compute_dtype if compute_dtype is not None else params["embed"].dtype)
     per_batch = max(1, max_batch // n)

@@ -108,8 +108,8 @@ class Sample:
     def __post_init__(self) -> None:
         if self.temperature == 0:
             raise BadInputError("Sample needs a temperature > 0; temperature 0 is Greedy()")
-        if not self.temperature > 0:
-            raise BadInputError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.temperature < float("inf"):
+            raise BadInputError(f"--temperature must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
         check_filters(self.top_k, self.top_p, self.min_p)
 
     def filtered_logits(self, logits: jax.Array) -> jax.Array:
@@ -163,8 +163,8 @@ def make_strategy(
     is Greedy; top_k 0, top_p 1 and min_p 0 (or None) switch that filter off. Defaults: the flags'.
     Out-of-range values are refused whether or not the run samples."""
     check_filters(top_k, top_p, min_p)
-    if not temperature >= 0:
-        raise BadInputError(f"--temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 <= temperature < float("inf"):
+        raise BadInputError(f"--temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
     if greedy or temperature == 0:
         return Greedy()
     return Sample(
