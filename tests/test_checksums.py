@@ -109,14 +109,10 @@ def test_convert_records_a_checksum_of_every_parameter(ckpt):
 
 def test_a_damaged_file_is_refused_naming_the_array(ckpt, tmp_path, monkeypatch):
     damaged = _damage(ckpt, tmp_path)
-    with pytest.raises(ArtifactError, match=r"params: array \S+ does not match its checksum"):
+    with pytest.raises(ArtifactError, match=r"params: array \S+ does not match its checksum") as named:
         load_checkpoint(damaged)
     with pytest.raises(ArtifactError, match="does not match its checksum"):  # verified before a cast too
         load_checkpoint(damaged, dtype=jnp.bfloat16)
-    monkeypatch.setenv(checksums.VERIFY_ENV, "1")
-    with pytest.raises(ArtifactError) as named:
-        monkeypatch.setenv(checksums.VERIFY_ENV, "0")
-        load_checkpoint(damaged)
     monkeypatch.setenv(checksums.VERIFY_ENV, "1")
     loaded = dict(_named(load_checkpoint(damaged).params))  # loads what is there
     good = dict(_named(load_checkpoint(ckpt).params))

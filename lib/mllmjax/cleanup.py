@@ -1,8 +1,8 @@
 """Temp files and directories that an interrupted command must not leave behind.
 
 Every writer of an output (records, checkpoints, exports, run files, the tokenizer staging of
-`convert`) creates its temp path through `temp_file`/`temp_dir`, which register it here until it is
-renamed into place or deleted. The CLI's signal watcher (`mllmjax_cli.interrupts`) stops a command at
+`convert`) registers its temp path here (`temp_file` for files, `register` for directories) until it
+is renamed into place or deleted. The CLI's signal watcher (`mllmjax_cli.interrupts`) stops a command at
 once, from another thread, while the main thread may be inside a long compiled call: it calls
 `remove_all()` and exits, so no `finally` of the main thread runs. `critical()` marks the few renames
 that must not be cut in the middle (an old checkpoint moved aside, the new one renamed in): the
@@ -127,26 +127,6 @@ def temp_file(directory: str | os.PathLike[str], name: str) -> Iterator[tuple[in
         raise
     else:
         unregister(tmp)
-
-
-@contextlib.contextmanager
-def temp_dir(path: str | os.PathLike[str] | None = None, *, prefix: str = "mllmjax-") -> Iterator[Path]:
-    """A registered temp directory (`path`, created here, or a new one in the system temp dir),
-    removed on any exception; on success the caller has renamed it away or removes it itself."""
-    if path is None:
-        p = Path(tempfile.mkdtemp(prefix=prefix))
-        register(p, "dir")
-    else:
-        p = Path(path)
-        register(p, "dir")
-        p.mkdir()
-    try:
-        yield p
-    except BaseException:
-        remove(p)
-        raise
-    else:
-        unregister(p)
 
 
 @contextlib.contextmanager

@@ -74,15 +74,9 @@ def read_metrics(run_dir: Path, upto: int | None = None) -> list[dict[str, Any]]
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` whole: a reader sees the old file or the new one, never a mix."""
-    from mllmjax import cleanup
+    from mllmjax.records import write_text_atomic
 
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    cleanup.register(tmp, "file")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        cleanup.remove(tmp)
+    write_text_atomic(path, text)
 
 
 @dataclasses.dataclass(frozen=True)
