@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
     def grpo(
         ctx: typer.Context,
         out: Annotated[Path | None, typer.Option("-o", "--out", help="Run directory (default: runs/grpo-DATE-TIME).")] = None,
-        config: Annotated[str | None, typer.Option("--config", help="TOML/YAML settings file or recipe name (gsm8k-qwen2.5-3b, embedded-default).")] = None,
+        config: Annotated[str | None, typer.Option("--config", help="TOML/YAML settings file or recipe name (dapo, gspo, embedded-default, gsm8k-qwen2.5-3b, gemma3-1b-gsm8k, qwen3-30b-a3b-gsm8k).")] = None,
         resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last checkpoint.")] = None,
         force: Force = False,
         json_out: Json = False,

@@ -118,6 +118,8 @@ class Display(Hook):
         ]  # fmt: skip
         for r in rows:
             t.add_row(*r)
+        if "entropy_loss" in m:
+            t.add_row("ent loss", v(m, "entropy_loss", "+.4f"), "policy loss", v(m, "policy_loss", "+.4f"))
         if rewards:
             t.add_row("rewards", rewards)
         return t
@@ -149,6 +151,7 @@ class Display(Hook):
         elif kind == "update":
             kl = "off" if "kl" in self.off else f"{data['kl']:.4f}"
             aux = f" router aux {data['router_aux']:.4f}" if "router_aux" in data else ""
+            aux += f" ent loss {data['entropy_loss']:+.4f}" if "entropy_loss" in data else ""
             self.progress.update(
                 self.task,
                 description=f"train: loss {data['loss']:+.4f} kl {kl} |g| {data['grad_norm']:.3f}{aux}",
@@ -189,6 +192,8 @@ def _log_line(m: dict[str, Any], steps: int, off: frozenset[str], eta: float | N
              f"zero-var {v('frac_reward_zero_std', '.2f')}", f"rollout {v('rollout_s', '.1f')}s",
              f"train {v('train_s', '.1f')}s", f"{v('rollout_tok_s', '.0f')} tok/s",
              f"logp gap max {v('logp_mismatch_max', '.1e')}"]  # fmt: skip
+    if "entropy_loss" in m:
+        parts.append(f"ent loss {m['entropy_loss']:+.4f}")
     if "eval/accuracy" in m:
         parts.append(f"eval acc {m['eval/accuracy']:.3f}")
     return "  ".join(parts)

@@ -124,7 +124,7 @@ def test_unknown_reward_lists_known(tmp_path):
 
 def test_unknown_estimator_lists_known(tmp_path):
     _, message = _bad(tmp_path, _jsonl(ROWS), "--advantage", "ppo")
-    assert "unknown advantage estimator 'ppo'; known: dr_grpo, grpo, grpo_clip2, reinforce, rloo" in message
+    assert "unknown advantage estimator 'ppo'; known: dr_grpo, grpo, grpo_clip2, reinforce, reinforce_pp, rloo" in message
 
 
 def test_bad_reward_function_spec(tmp_path):

@@ -16,6 +16,10 @@ rewards; global: mean, std over all rewards of all hosts; EPS = 1e-4):
 - dr_grpo:   r - mean_g                                (Dr. GRPO: no std division)
 - rloo:      r - mean of the other G-1 rewards = G / (G-1) * (r - mean_g)
 - reinforce: (r - mean) / (std + EPS)                  (a global z-score, no grouping)
+- reinforce_pp: c = r - mean_g, then (c - mean(c)) / (std(c) + EPS) over all c of all hosts
+                                                       (REINFORCE++ with a group baseline, Hu et al.
+                                                        2025, arXiv 2501.03262: the group mean removed,
+                                                        then the batch normalised as a whole)
 - grpo_clip2, kept for comparison: "grpo + 0.02 x global z-score, positives rescaled so the group max
   is 1.5, floor -4 x group max"; precisely, per group:
       a   = grpo(r) + 0.02 * reinforce(r)
@@ -104,6 +108,13 @@ def reinforce(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.n
     return _global_z(rewards, all_gather)
 
 
+def reinforce_pp(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
+    """REINFORCE++-baseline: r - mean_g, then a z-score over the whole batch of all hosts (via all_gather)."""
+    centred = _centred(rewards)
+    everything = np.asarray(all_gather(centred.reshape(-1)), dtype=np.float64)
+    return (centred - everything.mean()) / (everything.std() + EPS)
+
+
 def grpo_clip2(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.ndarray:
     """grpo plus a global z-score term, clipped (see the module docstring for the exact definition).
 
@@ -123,6 +134,7 @@ register_advantage("grpo", grpo)
 register_advantage("dr_grpo", dr_grpo)
 register_advantage("rloo", rloo)
 register_advantage("reinforce", reinforce)
+register_advantage("reinforce_pp", reinforce_pp)
 register_advantage("grpo_clip2", grpo_clip2)
 
 

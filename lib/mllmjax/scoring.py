@@ -22,6 +22,10 @@ Design decisions:
   `mask` computes advantages over the full group as usual, then sets the truncated ones to 0, so they
   carry no policy-gradient signal (the DAPO "overlong filtering" choice: the group baseline still sees
   them). The trainer can identify them by finish_reason.
+- `soft:L_MAX,L_CACHE` is DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476), by
+  length rather than by finish_reason: a completion of n tokens gets the "overlong" reward
+  -overlong_penalty * min(1, max(0, n - (L_MAX - L_CACHE)) / L_CACHE): 0 up to L_MAX - L_CACHE tokens,
+  then linear down to -overlong_penalty at L_MAX (and beyond). overlong_penalty 1 is DAPO's.
 - Zero-variance groups (all rewards exactly equal) are counted as `frac_reward_zero_std`; with
   `filter_zero_variance` their records are dropped from the output (whole groups only).
 """
@@ -35,7 +39,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +57,38 @@ from mllmjax.rewards import (
 )
 from mllmjax.settings import DEFAULTS, Settings
 
-OVERLONG_MODES = ("none", "mask", "penalty")
+OVERLONG_MODES = ("none", "mask", "penalty", "soft:L_MAX,L_CACHE")
 OVERLONG_REWARD = "overlong"
+
+
+def parse_soft_overlong(spec: str, max_new_tokens: int | None = None) -> tuple[int, int] | None:
+    """(L_MAX, L_CACHE) of an `--overlong soft:L_MAX,L_CACHE` spec; None for the other modes.
+
+    `soft:L_CACHE` takes L_MAX = max_new_tokens where the sampler's limit is known (grpo)."""
+    if not spec.startswith("soft:"):
+        return None
+    parts = spec[len("soft:") :].split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) == 1 and max_new_tokens is not None:
+        numbers = [max_new_tokens, numbers[0]]
+    if len(numbers) != 2:
+        known = " (or soft:L_CACHE, with L_MAX = --max-new-tokens)" if max_new_tokens is not None else ""
+        raise BadInputError(f"--overlong {spec!r}: expected soft:L_MAX,L_CACHE in tokens{known}")
+    l_max, l_cache = numbers
+    if not 0 < l_cache <= l_max:
+        raise BadInputError(
+            f"--overlong {spec!r}: need 0 < L_CACHE <= L_MAX, got L_MAX={l_max}, L_CACHE={l_cache}"
+        )
+    return l_max, l_cache
+
+
+def soft_overlong(lengths: np.ndarray, l_max: int, l_cache: int) -> np.ndarray:
+    """DAPO's soft overlong punishment in [-1, 0] for completions of `lengths` tokens."""
+    over = np.maximum(np.asarray(lengths, np.float64) - (l_max - l_cache), 0.0)
+    return 0.0 - np.minimum(over / l_cache, 1.0)  # 0.0, not -0.0, below the cache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +100,8 @@ class ScoreConfig:
     reward_fns: tuple[str, ...] = DEFAULTS.reward_fn
     advantage: str = DEFAULTS.advantage
     filter_zero_variance: bool = False
-    overlong: Literal["none", "mask", "penalty"] = DEFAULTS.overlong  # type: ignore[assignment]
+    # none, mask, penalty, or soft:L_MAX,L_CACHE
+    overlong: str = DEFAULTS.overlong
     overlong_penalty: float = DEFAULTS.overlong_penalty
     workers: int = 0
     correct_timeout_s: int = DEFAULT_CORRECT_TIMEOUT_S
@@ -78,7 +113,9 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         get_estimator(self.advantage)
-        if self.overlong not in OVERLONG_MODES:
+        if not isinstance(self.overlong, str) or (
+            self.overlong not in OVERLONG_MODES and parse_soft_overlong(self.overlong) is None
+        ):
             raise BadInputError(
                 f"--overlong must be one of {', '.join(OVERLONG_MODES)}, got {self.overlong!r}"
             )
@@ -98,24 +135,24 @@ class ScoreConfig:
         names = [
             name for name, _, _ in self.resolved_rewards()
         ]  # unknown names fail before any input is read
-        if self.overlong == "penalty" and OVERLONG_REWARD in names:
+        if self.overlong != "none" and self.overlong != "mask" and OVERLONG_REWARD in names:
             raise BadInputError(
-                f"--overlong penalty adds a reward named {OVERLONG_REWARD!r}; rename the custom one"
+                f"--overlong {self.overlong} adds a reward named {OVERLONG_REWARD!r}; rename the custom one"
             )
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> ScoreConfig:
         """The score settings of `settings` (reward, reward_fn, advantage, overlong, overlong_penalty);
-        `kwargs` sets the others (filter_zero_variance, workers, group_size, source, ...)."""
-        return cls(
+        `kwargs` sets the others (filter_zero_variance, workers, group_size, source, ...) or overrides."""
+        own = dict(
             rewards=settings.reward,
             reward_fns=tuple(settings.reward_fn),
             advantage=settings.advantage,
-            overlong=settings.overlong,  # type: ignore[arg-type]  # validated in __post_init__
+            overlong=settings.overlong,
             overlong_penalty=settings.overlong_penalty,
             reward_timeout_s=settings.reward_timeout,
-            **kwargs,
         )
+        return cls(**{**own, **kwargs})
 
     def weights(self) -> tuple[tuple[str, float], ...]:
         items = parse_reward_weights(self.rewards)
@@ -239,8 +276,13 @@ def score_records(
     total = np.zeros(n, dtype=np.float64)
     for name, _, weight in resolved:
         total += weight * values[name]
+    soft = parse_soft_overlong(config.overlong)
     if config.overlong == "penalty":
         values[OVERLONG_REWARD] = np.where(truncated, -float(config.overlong_penalty), 0.0)
+        total += values[OVERLONG_REWARD]
+    elif soft is not None:
+        lengths = np.array([len(r.completion_ids) for r in records])
+        values[OVERLONG_REWARD] = float(config.overlong_penalty) * soft_overlong(lengths, *soft)
         total += values[OVERLONG_REWARD]
 
     index = np.array(groups.index)  # [groups, G] positions into records

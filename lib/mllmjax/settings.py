@@ -65,12 +65,19 @@ class Settings:
         "Seconds each custom reward call may run; one that runs longer scores 0 and is listed in "
         "reward_errors (the limit interrupts Python code, not a C extension that never returns to it).",
     )
-    advantage: str = setting("grpo", "Advantage estimator: grpo, dr_grpo, rloo, reinforce, grpo_clip2.")
+    advantage: str = setting(
+        "grpo",
+        "Advantage estimator: grpo, dr_grpo, rloo, reinforce, reinforce_pp (REINFORCE++: group mean "
+        "removed, then a batch z-score), grpo_clip2.",
+    )
     overlong: str = setting(
         "none",
-        "Completions cut at max length: none; mask (advantage 0); penalty (reward -= --overlong-penalty).",
+        "Long completions: none; mask (cut ones get advantage 0); penalty (cut ones: reward -= "
+        "--overlong-penalty); soft:L_MAX,L_CACHE (DAPO: reward -= --overlong-penalty x (n - (L_MAX - "
+        "L_CACHE)) / L_CACHE for n tokens past L_MAX - L_CACHE, capped at 1; grpo also takes soft:L_CACHE "
+        "with L_MAX = --max-new-tokens).",
     )
-    overlong_penalty: float = setting(1.0, "Penalty for --overlong penalty.")
+    overlong_penalty: float = setting(1.0, "Size of the --overlong penalty (and the scale of soft's).")
     dynamic_sampling: bool = setting(
         False, "Sample more prompts until every group in the batch has varying rewards."
     )
@@ -85,9 +92,22 @@ class Settings:
     warmup: float = setting(0.05, "Warm-up fraction of all updates.")
     beta: float = setting(0.04, "KL coefficient; 0 keeps no reference model.")
     kl: str = setting("k3", "KL estimator: k1, k2 or k3.")
-    clip_low: float = setting(0.2, "Ratio clip below: 1 - clip_low.")
+    clip_low: float = setting(0.2, "Ratio clip below: 1 - clip_low (1: no lower clip).")
     clip_high: float = setting(0.3, "Ratio clip above: 1 + clip_high.")
     loss_agg: str = setting("token", "token (global token mean), sequence, or dr_grpo.")
+    loss: str = setting(
+        "ppo",
+        "Policy-gradient term: ppo (-min(r A, clip(r) A)) or cispo (MiniMax-M1: -sg(clip(r)) A log p; "
+        "--clip-low 1 leaves no lower clip).",
+    )
+    ratio_level: str = setting(
+        "token",
+        "Importance ratio per token, or per sequence (GSPO: exp of the mean log-ratio over the "
+        "completion, clipped as a whole; recipe gspo).",
+    )
+    entropy_coef: float = setting(
+        0.0, "Entropy bonus: the loss gets -coef x the completion tokens' entropy (aggregated as the loss)."
+    )
     tis_cap: float | None = setting(None, "Truncated importance sampling against the sampler's log-probs.")
     router_aux_coef: float = setting(
         0.0,
@@ -130,5 +150,6 @@ DEFAULTS = Settings()
 
 # The settings `training.make_train_config` reads: the flags `train` and `grpo` share.
 TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
-                  "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "temperature", "tis_cap", "remat",
-                  "layer_loop", "compute_dtype", "attention", "router_aux_coef")  # fmt: skip
+                  "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "loss", "ratio_level",
+                  "entropy_coef", "temperature", "tis_cap", "remat", "layer_loop", "compute_dtype", "attention",
+                  "router_aux_coef")  # fmt: skip

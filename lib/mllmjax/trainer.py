@@ -12,6 +12,9 @@ Design decisions:
   epochs; log-probs passed in the batch (e.g. the sampler's) are used as-is instead.
 - When the batch carries the sampler's log-probs, every update reports `logp_mismatch_mean`/`_max`:
   |old - sampler| over its completion tokens, the sampler/trainer drift users watch (~0 in float32).
+- The loss variants (GSPO's sequence ratio, CISPO, the entropy bonus) live in `mllmjax.loss`; the
+  trainer passes the per-token entropy to the loss and asks for its gradient only when the entropy
+  coefficient is > 0 (otherwise the entropy stays a metric, with no backward cost).
 - Reference log-probs for the KL term are computed once per batch (the reference is frozen), and the
   reference parameters are kept only when beta > 0.
 - A mixture-of-experts model's router load-balancing loss (HF's `load_balancing_loss_func`) is reported
@@ -281,6 +284,7 @@ class Trainer:
             chunk_size=self.cfg.logit_chunk,
             recompute=self.cfg.logit_recompute,
             softcap=self.model_cfg.final_logit_softcap,
+            entropy_grad=self.cfg.loss.entropy_coef > 0,
         )
         return logp, ent, aux
 
@@ -304,8 +308,9 @@ class Trainer:
             ref_logp=batch.ref_logps,
             sampler_logp=batch.sampler_logps,
             token_count=token_count,
+            entropy=ent,
         )
-        metrics["entropy"] = jnp.sum(batch.completion * ent) / token_count
+        metrics["entropy"] = jax.lax.stop_gradient(jnp.sum(batch.completion * ent) / token_count)
         if self._router:
             router_aux = share * load_balancing_loss(aux)
             loss = loss + self.cfg.router_aux_coef * router_aux
@@ -343,6 +348,8 @@ class Trainer:
         }
         if self._router:
             zero_metrics["router_aux"] = jnp.zeros((), jnp.float32)
+        if self.cfg.loss.entropy_coef > 0:
+            zero_metrics["entropy_loss"] = jnp.zeros((), jnp.float32)
         zero_metrics["ratio_min"] = jnp.array(jnp.inf, jnp.float32)
         zero_metrics["ratio_max"] = jnp.array(-jnp.inf, jnp.float32)
         if batch.sampler_logps is not None:

@@ -134,7 +134,8 @@ def make_train_config(settings: Settings) -> TrainConfig:
     s = settings
     return TrainConfig(
         loss=LossConfig(clip_low=s.clip_low, clip_high=s.clip_high, aggregation=s.loss_agg, beta=s.beta,
-                        kl_estimator=s.kl, tis_cap=s.tis_cap),
+                        kl_estimator=s.kl, tis_cap=s.tis_cap, loss=s.loss, ratio_level=s.ratio_level,
+                        entropy_coef=s.entropy_coef),
         optim=OptimConfig(name=s.optimizer, peak_lr=s.lr, warmup_frac=s.warmup, weight_decay=s.weight_decay,
                           total_updates=total_updates(s.steps, s.ppo_epochs, s.minibatches)),
         ppo_epochs=s.ppo_epochs, minibatches=s.minibatches, micro_batch=s.micro_batch, remat=s.remat,

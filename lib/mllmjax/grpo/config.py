@@ -83,11 +83,22 @@ class GRPOConfig(Settings):
         return RolloutConfig.from_settings(self, seed=seed, group_size=group_size, greedy=greedy)
 
     def score_config(self) -> ScoreConfig:
-        from mllmjax.scoring import ScoreConfig
+        from mllmjax.scoring import ScoreConfig, parse_soft_overlong
 
+        overlong = self.overlong
+        soft = parse_soft_overlong(overlong, self.max_new_tokens) if isinstance(overlong, str) else None
+        if soft is not None:
+            l_max, l_cache = soft
+            if l_max - l_cache >= self.max_new_tokens:
+                raise BadInputError(
+                    f"--overlong {overlong}: completions stop at --max-new-tokens {self.max_new_tokens}, "
+                    f"so the penalty, which starts after L_MAX - L_CACHE = {l_max - l_cache} tokens, never applies"
+                )
+            overlong = f"soft:{l_max},{l_cache}"
         return ScoreConfig.from_settings(
-            self, filter_zero_variance=self.dynamic_sampling, group_size=self.group_size, source="rollouts"
-        )
+            self, filter_zero_variance=self.dynamic_sampling, group_size=self.group_size, source="rollouts",
+            overlong=overlong,
+        )  # fmt: skip
 
     def train_config(self) -> TrainConfig:
         from mllmjax.training import make_train_config

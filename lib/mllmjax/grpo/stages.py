@@ -121,12 +121,14 @@ def train_on_records(
 
 
 def update_metrics(history: Sequence[dict[str, float]]) -> dict[str, float]:
-    """A step's metrics from its updates' (`Trainer.train_on_batch`): means of the losses, KL, entropy,
+    """A step's metrics from its updates' (`Trainer.train_on_batch`): means of the losses (the entropy
+    bonus's `entropy_loss` among them when it is on), KL, entropy,
     clip fractions (and `clip_frac`, their sum), ratio mean and gradient norm; the extremes of the ratio
     and of the sampler/trainer log-prob gap; the last learning rate."""
     row: dict[str, float] = {}
     means = ["loss", "policy_loss", "kl", "entropy", "clip_low", "clip_high", "ratio_mean", "grad_norm"]
-    means += [k for k in ("router_aux", "logp_mismatch_mean") if k in history[0]]  # MoE; sampler log-probs
+    # MoE; sampler log-probs; --entropy-coef
+    means += [k for k in ("router_aux", "logp_mismatch_mean", "entropy_loss") if k in history[0]]
     for key in means:
         row[key] = float(np.mean([h[key] for h in history]))
     row["clip_frac"] = row["clip_low"] + row["clip_high"]
