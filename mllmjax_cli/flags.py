@@ -53,6 +53,8 @@ def _parameter(name: str, override: Override | None) -> inspect.Parameter:
     if _repeatable(kind):  # Typer collects a repeated option as a list; None when not given
         kind, default = list[typing.get_args(kind)[0]] | None, None
     names = (SHORT[name], flag_name(name)) if name in SHORT else (flag_name(name),)
+    if kind is bool:  # --x/--no-x: a recipe or config file that turns one on can be overridden
+        names = (f"{flag_name(name)}/--no-{name.replace('_', '-')}",)
     annotation = Annotated[kind, typer.Option(*names, help=help)]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 

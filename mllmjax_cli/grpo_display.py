@@ -120,6 +120,9 @@ class Display(Hook):
             t.add_row(*r)
         if "entropy_loss" in m:
             t.add_row("ent loss", v(m, "entropy_loss", "+.4f"), "policy loss", v(m, "policy_loss", "+.4f"))
+        if "estimator" in m or "replayed" in m:
+            t.add_row("estimator", str(m.get("estimator", "")), "replayed", v(m, "replayed", ".0f"),
+                      "buffer", v(m, "replay_buffer", ".0f"))
         if rewards:
             t.add_row("rewards", rewards)
         return t
@@ -139,7 +142,7 @@ class Display(Hook):
                 self.log(f"resuming at step {data['step']} of {data['steps']}")
         elif kind == "convert":
             self.log(f"converting the model into the cache: {data['out']}")
-        elif kind == "memory":
+        elif kind in ("memory", "switch"):
             self.log(data["line"])
         elif kind == "phase":
             self.phase = data["phase"]
@@ -194,6 +197,10 @@ def _log_line(m: dict[str, Any], steps: int, off: frozenset[str], eta: float | N
              f"logp gap max {v('logp_mismatch_max', '.1e')}"]  # fmt: skip
     if "entropy_loss" in m:
         parts.append(f"ent loss {m['entropy_loss']:+.4f}")
+    if "estimator" in m:
+        parts.append(f"estimator {m['estimator']} ({m['switch_reason']})")
+    if "replayed" in m:
+        parts.append(f"replayed {m['replayed']:.0f} buffer {m['replay_buffer']:.0f}")
     if "eval/accuracy" in m:
         parts.append(f"eval acc {m['eval/accuracy']:.3f}")
     return "  ".join(parts)

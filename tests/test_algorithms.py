@@ -3,6 +3,7 @@ the dapo/gspo recipes), each against a plain numpy reference of its formula on h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -341,3 +342,91 @@ def test_the_dapo_and_gspo_recipes_run_on_the_embedded_default():
     # With a model and data of the user's, a recipe sets the algorithm only.
     mine = build_config(read_config_file("gspo"), {"model": "ckpt", "data": "gsm8k"})
     assert mine.max_new_tokens == 1024 and mine.train_config().loss.ratio_level == "sequence"
+
+
+# ------------------------------------------------------------------ estimator switch, replay buffer
+def test_the_estimator_switch_reads_the_last_measured_entropy():
+    from mllmjax.grpo.replay import parse_switch, step_mode
+
+    assert parse_switch("entropy<0.2") == 0.2 and parse_switch(" entropy < 1e-1 ") == 0.1
+    assert parse_switch(None) is None
+    for bad in ("entropy>0.2", "entropy<-1", "entropy<nan", "kl<0.1", "entropy<"):
+        with pytest.raises(BadInputError, match="estimator-switch"):
+            parse_switch(bad)
+    kw = {"estimator": "grpo", "group_size": 8, "prompts": 2}
+    rows = [{"step": 0, "eval/accuracy": 0.1}]  # the step-0 evaluation measures no entropy
+    assert step_mode(0.2, rows, **kw).reason == "no entropy measured yet"
+    low = step_mode(0.2, [*rows, {"entropy": 0.15}, {"skipped": 1.0}], **kw)
+    assert (low.estimator, low.group_size, low.prompts, low.reason) == (
+        "reinforce",
+        1,
+        16,
+        "entropy 0.15 < 0.2",
+    )
+    high = step_mode(0.2, [{"entropy": 0.15}, {"entropy": 0.25}], **kw)
+    assert (high.estimator, high.group_size, high.prompts, high.reason) == (
+        "grpo",
+        8,
+        2,
+        "entropy 0.25 >= 0.2",
+    )
+    assert step_mode(None, [{"entropy": 0.01}], **kw).reason == ""
+
+
+def test_the_switch_needs_a_per_group_estimator_and_replay_a_probability():
+    with pytest.raises(BadInputError, match="per-group"):
+        build_config({"estimator_switch": "entropy<0.2", "advantage": "reinforce", "dynamic_sampling": False})
+    with pytest.raises(BadInputError, match="replay-prob"):
+        build_config({"replay_prob": 1.5})
+    with pytest.raises(BadInputError, match="replay-size"):
+        build_config({"replay_prob": 0.5, "replay_size": 0})
+
+
+def test_single_samples_score_with_reinforce_as_a_batch_z_score():
+    records = [_record(g, 0, 3, answer=a) for g, a in enumerate(["4", "5", "4", "7"])]
+    scored, summary = score_records(
+        records, ScoreConfig(rewards="correct=1.0", advantage="reinforce", group_size=1)
+    )
+    r = np.array([1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose([x.advantage for x in scored], (r - 0.5) / (0.5 + 1e-4))
+    assert summary["frac_reward_zero_std"] == 0.0  # no group, so none without variance
+    with pytest.raises(BadInputError, match="G must be an integer >= 2"):
+        ScoreConfig(advantage="grpo", group_size=1)
+
+
+def test_a_continuation_is_scored_on_its_partial_completion_and_what_follows():
+    # The partial completion opened the answer tag; the continuation closes it: correct only together.
+    rec = dataclasses.replace(_record(0, 0, 3), completion="4</answer>",
+                              meta={"replay": {"prefix": "<think>2+2</think>\n<answer>", "from_step": 1}})  # fmt: skip
+    plain = dataclasses.replace(rec, sample=1, meta={})
+    scored, _ = score_records([rec, plain], ScoreConfig(rewards="correct=1.0,format=1.0"))
+    assert scored[0].rewards == {"correct": 1.0, "format": 1.0}
+    assert scored[1].rewards["format"] == 0.0
+
+
+def test_the_replay_buffer_is_bounded_seeded_and_round_trips():
+    from mllmjax.grpo.replay import ReplayBuffer, step_candidates
+
+    def fill(seed):
+        rng = np.random.default_rng(seed)
+        buf = ReplayBuffer(3)
+        for step in (1, 2):
+            records = [_record(g, s, n) for g in range(2) for s, n in enumerate([1, 4, 6])]
+            buf = buf.add(step_candidates(records, {0: 10 * step, 1: 10 * step + 1}, rng), step, rng)
+        return buf
+
+    buf = fill(0)
+    assert len(buf.entries) == 3 and [e.step for e in buf.entries] == [1, 2, 2]  # the newest 3 of 4
+    assert [e.problem for e in buf.entries] == [11, 20, 21]
+    for e in buf.entries:  # a cut of a 4- or 6-token completion (never the 1-token one), 1..n-1 kept
+        assert 1 <= len(e.prefix_ids) <= 5 and set(e.prefix_ids) == {5}
+    assert fill(0) == buf
+    assert ReplayBuffer.from_json(3, buf.to_json()) == buf
+    # Draws: each slot is replaced with probability p while entries are left; drawn entries leave.
+    slots, rest = buf.draw(10, 1.0, np.random.default_rng(1))
+    assert sum(s is not None for s in slots) == 3 and slots[3:] == [None] * 7 and rest.entries == ()
+    slots, rest = buf.draw(4, 0.0, np.random.default_rng(1))
+    assert slots == [None] * 4 and rest == buf
+    a, _ = buf.draw(6, 0.5, np.random.default_rng(7))
+    b, _ = buf.draw(6, 0.5, np.random.default_rng(7))
+    assert a == b

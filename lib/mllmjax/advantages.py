@@ -32,6 +32,9 @@ rewards; global: mean, std over all rewards of all hosts; EPS = 1e-4):
   raised to -4 * m = 0.08 * |z| > 0: an all-wrong group is pushed *up*. Above the global mean every
   member is rescaled to exactly 1.5, so an all-right group gets the largest advantage there is.
 
+`reinforce` needs no groups at all, so it also takes G = 1 (one sample per prompt, as grpo's estimator
+switch samples); every other estimator needs G >= 2.
+
 In grpo, dr_grpo and rloo an all-equal group gets exactly 0 (the centred rewards are set to 0 rather
 than left as rounding noise of order 1e-17 / EPS).
 """
@@ -130,6 +133,9 @@ def grpo_clip2(rewards: np.ndarray, *, all_gather: AllGather = _identity) -> np.
     return np.maximum(a, -4.0 * a.max(axis=1, keepdims=True))
 
 
+# Estimators that need no group: they take one sample per prompt (a global statistic is the baseline).
+SINGLE_SAMPLE = ("reinforce",)
+
 register_advantage("grpo", grpo)
 register_advantage("dr_grpo", dr_grpo)
 register_advantage("rloo", rloo)
@@ -155,7 +161,7 @@ def compute_advantages(
         raise BadInputError(
             f"rewards must be shaped [groups, G] with at least one group, got shape {r.shape}"
         )
-    if r.shape[1] < 2:
+    if r.shape[1] < 2 and name not in SINGLE_SAMPLE:
         raise BadInputError(
             f"group size G must be >= 2 for group advantages, got G={r.shape[1]} "
             "(sample several completions per prompt: -G/--group-size)"

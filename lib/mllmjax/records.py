@@ -38,6 +38,10 @@ from typing import Any, Literal
 
 from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError, RecordError, utf8_lines
 
+# meta key of a record that continues a partial completion (grpo's replay buffer): {"prefix": its text,
+# "from_step": the step that sampled it}; rewards judge prefix + completion (`scoring.scored_text`).
+CONTINUATION_KEY = "replay"
+
 SCHEMA = "mllmjax.rollout/1"
 FINISH_REASONS = ("stop", "length")
 STDIO = "-"

@@ -25,7 +25,7 @@ from mllmjax.errors import BadInputError
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
 from mllmjax.prompts import EXAMPLES, SYSTEM_PROMPT, build_prompt, load_system_prompt
-from mllmjax.records import RolloutRecord
+from mllmjax.records import CONTINUATION_KEY, RolloutRecord
 from mllmjax.sampling.sampler import generate
 from mllmjax.sampling.strategies import Strategy, make_strategy
 from mllmjax.settings import DEFAULTS, Settings
@@ -91,8 +91,19 @@ def make_rollouts(
 ) -> list[RolloutRecord]:
     """Sample `cfg.group_size` completions for each problem; records come group by group, numbered
     from `first_group`. Problem i is sampled as problem first_index + i of the run (its random stream).
-    on_batch(tokens_done, samples_done) reports progress."""
+    on_batch(tokens_done, samples_done) reports progress. A problem whose meta holds a continuation
+    (`CONTINUATION_KEY`: prefix_ids, from_step; the grpo replay buffer) is prompted with those tokens
+    after its prompt, and its records carry the prefix's text in meta[CONTINUATION_KEY]["prefix"]."""
     encoded = [encode_prompt(tokenizer, p, cfg) for p in problems]
+    # Continuation prompts (the grpo replay buffer): the prompt followed by a partial completion.
+    continued: dict[int, dict[str, Any]] = {}
+    for i, p in enumerate(problems):
+        replay = p.meta.get(CONTINUATION_KEY)
+        if replay is not None:
+            prefix = tokenizer.decode(replay["prefix_ids"], skip_special_tokens=True)
+            text, ids = encoded[i]
+            encoded[i] = (text + prefix, ids + list(replay["prefix_ids"]))
+            continued[i] = {"prefix": prefix, "from_step": replay["from_step"]}
     completions = generate(
         params,
         model_cfg,
@@ -125,8 +136,9 @@ def make_rollouts(
                 finish_reason=c.finish_reason,
                 answer=problem.answer,
                 policy=policy,
-                meta=dict(meta or {}),
-            )
+                meta={**(meta or {}), **({CONTINUATION_KEY: continued[c.prompt_index]}
+                                         if c.prompt_index in continued else {})},
+            )  # fmt: skip
         )
     return records
 

@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 
 from mllmjax import rewards as rewards_lib
-from mllmjax.advantages import AllGather, compute_advantages, get_estimator, zero_variance
+from mllmjax.advantages import SINGLE_SAMPLE, AllGather, compute_advantages, get_estimator, zero_variance
 from mllmjax.errors import BadInputError, RuntimeFailure
-from mllmjax.records import RolloutRecord, group_records
+from mllmjax.records import CONTINUATION_KEY, RolloutRecord, group_records
 from mllmjax.rewards import (
     DEFAULT_CORRECT_TIMEOUT_S,
     RewardFn,
@@ -130,8 +130,9 @@ class ScoreConfig:
                 f"the correct-reward time limit must be whole seconds >= 1, got {self.correct_timeout_s!r}"
             )
         rewards_lib.check_custom_timeout(self.reward_timeout_s)
-        if self.group_size is not None and (type(self.group_size) is not int or self.group_size < 2):
-            raise BadInputError(f"group size G must be an integer >= 2, got {self.group_size!r}")
+        least = 1 if self.advantage in SINGLE_SAMPLE else 2
+        if self.group_size is not None and (type(self.group_size) is not int or self.group_size < least):
+            raise BadInputError(f"group size G must be an integer >= {least}, got {self.group_size!r}")
         names = [
             name for name, _, _ in self.resolved_rewards()
         ]  # unknown names fail before any input is read
@@ -188,6 +189,15 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def scored_text(record: RolloutRecord) -> str:
+    """The text rewards judge: the completion, after the partial completion it continues when it is a
+    continuation (meta["replay"]["prefix"], from grpo's replay buffer: the answer may lie in either)."""
+    replay = record.meta.get(CONTINUATION_KEY)
+    if isinstance(replay, dict) and isinstance(replay.get("prefix"), str):
+        return replay["prefix"] + record.completion
+    return record.completion
+
+
 def _evaluate_all(
     records: Sequence[RolloutRecord],
     resolved: tuple[tuple[str, RewardFn, float], ...],
@@ -197,7 +207,7 @@ def _evaluate_all(
     custom_timeout_s: float | None = None,
 ) -> list[RewardOutcome]:
     needs_record = any(fn not in rewards_lib.BUILTIN_FNS for _, fn, _ in resolved)
-    items = [(r.completion, r.answer, r.to_dict() if needs_record else None) for r in records]
+    items = [(scored_text(r), r.answer, r.to_dict() if needs_record else None) for r in records]
     if workers == 0 and threading.current_thread() is not threading.main_thread():
         workers = 1  # math-verify's signal.alarm time limit needs a main thread: use a process's
     if workers == 0:
@@ -257,7 +267,7 @@ def score_records(
     """
     started = time.perf_counter()
     groups = group_records(records, group_size=config.group_size, source=config.source)
-    if groups.group_size < 2:
+    if groups.group_size < 2 and config.advantage not in SINGLE_SAMPLE:
         raise BadInputError(
             f"{config.source}: group size G must be >= 2 for group advantages, got G={groups.group_size} "
             "(sample several completions per prompt: -G/--group-size)"
@@ -292,7 +302,8 @@ def score_records(
     advantage[index.reshape(-1)] = advantages_2d.reshape(-1)
     if config.overlong == "mask":
         advantage = np.where(truncated, 0.0, advantage)
-    zero_std = zero_variance(grouped)
+    # One sample per prompt (reinforce) has no group whose rewards could vary: none is zero-variance.
+    zero_std = zero_variance(grouped) if groups.group_size > 1 else np.zeros(len(grouped), bool)
     keep = np.ones(n, dtype=bool)
     if config.filter_zero_variance:
         keep[index[zero_std].reshape(-1)] = False

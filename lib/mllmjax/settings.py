@@ -82,6 +82,18 @@ class Settings:
         False, "Sample more prompts until every group in the batch has varying rewards."
     )
     max_sampling_rounds: int = setting(4, "Most sampling rounds per step with --dynamic-sampling.")
+    estimator_switch: str | None = setting(
+        None,
+        "entropy<T: after a step whose policy entropy fell below T (nats per token), sample "
+        "prompts-per-step x G prompts x 1 completion and score them with reinforce; otherwise prompts x G "
+        "with --advantage. Off by default.",
+    )
+    replay_prob: float = setting(
+        0.0,
+        "Replay buffer: the probability that a step's prompt is replaced by a continuation of a partial "
+        "completion stored from an earlier step (0 = off).",
+    )
+    replay_size: int = setting(64, "Most partial completions the replay buffer keeps (the newest).")
     # Train.
     ppo_epochs: int = setting(2, "Passes over each batch.")
     minibatches: int = setting(1, "Optimizer updates per epoch.")

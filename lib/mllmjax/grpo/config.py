@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mllmjax.errors import BadInputError
+from mllmjax.grpo.replay import parse_switch
 from mllmjax.settings import DEFAULT_MESH, Settings, setting
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class GRPOConfig(Settings):
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "batch_size",
-                    "max_sampling_rounds", "save_every", "keep", "eval_num_prompts")  # fmt: skip
+                    "max_sampling_rounds", "save_every", "keep", "eval_num_prompts", "replay_size")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -67,6 +68,14 @@ class GRPOConfig(Settings):
                 f"--dynamic-sampling assembles the batch from several sampling rounds, so it needs a per-group "
                 f"advantage estimator ({', '.join(PER_GROUP_ESTIMATORS)}), not {self.advantage!r}"
             )
+        if parse_switch(self.estimator_switch) is not None and self.advantage not in PER_GROUP_ESTIMATORS:
+            raise BadInputError(
+                f"--estimator-switch alternates a per-group estimator ({', '.join(PER_GROUP_ESTIMATORS)}) "
+                f"with reinforce; --advantage {self.advantage} is not one"
+            )
+        p = self.replay_prob
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+            raise BadInputError(f"--replay-prob must be a probability in [0, 1], got {p!r}")
         for r in self.report_to:
             if r not in ("tensorboard", "wandb"):
                 raise BadInputError(f"unknown --report-to {r!r}; choose from tensorboard, wandb")

@@ -11,6 +11,7 @@ from typing import Any
 from mllmjax.convert import resolve_model
 from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError
 from mllmjax.grpo.config import GRPOConfig
+from mllmjax.grpo.replay import ReplayBuffer
 from mllmjax.grpo.report import Hook, check_reporters, reporting_hooks
 from mllmjax.grpo.run_dir import CONFIG_FILE, RunDir, read_run_config
 from mllmjax.grpo.stages import train_rng
@@ -42,13 +43,15 @@ class RunContext:
 @dataclasses.dataclass
 class RunState:
     """What a step changes: the train state (params, optimizer, update count, RNG), the last finished
-    step, the cursor into the data order, the metrics rows so far and the last checkpointed step."""
+    step, the cursor into the data order, the metrics rows so far (the estimator switch reads the last
+    entropy there), the last checkpointed step and the replay buffer (`grpo.replay`)."""
 
     train: Any
     step: int = 0
     cursor: int = 0
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     saved_step: int = -1
+    replay: ReplayBuffer | None = None
 
 
 def check_run_dir(path: Path, *, resume: bool, force: bool) -> None:
@@ -93,6 +96,7 @@ def open_run(
                         "model_config": start.cfg.family, "devices": jax.device_count(),
                         "processes": jax.process_count()})  # fmt: skip
         state = RunState(train=trainer.init_state(start.params, train_rng(cfg.seed)))
+        state.replay = ReplayBuffer(cfg.replay_size)
     barrier("grpo:setup")
     ctx = RunContext(
         cfg=cfg, run_dir=run_dir, start_checkpoint=start_checkpoint, mesh=mesh, sample_mesh=sample_mesh,
@@ -165,8 +169,10 @@ def _resumed_state(cfg: GRPOConfig, run_dir: RunDir, trainer: Any, start_params:
         grpo_meta = ckpt.meta.get("grpo", {})
         step = int(grpo_meta.get("step", steps[-1]))
         state = RunState(restore_train_state(ckpt, trainer), step=step, cursor=int(grpo_meta["cursor"]))
+        state.replay = ReplayBuffer.from_json(cfg.replay_size, grpo_meta.get("replay"))
     else:  # killed before the first checkpoint: start over in the same directory
         state = RunState(trainer.init_state(start_params, train_rng(cfg.seed)))
+        state.replay = ReplayBuffer(cfg.replay_size)
     state.metrics = run_dir.read_metrics(upto=state.step)
     state.saved_step = state.step
     run_dir.rewrite_metrics(state.metrics)
@@ -190,6 +196,8 @@ def check_memory(
 
     rcfg = cfg.rollout_config(seed=0)
     longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) for p in problems[:256])
+    if cfg.replay_prob > 0:  # a continuation prompt holds up to max_new_tokens - 1 completion tokens more
+        longest += cfg.max_new_tokens - 1
     dtype = jax.tree.leaves(start.params)[0].dtype.name
     # Not donated: the updates take over a copy, and the state the step started from stays alive
     # beside it (to roll the step back), which is the "new state" of a non-donated update.

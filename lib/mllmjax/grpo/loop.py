@@ -13,6 +13,7 @@ from typing import Any
 from mllmjax.grpo import faults
 from mllmjax.grpo.config import GRPOConfig
 from mllmjax.grpo.context import RunContext, RunState, check_run_dir, open_run
+from mllmjax.grpo.replay import parse_switch, step_mode
 from mllmjax.grpo.report import Hook
 from mllmjax.grpo.stages import collect_rollouts, evaluate, summary_metrics, train_on_records
 
@@ -126,12 +127,22 @@ class GRPORun:
         step = state.step + 1
         t0 = time.perf_counter()
         compiled_before, sys_before = compile_seconds(), system_seconds()
-        records, summary, counters, cursor = collect_rollouts(ctx, state.train.params, step, state.cursor,
-                                                              self.emit)  # fmt: skip
+        mode = step_mode(parse_switch(cfg.estimator_switch), state.metrics, estimator=cfg.advantage,
+                         group_size=cfg.group_size, prompts=cfg.prompts_per_step)  # fmt: skip
+        previous = next((r["estimator"] for r in reversed(state.metrics) if "estimator" in r), cfg.advantage)
+        if mode.estimator != previous:  # log each change of estimator with its reason
+            what = f"{mode.prompts} prompts x {mode.group_size} with {mode.estimator}"
+            self.emit("switch", {"step": step, "line": f"step {step}: {mode.reason}: sampling {what}"})
+        records, summary, counters, cursor, replay = collect_rollouts(
+            ctx, state.train.params, step, state.cursor, self.emit, mode=mode, replay=state.replay
+        )
         rollout_compile_s = compile_seconds() - compiled_before
         rollout_sys_s = system_seconds() - sys_before
         faults.crash_point("rollout", step)
         row: dict[str, Any] = {"step": step, **summary_metrics(summary), **counters}
+        if mode.reason:  # the estimator switch is on: which estimator the step used, and why
+            row["estimator"] = mode.estimator
+            row["switch_reason"] = mode.reason
         row["rollout_tok_s"] = counters["completion_tokens"] / max(counters["rollout_s"], 1e-9)
         train, train_row = train_on_records(ctx, state.train, step, records, self.emit)
         row.update(train_row)
@@ -149,7 +160,7 @@ class GRPORun:
             write_records(records, ctx.run_dir.rollouts_file(step), force=True)
         ctx.run_dir.append_metrics(row)
         # The step is done: from here a crash resumes from the last checkpoint and cuts the line again.
-        state.train, state.cursor, state.step = train, cursor, step
+        state.train, state.cursor, state.step, state.replay = train, cursor, step, replay
         self._record(ctx, state, row)
         faults.crash_point("metrics", step)
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -173,7 +184,9 @@ class GRPORun:
             out, params=state.train.params, hf_config=ctx.hf_config, write_tokenizer=side_files,
             source=start, step=step, parent=start, force=True, opt_state=state_extras(state.train),
             extra_meta={"reference": start, "updates": int(state.train.step),
-                        "grpo": {"run": str(self.path), "step": step, "cursor": state.cursor}},
+                        "grpo": {"run": str(self.path), "step": step, "cursor": state.cursor,
+                                 **({"replay": state.replay.to_json()} if state.replay is not None
+                                    and ctx.cfg.replay_prob > 0 else {})}},
         )  # fmt: skip
         state.saved_step = step
         ctx.run_dir.prune(ctx.cfg.keep)

@@ -3,6 +3,7 @@ dynamic sampling), train, evaluate. They call the same library functions as the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mllmjax.grpo import faults
+from mllmjax.grpo.replay import ReplayBuffer, StepMode, continuation, step_candidates
 
 if TYPE_CHECKING:
     from mllmjax.grpo.context import RunContext
@@ -36,33 +38,57 @@ def train_rng(seed: int) -> Any:
 
 
 def collect_rollouts(
-    ctx: RunContext, params: Any, step: int, cursor: int, emit: Emit
-) -> tuple[list[Any], dict[str, Any], dict[str, float], int]:
+    ctx: RunContext, params: Any, step: int, cursor: int, emit: Emit, *, mode: StepMode | None = None,
+    replay: ReplayBuffer | None = None,
+) -> tuple[list[Any], dict[str, Any], dict[str, Any], int, ReplayBuffer | None]:
     """Sample and score until the step's batch is full (more rounds only with dynamic sampling).
 
-    Returns (scored records, score summary, counters, the cursor after the prompts consumed)."""
+    `mode` (`replay.step_mode`): prompts x completions and the estimator (default: the config's).
+    `replay`: the replay buffer, used when --replay-prob > 0: prompts are replaced by continuations
+    drawn from it, and the step's fresh groups add partial completions to it.
+    Returns (scored records, score summary, counters, the cursor after the data prompts consumed, the
+    replay buffer after the step)."""
     from mllmjax.rollout import gather_records, host_rollouts
     from mllmjax.scoring import reward_outcomes, score_records
 
     cfg = ctx.cfg
-    wanted = cfg.prompts_per_step * cfg.group_size
+    if mode is None:
+        mode = StepMode(cfg.advantage, cfg.group_size, cfg.prompts_per_step)
+    wanted = mode.prompts * mode.group_size
     kept: list[Any] = []
     summaries: list[dict[str, Any]] = []
     all_records: list[Any] = []
     rollout_s = score_s = 0.0
-    rounds = groups_sampled = 0
+    rounds = groups_sampled = replayed = 0
+    fresh: dict[int, int] = {}  # group -> the data problem it was sampled from (not a continuation)
     score_cfg = cfg.score_config()
+    if mode.switched:  # one completion per prompt: a batch-wide estimator, nothing to filter
+        score_cfg = dataclasses.replace(score_cfg, advantage=mode.estimator, group_size=1, filter_zero_variance=False)
+    use_replay = replay is not None and cfg.replay_prob > 0
     while len(kept) < wanted and rounds < cfg.max_sampling_rounds:
-        count = cfg.prompts_per_step - len(kept) // cfg.group_size
+        count = mode.prompts - len(kept) // mode.group_size
         n = len(ctx.problems)
-        problems = [ctx.problems[problem_index(cursor + i, n, cfg.seed)] for i in range(count)]
-        cursor += count
+        if use_replay:
+            rng = np.random.default_rng([cfg.seed, 4, step, rounds])
+            slots, replay = replay.draw(count, cfg.replay_prob, rng)  # type: ignore[union-attr]
+        else:
+            slots = [None] * count
+        problems = []
+        for i, entry in enumerate(slots):
+            if entry is None:  # a fresh prompt: the next one of the data order
+                index = problem_index(cursor, n, cfg.seed)
+                cursor += 1
+                fresh[groups_sampled + i] = index
+                problems.append(ctx.problems[index])
+            else:
+                replayed += 1
+                problems.append(continuation(ctx.problems[entry.problem], entry))
         t0 = time.perf_counter()
         emit("phase", {"phase": "rollout", "round": rounds})
         # This host's share: sampled on its devices, rewards scored here, then every host's joined.
         mine = host_rollouts(
             params, ctx.model_cfg, ctx.tokenizer, problems,
-            cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds)),
+            cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds), group_size=mode.group_size),
             stop_ids=ctx.stop_ids, policy=f"{ctx.run_dir.path}@{step - 1}", first_group=groups_sampled,
             mesh=ctx.sample_mesh, compute_dtype=cfg.compute_dtype, meta={"step": step, "round": rounds},
             on_batch=lambda tokens, samples: emit("rollout_progress", {"tokens": tokens, "samples": samples}),
@@ -79,13 +105,20 @@ def collect_rollouts(
         all_records.extend(records)
         groups_sampled += len(problems)
         rounds += 1
-        if not cfg.dynamic_sampling:
+        if not cfg.dynamic_sampling or mode.switched:
             break
     kept = kept[:wanted]
-    counters = {"rollout_s": rollout_s, "score_s": score_s, "sampling_rounds": rounds,
-                "prompts_sampled": groups_sampled, "groups_trained": len(kept) // cfg.group_size,
-                "completion_tokens": sum(len(r.completion_ids) for r in all_records)}  # fmt: skip
-    return kept, merge_summaries(summaries), counters, cursor
+    counters: dict[str, Any] = {
+        "rollout_s": rollout_s, "score_s": score_s, "sampling_rounds": rounds,
+        "prompts_sampled": groups_sampled, "groups_trained": len(kept) // mode.group_size,
+        "completion_tokens": sum(len(r.completion_ids) for r in all_records),
+    }  # fmt: skip
+    if use_replay:
+        rng = np.random.default_rng([cfg.seed, 5, step])
+        replay = replay.add(step_candidates(all_records, fresh, rng), step, rng)  # type: ignore[union-attr]
+        counters["replayed"] = replayed
+        counters["replay_buffer"] = len(replay.entries)  # type: ignore[union-attr]
+    return kept, merge_summaries(summaries), counters, cursor, replay
 
 
 def train_on_records(
