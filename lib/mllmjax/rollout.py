@@ -136,9 +136,11 @@ def make_rollouts(
                 finish_reason=c.finish_reason,
                 answer=problem.answer,
                 policy=policy,
-                meta={**(meta or {}), **({CONTINUATION_KEY: continued[c.prompt_index]}
-                                         if c.prompt_index in continued else {})},
-            )  # fmt: skip
+                meta={
+                    **(meta or {}),
+                    **({CONTINUATION_KEY: continued[c.prompt_index]} if c.prompt_index in continued else {}),
+                },
+            )
         )
     return records
 

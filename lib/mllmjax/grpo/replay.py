@@ -8,8 +8,9 @@ prompts x group_size with `--advantage`. The metrics rows are the switch's state
 is the last row's), so `--resume`, which restores the rows with the checkpoint, restores it too.
 
 Replay buffer (`--replay-prob p`, `--replay-size N`): after each step one completion (of two tokens or
-more) of each group that was sampled from a fresh prompt is cut at a random token (at least one token kept on each side) and
-stored, with its problem, as a partial completion; the buffer keeps the newest N. While a step draws
+more) of each group that was sampled from a fresh prompt is cut at a random token (at least one token
+kept on each side) and stored, with its problem, as a partial completion; the buffer keeps the newest
+N. While a step draws
 its prompts, each one is replaced with probability p by a continuation prompt, taken (and removed) from
 a random entry: the entry's prompt followed by its partial completion, so the model samples how to go
 on from there. The continuation's rewards are computed on the partial completion plus what was
@@ -72,7 +73,12 @@ class StepMode:
 
 
 def step_mode(
-    threshold: float | None, metrics: Sequence[dict[str, Any]], *, estimator: str, group_size: int, prompts: int
+    threshold: float | None,
+    metrics: Sequence[dict[str, Any]],
+    *,
+    estimator: str,
+    group_size: int,
+    prompts: int,
 ) -> StepMode:
     """The mode of the next step, from the switch's threshold and the rows of the steps so far."""
     normal = StepMode(estimator, group_size, prompts)
@@ -107,7 +113,9 @@ class ReplayBuffer:
     size: int
     entries: tuple[Entry, ...] = ()
 
-    def draw(self, count: int, prob: float, rng: np.random.Generator) -> tuple[list[Entry | None], ReplayBuffer]:
+    def draw(
+        self, count: int, prob: float, rng: np.random.Generator
+    ) -> tuple[list[Entry | None], ReplayBuffer]:
         """For each of `count` prompt slots, an entry (removed from the buffer) with probability
         `prob` while any is left, else None (a fresh data prompt)."""
         entries = list(self.entries)
@@ -120,7 +128,9 @@ class ReplayBuffer:
                 slots.append(None)
         return slots, dataclasses.replace(self, entries=tuple(entries))
 
-    def add(self, candidates: Sequence[tuple[int, Sequence[int]]], step: int, rng: np.random.Generator) -> ReplayBuffer:
+    def add(
+        self, candidates: Sequence[tuple[int, Sequence[int]]], step: int, rng: np.random.Generator
+    ) -> ReplayBuffer:
         """The buffer with one partial completion of each (problem index, completion ids) candidate of
         at least two tokens, cut after a uniform 1..n-1 of its n tokens; the newest `size` kept."""
         new = []
@@ -137,7 +147,8 @@ class ReplayBuffer:
     @classmethod
     def from_json(cls, size: int, data: Sequence[dict[str, Any]] | None) -> ReplayBuffer:
         entries = tuple(
-            Entry(int(d["problem"]), tuple(int(i) for i in d["prefix_ids"]), int(d["step"])) for d in data or ()
+            Entry(int(d["problem"]), tuple(int(i) for i in d["prefix_ids"]), int(d["step"]))
+            for d in data or ()
         )
         return cls(size, entries[-size:])
 

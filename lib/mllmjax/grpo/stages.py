@@ -38,7 +38,13 @@ def train_rng(seed: int) -> Any:
 
 
 def collect_rollouts(
-    ctx: RunContext, params: Any, step: int, cursor: int, emit: Emit, *, mode: StepMode | None = None,
+    ctx: RunContext,
+    params: Any,
+    step: int,
+    cursor: int,
+    emit: Emit,
+    *,
+    mode: StepMode | None = None,
     replay: ReplayBuffer | None = None,
 ) -> tuple[list[Any], dict[str, Any], dict[str, Any], int, ReplayBuffer | None]:
     """Sample and score until the step's batch is full (more rounds only with dynamic sampling).
@@ -63,7 +69,9 @@ def collect_rollouts(
     fresh: dict[int, int] = {}  # group -> the data problem it was sampled from (not a continuation)
     score_cfg = cfg.score_config()
     if mode.switched:  # one completion per prompt: a batch-wide estimator, nothing to filter
-        score_cfg = dataclasses.replace(score_cfg, advantage=mode.estimator, group_size=1, filter_zero_variance=False)
+        score_cfg = dataclasses.replace(
+            score_cfg, advantage=mode.estimator, group_size=1, filter_zero_variance=False
+        )
     use_replay = replay is not None and cfg.replay_prob > 0
     while len(kept) < wanted and rounds < cfg.max_sampling_rounds:
         count = mode.prompts - len(kept) // mode.group_size
