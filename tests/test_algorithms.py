@@ -430,3 +430,17 @@ def test_the_replay_buffer_is_bounded_seeded_and_round_trips():
     a, _ = buf.draw(6, 0.5, np.random.default_rng(7))
     b, _ = buf.draw(6, 0.5, np.random.default_rng(7))
     assert a == b
+
+
+def test_length_shaping_is_no_signal_for_dynamic_sampling():
+    """An all-wrong group whose lengths differ has varying total rewards under the soft penalty, but
+    its task rewards are all equal: it counts as zero-variance and dynamic sampling drops it (DAPO
+    filters on accuracy); a group with a right answer stays."""
+    wrong = [_record(0, i, n, answer="5") for i, n in enumerate([3, 7, 9, 12])]
+    mixed = [_record(1, i, n, answer=a) for i, (n, a) in enumerate([(3, "4"), (7, "5"), (3, "5"), (3, "5")])]
+    cfg = ScoreConfig(rewards="correct=1.0", overlong="soft:10,4", filter_zero_variance=True)
+    scored, summary = score_records(wrong + mixed, cfg)
+    unfiltered, _ = score_records(wrong, dataclasses.replace(cfg, filter_zero_variance=False))
+    assert [r.reward for r in unfiltered] == [0.0, -0.25, -0.75, -1.0]  # the totals do vary
+    assert {r.group for r in scored} == {1} and summary["frac_reward_zero_std"] == 0.5
+    assert summary["groups_dropped"] == 1

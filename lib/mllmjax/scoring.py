@@ -26,8 +26,10 @@ Design decisions:
   length rather than by finish_reason: a completion of n tokens gets the "overlong" reward
   -overlong_penalty * min(1, max(0, n - (L_MAX - L_CACHE)) / L_CACHE): 0 up to L_MAX - L_CACHE tokens,
   then linear down to -overlong_penalty at L_MAX (and beyond). overlong_penalty 1 is DAPO's.
-- Zero-variance groups (all rewards exactly equal) are counted as `frac_reward_zero_std`; with
-  `filter_zero_variance` their records are dropped from the output (whole groups only).
+- Zero-variance groups (all task rewards exactly equal: the weighted rewards before the overlong term,
+  which shapes length and is no answer signal, as DAPO's dynamic sampling filters on accuracy) are
+  counted as `frac_reward_zero_std`; with `filter_zero_variance` their records are dropped from the
+  output (whole groups only).
 """
 
 from __future__ import annotations
@@ -286,6 +288,7 @@ def score_records(
     total = np.zeros(n, dtype=np.float64)
     for name, _, weight in resolved:
         total += weight * values[name]
+    task = total.copy()  # the rewards' signal, before the length shaping below
     soft = parse_soft_overlong(config.overlong)
     if config.overlong == "penalty":
         values[OVERLONG_REWARD] = np.where(truncated, -float(config.overlong_penalty), 0.0)
@@ -302,8 +305,10 @@ def score_records(
     advantage[index.reshape(-1)] = advantages_2d.reshape(-1)
     if config.overlong == "mask":
         advantage = np.where(truncated, 0.0, advantage)
+    # A group is zero-variance when its task rewards are all equal: the overlong term is length shaping,
+    # not signal (DAPO filters on accuracy), so an all-wrong group that differs only in length counts.
     # One sample per prompt (reinforce) has no group whose rewards could vary: none is zero-variance.
-    zero_std = zero_variance(grouped) if groups.group_size > 1 else np.zeros(len(grouped), bool)
+    zero_std = zero_variance(task[index]) if groups.group_size > 1 else np.zeros(len(grouped), bool)
     keep = np.ones(n, dtype=bool)
     if config.filter_zero_variance:
         keep[index[zero_std].reshape(-1)] = False
