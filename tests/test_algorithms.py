@@ -310,7 +310,7 @@ def test_soft_overlong_hand_computed():
 @pytest.mark.parametrize(
     "spec,message",
     [("soft:26", "soft:L_MAX,L_CACHE"), ("soft:4,10", "0 < L_CACHE <= L_MAX"), ("soft:a,b", "L_MAX"),
-     ("soft:10,0", "0 < L_CACHE")],
+     ("soft:10,0", "0 < L_CACHE"), ("soft:L_MAX,L_CACHE", "in tokens"), ("hard", "soft:L_MAX,L_CACHE")],
 )  # fmt: skip
 def test_bad_soft_overlong_specs_are_refused(spec, message):
     with pytest.raises(BadInputError, match=message):

@@ -59,7 +59,7 @@ from mllmjax.rewards import (
 )
 from mllmjax.settings import DEFAULTS, Settings
 
-OVERLONG_MODES = ("none", "mask", "penalty", "soft:L_MAX,L_CACHE")
+OVERLONG_MODES = ("none", "mask", "penalty")  # and soft:L_MAX,L_CACHE (`parse_soft_overlong`)
 OVERLONG_REWARD = "overlong"
 
 
@@ -115,11 +115,13 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         get_estimator(self.advantage)
+        # A soft:... spec is parsed here (and refused with its own message), whatever its numbers say.
         if not isinstance(self.overlong, str) or (
             self.overlong not in OVERLONG_MODES and parse_soft_overlong(self.overlong) is None
         ):
             raise BadInputError(
-                f"--overlong must be one of {', '.join(OVERLONG_MODES)}, got {self.overlong!r}"
+                f"--overlong must be one of {', '.join(OVERLONG_MODES)} or soft:L_MAX,L_CACHE, "
+                f"got {self.overlong!r}"
             )
         if not (isinstance(self.overlong_penalty, int | float) and self.overlong_penalty >= 0):
             raise BadInputError(f"the overlong penalty must be a number >= 0, got {self.overlong_penalty!r}")
