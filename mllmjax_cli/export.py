@@ -13,9 +13,15 @@ from mllmjax_cli.options import Force, Out
 HELP = """Export a checkpoint as an HF folder: config.json, safetensors (sharded with an index when large),
 tokenizer and generation_config.json. `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads it.
 
-Example:
+A LoRA checkpoint (train/grpo with --lora-rank) exports with its adapters merged into the base (--merge,
+the default for one), or with --adapter as a PEFT adapter folder (adapter_config.json,
+adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base_model, DIR)` loads.
+
+Examples:
 
   mllmjax export runs/grpo/checkpoints/step_400 -o qwen-grpo-hf --dtype bfloat16
+
+  mllmjax export runs/lora/checkpoints/step_400 --adapter -o qwen-grpo-lora
 """
 
 
@@ -33,9 +39,17 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
         ] = None,
+        merge: Annotated[
+            bool,
+            typer.Option("--merge", help="A LoRA checkpoint: write the base with the adapters merged in."),
+        ] = False,
+        adapter: Annotated[
+            bool,
+            typer.Option("--adapter", help="A LoRA checkpoint: write its adapters as a PEFT adapter folder."),
+        ] = False,
         force: Force = False,
     ) -> None:
         from mllmjax.convert import export as run
 
-        result = run(ckpt, out, dtype=dtype, force=force)
+        result = run(ckpt, out, dtype=dtype, force=force, merge=merge, adapter=adapter)
         err_console.print(f"wrote {result.out} ({result.dtype}): {', '.join(result.files)}")

@@ -25,6 +25,9 @@ arithmetic task, sized for a CPU (the recipe `embedded-default`). Otherwise the 
 GSM8K, G=16, 1 prompt per step, 2 PPO epochs, temperature 1, top-k 50, 1024 new tokens, rewards
 1/0.5/0.5, Lion 1e-6, KL beta 0.04.
 
+--lora-rank R trains rank-R LoRA adapters on the frozen start model (the KL reference) and saves
+checkpoints that hold only the adapters (README: LoRA).
+
 --config FILE (TOML or YAML, keys are flag names) or a shipped recipe name sets any flag; flags given on
 the command line override it. Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and
 exits 0 printing the resume command; a second Ctrl-C abandons the step. --resume RUN continues from the

@@ -20,6 +20,9 @@ Per-update metrics (loss, KL, entropy, clip fractions, ratio range, grad norm, L
 sampler/trainer log-prob gap logp_mismatch_mean/_max, and a mixture of experts' router load-balancing
 loss router_aux) are shown and saved as OUT/train_metrics.jsonl.
 
+With --lora-rank R only rank-R adapters are trained, on the frozen base (also the KL reference), and OUT
+holds just the adapters; train a LoRA checkpoint on with the same --lora-* flags (README: LoRA).
+
 The learning-rate schedule (linear warm-up, cosine to 0) spans --steps x --ppo-epochs x --minibatches
 optimizer updates; a scripted loop that calls train once per step passes the loop's --steps and --resume.
 

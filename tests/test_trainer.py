@@ -211,7 +211,7 @@ def test_unrolled_layers_give_the_scanned_gradient(params) -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(lp0), np.asarray(lp1), atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(float(m0["loss"]), float(m1["loss"]), atol=1e-6, rtol=1e-6)
-    loops = [t.logprobs.lower(params, batch).as_text().count("stablehlo.while") for t in (scan, unroll)]
+    loops = [t._logprobs_jit.lower(params, batch).as_text().count("stablehlo.while") for t in (scan, unroll)]
     assert loops[0] == loops[1] + 1, loops  # the layer scan (the others loop over LM-head chunks)
     # auto: unrolled on a CPU without remat; scanned under remat (memory) and on accelerators.
     assert unrolls_layers("auto", "none", "cpu") and not unrolls_layers("auto", "none", "gpu")
@@ -229,7 +229,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(params) -> None:
     mask = np.asarray(batch.completion)
     diff = np.abs(lp32 - lp16)[mask]
     assert 0 < diff.max() < 0.1, diff.max()  # really computed in bfloat16, and close
-    hlo = bf16.logprobs.lower(params, batch).as_text()
+    hlo = bf16._logprobs_jit.lower(params, batch).as_text()
     assert "bf16" in hlo and "dot_general" in hlo
     state = bf16.init_state(params, jax.random.PRNGKey(1))
     state, metrics, _ = bf16.update(state, batch)

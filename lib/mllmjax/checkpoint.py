@@ -6,6 +6,11 @@
     CKPT/params/         Orbax param tree, saved from sharded arrays, restorable onto any mesh
     CKPT/opt_state/      optimizer state + step + rng (train/grpo outputs only)
 
+A LoRA checkpoint (train/grpo with --lora-rank) holds the adapters in params/ and, in mllmjax.json,
+"lora": {rank, alpha, dropout, targets, base, base_hash} (`mllmjax.lora`). Loading one loads its base
+(refusing a base whose content hash differs) and gives the merged weights, or with adapters=True the
+adapters with the base beside them, for training on.
+
 Writes are atomic: everything goes into a hidden sibling directory that is renamed onto CKPT only
 when complete, so a crash or a failed write never leaves something a later command would read as a
 whole checkpoint, and an existing CKPT (with --force) is replaced only at that last step.
@@ -65,6 +70,18 @@ class Checkpoint:
     hf_config: dict[str, Any]
     cfg: ModelConfig
     params: Params | None = None
+    # A LoRA checkpoint loaded with adapters=True: params are the adapters, base the base checkpoint.
+    base: Checkpoint | None = None
+
+    @property
+    def lora(self) -> Any:
+        """The `LoraConfig` of a LoRA checkpoint, else None."""
+        entry = self.meta.get("lora")
+        if not isinstance(entry, dict):
+            return None
+        from mllmjax.lora import config_from_meta
+
+        return config_from_meta(entry)
 
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer (`mllmjax.tokenizer.load_tokenizer`: no torch import)."""
@@ -134,9 +151,15 @@ def load_checkpoint(
     mesh: Any = None,
     dtype: Any = None,
     load_params: bool = True,
+    adapters: bool = False,
+    base: Checkpoint | None = None,
 ) -> Checkpoint:
     """Read a checkpoint; restore its params sharded onto `mesh` (default: one device) in `dtype`
-    (default: the dtype it was saved in)."""
+    (default: the dtype it was saved in).
+
+    A LoRA checkpoint gives its base's params with the adapters merged in (in the base's dtype, or
+    `dtype`); with adapters=True, params are the float32 adapters and `base` the loaded base.
+    base: that base checkpoint when the caller has it loaded already (it is used, not loaded again)."""
     path = Path(path)
     meta = read_meta(path)
     try:
@@ -145,6 +168,8 @@ def load_checkpoint(
         raise ArtifactError(f"{path}: missing or unreadable config.json: {e}") from e
     cfg = from_hf_config(hf_config)
     ckpt = Checkpoint(path=path, meta=meta, hf_config=hf_config, cfg=cfg)
+    if load_params and ckpt.lora is not None:
+        return _load_lora(ckpt, mesh=mesh, dtype=dtype, adapters=adapters, base=base)
     if load_params:
         saved = jnp.dtype(meta.get("dtype", "float32"))
         dtype = jnp.dtype(dtype) if dtype is not None else saved
@@ -160,6 +185,53 @@ def load_checkpoint(
         if expected is not None and dtype != saved:
             ckpt.params = _cast_leafwise(ckpt.params, dtype)
         signal_point("loaded")
+    return ckpt
+
+
+def _load_lora(
+    ckpt: Checkpoint, *, mesh: Any, dtype: Any, adapters: bool, base: Checkpoint | None = None
+) -> Checkpoint:
+    """A LoRA checkpoint's base (its content hash checked) and adapters; merged unless `adapters`."""
+    from mllmjax import lora
+    from mllmjax.sharding import spec_shardings
+
+    entry = ckpt.meta["lora"]
+    lcfg = ckpt.lora
+    base_path = Path(str(entry.get("base", "")))
+    if not (base_path / META_FILE).is_file():
+        raise ArtifactError(
+            f"{ckpt.path} holds LoRA adapters on the base {base_path}, which is gone; restore that "
+            "checkpoint (or export this one with --merge where it still exists)"
+        )
+    if base is None or base.params is None or Path(base.path).absolute() != base_path.absolute():
+        base = load_checkpoint(base_path, mesh=mesh, dtype=dtype)
+    got = lora.content_hash(base.meta, base.params)
+    if got != entry.get("base_hash"):
+        raise ArtifactError(
+            f"{ckpt.path}: its base {base_path} has changed since the adapters were trained "
+            f"(content hash {got[:12]} != {str(entry.get('base_hash'))[:12]})"
+        )
+    specs = lora.adapter_specs(ckpt.cfg, lcfg)
+    shardings = spec_shardings(specs, mesh) if mesh is not None else None
+
+    def leaf(p: str, spec: Any) -> jax.ShapeDtypeStruct:
+        sharding = (
+            _get(shardings, p)
+            if shardings is not None
+            else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+        return jax.ShapeDtypeStruct(spec[0], jnp.dtype(ckpt.meta.get("dtype", "float32")), sharding=sharding)
+
+    params_dir = ckpt.path / "params"
+    if not params_dir.is_dir():
+        raise ArtifactError(f"{ckpt.path}: no params/ directory (incomplete checkpoint?)")
+    trained = restore_tree(params_dir, map_specs(leaf, specs), "LoRA adapters")
+    checksums.verify_tree(trained, expected_checksums(ckpt.meta, "params"), str(params_dir))
+    signal_point("loaded")
+    if adapters:
+        ckpt.params, ckpt.base = trained, base
+    else:
+        ckpt.params = lora.merge(base.params, trained, lcfg, ckpt.cfg)
     return ckpt
 
 

@@ -182,8 +182,14 @@ def export(
     dtype: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    merge: bool = False,
+    adapter: bool = False,
 ) -> ExportResult:
     """Write CKPT as an HF folder (config.json, safetensors, tokenizer) that transformers loads.
+
+    A LoRA checkpoint is written with its adapters merged into the base's weights (merge=True asks for
+    that explicitly; the default dtype is then the base's), or with adapter=True as a PEFT adapter
+    folder (`export_adapter`). Both flags need a LoRA checkpoint and exclude each other.
 
     dtype: float32, bfloat16 or float16 (None: the checkpoint's). The weights go into one
     model.safetensors, or, when they take more than max_shard_bytes, into shards
@@ -193,8 +199,17 @@ def export(
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise BadInputError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     ckpt_path, out = Path(ckpt_path), Path(out)
-    read_meta(ckpt_path)
+    meta = read_meta(ckpt_path)
+    if merge and adapter:
+        raise BadInputError("--merge and --adapter exclude each other: merged weights, or a PEFT adapter")
+    if (merge or adapter) and not isinstance(meta.get("lora"), dict):
+        flag = "--merge" if merge else "--adapter"
+        raise BadInputError(
+            f"{ckpt_path} holds no LoRA adapters ({flag} needs a checkpoint of a --lora-rank run)"
+        )
     check_output(out, force)
+    if adapter:
+        return export_adapter(ckpt_path, out, dtype=dtype, force=force)
     ckpt = load_checkpoint(ckpt_path)
     target = np.dtype(resolve_dtype(dtype)) if dtype not in (None, "") else None
     params = jax.tree.map(np.asarray, ckpt.params)
@@ -241,6 +256,31 @@ def export(
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         files += copy_side_files(ckpt_path, tmp)
     return ExportResult(out, sorted(files), out_dtype)
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def export_adapter(
+    ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, force: bool = False
+) -> ExportResult:
+    """A LoRA checkpoint's adapters as a PEFT folder: adapter_config.json and adapter_model.safetensors
+    (lora_A [r, in] and lora_B [out, r] per HF module), which `peft.PeftModel.from_pretrained(base, OUT)`
+    loads onto the base model (the base is named by its HF export in base_model_name_or_path)."""
+    from mllmjax import lora
+    from mllmjax.weights.safetensors_io import write_safetensors
+
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    ckpt = load_checkpoint(ckpt_path, adapters=True)
+    lcfg = ckpt.lora
+    target = np.dtype(resolve_dtype(dtype)) if dtype not in (None, "") else np.dtype(np.float32)
+    tensors, modules = lora.peft_tensors(ckpt.cfg, lcfg, jax.tree.map(np.asarray, ckpt.params), target)
+    config = lora.peft_config(lcfg, modules, str(ckpt.meta["lora"]["base"]))
+    with atomic_dir(out, force) as tmp:
+        write_safetensors(tmp / ADAPTER_FILE, tensors)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(ckpt_path, tmp)
+    return ExportResult(out, sorted(p.name for p in out.iterdir()), dtype_name(target))
 
 
 def resolve_model(spec: str, *, dtype: str = "auto", on_convert: Callable[[str], None] | None = None) -> Path:

@@ -97,11 +97,15 @@ def _mesh_sizes(mesh: Any) -> dict[str, int]:
 
 
 def param_bytes_per_device(
-    cfg: ModelConfig, dtype: Any, mesh: Any = None, only: Callable[[str], bool] | None = None
+    cfg: ModelConfig,
+    dtype: Any,
+    mesh: Any = None,
+    only: Callable[[str], bool] | None = None,
+    specs: Any = None,
 ) -> int:
     """Bytes of the parameters one device holds under the default sharding rules (the same
     `ShardingRules.spec` that places them, applied to axis sizes alone); `only` picks params by
-    path ("layers/q", "embed", ...)."""
+    path ("layers/q", "embed", ...); specs: another spec tree than the model's (LoRA adapters')."""
     sizes = _mesh_sizes(mesh)
     axis_sizes = SimpleNamespace(shape=sizes)  # all `spec` reads of a mesh
     counts: list[int] = []
@@ -117,7 +121,7 @@ def param_bytes_per_device(
             )
         )
 
-    map_specs(count, cfg.param_specs())
+    map_specs(count, cfg.param_specs() if specs is None else specs)
     return sum(counts) * _dtype_bytes(dtype)
 
 
@@ -228,11 +232,17 @@ def estimate_training(
     available: int | None = None,
     donated: bool = False,
     backend: str | None = None,
+    lora: Any = None,
 ) -> MemoryEstimate:
     """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens, of which the
     last `completion_len` (default all) go through the LM head; donated: the update writes the new
     state into the old one's buffers (`Trainer(donate=True)`). backend: where it runs ("cpu", "gpu",
-    "tpu"; default this process's), which picks a mixture of experts' grouped-matmul form."""
+    "tpu"; default this process's), which picks a mixture of experts' grouped-matmul form.
+
+    lora: a `mllmjax.lora.LoraConfig` with rank > 0: the params are the frozen base plus float32
+    adapters ("adapters"), and gradients, optimizer state and the new state are the adapters'; the
+    base is the KL reference, so no reference copy. With dropout, each adapter's dropped input is
+    saved for the backward (tokens x its input width per target and layer)."""
     sizes = _mesh_sizes(mesh)
     tensor = sizes.get("tensor", 1)
     params = param_bytes_per_device(cfg, param_dtype, sizes)
@@ -259,6 +269,12 @@ def estimate_training(
     # The LM head's backward frees its logits and softmax before the layers' backward, where a
     # recomputed layer lives: only the larger of the two adds to the peak.
     logits = max(0, logits - recomputed)
+    if lora is not None and lora.enabled:
+        return _lora_training(
+            cfg, lora, sizes, params, activations, logits, optimizer, donated,
+            tokens, c_bytes, _experts_workspace(cfg, (micro_batch or rows) * seq_len, c_bytes, sizes, backend),
+            mesh, available,
+        )  # fmt: skip
     slots = _OPTIMIZER_SLOTS.get(optimizer, 2) * params
     parts = {
         "params": params,
@@ -270,6 +286,41 @@ def estimate_training(
         "activations": int(activations),
         "logits": int(logits),
         "experts": _experts_workspace(cfg, (micro_batch or rows) * seq_len, c_bytes, sizes, backend),
+    }
+    return MemoryEstimate(parts, available)
+
+
+def _lora_training(
+    cfg: ModelConfig, lcfg: Any, sizes: Mapping[str, int], params: int, activations: float, logits: float,
+    optimizer: str, donated: bool, tokens: int, c_bytes: int, experts: int, mesh: Any, available: int | None,
+) -> MemoryEstimate:  # fmt: skip
+    """`estimate_training`'s parts for LoRA: the adapters carry the trained state."""
+    from mllmjax.lora import EXPERT_TARGETS, adapter_specs
+
+    specs = adapter_specs(cfg, lcfg)
+    adapters = param_bytes_per_device(cfg, "float32", mesh, specs=specs)
+    slots = _OPTIMIZER_SLOTS.get(optimizer, 2) * adapters
+    layer = cfg.param_specs()["layers"]
+    dropped = 0
+    if lcfg.dropout > 0:  # dropout(x) of each target, saved per layer for the adapters' backward
+        for name in specs["layers"]:
+            a = specs["layers"][name]["a"]
+            dropped += math.prod(a.shape[1:-1])
+        dropped = tokens * dropped * c_bytes
+    merged = 0
+    if any(t in specs["layers"] for t in EXPERT_TARGETS):  # one layer's experts merged at a time (x2: grad)
+        names = {f"layers/{t}" for t in EXPERT_TARGETS if t in layer}
+        merged = 2 * param_bytes_per_device(cfg, "float32", mesh, only=names.__contains__) // cfg.num_layers
+    parts = {
+        "params": params,
+        "adapters": adapters,
+        "grads": adapters * 2,  # float32 accumulator + one micro-batch's gradient
+        "optimizer": slots,
+        "reference": 0,  # the base, adapters off
+        "new state": 0 if donated else adapters + slots,
+        "activations": int(activations + dropped + merged),
+        "logits": int(logits),
+        "experts": experts,
     }
     return MemoryEstimate(parts, available)
 
@@ -376,4 +427,5 @@ def for_train_config(
         mesh=mesh,
         available=available_bytes(list(mesh.devices.flat)) if mesh is not None else available_bytes(),
         donated=donated,
+        lora=getattr(train_cfg, "lora", None),
     )

@@ -164,10 +164,12 @@ def host_rollouts(
     is a whole one on them, and the host decodes its contiguous share of the problems with their
     run-wide random streams and group numbers. Other keyword arguments go to `make_rollouts`."""
     from mllmjax.distributed import host_local_copy, process_share
+    from mllmjax.lora import has_adapters
     from mllmjax.sharding import param_shardings
 
     share = process_share(len(problems))
-    params = host_local_copy(params, lambda m: param_shardings(model_cfg, m), mesh)
+    if not has_adapters(params):  # LoRA weights come attached only where no copy is needed (grpo)
+        params = host_local_copy(params, lambda m: param_shardings(model_cfg, m), mesh)
     return make_rollouts(
         params, model_cfg, tokenizer, problems[share], cfg, mesh=mesh,
         first_group=first_group + share.start, first_index=share.start, **kwargs,

@@ -126,6 +126,18 @@ class Settings:
         "Mixture-of-experts models: add this times the router's load-balancing loss (HF's "
         "router_aux_loss_coef formula, reported as router_aux) to the loss; 0 only reports it.",
     )
+    lora_rank: int = setting(
+        0,
+        "LoRA: train rank-R adapters on a frozen base (0 = full fine-tuning). The base is the KL reference; "
+        "checkpoints hold the adapters only.",
+    )
+    lora_alpha: float = setting(32.0, "LoRA scale numerator: the adapters' product is scaled by alpha / rank.")
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input in training forwards.")
+    lora_targets: str = setting(
+        "all",
+        "LoRA: the weights that get adapters, comma-separated from q,k,v,o,gate,up,down,experts_gate,"
+        "experts_up,experts_down; all = every one the model has.",
+    )
     remat: str = setting("none", "none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.")
     layer_loop: str = setting(
         "auto",
@@ -164,4 +176,4 @@ DEFAULTS = Settings()
 TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
                   "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "loss", "ratio_level",
                   "entropy_coef", "temperature", "tis_cap", "remat", "layer_loop", "compute_dtype", "attention",
-                  "router_aux_coef")  # fmt: skip
+                  "router_aux_coef", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # fmt: skip

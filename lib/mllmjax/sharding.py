@@ -84,6 +84,7 @@ DEFAULT_RULES = ShardingRules(
         "head_dim": None,
         "layers": None,
         "norm": None,
+        "lora": None,  # a LoRA adapter's rank: small, never split
     }
 )
 
@@ -141,6 +142,11 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules = DEFAULT
     return map_specs(
         lambda _, spec: NamedSharding(mesh, rules.spec(spec.shape, spec.axes, mesh)), cfg.param_specs()
     )
+
+
+def spec_shardings(specs: Params, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Params:
+    """A tree of NamedShardings shaped like a spec tree (e.g. `mllmjax.lora.adapter_specs`)."""
+    return map_specs(lambda _, spec: NamedSharding(mesh, rules.spec(spec.shape, spec.axes, mesh)), specs)
 
 
 def shard_params(

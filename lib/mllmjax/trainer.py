@@ -17,6 +17,10 @@ Design decisions:
   coefficient is > 0 (otherwise the entropy stays a metric, with no backward cost).
 - Reference log-probs for the KL term are computed once per batch (the reference is frozen), and the
   reference parameters are kept only when beta > 0.
+- LoRA (`mllmjax.lora`, cfg.lora.rank > 0): the state's params are the adapters alone, so gradients,
+  optimizer state and the accumulator exist for them only; the frozen base is an argument of every
+  jitted function (never a constant baked into the program) and is the KL reference, adapters off.
+  Dropout keys come from the state's RNG folded with the update count and the micro-batch.
 - A mixture-of-experts model's router load-balancing loss (HF's `load_balancing_loss_func`) is reported
   as `router_aux` and, times `router_aux_coef`, added to the loss. Its product of means does not split
   over micro-batches, so it is taken per micro-batch (as HF takes it per forward call) and averaged
@@ -44,6 +48,7 @@ from jax.sharding import NamedSharding
 from mllmjax.distributed import to_host
 from mllmjax.errors import BadInputError
 from mllmjax.faults import signal_point
+from mllmjax.lora import LoraConfig, attach
 from mllmjax.loss import LossConfig, aggregation_weights, combine_metrics, grpo_loss, sequence_logprobs
 from mllmjax.models.blocks.cpu import split_layers, stack_layers
 from mllmjax.models.blocks.kernels import Kernel, resolve_attention
@@ -104,6 +109,8 @@ class TrainConfig:
     shuffle: bool = True
     # Mixture-of-experts models: the weight of the router's load-balancing loss in the loss.
     router_aux_coef: float = DEFAULTS.router_aux_coef
+    # LoRA adapters on a frozen base (rank 0: full fine-tuning).
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
@@ -198,6 +205,7 @@ class Trainer:
         cfg: TrainConfig,
         *,
         ref_params: Params | None = None,
+        base: Params | None = None,
         donate: bool = False,
         mesh: jax.sharding.Mesh | None = None,
     ):
@@ -210,13 +218,22 @@ class Trainer:
         `train` donates; `grpo` donates a copy, because it keeps the state a step started from to roll
         an abandoned step back. Donating also keeps the kept malloc heap (mllmjax.runtime) at one
         update's size: without it every update allocates a whole new state, which splits the hole its
-        temporaries left, and the heap grows over the first updates."""
+        temporaries left, and the heap grows over the first updates.
+
+        base: with LoRA (cfg.lora.rank > 0), the frozen base params the adapters sit on; it is the KL
+        reference too, so ref_params is not taken. Never donated."""
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.donate = donate
         self.mesh = mesh
         self.optimizer = make_optimizer(cfg.optim)
         self.schedule = cfg.optim.schedule()
+        self.lora = cfg.lora if cfg.lora.enabled else None
+        self.base = base if self.lora is not None else None
+        if self.lora is not None:
+            if base is None:
+                raise BadInputError("LoRA training needs the base parameters")
+            ref_params = base if cfg.loss.beta > 0 else None
         if cfg.loss.beta > 0:
             if ref_params is None:
                 raise BadInputError("beta > 0 needs the reference parameters (the starting policy)")
@@ -228,8 +245,22 @@ class Trainer:
         self._unroll = unrolls_layers(cfg.layer_loop, cfg.remat)
         self._router = "router" in layer_specs(model_cfg)  # a mixture of experts: report router_aux
         self._update_jits: dict[Any, Any] = {}
-        self.logprobs = jax.jit(self._logprobs)
-        self.grads = jax.jit(self._grads, static_argnames=("micro_batch",))
+        self._logprobs_jit = jax.jit(self._logprobs)
+        self._grads_jit = jax.jit(self._grads, static_argnames=("micro_batch",))
+
+    def logprobs(self, params: Params, batch: Batch) -> jax.Array:
+        """Log-probs [B, T] of the batch under the policy of `params` (the adapters, with LoRA)."""
+        return self._logprobs_jit(params, batch, self.base)
+
+    def reference_logprobs(self, batch: Batch) -> jax.Array:
+        """Log-probs [B, T] under the KL reference (with LoRA: the base, adapters off)."""
+        return self._logprobs_jit(self.ref_params, batch, None)
+
+    def grads(
+        self, params: Params, batch: Batch, micro_batch: int | None = None
+    ) -> tuple[Params, dict[str, jax.Array], jax.Array]:
+        """The minibatch's summed gradient w.r.t. the trainable params (`_grads`), jitted."""
+        return self._grads_jit(params, batch, self.base, micro_batch=micro_batch)
 
     # ----------------------------------------------------------------------------- state
     def init_state(self, params: Params, rng: jax.Array) -> TrainState:
@@ -241,9 +272,9 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------- pieces
-    def _split(self, params: Params) -> Params:
+    def _split(self, params: Params | None) -> Params | None:
         """params with the layers as per-layer trees when the forward unrolls them (else as given)."""
-        if not self._unroll:
+        if not self._unroll or params is None:
             return params
         return {**params, "layers": split_layers(params["layers"], self.model_cfg.num_layers)}
 
@@ -288,16 +319,31 @@ class Trainer:
         )
         return logp, ent, aux
 
-    def _logprobs(self, params: Params, batch: Batch) -> jax.Array:
+    def _policy(self, params: Params, base: Params | None, key: jax.Array | None = None) -> Params:
+        """The params the forward runs: params itself, or with LoRA the base with the adapters attached
+        (key: dropout's raw PRNG key, None for no dropout)."""
+        if base is None:
+            return params
+        return attach(base, params, self.cfg.lora, self.model_cfg, key)
+
+    def _logprobs(self, params: Params, batch: Batch, base: Params | None = None) -> jax.Array:
         """Log-probs [B, T] of the batch's tokens under params (0 before completion_start), no grad."""
-        logp, _, _ = self._forward_logprobs(self._split(jax.lax.stop_gradient(params)), batch)
+        params, base = jax.lax.stop_gradient((params, base))
+        logp, _, _ = self._forward_logprobs(self._policy(self._split(params), self._split(base)), batch)
         return logp
 
     def _micro_loss(
-        self, params: Params, batch: Batch, weights: jax.Array, token_count: jax.Array, share: float
+        self,
+        params: Params,
+        batch: Batch,
+        weights: jax.Array,
+        token_count: jax.Array,
+        share: float,
+        base: Params | None = None,
+        key: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array]]:
         """The micro-batch's part of the minibatch loss; share: its fraction of the minibatch's rows."""
-        logp, ent, aux = self._forward_logprobs(params, batch)
+        logp, ent, aux = self._forward_logprobs(self._policy(params, base, key), batch)
         loss, metrics = grpo_loss(
             logp,
             batch.old_logps,
@@ -319,9 +365,15 @@ class Trainer:
         return loss, (metrics, jax.lax.stop_gradient(logp))
 
     def _grads(
-        self, params: Params, batch: Batch, micro_batch: int | None = None
+        self,
+        params: Params,
+        batch: Batch,
+        base: Params | None = None,
+        micro_batch: int | None = None,
+        key: jax.Array | None = None,
     ) -> tuple[Params, dict[str, jax.Array], jax.Array]:
-        """Summed gradient of the minibatch loss over its micro-batches; (grads, metrics, logps [B, T])."""
+        """Summed gradient of the minibatch loss over its micro-batches; (grads, metrics, logps [B, T]).
+        With LoRA, params are the adapters and base the frozen weights; key: LoRA dropout's key."""
         b, t = batch.tokens.shape
         mb = b if micro_batch is None else micro_batch
         if b % mb:
@@ -330,13 +382,21 @@ class Trainer:
         weights = aggregation_weights(batch.completion, self.cfg.loss, t - batch.completion_start)
         token_count = jnp.maximum(batch.completion.sum().astype(jnp.float32), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(n, mb, *x.shape[1:]), (batch, weights))
+        micro = (*micro, jnp.arange(n, dtype=jnp.uint32))
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
         split = self._split(params)  # outside the grad: see blocks.cpu.split_layers
+        split_base = self._split(base)
+        use_dropout = key is not None and self.lora is not None and self.lora.dropout > 0
 
         def body(carry, xs):
             acc, metrics = carry
-            mbatch, mweights = xs
-            (_, (m, logp)), g = grad_fn(split, mbatch, mweights, token_count, mb / b)
+            mbatch, mweights, i = xs
+            mkey = (
+                jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key), i))
+                if use_dropout
+                else None
+            )
+            (_, (m, logp)), g = grad_fn(split, mbatch, mweights, token_count, mb / b, split_base, mkey)
             g = self._stack(g)
             acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
             return (acc, combine_metrics(metrics, m)), logp
@@ -360,9 +420,14 @@ class Trainer:
         metrics["tokens"] = token_count
         return grads, metrics, logps.reshape(b, t)
 
-    def _update(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+    def _update(
+        self, state: TrainState, batch: Batch, base: Params | None = None
+    ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
         """One optimizer update from one minibatch; returns (state, metrics, log-probs before it)."""
-        grads, metrics, logps = self._grads(state.params, batch, self.cfg.micro_batch)
+        key = None
+        if self.lora is not None and self.lora.dropout > 0:
+            key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+        grads, metrics, logps = self._grads(state.params, batch, base, self.cfg.micro_batch, key)
         metrics["grad_norm"] = jnp.sqrt(
             sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
         )
@@ -387,8 +452,8 @@ class Trainer:
         fn = self._update_jits.get(key)
         if fn is None:
 
-            def pinned(state: TrainState, batch: Batch):
-                new, metrics, logps = self._update(state, batch)
+            def pinned(state: TrainState, batch: Batch, base: Params | None):
+                new, metrics, logps = self._update(state, batch, base)
                 out = [
                     x if pin is None else jax.lax.with_sharding_constraint(x, pin)
                     for x, pin in zip(jax.tree.leaves(new), pins, strict=True)
@@ -396,7 +461,7 @@ class Trainer:
                 return jax.tree.unflatten(treedef, out), metrics, logps
 
             fn = self._update_jits[key] = jax.jit(pinned, donate_argnums=(0,) if self.donate else ())
-        return fn(state, batch)
+        return fn(state, batch, self.base)
 
     # ----------------------------------------------------------------------------- driver
     def train_on_batch(
@@ -422,7 +487,7 @@ class Trainer:
             )
         if self.ref_params is not None:
             start = time.perf_counter()
-            batch = batch.replace(ref_logps=jax.block_until_ready(self.logprobs(self.ref_params, batch)))
+            batch = batch.replace(ref_logps=jax.block_until_ready(self.reference_logprobs(batch)))
             if timings is not None:
                 timings["ref_logps_s"] = time.perf_counter() - start
         old = batch.old_logps

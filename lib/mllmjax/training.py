@@ -39,6 +39,7 @@ from mllmjax.checkpoint import (
 )
 from mllmjax.errors import ArtifactError, BadInputError
 from mllmjax.memory import MemoryEstimate
+from mllmjax.models.params import Params
 from mllmjax.records import RolloutRecord, require_scored
 from mllmjax.settings import Settings
 from mllmjax.sharding import place_rows
@@ -128,6 +129,7 @@ def place_batch(batch: Batch, mesh: Any) -> Batch:
 
 def make_train_config(settings: Settings) -> TrainConfig:
     """The TrainConfig of `settings`; the LR schedule spans steps x ppo_epochs x minibatches updates."""
+    from mllmjax.lora import from_settings as lora_from_settings
     from mllmjax.loss import LossConfig
     from mllmjax.optim import OptimConfig, total_updates
 
@@ -140,7 +142,7 @@ def make_train_config(settings: Settings) -> TrainConfig:
                           total_updates=total_updates(s.steps, s.ppo_epochs, s.minibatches)),
         ppo_epochs=s.ppo_epochs, minibatches=s.minibatches, micro_batch=s.micro_batch, remat=s.remat,
         temperature=s.temperature, compute_dtype=s.compute_dtype, attention=s.attention,
-        layer_loop=s.layer_loop, router_aux_coef=s.router_aux_coef,
+        layer_loop=s.layer_loop, router_aux_coef=s.router_aux_coef, lora=lora_from_settings(s),
     )  # fmt: skip
 
 
@@ -223,6 +225,8 @@ def train_checkpoint(
     check_records(records, head.tokenizer(), head.cfg.vocab_size, source, head.cfg.max_position_embeddings)
     if resume:
         require_opt_state(head)
+    if cfg.lora.enabled:
+        check_lora_start(head, cfg.lora)
     widths = padded_shape(*_longest(records))
     estimate = memory.for_train_config(
         head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(widths), completion_len=widths[1],
@@ -231,6 +235,15 @@ def train_checkpoint(
     if on_memory is not None:
         on_memory(estimate)
     estimate.check(memory.TRAIN_HINT)
+    if cfg.lora.enabled:
+        return _train_lora(
+            ckpt_path, head, records, out, cfg, mesh=mesh, seed=seed, resume=resume, force=force,
+            on_update=on_update,
+        )  # fmt: skip
+    if head.lora is not None and resume:
+        raise BadInputError(
+            f"{ckpt_path} is a LoRA checkpoint; pass its --lora-rank {head.lora.rank} to resume it"
+        )
     ckpt = load_checkpoint(ckpt_path, mesh=mesh)
     reference = ckpt.meta.get("reference", str(ckpt_path)) if resume else str(ckpt_path)
     ref_params = None
@@ -267,5 +280,96 @@ def train_checkpoint(
         force=force,
         opt_state=state_extras(state),
         extra_meta={"reference": reference, "updates": int(state.step)},
+    )
+    return TrainResult(out, len(history), step, history)
+
+
+def check_lora_start(head: Checkpoint, lcfg: Any) -> None:
+    """Refuse, before any work, LoRA targets the model lacks, or a LoRA checkpoint whose adapters have
+    another shape than `lcfg` asks for."""
+    from mllmjax import lora
+
+    lora.resolved_targets(head.cfg, lcfg)
+    if head.lora is not None and not lora.same_adapters(head.lora, lcfg, head.cfg):
+        raise BadInputError(
+            f"{head.path} holds rank-{head.lora.rank} adapters (alpha {head.lora.alpha:g}, targets "
+            f"{','.join(lora.resolved_targets(head.cfg, head.lora))}); train them on with the same "
+            "--lora-rank, --lora-alpha and --lora-targets"
+        )
+
+
+def lora_start(
+    ckpt_path: Path, lcfg: Any, *, mesh: Mesh, dtype: Any = None
+) -> tuple[Checkpoint, Params | None, dict[str, Any]]:
+    """Where LoRA training starts from CKPT: (the base checkpoint, loaded; the adapters to continue,
+    or None for fresh ones; the "lora" entry the outputs record). CKPT is a base model, or a LoRA
+    checkpoint whose adapters have the shape of `lcfg` (rank, alpha, targets)."""
+    from mllmjax import lora
+
+    head = load_checkpoint(ckpt_path, load_params=False)
+    check_lora_start(head, lcfg)
+    if head.lora is None:
+        base = load_checkpoint(ckpt_path, mesh=mesh, dtype=dtype)
+        entry = lora.meta_entry(
+            lcfg, base.cfg, str(ckpt_path.absolute()), lora.content_hash(base.meta, base.params)
+        )
+        return base, None, entry
+    ckpt = load_checkpoint(ckpt_path, mesh=mesh, dtype=dtype, adapters=True)
+    assert ckpt.base is not None
+    entry = {**head.meta["lora"], "dropout": lcfg.dropout}
+    return ckpt.base, ckpt.params, entry
+
+
+def _train_lora(
+    ckpt_path: Path,
+    head: Checkpoint,
+    records: Sequence[RolloutRecord],
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    mesh: Mesh,
+    seed: int,
+    resume: bool,
+    force: bool,
+    on_update: Callable[[dict[str, float]], None] | None,
+) -> TrainResult:
+    """`train_checkpoint` with LoRA: adapters trained on the frozen base, which is the KL reference;
+    OUT holds the adapters (+ optimizer state) and names the base."""
+    from mllmjax import lora
+    from mllmjax.sharding import spec_shardings
+
+    if resume and head.lora is None:
+        raise BadInputError(f"{ckpt_path} is not a LoRA checkpoint; --resume with --lora-rank needs one")
+    base, adapters, entry = lora_start(ckpt_path, cfg.lora, mesh=mesh)
+    trainer = Trainer(base.cfg, cfg, base=base.params, donate=True, mesh=mesh)
+    if adapters is None:
+        shardings = spec_shardings(lora.adapter_specs(base.cfg, cfg.lora), mesh)
+        adapters = lora.init_adapters(
+            base.cfg, cfg.lora, jax.random.fold_in(jax.random.key(seed), 7), shardings
+        )
+    if resume:
+        state = restore_train_state(load_checkpoint(ckpt_path, mesh=mesh, adapters=True, base=base), trainer)
+    else:
+        state = trainer.init_state(adapters, jax.random.key_data(jax.random.key(seed)))
+    batch = place_batch(batch_from_records(records), mesh)
+    state, history = trainer.train_on_batch(state, batch, on_update=on_update)
+    step = int(head.meta.get("step", 0)) + 1
+    metrics = "".join(json.dumps(m) + "\n" for m in history)
+
+    def write_extras(d: Path) -> None:
+        copy_side_files(ckpt_path, d)
+        (d / "train_metrics.jsonl").write_text(metrics)
+
+    write_checkpoint(
+        out,
+        params=state.params,
+        hf_config=head.hf_config,
+        write_tokenizer=write_extras,
+        source=head.meta.get("source", str(ckpt_path)),
+        step=step,
+        parent=str(ckpt_path),
+        force=force,
+        opt_state=state_extras(state),
+        extra_meta={"reference": entry["base"], "updates": int(state.step), "lora": entry},
     )
     return TrainResult(out, len(history), step, history)

@@ -38,6 +38,30 @@ class RunContext:
     trainer: Any
     primary: bool  # the process that writes the run directory
     hooks: tuple[Hook, ...]
+    # LoRA: the "lora" entry of the run's checkpoints (config, base path and hash); None without LoRA.
+    lora_entry: dict[str, Any] | None = None
+
+    @property
+    def reference(self) -> str:
+        """The KL reference the checkpoints record: the start checkpoint, or with LoRA the base."""
+        return self.lora_entry["base"] if self.lora_entry is not None else str(self.start_checkpoint)
+
+    def policy(self, params: Any) -> Any:
+        """The params rollouts and evaluation decode with: the train state's params, or with LoRA the
+        base with the adapters attached (no copy: the decode step runs the low-rank path, and the CPU
+        decode loop merges them into the transposed copy it makes anyway). Where the decode mesh
+        differs from training's (--sample-mesh, several hosts) the weights are copied anyway, and a
+        merged copy is made instead."""
+        import jax
+
+        from mllmjax.lora import attach, merged_if_adapted
+
+        if self.trainer.lora is None:
+            return params
+        attached = attach(self.trainer.base, params, self.trainer.lora, self.model_cfg)
+        if self.sample_mesh is not self.mesh or jax.process_count() > 1:
+            return merged_if_adapted(attached)
+        return attached
 
 
 @dataclasses.dataclass
@@ -82,20 +106,33 @@ def open_run(
     start_checkpoint = _start_checkpoint(cfg, run_dir, resume=resume, force=force, emit=emit)
     mesh, sample_mesh = _meshes(cfg)
     problems, eval_problems = _problems(cfg)  # a bad --data fails before the model is loaded
-    start = load_checkpoint(start_checkpoint, mesh=mesh, dtype=resolve_dtype(cfg.dtype))
-    tokenizer = start.tokenizer()
     tcfg = cfg.train_config()
+    lora_entry = None
+    if tcfg.lora.enabled:  # start: the base model; the adapters are fresh or the start checkpoint's
+        from mllmjax.training import lora_start
+
+        start, adapters, lora_entry = lora_start(
+            start_checkpoint, tcfg.lora, mesh=mesh, dtype=resolve_dtype(cfg.dtype)
+        )
+    else:
+        start = load_checkpoint(start_checkpoint, mesh=mesh, dtype=resolve_dtype(cfg.dtype))
+    tokenizer = start.tokenizer()
     check_memory(cfg, start, tcfg, tokenizer, problems, mesh, sample_mesh, emit)
-    trainer = Trainer(
-        start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None, donate=True, mesh=mesh
-    )
+    if tcfg.lora.enabled:
+        trainer = Trainer(start.cfg, tcfg, base=start.params, donate=True, mesh=mesh)
+        initial = adapters if adapters is not None else _fresh_adapters(cfg, start.cfg, tcfg, mesh)
+    else:
+        trainer = Trainer(
+            start.cfg, tcfg, ref_params=start.params if cfg.beta > 0 else None, donate=True, mesh=mesh
+        )
+        initial = start.params
     if resume:
-        state = _resumed_state(cfg, run_dir, trainer, start.params, mesh)
+        state = _resumed_state(cfg, run_dir, trainer, initial, mesh, base=start if lora_entry else None)
     else:
         run_dir.create({**cfg.to_dict(), "start_checkpoint": str(start_checkpoint),
                         "model_config": start.cfg.family, "devices": jax.device_count(),
                         "processes": jax.process_count()})  # fmt: skip
-        state = RunState(train=trainer.init_state(start.params, train_rng(cfg.seed)))
+        state = RunState(train=trainer.init_state(initial, train_rng(cfg.seed)))
         state.replay = ReplayBuffer(cfg.replay_size)
     barrier("grpo:setup")
     ctx = RunContext(
@@ -104,8 +141,21 @@ def open_run(
         pad_id=tokenizer.pad_token_id or 0, problems=problems, eval_problems=eval_problems, trainer=trainer,
         primary=run_dir.primary,
         hooks=(*hooks, *(reporting_hooks(cfg, path, run_dir.plots) if run_dir.primary else ())),
+        lora_entry=lora_entry,
     )  # fmt: skip
     return ctx, state
+
+
+def _fresh_adapters(cfg: GRPOConfig, model_cfg: Any, tcfg: Any, mesh: Any) -> Any:
+    """New LoRA adapters (b = 0: the run starts at the base's policy), placed on the training mesh."""
+    import jax
+
+    from mllmjax.grpo.stages import derived_seed
+    from mllmjax.lora import adapter_specs, init_adapters
+    from mllmjax.sharding import spec_shardings
+
+    shardings = spec_shardings(adapter_specs(model_cfg, tcfg.lora), mesh)
+    return init_adapters(model_cfg, tcfg.lora, jax.random.key(derived_seed(cfg.seed, 6)), shardings)
 
 
 def _start_checkpoint(cfg: GRPOConfig, run_dir: RunDir, *, resume: bool, force: bool, emit: Emit) -> Path:
@@ -157,15 +207,21 @@ def _problems(cfg: GRPOConfig) -> tuple[list[Any], list[Any]]:
     return problems, held_out
 
 
-def _resumed_state(cfg: GRPOConfig, run_dir: RunDir, trainer: Any, start_params: Any, mesh: Any) -> RunState:
-    """The state of the last whole checkpoint, and metrics.jsonl cut back to its step."""
+def _resumed_state(
+    cfg: GRPOConfig, run_dir: RunDir, trainer: Any, start_params: Any, mesh: Any, base: Any = None
+) -> RunState:
+    """The state of the last whole checkpoint, and metrics.jsonl cut back to its step. base: with
+    LoRA, the base checkpoint already loaded (the saved checkpoints hold adapters on it)."""
     from mllmjax.checkpoint import load_checkpoint, resolve_dtype
     from mllmjax.training import restore_train_state
 
     steps = run_dir.checkpoint_steps()
     run_dir.clean_partial()
     if steps:
-        ckpt = load_checkpoint(run_dir.checkpoint(steps[-1]), mesh=mesh, dtype=resolve_dtype(cfg.dtype))
+        ckpt = load_checkpoint(
+            run_dir.checkpoint(steps[-1]), mesh=mesh, dtype=resolve_dtype(cfg.dtype),
+            adapters=base is not None, base=base,
+        )  # fmt: skip
         grpo_meta = ckpt.meta.get("grpo", {})
         step = int(grpo_meta.get("step", steps[-1]))
         state = RunState(restore_train_state(ckpt, trainer), step=step, cursor=int(grpo_meta["cursor"]))
@@ -198,7 +254,7 @@ def check_memory(
     longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) for p in problems[:256])
     if cfg.replay_prob > 0:  # a continuation prompt holds up to max_new_tokens - 1 completion tokens more
         longest += cfg.max_new_tokens - 1
-    dtype = jax.tree.leaves(start.params)[0].dtype.name
+    dtype = jax.tree.leaves(start.params)[0].dtype.name  # with LoRA, the base's
     # Not donated: the updates take over a copy, and the state the step started from stays alive
     # beside it (to roll the step back), which is the "new state" of a non-donated update.
     widths = padded_shape(longest, cfg.max_new_tokens)
@@ -219,6 +275,7 @@ def check_memory(
     rollout = memory.MemoryEstimate(
         {
             "params": update.parts["params"],
+            "adapters": update.parts.get("adapters", 0),
             "optimizer": update.parts["optimizer"],
             "reference": update.parts["reference"],
             "sampling copy": decode.parts["params"] if sample_mesh is not mesh else 0,

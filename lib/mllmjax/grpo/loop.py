@@ -95,7 +95,7 @@ class GRPORun:
         t_start = time.perf_counter() - before
         try:
             if cfg.eval_every and state.step == 0 and not any("eval/accuracy" in m for m in state.metrics):
-                row = {"step": 0, **evaluate(ctx, state.train.params, 0, self.emit)}
+                row = {"step": 0, **evaluate(ctx, ctx.policy(state.train.params), 0, self.emit)}
                 ctx.run_dir.append_metrics(row)
                 self._record(ctx, state, row)
             while state.step < cfg.steps:
@@ -134,7 +134,7 @@ class GRPORun:
             what = f"{mode.prompts} prompts x {mode.group_size} with {mode.estimator}"
             self.emit("switch", {"step": step, "line": f"step {step}: {mode.reason}: sampling {what}"})
         records, summary, counters, cursor, replay = collect_rollouts(
-            ctx, state.train.params, step, state.cursor, self.emit, mode=mode, replay=state.replay
+            ctx, ctx.policy(state.train.params), step, state.cursor, self.emit, mode=mode, replay=state.replay
         )
         rollout_compile_s = compile_seconds() - compiled_before
         rollout_sys_s = system_seconds() - sys_before
@@ -147,7 +147,7 @@ class GRPORun:
         train, train_row = train_on_records(ctx, state.train, step, records, self.emit)
         row.update(train_row)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            row.update(evaluate(ctx, train.params, step, self.emit))
+            row.update(evaluate(ctx, ctx.policy(train.params), step, self.emit))
         row["step_s"] = time.perf_counter() - t0
         row["elapsed_s"] = time.perf_counter() - t_start
         row["compile_s"] = compile_seconds() - compiled_before
@@ -183,7 +183,8 @@ class GRPORun:
         write_checkpoint(
             out, params=state.train.params, hf_config=ctx.hf_config, write_tokenizer=side_files,
             source=start, step=step, parent=start, force=True, opt_state=state_extras(state.train),
-            extra_meta={"reference": start, "updates": int(state.train.step),
+            extra_meta={"reference": ctx.reference, "updates": int(state.train.step),
+                        **({"lora": ctx.lora_entry} if ctx.lora_entry is not None else {}),
                         "grpo": {"run": str(self.path), "step": step, "cursor": state.cursor,
                                  **({"replay": state.replay.to_json()} if state.replay is not None
                                     and ctx.cfg.replay_prob > 0 else {})}},

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllmjax.models.blocks.adapters import Adapted
 from mllmjax.models.blocks.cpu import OutMajor, out_major_layer, split_layers, stack_layers, weight_first
 from mllmjax.models.blocks.kernels import Kernel
 from mllmjax.models.cache import KVCache, ring_write, write_rows
@@ -49,17 +50,23 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> P
     return map_specs(make, specs)
 
 
+def cast_layer(lp: Params, dtype: Any) -> Params:
+    """A layer's params in the compute dtype; a LoRA `Adapted` weight casts its arrays, not its key."""
+    return jax.tree.map(lambda p: p.astype(dtype), lp, is_leaf=lambda n: isinstance(n, Adapted))
+
+
 def layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     """One layer's param specs, without the leading layer axis."""
     return {name: ParamSpec(s.shape[1:], s.axes[1:]) for name, s in cfg.param_specs()["layers"].items()}
 
 
-def out_major_layers(params: Params, cfg: ModelConfig) -> Params:
+def out_major_layers(params: Params, cfg: ModelConfig, merge_adapters: bool = True) -> Params:
     """params with the layers as a tuple of per-layer trees, their matrices output-major (`OutMajor`):
-    what a decode loop on the CPU takes, sliced and transposed once outside the loop."""
+    what a decode loop on the CPU takes, sliced and transposed once outside the loop. LoRA adapters
+    are merged into that copy, or kept beside it with merge_adapters=False (`out_major_layer`)."""
     specs = layer_specs(cfg)
     layers = split_layers(params["layers"], cfg.num_layers)
-    return {**params, "layers": tuple(out_major_layer(lp, specs) for lp in layers)}
+    return {**params, "layers": tuple(out_major_layer(lp, specs, merge_adapters) for lp in layers)}
 
 
 def _run_layers(
@@ -146,7 +153,7 @@ def forward(
 
     def body(x: jax.Array, layer: tuple[Params, Any, Any]) -> tuple[jax.Array, Any]:
         lp, kv, index = layer
-        out = fam.block(cfg, jax.tree.map(lambda p: p.astype(cdt), lp), x, kv, ctx.at(index))
+        out = fam.block(cfg, cast_layer(lp, cdt), x, kv, ctx.at(index))
         x, kv, aux = out if len(out) == 3 else (*out, {})
         return x, (kv, aux)
 

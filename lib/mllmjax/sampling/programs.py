@@ -200,6 +200,12 @@ def _decode(
     return jax.lax.while_loop(cond, body, state)
 
 
+# LoRA weights in the CPU decode loop: merged into its output-major copy (True), or run as the low-rank
+# path beside the copy of the base weights (False). Read when a program is traced; scripts/bench_lora.py
+# measures both (merging was faster: see docs/benchmarks.md).
+MERGE_ADAPTERS = True
+
+
 def per_layer_cache(cfg: ModelConfig, unroll: bool) -> bool:
     """Whether the sampler decodes over a per-layer cache: on the CPU (`unroll`), and for a model with
     windowed layers everywhere (see the module docstring)."""
@@ -213,7 +219,7 @@ def decode_params(params: Params, cfg: ModelConfig, unroll: bool) -> Params:
     if isinstance(params["layers"], tuple) or not per_layer_cache(cfg, unroll):
         return params
     if unroll:
-        return out_major_layers(params, cfg)
+        return out_major_layers(params, cfg, MERGE_ADAPTERS)
     return {**params, "layers": split_layers(params["layers"], cfg.num_layers)}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mllmjax.models.blocks.adapters import Adapted, low_rank
 from mllmjax.models.params import Params, ParamSpec
 
 
@@ -44,15 +45,25 @@ def input_dims(spec: ParamSpec) -> int | None:
     return 1 if axes[0] == "embed" else len(axes) - 1
 
 
-def out_major_layer(lp: Params, specs: dict[str, ParamSpec]) -> Params:
+def out_major_layer(lp: Params, specs: dict[str, ParamSpec], merge_adapters: bool = True) -> Params:
     """One layer's params with its matrices as `OutMajor` (specs: that layer's, without the layer axis),
-    for a decode loop on the CPU: a transposed copy, alive as long as the caller keeps it."""
+    for a decode loop on the CPU: a transposed copy, alive as long as the caller keeps it.
+
+    An `Adapted` (LoRA) weight is merged into that copy (merge_adapters, the default: the copy is made
+    anyway, and the decode step then runs one product per matrix), or kept as the transposed base weight
+    plus its adapters in matrix form (the low-rank path; `scripts/bench_lora.py` compares the two)."""
     out = dict(lp)
     for name, spec in specs.items():
         n_in = input_dims(spec)
         if n_in is None:
             continue
         w = lp[name]
+        if isinstance(w, Adapted) and not merge_adapters and not w.lead:
+            m = w.matrix()
+            out[name] = Adapted(OutMajor(m.w.T, tuple(w.shape[n_in:])), m.a, m.b, None, scale=w.scale, n_in=1)
+            continue
+        if isinstance(w, Adapted):
+            w = w.merged()
         d_in = math.prod(w.shape[:n_in])
         out[name] = OutMajor(w.reshape(d_in, -1).T, tuple(w.shape[n_in:]))
     return out
@@ -68,14 +79,17 @@ def weight_first(w: jax.Array, x: jax.Array, out_dtype: Any = None) -> jax.Array
     return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
 
 
-def dense(x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | OutMajor | Adapted) -> jax.Array:
     """x [..., D] @ w [D, F]: a linear layer whose weight gradient keeps the big operands untransposed.
 
     The value and both gradients are the plain matrix products; only the order of the weight-gradient
     product differs from autodiff's, which has XLA:CPU write the wide [N, F] cotangent transposed. The
     product itself stays an ordinary dot outside the custom rule, so remat policies such as
-    dots_saveable still see, and save, it. An `OutMajor` w is multiplied weight-first.
+    dots_saveable still see, and save, it. An `OutMajor` w is multiplied weight-first. An `Adapted`
+    (LoRA) w in matrix form adds its low-rank path: x w + scale (x a) b.
     """
+    if isinstance(w, Adapted):
+        return dense(x, w.w) + low_rank(x, w, dense)
     if isinstance(w, OutMajor):
         return weight_first(w.t, x)
     y = jnp.einsum("...D,DF->...F", x, w)

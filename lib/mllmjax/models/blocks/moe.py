@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mllmjax.models.blocks.adapters import Adapted
 from mllmjax.models.blocks.cpu import OutMajor, weight_first
 from mllmjax.models.blocks.mlp import swiglu
 from mllmjax.models.params import ParamSpec
@@ -189,6 +190,8 @@ def moe_mlp(
 
     router [D, E]; gate, up [E, D, F]; down [E, F, D] (or their `OutMajor` forms in a CPU decode loop,
     whose t is [F, E*D] and [D, E*F]). valid [B, T]: the real tokens (default all)."""
+    # LoRA adapters on the experts: merged per layer (one layer's expert weights at a time).
+    gate, up, down = (w.merged() if isinstance(w, Adapted) else w for w in (gate, up, down))
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     vf = jnp.ones(b * t, bool) if valid is None else valid.reshape(b * t)
