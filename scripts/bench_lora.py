@@ -151,7 +151,7 @@ def main() -> None:
     if args.child:
         from mllmjax.runtime import reexec_with_malloc_tuning
 
-        reexec_with_malloc_tuning()
+        reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
         import resource
 
         kind, spec = args.child.split("=", 1)

@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests (set before jax is imported anywhere), float32
-matmuls at full precision, no persistent compilation cache in the test process, one shared by the
-commands the tests run as subprocesses, and fixtures of the embedded SmolLM2."""
+matmuls at full precision, one persistent compilation cache for the session (the test process and the
+commands it runs as subprocesses), and fixtures of the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The commands the tests run as subprocesses (dozens of grpo/rollout/sample runs on the same tiny
-# models) share one persistent compilation cache for the session, in a temp dir; set after jax was
-# imported, so this process compiles afresh. (A user's runs use ~/.cache/mllmjax/xla the same way.)
+# The test process and the commands the tests run as subprocesses (dozens of grpo/rollout/sample runs
+# on the same tiny models) share one persistent compilation cache for the session, in a temp dir, as a
+# user's runs share ~/.cache/mllmjax/xla. Test modules compile the same programs of the same tiny
+# models again and again (each module's in-memory caches are dropped after it, see below), so most
+# of them load from it. Compiled or loaded, a program is the same executable: results do not change.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
@@ -28,6 +30,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _xla_cache = tempfile.mkdtemp(prefix="mllmjax-test-xla-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
     atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+    from mllmjax.runtime import _JAX_CACHE_SETTINGS  # noqa: E402
+
+    for _name, _value in {"jax_compilation_cache_dir": _xla_cache, **_JAX_CACHE_SETTINGS}.items():
+        jax.config.update(_name, _value)
 
 from pathlib import Path  # noqa: E402
 

@@ -387,3 +387,27 @@ def test_grpo_samples_with_the_adapters_and_resumes_exactly(setup, tmp_path, mon
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
     assert make_mesh("fsdp=8").size == 8
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_sampler_decodes_the_adapted_policy(merge, tmp_path_factory, monkeypatch):
+    """Greedy decoding with the adapters attached equals decoding the merged weights, whether the CPU
+    decode loop merges them into its output-major copy or runs the low-rank path beside it."""
+    from mllmjax.sampling import Greedy, generate, programs
+
+    _, ckpt, _ = _convert("qwen3", tmp_path_factory)
+    lcfg = lora.LoraConfig(rank=3, alpha=5.0)
+    adapters = jax.tree.map(lambda x: 4 * x, _random_adapters(ckpt.cfg, lcfg, 4))
+    prompts = [[5, 9, 17, 2, 33], [7, 1, 4]]
+    monkeypatch.setattr(programs, "MERGE_ADAPTERS", merge)
+    programs.compiled.cache_clear()
+    programs.sliced_layers.cache_clear()
+    kw = dict(max_new_tokens=6, stop_ids=[])
+    got = generate(lora.attach(ckpt.params, adapters, lcfg, ckpt.cfg), ckpt.cfg, prompts, Greedy(), **kw)
+    want = generate(lora.merge(ckpt.params, adapters, lcfg, ckpt.cfg), ckpt.cfg, prompts, Greedy(), **kw)
+    base = generate(ckpt.params, ckpt.cfg, prompts, Greedy(), **kw)
+    programs.compiled.cache_clear()
+    programs.sliced_layers.cache_clear()
+    assert [c.ids for c in got] == [c.ids for c in want] != [c.ids for c in base]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)

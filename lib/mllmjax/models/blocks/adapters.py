@@ -60,8 +60,9 @@ class Adapted:
 
     def astype(self, dtype: Any) -> Adapted:
         """The weight and adapters in `dtype` (the compute dtype); the key stays a key."""
+        w = jax.tree.map(lambda x: x.astype(dtype), self.w)  # an array, or a CPU decode loop's OutMajor
         return Adapted(
-            self.w.astype(dtype), self.a.astype(dtype), self.b.astype(dtype), self.key,
+            w, self.a.astype(dtype), self.b.astype(dtype), self.key,
             scale=self.scale, n_in=self.n_in, lead=self.lead, rate=self.rate,
         )  # fmt: skip
 
