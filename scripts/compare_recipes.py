@@ -7,6 +7,8 @@ embedded-default table is measured. Runs go one after another (each uses every c
 to stdout and, with --json, every number to a file.
 
     python scripts/compare_recipes.py --recipes embedded-default dapo gspo --seeds 0 1 --out /tmp/recipes
+    python scripts/compare_recipes.py --recipes embedded-default --seeds 0 --out /tmp/lora \
+        --extra "--lora-rank 16 --lr 3e-4"          # the embedded default with LoRA
 """
 
 from __future__ import annotations
@@ -31,13 +33,24 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--out", type=Path, required=True, help="folder for the run directories")
     ap.add_argument("--json", type=Path, help="write every number here too")
+    ap.add_argument("--extra", default="", help="more grpo flags for every run, e.g. '--lora-rank 16'")
     args = ap.parse_args()
     rows = []
     for recipe in args.recipes:
         for seed in args.seeds:
             run = args.out / f"{recipe}-seed{seed}"
             t0 = time.perf_counter()
-            done = mllmjax("grpo", "--config", recipe, "--seed", str(seed), "--out", str(run), "--force")
+            done = mllmjax(
+                "grpo",
+                "--config",
+                recipe,
+                "--seed",
+                str(seed),
+                "--out",
+                str(run),
+                "--force",
+                *args.extra.split(),
+            )
             wall = time.perf_counter() - t0
             if done.returncode != 0:
                 sys.exit(f"{recipe} seed {seed} failed:\n{done.stderr[-2000:]}")

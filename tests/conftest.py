@@ -28,11 +28,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     _xla_cache = tempfile.mkdtemp(prefix="mllmjax-test-xla-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
     atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
-    from mllmjax.runtime import _JAX_CACHE_SETTINGS  # noqa: E402
-
-    for _name, _value in {"jax_compilation_cache_dir": _xla_cache, **_JAX_CACHE_SETTINGS}.items():
+    # Every program is cached, and nothing is evicted (the directory goes at exit): the same settings
+    # here and, through the environment, in every subprocess. Not the user's 4 GiB LRU bound: a process
+    # that evicts reads an `-atime` file beside each entry, which processes without the bound do not
+    # write, and then fails every later write to the cache.
+    _settings = {
+        "jax_compilation_cache_dir": _xla_cache,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": -1,
+        "jax_compilation_cache_max_size": -1,
+    }
+    for _name, _value in _settings.items():
+        os.environ[_name.upper()] = str(_value)
         jax.config.update(_name, _value)
 
 from pathlib import Path  # noqa: E402
@@ -76,6 +84,16 @@ def smollm2_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
     result = CliRunner().invoke(app, ["convert", "smollm2-135m", "-o", str(out), "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Put os.environ back after each test: commands run in process set variables for their own
+    modules (`mllmjax --no-verify` sets MLLMJAX_NO_VERIFY=1), which must not reach later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module", autouse=True)
