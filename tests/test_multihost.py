@@ -120,6 +120,28 @@ def test_train_on_two_processes_equals_one(setup):
     assert sorted(p.name for p in setup.iterdir() if p.name.startswith(".")) == []
 
 
+def test_lora_train_on_two_processes_equals_one(setup):
+    """A LoRA step across 2 processes: adapters sharded by the same rules, base frozen and the KL
+    reference, an adapter-only checkpoint written from both processes; equal to one process's."""
+    common = ["train", str(setup / "ck0"), str(setup / "scored.jsonl"), *TRAIN, "--lora-rank", "4",
+              "--lora-targets", "q,v,down", "--lora-dropout", "0.1"]  # fmt: skip
+    single = subprocess.run(_cli(*common, "-o", str(setup / "lora-single")), env=_env(8),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    pair = _run_pair([*common, "-o", str(setup / "lora-multi")])
+    assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
+    one = load_checkpoint(setup / "lora-single", adapters=True)
+    two = load_checkpoint(setup / "lora-multi", adapters=True, base=one.base)
+    assert two.meta["lora"]["base"] == str((setup / "ck0").absolute()) and two.meta["updates"] == 4
+    leaves = list(zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True))
+    assert leaves and max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in leaves) < 1e-5
+    # Only the adapters of the three targets were written (r x (in + out) per target and layer).
+    c = two.cfg
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = (c.hidden_size + q) + (c.hidden_size + kv) + (c.intermediate_size + c.hidden_size)
+    assert two.meta["num_params"] == c.num_layers * 4 * per_layer
+
+
 def test_incomplete_multihost_flags_are_refused(setup):
     result = subprocess.run(_cli("--coordinator", "127.0.0.1:1", "train", "x", "y", "-o", str(setup / "z")),
                             env=_env(1), capture_output=True, text=True, timeout=120)  # fmt: skip

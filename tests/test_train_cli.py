@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax.convert import convert
+from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig
 from mllmjax.optim import OptimConfig
 from mllmjax.records import read_records, write_records
@@ -119,6 +120,34 @@ def _bad(setup, records, out, fragment, *extra):
     assert result.exit_code == 2, result.output
     assert fragment in result.output and result.output.strip().count("\n") == 0, result.output
     assert (setup / out).exists() == existed and (not existed or not any((setup / out).iterdir()))
+
+
+def test_a_replayed_first_record_does_not_fail_the_tokenizer_check(setup):
+    """grpo's replay buffer writes continuation records: the prompt followed by a partial completion,
+    whose decoded text need not re-encode to the same ids. The check skips them and reads the first
+    plain record; a file of continuations alone is not refused for it."""
+    from mllmjax.records import CONTINUATION_KEY
+    from mllmjax.training import check_records
+
+    good = read_records(setup / "s1.jsonl")
+    head = load_checkpoint(setup / "ck0", load_params=False)
+    tokenizer, vocab = head.tokenizer(), head.cfg.vocab_size
+    # As rollout builds it: prompt text + decoded prefix, prompt ids + prefix ids (a special token in
+    # the prefix decodes to nothing: re-encoding the text differs).
+    prefix_ids = [tokenizer.get_vocab()["<|im_end|>"], *good[0].completion_ids[:2]]
+    prefix = tokenizer.decode(prefix_ids, skip_special_tokens=True)
+    replayed = dataclasses.replace(
+        good[0],
+        prompt=good[0].prompt + prefix,
+        prompt_ids=good[0].prompt_ids + prefix_ids,
+        meta={CONTINUATION_KEY: {"prefix": prefix, "from_step": 1}},
+    )
+    assert tokenizer(replayed.prompt, add_special_tokens=False)["input_ids"] != replayed.prompt_ids
+    check_records([replayed, *good], tokenizer, vocab, "s1.jsonl")
+    check_records([replayed], tokenizer, vocab, "s1.jsonl")
+    with pytest.raises(BadInputError, match="different tokenizer"):
+        check_records([replayed, dataclasses.replace(good[0], prompt_ids=good[0].prompt_ids[1:])],
+                      tokenizer, vocab, "s1.jsonl")  # fmt: skip
 
 
 def test_bad_input(setup):

@@ -8,8 +8,8 @@ Design decisions:
   completion starts at the static `completion_start = P` and the LM head only sees completion positions.
   P and C are rounded up to multiples of `LENGTH_BUCKET`, so a run compiles a bounded number of times.
 - Records are checked against the checkpoint before any compute: token ids inside the vocabulary, and the
-  first prompt re-encoded by the checkpoint's tokenizer must give the record's prompt_ids; otherwise the
-  records came from another tokenizer and the message says so.
+  first plain (not replayed) prompt re-encoded by the checkpoint's tokenizer must give its prompt_ids;
+  otherwise the records came from another tokenizer and the message says so.
 - The train state (optimizer state, update count, RNG) is saved beside the params as `opt_state/`, so
   `--resume` continues bit for bit. The KL reference is the policy the run started from: its path is
   kept in mllmjax.json as `reference` and reloaded on resume (only when beta > 0).
@@ -40,7 +40,7 @@ from mllmjax.checkpoint import (
 from mllmjax.errors import ArtifactError, BadInputError
 from mllmjax.memory import MemoryEstimate
 from mllmjax.models.params import Params
-from mllmjax.records import RolloutRecord, require_scored
+from mllmjax.records import CONTINUATION_KEY, RolloutRecord, require_scored
 from mllmjax.settings import Settings
 from mllmjax.sharding import place_rows
 from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState
@@ -76,8 +76,12 @@ def check_records(
             raise BadInputError(f"{source}:{i}: advantage is {r.advantage}; re-score the rollouts")
     if not any(r.completion_ids for r in records):
         raise BadInputError(f"{source}: no completion tokens to train on")
-    first = records[0]
-    if list(tokenizer(first.prompt, add_special_tokens=False)["input_ids"]) != list(first.prompt_ids):
+    # A continuation record (grpo's replay buffer) holds its prompt followed by a partial completion's
+    # tokens, whose decoded text need not re-encode to the same ids: the first plain record is checked.
+    first = next((r for r in records if CONTINUATION_KEY not in r.meta), None)
+    if first is not None and (
+        list(tokenizer(first.prompt, add_special_tokens=False)["input_ids"]) != list(first.prompt_ids)
+    ):
         raise BadInputError(
             f"{source}: prompt_ids do not match the checkpoint's tokenizer on the first record: "
             "the records come from a different tokenizer"
