@@ -241,6 +241,7 @@ class _Signals:
 def run_with_display(cfg: GRPOConfig, run_dir: Path, *, resume: bool, force: bool, json_out: bool) -> None:
     """Run the loop under the live display; print the summary (and JSON with --json)."""
     from mllmjax.grpo import GRPORun
+    from mllmjax.grpo.loop import peak_rss_gb
 
     display = Display(cfg)
     loop = GRPORun(cfg, run_dir, resume=resume, force=force, hooks=[display])
@@ -249,7 +250,7 @@ def run_with_display(cfg: GRPOConfig, run_dir: Path, *, resume: bool, force: boo
         result = loop.run(stop_requested=signals.stop_requested)
     summary = {"run": str(result.run_dir), "status": result.status, "step": result.step, "steps": cfg.steps,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-               "seconds": time.perf_counter() - started}  # fmt: skip
+               "seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb()}  # fmt: skip
     last_eval = next((m for m in reversed(result.metrics) if "eval/accuracy" in m), None)
     if last_eval is not None:
         summary["eval_accuracy"] = last_eval["eval/accuracy"]
@@ -257,8 +258,8 @@ def run_with_display(cfg: GRPOConfig, run_dir: Path, *, resume: bool, force: boo
         typer.echo(json.dumps(summary))
     if result.status == "done":
         err_console.print(
-            f"done: {result.step} steps in {summary['seconds']:.0f}s; run {result.run_dir}, final checkpoint "
-            f"{result.checkpoint}, plots in {result.run_dir / 'plots'}"
+            f"done: {result.step} steps in {summary['seconds']:.0f}s, peak memory {summary['peak_rss_gb']:.1f} GB; "
+            f"run {result.run_dir}, final checkpoint {result.checkpoint}, plots in {result.run_dir / 'plots'}"
         )
     else:
         err_console.print(

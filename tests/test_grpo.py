@@ -47,8 +47,9 @@ STEP_KEYS = {
     "clip_low", "clip_high", "ratio_mean", "ratio_min", "ratio_max", "grad_norm", "lr", "loss", "policy_loss",
     "completion_len", "truncation_rate", "frac_reward_zero_std", "sampling_rounds", "prompts_sampled",
     "groups_trained", "rollout_s", "score_s", "train_s", "ref_logps_s", "step_s", "rollout_tok_s",
-    "train_tok_s", "updates", "elapsed_s",
+    "train_tok_s", "updates", "elapsed_s", "peak_rss_gb",
 }  # fmt: skip
+MACHINE_KEYS = {"peak_rss_gb"}  # measured of the process, like the times (keys ending in _s)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,11 @@ def test_three_steps_write_every_artifact(ckpt, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "done" and summary["step"] == 3
+    # The process's peak resident memory (this pytest process), against the kernel's high-water mark.
+    hwm = Path("/proc/self/status")
+    if hwm.exists():
+        kib = next(int(line.split()[1]) for line in hwm.read_text().splitlines() if line.startswith("VmHWM:"))
+        assert 0.9 * kib * 1024 / 1e9 <= summary["peak_rss_gb"] <= kib * 1024 / 1e9 + 0.001
 
     config = json.loads((run / "config.json").read_text())
     assert config["format"] == "mllmjax.grpo-run/1"
@@ -111,6 +117,8 @@ def test_three_steps_write_every_artifact(ckpt, tmp_path, monkeypatch):
         assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))
         assert row["groups_trained"] == 2 and row["sampling_rounds"] == 1
     assert [r["updates"] for r in rows[1:]] == [2, 4, 6]  # 2 PPO epochs x 1 minibatch per step
+    peaks = [r["peak_rss_gb"] for r in rows[1:]]  # a running peak: never falls
+    assert peaks == sorted(peaks) and peaks[-1] <= summary["peak_rss_gb"]
     assert {r["step"] for r in rows if "eval/accuracy" in r} == {0, 2, 3}
     assert rows[3]["kl"] > 0  # beta > 0: the policy moved away from the reference and KL is measured
     # Rewards and advantages are the `score` stage's: the saved records carry them.
@@ -286,9 +294,9 @@ def test_resume_after_kill_equals_an_uninterrupted_run(ckpt, tmp_path):
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
     ra, rb = read_metrics(straight), read_metrics(run)
     assert [r["step"] for r in rb] == [1, 2, 3, 4] and [r["updates"] for r in rb] == [4, 8, 12, 16]
-    for x, y in zip(ra, rb, strict=True):  # every metric but the times (keys ending in _s)
+    for x, y in zip(ra, rb, strict=True):  # every metric but the measurements of the process
         assert set(x) == set(y)
-        same = {k: v for k, v in x.items() if not k.endswith("_s")}
+        same = {k: v for k, v in x.items() if not k.endswith("_s") and k not in MACHINE_KEYS}
         assert same == {k: y[k] for k in same}, x["step"]
     # The run's clock goes on across resumes: each step's elapsed_s exceeds the one before it.
     elapsed = [r["elapsed_s"] for r in rb]
@@ -554,7 +562,7 @@ def test_estimator_switch_and_replay_buffer_log_their_work_and_resume_exactly(ck
     for name in a:
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
     for x, y in zip(rows, read_metrics(run), strict=True):
-        same = {k: v for k, v in x.items() if not k.endswith("_s")}
+        same = {k: v for k, v in x.items() if not k.endswith("_s") and k not in MACHINE_KEYS}
         assert same == {k: y[k] for k in same}, x["step"]
     assert read_meta(run / "checkpoints" / "step_2")["grpo"] == {
         **read_meta(straight / "checkpoints" / "step_2")["grpo"], "run": str(run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,13 @@ def compile_seconds() -> float:
         jax.monitoring.register_event_duration_secs_listener(listen)
         _compiled["listening"] = True
     return float(_compiled["seconds"])
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far, in GB (10^9 bytes): ru_maxrss is in KiB on Linux,
+    bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)
 
 
 def system_seconds() -> float:
@@ -154,6 +162,7 @@ class GRPORun:
         row["rollout_compile_s"] = rollout_compile_s
         row["sys_s"] = system_seconds() - sys_before
         row["rollout_sys_s"] = rollout_sys_s
+        row["peak_rss_gb"] = peak_rss_gb()  # of this process (and so of this host), not of the run
         if cfg.save_rollouts:
             from mllmjax.records import write_records
 
