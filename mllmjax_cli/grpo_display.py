@@ -142,7 +142,7 @@ class Display(Hook):
                 self.log(f"resuming at step {data['step']} of {data['steps']}")
         elif kind == "convert":
             self.log(f"converting the model into the cache: {data['out']}")
-        elif kind in ("memory", "switch"):
+        elif kind in ("memory", "switch", "probe"):
             self.log(data["line"])
         elif kind == "phase":
             self.phase = data["phase"]
@@ -251,6 +251,8 @@ def run_with_display(cfg: GRPOConfig, run_dir: Path, *, resume: bool, force: boo
     summary = {"run": str(result.run_dir), "status": result.status, "step": result.step, "steps": cfg.steps,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                "seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb()}  # fmt: skip
+    if result.probe is not None:
+        summary["probe"] = {k: v for k, v in result.probe.items() if k != "line"}
     last_eval = next((m for m in reversed(result.metrics) if "eval/accuracy" in m), None)
     if last_eval is not None:
         summary["eval_accuracy"] = last_eval["eval/accuracy"]

@@ -10,11 +10,12 @@ def even(completion: str, answer: str, record: dict) -> float:
     """The fraction of even token ids: varies within a group of a random tiny model, so GRPO has signal.
 
     With MLLMJAX_TEST_REWARD_LOG=DIR set, each scoring process appends the group it scored to
-    DIR/<pid>.txt (the multi-host test checks that every host scores its own share only)."""
+    DIR/<pid>.txt, as probeN for the groups of grpo's probe (the multi-host test checks that every host
+    scores its own share only)."""
     log = os.environ.get("MLLMJAX_TEST_REWARD_LOG")
     if log:
         with open(Path(log) / f"{os.getpid()}.txt", "a") as f:
-            f.write(f"{record['group']}\n")
+            f.write(f"{'probe' if record['meta'].get('probe') else ''}{record['group']}\n")
     ids = record["completion_ids"]
     return sum(i % 2 == 0 for i in ids) / max(len(ids), 1)
 

@@ -31,6 +31,8 @@ from mllmjax.grpo import (
     steady_step_seconds,
     terms_off,
 )
+from mllmjax.grpo.loop import is_embedded_default
+from mllmjax.grpo.stages import no_signal_advice
 from mllmjax_cli.main import app
 
 runner = CliRunner()
@@ -226,6 +228,8 @@ def test_recipes_and_the_embedded_default():
     assert qwen.model == "Qwen/Qwen2.5-3B-Instruct" and qwen.data == "gsm8k" and qwen.steps == 400
     assert (qwen.group_size, qwen.prompts_per_step, qwen.temperature, qwen.top_k) == (16, 1, 1.0, 50)
     assert qwen.reward == "correct=1.0,format=0.5,tags=0.5"
+    # Only a run on another model or data than the embedded default's is probed for signal.
+    assert is_embedded_default(default) and not is_embedded_default(named)
 
 
 def test_gsm8k_recipe_runs_on_a_gsm8k_file(ckpt, tmp_path, monkeypatch):
@@ -244,6 +248,48 @@ def test_gsm8k_recipe_runs_on_a_gsm8k_file(ckpt, tmp_path, monkeypatch):
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [0, 1] and "eval/accuracy" in rows[1]
     assert {"reward/correct", "reward/format", "reward/tags"} <= set(rows[1])
+
+
+def test_the_probe_warns_before_the_first_step_when_no_group_has_signal(ckpt, tmp_path, monkeypatch):
+    """A tiny random model never answers builtin:sums right, so with the correct reward alone no group's
+    rewards differ: the run says so before its first step, with what to try. The probe consumes no data
+    and changes nothing: the run equals one with --no-probe. With a reward that varies, it finds signal."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    base = ["grpo", "--model", str(ckpt), "--data", "builtin:sums", "-G", "4", "--prompts-per-step", "2",
+            "--max-new-tokens", "4", "--batch-size", "12", "--steps", "1", "--json"]  # fmt: skip
+    runs = {"probed": ["--reward", "correct=1.0"], "unprobed": ["--reward", "correct=1.0", "--no-probe"],
+            "signal": ["--reward", "correct=1.0", "--reward-fn", "grpo_rewards:even=1"]}  # fmt: skip
+    out = {}
+    for name, extra in runs.items():
+        result = runner.invoke(app, [*base, *extra, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        out[name] = (json.loads(result.stdout.strip().splitlines()[-1]), " ".join(result.stderr.split()))
+    summary, log = out["probed"]
+    # --batch-size 12 holds 3 groups of 4: the probe samples the first 3 prompts of the data order.
+    cut = summary["probe"].pop("truncation_rate")  # 4 new tokens: most completions are cut
+    assert summary["probe"] == {"prompts": 3, "groups": 3, "groups_with_signal": 0, "reward_mean": 0.0,
+                                "rewards_mean": {"correct": 0.0}}  # fmt: skip
+    assert "warning: probe: 3 prompts x 4 completions of builtin:sums" in log
+    assert "0 of 3 groups with differing rewards; mean reward 0.00 (correct 0.00)" in log
+    assert cut >= 0.5 and f"{cut:.0%} of completions were cut at --max-new-tokens 4: raise it" in log
+    assert "add a reward that gives early signal" in log and "--no-probe skips this check" in log
+    assert log.index("warning: probe") < log.index("done: 1 steps")
+    assert "probe" not in out["unprobed"][0] and "probe:" not in out["unprobed"][1]
+    a, b = _params(tmp_path / "probed/checkpoints/step_1"), _params(tmp_path / "unprobed/checkpoints/step_1")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    (x,), (y,) = read_metrics(tmp_path / "probed"), read_metrics(tmp_path / "unprobed")
+    assert {k: v for k, v in x.items() if not k.endswith("_s") and k not in MACHINE_KEYS} == {
+        k: v for k, v in y.items() if not k.endswith("_s") and k not in MACHINE_KEYS
+    }
+    summary, log = out["signal"]
+    assert summary["probe"]["groups_with_signal"] == 3 and summary["probe"]["reward_mean"] > 0
+    assert "probe: 3 prompts x 4 completions" in log and "warning: probe" not in log
+    # What the advice says when every completion is already right.
+    cfg = build_config({"model": str(ckpt), "data": "builtin:sums"})
+    assert no_signal_advice(cfg, {"rewards_mean": {"correct": 1.0}, "truncation_rate": 0.0}).startswith(
+        "every completion is already correct"
+    )
 
 
 def test_dynamic_sampling_fills_the_batch_with_signal(ckpt, tmp_path, monkeypatch):

@@ -163,9 +163,12 @@ def test_grpo_step_on_two_processes_equals_one(setup):
     pair = _run_pair([*common, "-o", str(setup / "g2")], env={"MLLMJAX_TEST_REWARD_LOG": str(log)})
     assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
     assert "done: 1 steps" in pair[0].stderr and "done" not in pair[1].stderr
-    # Each host sampled and scored its own share (one group of the two, 4 samples), nothing more.
+    # Each host sampled and scored its own share, nothing more: one group of the step's two (4 samples),
+    # and half of the probe's 8 groups (one --batch-size 64 decode of groups of 4 holds 16; 8 at most).
     scored = sorted(sorted(f.read_text().split()) for f in log.iterdir())
-    assert scored == [["0"] * 4, ["1"] * 4]
+    probe = [[f"probe{g}" for g in range(4 * h, 4 * h + 4) for _ in range(4)] for h in (0, 1)]
+    assert scored == [sorted(["0"] * 4 + probe[0]), sorted(["1"] * 4 + probe[1])]
+    assert "probe: 8 prompts x 4 completions" in pair[0].stderr and "probe" not in pair[1].stderr
     one = read_records(setup / "g1/rollouts/step_1.jsonl")
     two = read_records(setup / "g2/rollouts/step_1.jsonl")
     assert [r.completion_ids for r in one] == [r.completion_ids for r in two]

@@ -82,6 +82,11 @@ class Settings:
         False, "Sample more prompts until every group in the batch has varying rewards."
     )
     max_sampling_rounds: int = setting(4, "Most sampling rounds per step with --dynamic-sampling.")
+    probe: bool = setting(
+        True,
+        "Before the first step of a run on another model or data than the embedded default's, sample up to "
+        "8 prompts x G and warn when no group's rewards differ: GRPO would have nothing to learn from.",
+    )
     estimator_switch: str | None = setting(
         None,
         "entropy<T: after a step whose policy entropy fell below T (nats per token), sample "

@@ -16,7 +16,7 @@ from mllmjax.grpo.config import GRPOConfig
 from mllmjax.grpo.context import RunContext, RunState, check_run_dir, open_run
 from mllmjax.grpo.replay import parse_switch, step_mode
 from mllmjax.grpo.report import Hook
-from mllmjax.grpo.stages import collect_rollouts, evaluate, summary_metrics, train_on_records
+from mllmjax.grpo.stages import collect_rollouts, evaluate, probe_signal, summary_metrics, train_on_records
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -48,6 +48,15 @@ def peak_rss_gb() -> float:
     return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)
 
 
+def is_embedded_default(cfg: GRPOConfig) -> bool:
+    """Whether the run trains the embedded default's model on its data (its recipe is measured to
+    learn, so `grpo` does not probe it)."""
+    from mllmjax.grpo.config import EMBEDDED_RECIPE, RECIPES_DIR, read_config_file
+
+    recipe = read_config_file(RECIPES_DIR / f"{EMBEDDED_RECIPE}.toml")
+    return cfg.model == recipe["model"] and cfg.data == recipe["data"]
+
+
 def system_seconds() -> float:
     """System CPU seconds of this process so far: mostly page faults, as the heap first grows to its
     peak; a step's share is its `sys_s`, which an ETA leaves out like compile time."""
@@ -61,6 +70,7 @@ class RunResult:
     status: str  # "done", "stopped" (asked to stop between steps), "interrupted" (a step abandoned)
     checkpoint: Path | None
     metrics: list[dict[str, Any]]
+    probe: dict[str, Any] | None = None  # `stages.probe_signal`'s finding, when this call ran the probe
 
 
 class GRPORun:
@@ -98,6 +108,7 @@ class GRPORun:
         self.emit("start", {"step": state.step, "steps": cfg.steps, "resumed": self.resume,
                             "start_checkpoint": str(ctx.start_checkpoint)})  # fmt: skip
         status = "done"
+        probe = None
         # elapsed_s counts the run's own time: a resumed run goes on from the last recorded value.
         before = next((m["elapsed_s"] for m in reversed(state.metrics) if "elapsed_s" in m), 0.0)
         t_start = time.perf_counter() - before
@@ -106,6 +117,9 @@ class GRPORun:
                 row = {"step": 0, **evaluate(ctx, ctx.policy(state.train.params), 0, self.emit)}
                 ctx.run_dir.append_metrics(row)
                 self._record(ctx, state, row)
+            if cfg.probe and state.step == 0 and not is_embedded_default(cfg):
+                probe = probe_signal(ctx, ctx.policy(state.train.params), self.emit)
+                self.emit("probe", probe)
             while state.step < cfg.steps:
                 # Multi-host: a stop asked of any process stops them all after the same step.
                 if any_process(stop_requested()):
@@ -122,7 +136,7 @@ class GRPORun:
                 checkpoint = self._save(ctx, state)
             else:
                 checkpoint = ctx.run_dir.checkpoint(state.step)
-        result = RunResult(self.path, state.step, status, checkpoint, state.metrics)
+        result = RunResult(self.path, state.step, status, checkpoint, state.metrics, probe)
         self.emit("phase", {"phase": "finish"})
         for hook in ctx.hooks:
             hook.on_end(result)

@@ -22,7 +22,8 @@ class Hook:
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         """Progress: start (step, steps, resumed, start_checkpoint), convert (out), memory (line, bytes),
-        phase (phase), rollout_progress (tokens, samples), update (one PPO update's metrics)."""
+        phase (phase), rollout_progress (tokens, samples), update (one PPO update's metrics), switch (step,
+        line), probe (`stages.probe_signal`'s counts and line, before the first step)."""
 
     def on_metrics(self, row: dict[str, Any]) -> None:
         """Each row appended to metrics.jsonl: step 0's evaluation before training, then every step."""

@@ -129,6 +129,69 @@ def collect_rollouts(
     return kept, merge_summaries(summaries), counters, cursor, replay
 
 
+PROBE_PROMPTS = 8  # most prompts the probe samples (in one decode batch, G completions each)
+
+
+def probe_signal(ctx: RunContext, params: Any, emit: Emit) -> dict[str, Any]:
+    """Sample the run's first prompts (up to PROBE_PROMPTS, as many as one --batch-size decode holds)
+    with the starting parameters and score them: whether any group's rewards differ, i.e. whether GRPO
+    has anything to learn from. The run is unchanged: no data is consumed, no state touched (the
+    sampler's seed is the probe's own). Returns the counts, the rewards and a one-line report that,
+    when no group has signal, says why it may be and what to try."""
+    from mllmjax.rollout import gather_records, host_rollouts
+    from mllmjax.scoring import reward_outcomes, score_records
+
+    cfg = ctx.cfg
+    n = len(ctx.problems)
+    count = min(n, PROBE_PROMPTS, max(1, cfg.batch_size // cfg.group_size))
+    problems = [ctx.problems[problem_index(i, n, cfg.seed)] for i in range(count)]
+    score_cfg = dataclasses.replace(cfg.score_config(), filter_zero_variance=False)
+    t0 = time.perf_counter()
+    emit("phase", {"phase": "probe"})
+    mine = host_rollouts(
+        params, ctx.model_cfg, ctx.tokenizer, problems, cfg.rollout_config(seed=derived_seed(cfg.seed, 7)),
+        stop_ids=ctx.stop_ids, policy=f"{ctx.run_dir.path}@0", mesh=ctx.sample_mesh,
+        compute_dtype=cfg.compute_dtype, meta={"probe": True},
+    )  # fmt: skip
+    pairs = gather_records(list(zip(mine, reward_outcomes(mine, score_cfg), strict=True)))
+    _, summary = score_records([r for r, _ in pairs], score_cfg, outcomes=[o for _, o in pairs])
+    groups = summary["groups"]
+    signal = groups - round(summary["frac_reward_zero_std"] * groups)
+    reward = summary["reward"]
+    means = ", ".join(f"{k} {v:.2f}" for k, v in summary["rewards_mean"].items())
+    line = (
+        f"probe: {count} prompts x {cfg.group_size} completions of {cfg.data} in "
+        f"{time.perf_counter() - t0:.0f}s: {signal} of {groups} groups with differing rewards; mean reward "
+        f"{reward['mean']:.2f} ({means})"
+    )
+    if signal == 0:
+        line = "warning: " + line + "; " + no_signal_advice(cfg, summary)
+    return {"prompts": count, "groups": groups, "groups_with_signal": signal, "reward_mean": reward["mean"],
+            "rewards_mean": summary["rewards_mean"], "truncation_rate": summary["truncation_rate"],
+            "line": line}  # fmt: skip
+
+
+def no_signal_advice(cfg: Any, summary: dict[str, Any]) -> str:
+    """What to try when the probe found no group whose rewards differ (every group's completions scored
+    the same), from what the probe saw."""
+    if summary["rewards_mean"].get("correct") == 1.0:
+        return "every completion is already correct, so GRPO learns nothing: try a harder task"
+    advice = ["GRPO learns nothing from groups whose completions all score the same"]
+    if summary["truncation_rate"] >= 0.5:
+        advice.append(
+            f"{summary['truncation_rate']:.0%} of completions were cut at --max-new-tokens "
+            f"{cfg.max_new_tokens}: raise it"
+        )
+    names = summary["rewards_mean"]
+    if "format" not in names or "tags" not in names:
+        advice.append("add a reward that gives early signal (--reward correct=1.0,format=0.5,tags=0.5)")
+    advice.append(
+        "or start from a task the model can sometimes solve (--data builtin:arith:level=0); "
+        "--no-probe skips this check"
+    )
+    return "; ".join(advice)
+
+
 def train_on_records(
     ctx: RunContext, state: Any, step: int, records: list[Any], emit: Emit
 ) -> tuple[Any, dict[str, Any]]:
