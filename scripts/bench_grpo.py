@@ -8,8 +8,15 @@ whole batch in one pass needs ~24 GB here). Old log-probs cost nothing extra: ep
 forward records them (ratio 1) for epoch 1. The step runs once to compile, then --reps times timed;
 the table shows medians. Results and their history: docs/benchmarks.md.
 
+The group's rows share their prompt, so the reference pass and the updates run it once per group (or
+per micro-batch's part of one); --no-shared-prompt runs every row whole. --compare trains on each
+step's batch both ways from the same state, the per-row path with --micro-batch and the shared one with
+--shared-micro-batch (default: the whole group in one pass, which the shared prompt makes fit), and
+prints the reference + update seconds of both.
+
     python scripts/bench_grpo.py                 # ~8 minutes on 2 cores
     python scripts/bench_grpo.py --reps 1 --new-tokens 64
+    python scripts/bench_grpo.py --reps 1 --compare
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ def main() -> None:
         help="rows per forward/backward: 16 rows x ~480 tokens at once keep ~20 GB of attention activations",
     )  # fmt: skip
     ap.add_argument("--checkpoint", default=None, help="an existing checkpoint (default: convert the GGUF)")
+    ap.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compare", action="store_true", help="also train each batch with the other path")
+    ap.add_argument("--shared-micro-batch", type=int, default=None, help="with --compare (default: -G)")
     args = ap.parse_args()
 
     from mllmjax.runtime import reexec_with_malloc_tuning, sync_dispatch_if_asked
@@ -67,12 +77,18 @@ def main() -> None:
     cfg = GRPOConfig(
         model=str(path), data="gsm8k", group_size=args.group_size, max_new_tokens=args.new_tokens,
         ppo_epochs=args.ppo_epochs, steps=args.reps + 1, micro_batch=args.micro_batch,
+        shared_prompt=args.shared_prompt and not args.compare,
     )  # fmt: skip
     mesh = make_mesh(cfg.mesh)
     ckpt = load_checkpoint(path, mesh=mesh)
     tokenizer = ckpt.tokenizer()
     trainer = Trainer(ckpt.cfg, cfg.train_config(), ref_params=ckpt.params)
     state = trainer.init_state(ckpt.params, jax.random.key_data(jax.random.key(0)))
+    shared = None
+    if args.compare:  # the shared-prompt trainer beside the per-row one; its updates carry the state on
+        shared_cfg = GRPOConfig(**{**cfg.to_dict(), "shared_prompt": True,
+                                   "micro_batch": args.shared_micro_batch or args.group_size})  # fmt: skip
+        shared = Trainer(ckpt.cfg, shared_cfg.train_config(), ref_params=ckpt.params)
     problem = Problem(id="bench:0", question=QUESTION, answer="72")
     rows: list[dict[str, float]] = []
     for rep in range(args.reps + 1):
@@ -86,7 +102,19 @@ def main() -> None:
         t2 = time.perf_counter()
         batch = place_batch(batch_from_records(scored, pad_id=tokenizer.pad_token_id or 0), mesh)
         timings: dict[str, float] = {}
-        state, history = trainer.train_on_batch(state, batch, timings=timings)
+        compared, extra = {}, 0.0  # with --compare: the per-row training, left out of the step's time
+        if shared is not None:
+            per_row, history = trainer.train_on_batch(state, batch, timings=timings)
+            compared["per-row ref+upd"] = timings["ref_logps_s"] + sum(h["seconds"] for h in history)
+            extra = time.perf_counter() - t2
+            state, history = shared.train_on_batch(state, batch, timings=timings)
+            compared["shared ref+upd"] = timings["ref_logps_s"] + sum(h["seconds"] for h in history)
+            compared["speed-up"] = compared["per-row ref+upd"] / compared["shared ref+upd"]
+            gap = max(float(abs(a - b).max()) for a, b in zip(jax.tree.leaves(per_row.params),
+                                                               jax.tree.leaves(state.params), strict=True))  # fmt: skip
+            print(f"  params after the step, shared vs per-row: max |diff| {gap:.2e}", flush=True)
+        else:
+            state, history = trainer.train_on_batch(state, batch, timings=timings)
         t3 = time.perf_counter()
         tokens = sum(len(r.completion_ids) for r in records)
         row = {
@@ -95,10 +123,11 @@ def main() -> None:
             "ref log-probs": timings.get("ref_logps_s", 0.0),
             "old log-probs": 0.0,
             **{f"update {i + 1}": h["seconds"] for i, h in enumerate(history)},
-            "step": t3 - t0,
+            "step": t3 - t0 - extra,
             "rollout tok/s": tokens / (t1 - t0),
         }
         row["other"] = row["step"] - sum(v for k, v in row.items() if k not in ("step", "rollout tok/s"))
+        row.update(compared)
         label = "compile + run" if rep == 0 else f"rep {rep}"
         print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
         if rep:
@@ -109,7 +138,7 @@ def main() -> None:
     print(f"{'phase':<16}{'seconds':>10}{'share':>8}")
     for key in rows[0]:
         value = statistics.median(r[key] for r in rows)
-        share = "" if key in ("step", "rollout tok/s") else f"{value / step:7.0%}"
+        share = "" if key in ("step", "rollout tok/s", *compared) else f"{value / step:7.0%}"
         print(f"{key:<16}{value:>10.2f}{share:>8}")
 
 

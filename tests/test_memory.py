@@ -78,6 +78,43 @@ def test_training_estimate_tracks_xla(remat, cfg, b):
     assert 0.8 <= est.total / peak <= 1.25, (remat, est.describe(), peak)
 
 
+@pytest.mark.parametrize("remat", ["none", "nothing_saveable"])
+def test_shared_prompt_estimate_tracks_xla(remat):
+    """One prompt of 256 tokens shared by 16 rows of 128 completion tokens: the update runs 256 + 16 x
+    128 tokens, not 16 x 384, and the estimate follows XLA's peak down."""
+    b, t, p = 16, 384, 256
+    tcfg = TrainConfig(
+        loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", total_updates=10), remat=remat
+    )
+    trainer = Trainer(CFG, tcfg)
+    state = trainer.init_state(transformer.init_params(CFG, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    completion = np.zeros((b, t), bool)
+    completion[:, p:] = True
+    batch = Batch(
+        tokens=jnp.zeros((b, t), jnp.int32), positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
+        valid=jnp.ones((b, t), bool), completion=jnp.asarray(completion), advantages=jnp.ones(b),
+        completion_start=p, prompt_rows=b,
+    )  # fmt: skip
+    peaks = {}
+    for rows in (1, b):  # per row, then shared
+        xla = (
+            jax.jit(trainer._update).lower(state, batch.replace(prompt_rows=rows)).compile().memory_analysis()
+        )
+        peaks[rows] = xla.argument_size_in_bytes + xla.temp_size_in_bytes + xla.output_size_in_bytes
+        est = memory.for_train_config(
+            CFG,
+            tcfg,
+            rows=b,
+            seq_len=t,
+            completion_len=t - p,
+            param_dtype="float32",
+            mesh=None,
+            prompt_rows=rows,
+        )
+        assert 0.8 <= est.total / peaks[rows] <= 1.25, (remat, rows, est.describe(), peaks[rows])
+    assert peaks[b] < peaks[1]
+
+
 def test_sharded_params_per_device():
     mesh = make_mesh("fsdp=4,tensor=2")
     params = shard_params(transformer.init_params(CFG, jax.random.PRNGKey(0)), CFG, mesh)

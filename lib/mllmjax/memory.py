@@ -159,13 +159,15 @@ def _mlp_saved(cfg: ModelConfig, compute_bytes: int, remat: str, tensor: int) ->
     return compute_bytes * (rows + outputs + e) + 8 * e
 
 
-def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat: str, tensor: int) -> float:
+def _saved_per_token_layer(
+    cfg: ModelConfig, seq: int, compute_bytes: int, remat: str, tensor: int, keys: float | None = None
+) -> float:
     """Bytes one token keeps per layer for the backward pass.
 
     remat none: the layer input and both norm outputs (3 D), q/k/v after and before RoPE
     (2 (N + 2K) H), the attention output (N H), the residual after attention (D), the MLP's
     (`_mlp_saved`: gate, up and their product, 3 F) in the compute dtype, plus the float32 attention
-    scores, masked scores and probabilities (3 N S, S the keys a query's causal block reads).
+    scores, masked scores and probabilities (3 N S, S the keys a query's causal block reads, or `keys`).
     dots_saveable / dots_with_no_batch_dims_saveable: the matmul outputs only (q, k, v, o, gate, up,
     down, and the scores). nothing_saveable: the layer input only (the layer is recomputed).
     "recomputed": what the one layer being recomputed during its backward holds at once under
@@ -175,7 +177,7 @@ def _saved_per_token_layer(cfg: ModelConfig, seq: int, compute_bytes: int, remat
     d, h = cfg.hidden_size, cfg.head_dim
     n, k = max(1, cfg.num_heads // tensor), max(1, cfg.num_kv_heads // tensor)
     blocks = causal_blocks(seq)  # the keys a query's block reads: (blocks + 1) / (2 blocks) of seq
-    keys = seq * (blocks + 1) / (2 * blocks)
+    keys = seq * (blocks + 1) / (2 * blocks) if keys is None else keys
     scores = 4 * 3 * n * keys
     mlp = _mlp_saved(cfg, compute_bytes, remat, tensor)
     if remat == "nothing_saveable":
@@ -233,9 +235,12 @@ def estimate_training(
     donated: bool = False,
     backend: str | None = None,
     lora: Any = None,
+    prompt_rows: int = 1,
 ) -> MemoryEstimate:
     """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens, of which the
-    last `completion_len` (default all) go through the LM head; donated: the update writes the new
+    last `completion_len` (default all) go through the LM head; prompt_rows: runs of this many rows
+    share their prompt (the first seq_len - completion_len tokens), which the shared-prompt forward
+    runs once per micro-batch's part of the run (`Trainer._forward_logprobs`); donated: the update writes the new
     state into the old one's buffers (`Trainer(donate=True)`). backend: where it runs ("cpu", "gpu",
     "tpu"; default this process's), which picks a mixture of experts' grouped-matmul form.
 
@@ -251,11 +256,24 @@ def estimate_training(
     n_param = params // p_bytes
     micro_rows = _rows_per_device(micro_batch or rows, sizes)
     tokens = micro_rows * seq_len
-    layer = _saved_per_token_layer(cfg, seq_len, c_bytes, remat, tensor)
-    activations = tokens * cfg.num_layers * layer
+    # (tokens, their sequence length, the keys a query reads) of each kind of token in a micro-batch
+    kinds: list[tuple[float, int, float | None]] = [(tokens, seq_len, None)]
+    shared = math.gcd(prompt_rows, micro_batch or rows)
+    if shared > 1 and completion_len is not None:
+        # Each prompt once per `shared` rows (self-attention); each completion reads the prompt and its
+        # own keys up to its query block's end (`attention_shared_prompt`).
+        prompt, blocks = seq_len - completion_len, causal_blocks(completion_len)
+        completion_keys = prompt + completion_len * (blocks + 1) / (2 * blocks)
+        kinds = [(-(-micro_rows // shared) * prompt, prompt, None),
+                 (micro_rows * completion_len, seq_len, completion_keys)]  # fmt: skip
+        tokens = sum(n for n, _, _ in kinds)
+    layer = lambda kind: sum(
+        n * _saved_per_token_layer(cfg, t, c_bytes, kind, tensor, k) for n, t, k in kinds
+    )  # noqa: E731
+    activations = cfg.num_layers * layer(remat)
     recomputed = 0
     if remat == "nothing_saveable":  # one layer is recomputed during its backward
-        recomputed = tokens * _saved_per_token_layer(cfg, seq_len, c_bytes, "recomputed", tensor)
+        recomputed = layer("recomputed")
         activations += recomputed
     vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
     scored = micro_rows * (completion_len or seq_len)  # positions through the LM head
@@ -409,8 +427,10 @@ def for_train_config(
     mesh: Any,
     donated: bool = False,
     completion_len: int | None = None,
+    prompt_rows: int = 1,
 ) -> MemoryEstimate:
-    """The estimate of one update of `mllmjax.trainer.TrainConfig` on a minibatch of `rows` rows."""
+    """The estimate of one update of `mllmjax.trainer.TrainConfig` on a minibatch of `rows` rows, runs
+    of `prompt_rows` of which share a prompt (counted when the config runs shared prompts once)."""
     return estimate_training(
         cfg,
         rows=rows,
@@ -428,4 +448,5 @@ def for_train_config(
         available=available_bytes(list(mesh.devices.flat)) if mesh is not None else available_bytes(),
         donated=donated,
         lora=getattr(train_cfg, "lora", None),
+        prompt_rows=prompt_rows if getattr(train_cfg, "shared_prompt", False) else 1,
     )

@@ -103,6 +103,12 @@ class Settings:
     ppo_epochs: int = setting(2, "Passes over each batch.")
     minibatches: int = setting(1, "Optimizer updates per epoch.")
     micro_batch: int | None = setting(None, "Rows per forward/backward (gradients are summed).")
+    shared_prompt: bool = setting(
+        True,
+        "Run the prompt of a group once for its G completions in the reference, old-log-prob and update "
+        "passes (forward and backward; the log-probs are the per-row ones). Rows of one prompt are found "
+        "in the batch; --no-shared-prompt runs every row whole.",
+    )
     lr: float = setting(1e-6, "Peak learning rate.")
     optimizer: str = setting("lion", "lion or adamw.")
     weight_decay: float = setting(1e-8, "Decoupled weight decay.")
@@ -181,4 +187,4 @@ DEFAULTS = Settings()
 TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
                   "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "loss", "ratio_level",
                   "entropy_coef", "temperature", "tis_cap", "remat", "layer_loop", "compute_dtype", "attention",
-                  "router_aux_coef", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # fmt: skip
+                  "router_aux_coef", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "shared_prompt")  # fmt: skip

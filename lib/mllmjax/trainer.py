@@ -34,6 +34,7 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,7 @@ from mllmjax.models.blocks.cpu import split_layers, stack_layers
 from mllmjax.models.blocks.kernels import Kernel, resolve_attention
 from mllmjax.models.blocks.moe import load_balancing_loss
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.transformer import forward, layer_specs, lm_head
+from mllmjax.models.transformer import fold_groups, forward, layer_specs, lm_head, unfold_groups
 from mllmjax.optim import OptimConfig, make_optimizer
 from mllmjax.settings import DEFAULTS
 from mllmjax.sharding import mesh_axes
@@ -111,6 +112,8 @@ class TrainConfig:
     router_aux_coef: float = DEFAULTS.router_aux_coef
     # LoRA adapters on a frozen base (rank 0: full fine-tuning).
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    # Rows that share a prompt (Batch.prompt_rows) run it once per group, forward and backward.
+    shared_prompt: bool = DEFAULTS.shared_prompt
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
@@ -165,13 +168,17 @@ class Batch:
     sampler_logps: jax.Array | None = None  # [B, T], for truncated importance sampling
     ref_logps: jax.Array | None = None  # [B, T], filled by the trainer when beta > 0
     completion_start: int = struct.field(pytree_node=False, default=1)
+    # Each run of this many rows (from row 0) has one prompt: equal tokens, positions and valid before
+    # completion_start (`training.prompt_rows` finds it). 1: no claim. `rows()` resets it to 1.
+    prompt_rows: int = struct.field(pytree_node=False, default=1)
 
     @property
     def size(self) -> int:
         return int(self.tokens.shape[0])
 
     def rows(self, idx: jax.Array) -> Batch:
-        return jax.tree.map(lambda x: x[idx], self)
+        """The rows idx; their order need not keep the groups, so prompt_rows becomes 1."""
+        return jax.tree.map(lambda x: x[idx], self).replace(prompt_rows=1)
 
 
 def validate_batch(batch: Batch) -> None:
@@ -194,6 +201,14 @@ def validate_batch(batch: Batch) -> None:
         )
     if not np.isfinite(to_host(batch.advantages)).all():
         raise BadInputError("advantages contain NaN or infinity")
+    k, p = batch.prompt_rows, batch.completion_start
+    if k < 1 or b % k:
+        raise BadInputError(f"prompt_rows {k} does not divide the batch of {b} rows")
+    if k > 1:  # the claim the shared-prompt forward rests on
+        for name in ("tokens", "positions", "valid"):
+            x = to_host(getattr(batch, name))[:, :p].reshape(b // k, k, p)
+            if not (x == x[:, :1]).all():
+                raise BadInputError(f"batch.prompt_rows is {k} but rows of one run differ in {name} before the completion")
 
 
 class Trainer:
@@ -293,30 +308,47 @@ class Trainer:
     def _forward_logprobs(
         self, params: Params, batch: Batch
     ) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array]]:
-        """(log-probs [B, T], entropy [B, T], the blocks' summed aux outputs: a router's statistics)."""
+        """(log-probs [B, T], entropy [B, T], the blocks' summed aux outputs: a router's statistics).
+
+        With shared_prompt and rows that share prompts (`batch.prompt_rows` > 1), each group's prompt is
+        run once and its rows' completions attend to it (`transformer.fold_groups`); the log-probs are
+        the per-row forward's, and the prompt's gradient is the sum of its rows'. A mixture of experts'
+        router statistics then count a shared prompt's tokens once."""
         cdt = self._compute_dtype or params["embed"].dtype
+        p, rows = batch.completion_start, batch.prompt_rows if self.cfg.shared_prompt else 1
+        inputs, shared = (batch.tokens, batch.positions, batch.valid), None
+        if rows > 1:
+            inputs, shared = tuple(fold_groups(x, p, rows) for x in inputs), (p, rows)
         hidden, _, aux = forward(
             params,
             self.model_cfg,
-            batch.tokens,
-            batch.positions,
-            valid=batch.valid,
+            inputs[0],
+            inputs[1],
+            valid=inputs[2],
             compute_dtype=self._compute_dtype,
             remat=self._remat,
             kernel=self._kernel(resolve_attention(self.cfg.attention, cdt)),
             with_aux=True,
+            shared=shared,
         )
+        targets, start = batch.tokens, p
+        if rows > 1:  # each row's last prompt state and its completion's: [B, 1 + C, D]
+            hidden, targets, start = unfold_groups(hidden, p, rows), batch.tokens[:, p - 1 :], 1
         logp, ent = sequence_logprobs(
             hidden,
             lm_head(params),
-            batch.tokens,
-            completion_start=batch.completion_start,
+            targets,
+            completion_start=start,
             temperature=self.cfg.temperature,
             chunk_size=self.cfg.logit_chunk,
             recompute=self.cfg.logit_recompute,
             softcap=self.model_cfg.final_logit_softcap,
             entropy_grad=self.cfg.loss.entropy_coef > 0,
         )
+        if rows > 1:  # back to the batch's columns: 0 before the completion
+            zeros = jnp.zeros((logp.shape[0], p - 1), jnp.float32)
+            logp = jnp.concatenate([zeros, logp], axis=1)
+            ent = None if ent is None else jnp.concatenate([zeros, ent], axis=1)
         return logp, ent, aux
 
     def _policy(self, params: Params, base: Params | None, key: jax.Array | None = None) -> Params:
@@ -379,6 +411,8 @@ class Trainer:
         if b % mb:
             raise BadInputError(f"micro-batch size {mb} does not divide the minibatch size {b}")
         n = b // mb
+        # A micro-batch of consecutive rows holds whole runs of this many rows of one prompt.
+        batch = batch.replace(prompt_rows=math.gcd(batch.prompt_rows, mb))
         weights = aggregation_weights(batch.completion, self.cfg.loss, t - batch.completion_start)
         token_count = jnp.maximum(batch.completion.sum().astype(jnp.float32), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(n, mb, *x.shape[1:]), (batch, weights))
@@ -495,11 +529,15 @@ class Trainer:
         for epoch in range(cfg.ppo_epochs):
             rng, sub = jax.random.split(state.rng)
             state = state.replace(rng=rng)
-            order = jax.random.permutation(sub, b) if cfg.shuffle else jnp.arange(b)
+            # Rows are shuffled in runs of `unit` rows of one prompt, which stay together and in order.
+            unit = math.gcd(batch.prompt_rows, rows)
+            order = jnp.arange(b)
+            if cfg.shuffle:
+                order = (jax.random.permutation(sub, b // unit)[:, None] * unit + jnp.arange(unit)).reshape(-1)
             recorded = jnp.zeros(batch.tokens.shape, jnp.float32) if old is None else None
             for i in range(cfg.minibatches):
                 idx = order[i * rows : (i + 1) * rows]
-                mini = batch.rows(idx).replace(old_logps=None if old is None else old[idx])
+                mini = batch.rows(idx).replace(old_logps=None if old is None else old[idx], prompt_rows=unit)
                 start = time.perf_counter()
                 state, metrics, logps = self.update(state, mini)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -123,7 +123,20 @@ def batch_from_records(records: Sequence[RolloutRecord], *, pad_id: int = 0) -> 
         advantages=jnp.asarray(advantages),
         sampler_logps=jnp.asarray(sampler),
         completion_start=p,
+        prompt_rows=prompt_rows([r.prompt_ids for r in records]),
     )
+
+
+def prompt_rows(prompts: Sequence[Sequence[int]]) -> int:
+    """The largest k that divides the number of rows such that each run of k rows (from row 0) has one
+    prompt: G for a file of whole groups in order (what rollout and grpo write), 1 when no two
+    neighbouring rows share a prompt. The shared-prompt forward runs such a run's prompt once."""
+    b = len(prompts)
+    keys = [tuple(x) for x in prompts]
+    for k in range(b, 1, -1):
+        if b % k == 0 and all(keys[i] == keys[i - i % k] for i in range(b)):
+            return k
+    return 1
 
 
 def place_batch(batch: Batch, mesh: Any) -> Batch:
@@ -147,6 +160,7 @@ def make_train_config(settings: Settings) -> TrainConfig:
         ppo_epochs=s.ppo_epochs, minibatches=s.minibatches, micro_batch=s.micro_batch, remat=s.remat,
         temperature=s.temperature, compute_dtype=s.compute_dtype, attention=s.attention,
         layer_loop=s.layer_loop, router_aux_coef=s.router_aux_coef, lora=lora_from_settings(s),
+        shared_prompt=s.shared_prompt,
     )  # fmt: skip
 
 
@@ -235,6 +249,7 @@ def train_checkpoint(
     estimate = memory.for_train_config(
         head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(widths), completion_len=widths[1],
         param_dtype=head.meta.get("dtype", "float32"), mesh=mesh, donated=True,
+        prompt_rows=prompt_rows([r.prompt_ids for r in records]),
     )  # fmt: skip
     if on_memory is not None:
         on_memory(estimate)

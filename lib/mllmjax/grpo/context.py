@@ -260,7 +260,7 @@ def check_memory(
     widths = padded_shape(longest, cfg.max_new_tokens)
     update = memory.for_train_config(
         start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
-        seq_len=sum(widths), completion_len=widths[1], param_dtype=dtype, mesh=mesh,
+        seq_len=sum(widths), completion_len=widths[1], param_dtype=dtype, mesh=mesh, prompt_rows=cfg.group_size,
     )  # fmt: skip
     # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
     # and, with --sample-mesh, a resharded copy of the parameters are alive.

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mllmjax.models.blocks.attention import Window
+from mllmjax.models.blocks.attention import Window, attention_shared_prompt
 from mllmjax.models.blocks.kernels import Kernel, attend
 from mllmjax.models.cache import LayerKV, RingWrite, gather_ring, ring_keys, write_layer
 
@@ -30,6 +30,12 @@ class LayerContext:
     ring, windows: with a cache that has ring-buffer layers (`mllmjax.models.cache`), how this
     forward's tokens enter the rings, and per layer its window W (a ring layer) or None. A cache with
     rings is per-layer, so the layers are unrolled and `layer` is a Python int.
+    shared: (P, S) when each row is a shared-prompt group (`mllmjax.models.transformer.fold_groups`):
+    its first P tokens are a prompt that S completions of C tokens each, laid out after it one after
+    another, all continue. The prompt attends to itself; each completion attends to the prompt and to
+    its own earlier tokens, never to another completion: what S separate rows of prompt + completion
+    compute, with the prompt's tokens computed once (and, in a backward pass, their gradient the sum
+    of the S rows').
     """
 
     rope: Any
@@ -42,6 +48,7 @@ class LayerContext:
     layer: int | jax.Array = 0
     ring: RingWrite | None = None
     windows: tuple[int | None, ...] = ()
+    shared: tuple[int, int] | None = None
 
     def at(self, layer: int | jax.Array) -> LayerContext:
         return dataclasses.replace(self, layer=layer)
@@ -80,6 +87,8 @@ class LayerContext:
         holds (written first); returns (output [B, T, N, H], the layer's updated cache).
         scale, softcap, window: see `mllmjax.models.blocks.attention`."""
         options = dict(scale=scale, softcap=softcap, window=window)
+        if kv is None and self.shared is not None:
+            return self._attend_shared(q, k, v, options), None
         if kv is None:
             return attend(q, k, v, self.q_pos, self.k_pos, self.kernel, **options), None
         if self.windows and self.windows[self.layer] is not None:
@@ -91,6 +100,17 @@ class LayerContext:
             q, keys, values, self.q_pos, self.k_pos, self.kernel, cache_layout=self.per_layer, **options
         )
         return out, kv
+
+    def _attend_shared(self, q: jax.Array, k: jax.Array, v: jax.Array, options: dict[str, Any]) -> jax.Array:
+        """`attend` over shared-prompt groups (`shared`): the prompt over itself with the forward's kernel,
+        the completions over the prompt and themselves (`attention_shared_prompt`, XLA)."""
+        assert self.shared is not None
+        p, s = self.shared
+        prompt = attend(
+            q[:, :p], k[:, :p], v[:, :p], self.q_pos[:, :p], self.k_pos[:, :p], self.kernel, **options
+        )
+        rows = attention_shared_prompt(q, k, v, self.q_pos, self.k_pos, p, s, **options)
+        return jnp.concatenate([prompt, rows], axis=1)
 
     def _attend_ring(
         self, q: jax.Array, k: jax.Array, v: jax.Array, kv: LayerKV, options: dict[str, Any]

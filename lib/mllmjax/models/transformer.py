@@ -98,7 +98,7 @@ def _run_layers(
     return (x, *new, aux) if new is not None else (x, None, None, aux)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "kernel", "with_aux"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "remat", "kernel", "with_aux", "shared"))
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -112,6 +112,7 @@ def forward(
     kernel: Kernel = XLA,
     rope: Any = None,
     with_aux: bool = False,
+    shared: tuple[int, int] | None = None,
 ) -> Any:
     """Run the model; return (final-normed hidden states [B, T, D], updated cache or None), and with
     with_aux a third item: the sum over layers of what the family's blocks report besides
@@ -126,7 +127,11 @@ def forward(
     remat: a `jax.checkpoint` policy to recompute the layer body in the backward pass, or None.
     kernel: the attention backend of a forward without a cache. rope: the family's rope tables of
     these positions, if the caller has them (default: computed here).
+    shared: (P, S) when the rows are shared-prompt groups (`fold_groups`): a prompt of P tokens, then
+    S completions that each continue it and see only it and themselves (`LayerContext.shared`). No cache.
     """
+    if shared is not None and cache is not None:
+        raise ValueError("a forward over shared-prompt groups takes no cache")
     fam = family(cfg)
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
     if valid is None:
@@ -145,6 +150,7 @@ def forward(
         valid=valid,
         ring=ring,
         windows=cache.windows if cache is not None else (),
+        shared=shared,
     )
     x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)  # [B, T, D]
     multiplier = cfg.embed_multiplier()
@@ -171,6 +177,26 @@ def forward(
         ring_pos = ring.new_pos if ring is not None else None
         new_cache = cache.replace(k=new_k, v=new_v, pos=cache_pos, index=index, ring_pos=ring_pos)
     return (hidden, new_cache, aux) if with_aux else (hidden, new_cache)
+
+
+def fold_groups(x: jax.Array, prompt_len: int, rows: int) -> jax.Array:
+    """Rows [B, T, ...] whose first `prompt_len` columns are equal within each run of `rows` rows (a
+    group's left-padded prompt) -> groups [B / rows, P + rows * (T - P), ...]: the prompt once, then
+    the rows' completions one after another, the layout of `forward(..., shared=(P, rows))`."""
+    b, t = x.shape[:2]
+    groups, c = b // rows, t - prompt_len
+    completions = x[:, prompt_len:].reshape(groups, rows * c, *x.shape[2:])
+    return jnp.concatenate([x[::rows, :prompt_len], completions], axis=1)
+
+
+def unfold_groups(hidden: jax.Array, prompt_len: int, rows: int) -> jax.Array:
+    """The inverse of `fold_groups` for what predicts the completions: hidden [B / rows, P + rows * C,
+    D] -> [B, 1 + C, D], each row's last prompt state (which predicts its first completion token), then
+    its completion's states."""
+    groups, width, d = hidden.shape
+    c = (width - prompt_len) // rows
+    last = jnp.repeat(hidden[:, prompt_len - 1 : prompt_len], rows, axis=0)
+    return jnp.concatenate([last, hidden[:, prompt_len:].reshape(groups * rows, c, d)], axis=1)
 
 
 def lm_head(params: Params) -> jax.Array:
@@ -218,6 +244,7 @@ __all__ = [
     "KVCache",
     "Kernel",
     "OutMajor",
+    "fold_groups",
     "forward",
     "init_params",
     "layer_specs",
@@ -228,4 +255,5 @@ __all__ = [
     "param_bytes",
     "split_layers",
     "stack_layers",
+    "unfold_groups",
 ]

@@ -124,3 +124,61 @@ def attention_causal(
         rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
         outs.append(attention(q[:, rows], k[:, keys], v[:, keys], q_pos[:, rows], k_pos[:, keys], **options))
     return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
+
+
+def attention_shared_prompt(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    prompt_len: int,
+    rows: int,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: Window = None,
+) -> jax.Array:
+    """The completions' part of attention over shared-prompt groups: q, k, v [B, P + S*C, ...] and
+    q_pos, k_pos [B, P + S*C] in the layout of `transformer.fold_groups` (a prompt of P tokens, then S
+    completions of C); returns the S*C completion tokens' outputs [B, S*C, N, H].
+
+    Each completion attends to the prompt's keys and its own, under the position mask, with one softmax
+    over both. The prompt's keys are read in place by all S completions (one [S*C, H] x [H, P] product
+    per kv head, no copy per completion), and the completion is split into `causal_blocks` query blocks
+    that read their own keys up to the block's end, as `attention_causal` does."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    g, p, s = n // kv, prompt_len, rows
+    c = (t - p) // s
+    scale = h**-0.5 if scale is None else scale
+    kp, vp, kpos_p = k[:, :p], v[:, :p], k_pos[:, :p]
+    qc = q[:, p:].reshape(b, s, c, kv, g, h)  # head n reads kv head n // g, as in `attention`
+    kc, vc = k[:, p:].reshape(b, s, c, kv, h), v[:, p:].reshape(b, s, c, kv, h)
+    qpos, kpos_c = q_pos[:, p:].reshape(b, s, c), k_pos[:, p:].reshape(b, s, c)
+
+    def seen(qp: jax.Array, kp_: jax.Array) -> jax.Array:  # [B, S, Cq] x [B, S or 1, D] -> [B, S, Cq, D]
+        qp, kp_ = qp[..., :, None], kp_[..., None, :]
+        ok = (kp_ >= 0) & (kp_ <= qp)
+        return ok if window is None else ok & (qp - kp_ < window)
+
+    blocks = causal_blocks(c)
+    size = c // blocks
+    outs = []
+    for i in range(blocks):
+        rows_i, keys_i = slice(i * size, (i + 1) * size), slice(0, (i + 1) * size)
+        qi = qc[:, :, rows_i]
+        f32 = jnp.float32
+        head = jnp.einsum("BSCKGH,BPKH->BSKGCP", qi, kp, preferred_element_type=f32) * scale
+        own = jnp.einsum("BSCKGH,BSDKH->BSKGCD", qi, kc[:, :, keys_i], preferred_element_type=f32) * scale
+        head = jnp.where(
+            seen(qpos[:, :, rows_i], kpos_p[:, None])[:, :, None, None], scores_of(head, softcap), MASKED
+        )
+        own = jnp.where(
+            seen(qpos[:, :, rows_i], kpos_c[:, :, keys_i])[:, :, None, None], scores_of(own, softcap), MASKED
+        )
+        probs = jax.nn.softmax(jnp.concatenate([head, own], axis=-1), axis=-1).astype(v.dtype)
+        out = jnp.einsum("BSKGCP,BPKH->BSCKGH", probs[..., :p], vp)
+        outs.append(out + jnp.einsum("BSKGCD,BSDKH->BSCKGH", probs[..., p:], vc[:, :, keys_i]))
+    out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=2)
+    return out.reshape(b, s * c, n, h)
