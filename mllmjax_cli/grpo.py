@@ -35,7 +35,7 @@ last checkpoint with the same data order and RNG, so the result equals an uninte
 
 Examples:
 
-  mllmjax grpo                                   # the embedded default, ~20 minutes on a laptop CPU
+  mllmjax grpo                                   # the embedded default, ~6 minutes on a laptop CPU
 
   mllmjax grpo --config gsm8k-qwen2.5-3b --out runs/qwen3b --mesh fsdp=-1
 

@@ -105,6 +105,8 @@ def main() -> None:
         compared, extra = {}, 0.0  # with --compare: the per-row training, left out of the step's time
         if shared is not None:
             per_row, history = trainer.train_on_batch(state, batch, timings=timings)
+            compared["per-row ref"] = timings["ref_logps_s"]
+            compared.update({f"per-row upd {i + 1}": h["seconds"] for i, h in enumerate(history)})
             compared["per-row ref+upd"] = timings["ref_logps_s"] + sum(h["seconds"] for h in history)
             extra = time.perf_counter() - t2
             state, history = shared.train_on_batch(state, batch, timings=timings)

@@ -66,6 +66,22 @@ def train(setup, ckpt, scored, out, *extra):
     )
 
 
+def test_groups_of_the_file_run_their_prompt_once(setup):
+    """The scored file holds groups of 4 rows of one prompt: by default `train` runs each prompt once
+    (the estimate's activations shrink with the tokens), and the update equals --no-shared-prompt's,
+    which runs every row whole, within float32 rounding."""
+    runs = {"on": train(setup, "ck0", "s1.jsonl", "shared-on"),
+            "off": train(setup, "ck0", "s1.jsonl", "shared-off", "--no-shared-prompt")}  # fmt: skip
+    activations = {}
+    for name, result in runs.items():
+        assert result.exit_code == 0, result.output
+        activations[name] = float(re.search(r"activations ([\d.]+) MB", result.output).group(1))
+    assert activations["on"] < activations["off"]
+    a, b = load_checkpoint(setup / "shared-on").params, load_checkpoint(setup / "shared-off").params
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+
+
 def test_writes_a_resumable_child_checkpoint(setup):
     result = train(setup, "ck0", "s1.jsonl", "ck1")
     assert result.exit_code == 0, result.output

@@ -208,7 +208,9 @@ def validate_batch(batch: Batch) -> None:
         for name in ("tokens", "positions", "valid"):
             x = to_host(getattr(batch, name))[:, :p].reshape(b // k, k, p)
             if not (x == x[:, :1]).all():
-                raise BadInputError(f"batch.prompt_rows is {k} but rows of one run differ in {name} before the completion")
+                raise BadInputError(
+                    f"batch.prompt_rows is {k} but rows of one run differ in {name} before the completion"
+                )
 
 
 class Trainer:
@@ -533,7 +535,8 @@ class Trainer:
             unit = math.gcd(batch.prompt_rows, rows)
             order = jnp.arange(b)
             if cfg.shuffle:
-                order = (jax.random.permutation(sub, b // unit)[:, None] * unit + jnp.arange(unit)).reshape(-1)
+                runs = jax.random.permutation(sub, b // unit)
+                order = (runs[:, None] * unit + jnp.arange(unit)).reshape(-1)
             recorded = jnp.zeros(batch.tokens.shape, jnp.float32) if old is None else None
             for i in range(cfg.minibatches):
                 idx = order[i * rows : (i + 1) * rows]
