@@ -285,6 +285,7 @@ def test_the_probe_warns_before_the_first_step_when_no_group_has_signal(ckpt, tm
     summary, log = out["signal"]
     assert summary["probe"]["groups_with_signal"] == 3 and summary["probe"]["reward_mean"] > 0
     assert "probe: 3 prompts x 4 completions" in log and "warning: probe" not in log
+    assert "no completion was correct, so the signal is the other rewards' alone for now" in log
     # What the advice says when every completion is already right.
     cfg = build_config({"model": str(ckpt), "data": "builtin:sums"})
     assert no_signal_advice(cfg, {"rewards_mean": {"correct": 1.0}, "truncation_rate": 0.0}).startswith(

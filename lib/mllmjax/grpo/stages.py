@@ -166,6 +166,8 @@ def probe_signal(ctx: RunContext, params: Any, emit: Emit) -> dict[str, Any]:
     )
     if signal == 0:
         line = "warning: " + line + "; " + no_signal_advice(cfg, summary)
+    elif summary["rewards_mean"].get("correct") == 0.0:
+        line += "; no completion was correct, so the signal is the other rewards' alone for now"
     return {"prompts": count, "groups": groups, "groups_with_signal": signal, "reward_mean": reward["mean"],
             "rewards_mean": summary["rewards_mean"], "truncation_rate": summary["truncation_rate"],
             "line": line}  # fmt: skip
