@@ -37,12 +37,9 @@ def _float_bytes(tree) -> int:
     )
 
 
-@pytest.mark.parametrize("remat", ["none", "nothing_saveable", "dots_saveable"])
-@pytest.mark.parametrize("cfg, b", [(CFG, 8), (MOE, 16)], ids=["dense", "moe"])
-def test_training_estimate_tracks_xla(remat, cfg, b):
-    """Also a mixture of experts (its rows, expert outputs, router and the experts' workspace in
-    place of an MLP's activations), at 16 rows: at 8 its nothing_saveable estimate is 1.25x XLA's."""
-    t, p = 256, 64
+def _update_setup(cfg, remat: str, b: int, t: int, p: int):
+    """(train config, trainer, state, batch) of one update on b rows of t tokens whose last t - p are
+    the completion; every row's prompt is the same (zeros), as `prompt_rows` may then claim."""
     tcfg = TrainConfig(
         loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", total_updates=10), remat=remat
     )
@@ -55,6 +52,16 @@ def test_training_estimate_tracks_xla(remat, cfg, b):
         valid=jnp.ones((b, t), bool), completion=jnp.asarray(completion), advantages=jnp.ones(b),
         completion_start=p,
     )  # fmt: skip
+    return tcfg, trainer, state, batch
+
+
+@pytest.mark.parametrize("remat", ["none", "nothing_saveable", "dots_saveable"])
+@pytest.mark.parametrize("cfg, b", [(CFG, 8), (MOE, 16)], ids=["dense", "moe"])
+def test_training_estimate_tracks_xla(remat, cfg, b):
+    """Also a mixture of experts (its rows, expert outputs, router and the experts' workspace in
+    place of an MLP's activations), at 16 rows: at 8 its nothing_saveable estimate is 1.25x XLA's."""
+    t, p = 256, 64
+    tcfg, trainer, state, batch = _update_setup(cfg, remat, b, t, p)
     xla = jax.jit(trainer._update).lower(state, batch).compile().memory_analysis()
     est = memory.for_train_config(
         cfg, tcfg, rows=b, seq_len=t, completion_len=t - p, param_dtype="float32", mesh=None
@@ -83,18 +90,7 @@ def test_shared_prompt_estimate_tracks_xla(remat):
     """One prompt of 256 tokens shared by 16 rows of 128 completion tokens: the update runs 256 + 16 x
     128 tokens, not 16 x 384, and the estimate follows XLA's peak down."""
     b, t, p = 16, 384, 256
-    tcfg = TrainConfig(
-        loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", total_updates=10), remat=remat
-    )
-    trainer = Trainer(CFG, tcfg)
-    state = trainer.init_state(transformer.init_params(CFG, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
-    completion = np.zeros((b, t), bool)
-    completion[:, p:] = True
-    batch = Batch(
-        tokens=jnp.zeros((b, t), jnp.int32), positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
-        valid=jnp.ones((b, t), bool), completion=jnp.asarray(completion), advantages=jnp.ones(b),
-        completion_start=p, prompt_rows=b,
-    )  # fmt: skip
+    tcfg, trainer, state, batch = _update_setup(CFG, remat, b, t, p)
     peaks = {}
     for rows in (1, b):  # per row, then shared
         xla = (
