@@ -240,8 +240,8 @@ def estimate_training(
     """Per-device memory of one optimizer update on `rows` sequences of `seq_len` tokens, of which the
     last `completion_len` (default all) go through the LM head; prompt_rows: runs of this many rows
     share their prompt (the first seq_len - completion_len tokens), which the shared-prompt forward
-    runs once per micro-batch's part of the run (`Trainer._forward_logprobs`); donated: the update writes the new
-    state into the old one's buffers (`Trainer(donate=True)`). backend: where it runs ("cpu", "gpu",
+    runs once per micro-batch's part of the run (`Trainer._forward_logprobs`); donated: the update
+    writes the new state into the old one's buffers (`Trainer(donate=True)`). backend: where it runs ("cpu", "gpu",
     "tpu"; default this process's), which picks a mixture of experts' grouped-matmul form.
 
     lora: a `mllmjax.lora.LoraConfig` with rank > 0: the params are the frozen base plus float32
@@ -267,9 +267,10 @@ def estimate_training(
         kinds = [(-(-micro_rows // shared) * prompt, prompt, None),
                  (micro_rows * completion_len, seq_len, completion_keys)]  # fmt: skip
         tokens = sum(n for n, _, _ in kinds)
-    layer = lambda kind: sum(
-        n * _saved_per_token_layer(cfg, t, c_bytes, kind, tensor, k) for n, t, k in kinds
-    )  # noqa: E731
+
+    def layer(kind: str) -> float:  # bytes the micro-batch's tokens keep per layer under remat `kind`
+        return sum(n * _saved_per_token_layer(cfg, t, c_bytes, kind, tensor, k) for n, t, k in kinds)
+
     activations = cfg.num_layers * layer(remat)
     recomputed = 0
     if remat == "nothing_saveable":  # one layer is recomputed during its backward
