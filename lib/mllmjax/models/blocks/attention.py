@@ -157,26 +157,20 @@ def attention_shared_prompt(
     kc, vc = k[:, p:].reshape(b, s, c, kv, h), v[:, p:].reshape(b, s, c, kv, h)
     qpos, kpos_c = q_pos[:, p:].reshape(b, s, c), k_pos[:, p:].reshape(b, s, c)
 
-    def seen(qp: jax.Array, kp_: jax.Array) -> jax.Array:  # [B, S, Cq] x [B, S or 1, D] -> [B, S, Cq, D]
-        qp, kp_ = qp[..., :, None], kp_[..., None, :]
-        ok = (kp_ >= 0) & (kp_ <= qp)
-        return ok if window is None else ok & (qp - kp_ < window)
-
     blocks = causal_blocks(c)
     size = c // blocks
+    f32 = jnp.float32
     outs = []
     for i in range(blocks):
         rows_i, keys_i = slice(i * size, (i + 1) * size), slice(0, (i + 1) * size)
-        qi = qc[:, :, rows_i]
-        f32 = jnp.float32
+        qi, qpos_i = qc[:, :, rows_i], qpos[:, :, rows_i]
         head = jnp.einsum("BSCKGH,BPKH->BSKGCP", qi, kp, preferred_element_type=f32) * scale
         own = jnp.einsum("BSCKGH,BSDKH->BSKGCD", qi, kc[:, :, keys_i], preferred_element_type=f32) * scale
-        head = jnp.where(
-            seen(qpos[:, :, rows_i], kpos_p[:, None])[:, :, None, None], scores_of(head, softcap), MASKED
-        )
-        own = jnp.where(
-            seen(qpos[:, :, rows_i], kpos_c[:, :, keys_i])[:, :, None, None], scores_of(own, softcap), MASKED
-        )
+        # `visible`'s mask: the S completions' queries against the prompt's keys, then each against its own.
+        seen_head = visible(qpos_i.reshape(b, s * size), kpos_p, window).reshape(b, s, size, p)
+        seen_own = visible(qpos_i.reshape(b * s, size), kpos_c[:, :, keys_i].reshape(b * s, -1), window)
+        head = jnp.where(seen_head[:, :, None, None], scores_of(head, softcap), MASKED)
+        own = jnp.where(seen_own.reshape(b, s, size, -1)[:, :, None, None], scores_of(own, softcap), MASKED)
         probs = jax.nn.softmax(jnp.concatenate([head, own], axis=-1), axis=-1).astype(v.dtype)
         out = jnp.einsum("BSKGCP,BPKH->BSCKGH", probs[..., :p], vp)
         outs.append(out + jnp.einsum("BSKGCD,BSDKH->BSCKGH", probs[..., p:], vc[:, :, keys_i]))
