@@ -106,6 +106,23 @@ def init_cache(
     )
 
 
+def repeat_rows(cache: KVCache, n: int) -> KVCache:
+    """The cache with every row repeated n times in place (row r -> rows r * n .. r * n + n - 1): a
+    prefilled prompt shared by n rows (the sampler's group samples, or one shared prefix)."""
+    if n == 1:
+        return cache
+
+    def rep(x: jax.Array, axis: int = 0) -> jax.Array:
+        return jnp.repeat(x, n, axis=axis)
+
+    if cache.per_layer:  # per-layer entries [B, ...]
+        k, v = tuple(rep(x) for x in cache.k), tuple(rep(x) for x in cache.v)
+    else:  # [L, B, S, K, H]
+        k, v = rep(cache.k, 1), rep(cache.v, 1)
+    ring_pos = rep(cache.ring_pos) if cache.ring_pos is not None else None
+    return cache.replace(k=k, v=v, pos=rep(cache.pos), index=rep(cache.index), ring_pos=ring_pos)
+
+
 def _pad_slots(x: jax.Array, axis: int, extra: int, value: int = 0) -> jax.Array:
     if extra == 0:
         return x

@@ -2,7 +2,8 @@
 
 Batch rows and generation length (>= 16) go to powers of two, prompt length (>= 16) to powers of two
 and the midpoints 3 * 2^k between them (prefill is a large share of a batch's work, and this caps its
-padding at a third instead of a half). `max_new_tokens` itself is a traced value.
+padding at a third instead of a half). A prefix shared by a batch's prompts is cut down to the same
+series (`floor_bucket`). `max_new_tokens` itself is a traced value.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def prompt_bucket(n: int) -> int:
     """The padded prompt length: the smallest 2^k or 3 * 2^(k-1) >= max(n, MIN_PROMPT_BUCKET)."""
     p = bucket(n, MIN_PROMPT_BUCKET)
     return p * 3 // 4 if p * 3 // 4 >= max(n, MIN_PROMPT_BUCKET) else p
+
+
+def floor_bucket(n: int) -> int:
+    """The largest 2^k or 3 * 2^(k-1) <= n (n >= MIN_PROMPT_BUCKET): a length cut down to a bucket."""
+    if n < MIN_PROMPT_BUCKET:
+        raise ValueError(f"no bucket below {MIN_PROMPT_BUCKET}: {n}")
+    p = 1 << (n.bit_length() - 1)  # the largest power of two <= n
+    return p * 3 // 2 if p * 3 // 2 <= n else p
 
 
 def decode_windows(prompt_len: int, out_len: int) -> tuple[int, ...]:

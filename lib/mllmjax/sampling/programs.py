@@ -5,6 +5,9 @@
   same step function in donated chunks of a few tokens.
 - Group sampling: the B prompts are prefilled once, then the cache and the last-token logits are
   repeated n times along the batch (prompt-major: row = prompt * n + sample).
+- A prefix that every prompt of a batch starts with (a system prompt and worked examples) can be
+  prefilled once for the batch: its cache is repeated over the rows, then the rest of each prompt is
+  prefilled after it (`prefix`; `sampler.shared_prefix` decides when).
 - Randomness is per row: each row's key is folded with the step, so rows never share randomness.
 - A row stops on any stop id (kept in the ids and log-probs: the trainer must learn to emit it) or
   when it reaches its limit of new tokens.
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from mllmjax.models.blocks.cpu import split_layers
-from mllmjax.models.cache import KVCache, cache_window, grow_cache, init_cache
+from mllmjax.models.cache import KVCache, cache_window, grow_cache, init_cache, repeat_rows
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
 from mllmjax.models.registry import family
@@ -109,6 +112,7 @@ def _prefill(
     limit: jax.Array,
     keys: jax.Array,
     stop_ids: jax.Array,
+    prefix: jax.Array | None = None,
     *,
     cfg: ModelConfig,
     strategy: Strategy,
@@ -118,29 +122,34 @@ def _prefill(
     compute_dtype: Any,
     unroll: bool,
 ) -> DecodeState:
-    """Prefill B prompts [B, P] once, repeat for n samples each, sample every row's first token."""
+    """Prefill B prompts [B, P] once, repeat for n samples each, sample every row's first token.
+
+    prefix [1, C]: tokens every prompt starts with (then `tokens` are the rest of each prompt): they
+    are prefilled once, their cache repeated over the B rows, and the rest prefilled after them."""
     b, p = tokens.shape
     cdt = jnp.dtype(compute_dtype)
     fam = family(cfg)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    cache = init_cache(cfg, b, cache_len, cdt, per_layer=per_layer_cache(cfg, unroll))
+    per_layer = per_layer_cache(cfg, unroll)
+    start = 0 if prefix is None else prefix.shape[1]
+    if prefix is None:
+        cache = init_cache(cfg, b, cache_len, cdt, per_layer=per_layer)
+    else:
+        cache = init_cache(cfg, 1, cache_len, cdt, per_layer=per_layer)
+        _, cache = forward(params, cfg, prefix, jnp.arange(start)[None, :], cache=cache, compute_dtype=cdt)
+        cache = repeat_rows(cache, b)
+    positions = start + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     hidden, cache = forward(params, cfg, tokens, positions, valid=valid, cache=cache, compute_dtype=cdt)
     last_idx = jnp.max(jnp.where(valid, jnp.arange(p)[None, :], -1), axis=1)  # [B]
     # Right or left padding: the next slot is the one after the last valid token.
-    cache = cache.replace(index=(last_idx + 1).astype(jnp.int32))
+    cache = cache.replace(index=(start + last_idx + 1).astype(jnp.int32))
     last_hidden = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]  # [B, D]
     logits = logits_from_hidden(params, last_hidden, softcap=cfg.final_logit_softcap)  # [B, V]
-    lengths = valid.sum(axis=1).astype(jnp.int32)
+    lengths = start + valid.sum(axis=1).astype(jnp.int32)
 
-    def rep(x: jax.Array, axis: int = 0) -> jax.Array:
-        return jnp.repeat(x, n, axis=axis) if n > 1 else x
+    def rep(x: jax.Array) -> jax.Array:
+        return jnp.repeat(x, n, axis=0) if n > 1 else x
 
-    if cache.per_layer:
-        cache = cache.replace(k=tuple(rep(x) for x in cache.k), v=tuple(rep(x) for x in cache.v))
-    else:
-        cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1))
-    ring_pos = rep(cache.ring_pos) if cache.ring_pos is not None else None
-    cache = cache.replace(pos=rep(cache.pos), index=rep(cache.index), ring_pos=ring_pos)
+    cache = repeat_rows(cache, n)
     rows, pos = b * n, rep(lengths)
     state = DecodeState(
         cache=cache,
@@ -247,10 +256,10 @@ def compiled(
     static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype, unroll=unroll)
     shapes = dict(n=n, out_len=out_len)
 
-    def run(params, tokens, valid, limit, keys, stop_ids):
+    def run(params, tokens, valid, limit, keys, stop_ids, prefix=None):
         _count_trace()
         state = _prefill(
-            params, tokens, valid, limit, keys, stop_ids, cache_len=windows[0], **shapes, **static
+            params, tokens, valid, limit, keys, stop_ids, prefix, cache_len=windows[0], **shapes, **static
         )
         params = decode_params(params, cfg, unroll)
         for i, window in enumerate(windows):

@@ -5,6 +5,8 @@
   alone would. Left padding works too: each row's next cache slot is the one after its last valid token.
 - Prompts are packed by length into batches of shape buckets (`buckets`), so a run compiles a bounded
   number of programs (`programs`).
+- A prefix that a batch's prompts share (a system prompt and worked examples: 279 of ~310 tokens in
+  the built-in tasks' prompts) is prefilled once for the batch, not once per prompt (`shared_prefix`).
 - The key of (prompt i, sample j) is fold_in(fold_in(seed, i), j), so a seed gives the same
   completions whatever the batch bucket or the order the prompts were packed in.
 - finish_reason is "stop" (a stop id) or "length" (max_new_tokens, or the model's context).
@@ -25,7 +27,7 @@ from mllmjax.errors import BadInputError
 from mllmjax.faults import signal_point
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
-from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
+from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, floor_bucket, prompt_bucket
 from mllmjax.sampling.programs import DecodeState, compile_count, compiled, per_layer_cache, sliced_layers
 from mllmjax.sampling.strategies import Greedy, Sample, Strategy
 from mllmjax.sharding import place_rows
@@ -74,19 +76,42 @@ def _check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]]) -> None:
 
 
 def _pack(
-    cfg: ModelConfig, prompts: Sequence[Sequence[int]], rows: int, max_new_tokens: int
+    cfg: ModelConfig, prompts: Sequence[Sequence[int]], rows: int, max_new_tokens: int, skip: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad prompts into [rows, P] with a valid mask; per-row new-token limits (0 for filler)."""
-    p = prompt_bucket(max(len(x) for x in prompts))
+    """Right-pad prompts, less their first `skip` tokens (a shared prefix), into [rows, P] with a
+    valid mask; per-row new-token limits (0 for filler)."""
+    p = prompt_bucket(max(len(x) for x in prompts) - skip)
     tokens = np.zeros((rows, p), np.int32)
     valid = np.zeros((rows, p), bool)
     limit = np.zeros((rows,), np.int32)
     for r, ids in enumerate(prompts):
-        tokens[r, : len(ids)] = ids
-        valid[r, : len(ids)] = True
+        tokens[r, : len(ids) - skip] = ids[skip:]
+        valid[r, : len(ids) - skip] = True
         limit[r] = min(max_new_tokens, cfg.max_position_embeddings - len(ids))
     valid[len(prompts) :, 0] = True  # filler rows hold one token so nothing is all-padding
     return tokens, valid, limit
+
+
+MIN_SHARED_PREFIX = 64  # shortest prefix the sampler prefills once for a batch (see shared_prefix)
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens of a batch's prompts to prefill once for all of them: their common
+    prefix, cut down to a prompt bucket (so a run compiles few programs) and to leave every prompt at
+    least one token of its own; 0 when that is under MIN_SHARED_PREFIX tokens or when it would not
+    prefill fewer tokens than the plain batch does."""
+    if len(prompts) < 2:
+        return 0
+    first, shortest = prompts[0], min(len(x) for x in prompts)
+    common = 0
+    while common < shortest - 1 and all(x[common] == first[common] for x in prompts):
+        common += 1
+    if common < MIN_SHARED_PREFIX:
+        return 0
+    skip = floor_bucket(common)
+    longest = max(len(x) for x in prompts)
+    plain = len(prompts) * prompt_bucket(longest)
+    return skip if skip + len(prompts) * prompt_bucket(longest - skip) < plain else 0
 
 
 def _validate_run(n: int, max_new_tokens: int, max_batch: int) -> None:
@@ -114,6 +139,7 @@ def generate(
     unroll_layers: bool | None = None,
     first_index: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    share_prefix: bool = True,
 ) -> list[Completion]:
     """Sample n completions for every prompt; returns them prompt-major (prompt 0's n samples first).
 
@@ -129,6 +155,8 @@ def generate(
     first_index: the random stream of prompt i is that of prompt first_index + i (a host decoding
         its share of a larger list passes where its share starts, and samples what one process would).
     on_batch(done_tokens, done_samples): called after each batch, for progress bars.
+    share_prefix: prefill the prefix that a batch's prompts share (a system prompt, worked examples)
+        once for the batch instead of once per prompt (`shared_prefix` says when it is worth it).
     """
     strategy = strategy if strategy is not None else Greedy()
     _validate_run(n, max_new_tokens, max_batch)
@@ -147,15 +175,19 @@ def generate(
         chunk = order[start : start + per_batch]
         rows = bucket(len(chunk))
         prompts = [prompts_ids[i] for i in chunk]
-        tokens, valid, limit = _pack(cfg, prompts, rows, max_new_tokens)
+        skip = shared_prefix(prompts) if share_prefix else 0
+        tokens, valid, limit = _pack(cfg, prompts, rows, max_new_tokens, skip)
         # Filler rows are discarded.
         keys = _row_keys(seed, [first_index + i for i in chunk] + [0] * (rows - len(chunk)), n)
-        windows = decode_windows(tokens.shape[1], out_len)
+        windows = decode_windows(skip + tokens.shape[1], out_len)
         run, _, _ = compiled(cfg, strategy, cdt.name, n, windows, out_len, unrolled(unroll_layers))
         args = (tokens, valid, limit, keys)
         if mesh is not None:
             args = place_rows(args, mesh)
-        out_ids, out_lp, count, stopped = (to_host(x) for x in run(params, *args, stops))
+        prefix = np.asarray(prompts[0][:skip], np.int32)[None, :] if skip else None
+        if prefix is not None and mesh is not None:
+            prefix = place_rows(prefix, mesh)  # one row: whole on every device
+        out_ids, out_lp, count, stopped = (to_host(x) for x in run(params, *args, stops, prefix))
         for c, i in enumerate(chunk):
             results[i] = []
             for j in range(n):
