@@ -293,20 +293,36 @@ def test_the_probe_warns_before_the_first_step_when_no_group_has_signal(ckpt, tm
     )
 
 
-def test_dynamic_sampling_fills_the_batch_with_signal(ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "batch, prompts, rounds, sampled, trained",
+    [
+        # A decode batch of 1 group: round 0 samples the 2 wanted, groups 0, 1 (1 has no signal); round
+        # 1 samples one more prompt, group 2, which has.
+        (4, 2, 2, 3, [0, 2]),
+        # A batch of 4 groups: one round of groups 0-3 holds the two with signal, 0 and 2.
+        (16, 2, 1, 4, [0, 2]),
+        # 3 wanted: round 0 (0-3) gives 0 and 2; round 1 still fills the batch (4-7) for the one left,
+        # keeps 4 and drops 6, a surplus group with signal.
+        (16, 3, 2, 8, [0, 2, 4]),
+    ],
+)
+def test_dynamic_sampling_fills_the_batch_with_signal(ckpt, tmp_path, monkeypatch, batch, prompts, rounds,
+                                                      sampled, trained):  # fmt: skip
+    """Each round over-samples as many prompts as fill one --batch-size decode (DAPO), and the step
+    trains on the first groups with signal in data order."""
     monkeypatch.syspath_prepend(str(TESTS))
     run = tmp_path / "run"
-    args = ["grpo", "--model", str(ckpt), "--data", "builtin:sums", "-G", "4", "--prompts-per-step", "2",
+    args = ["grpo", "--model", str(ckpt), "--data", "builtin:sums", "-G", "4", "--prompts-per-step", str(prompts),
             "--max-new-tokens", "4", "--reward", "correct=0", "--reward-fn", "grpo_rewards:even_groups_only",
-            "--dynamic-sampling", "--steps", "1", "--save-rollouts", "-o", str(run)]  # fmt: skip
+            "--dynamic-sampling", "--batch-size", str(batch), "--steps", "1", "--save-rollouts", "-o", str(run)]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     (row,) = read_metrics(run)
-    # Round 0 samples groups 0, 1 (1 has no signal); round 1 samples one more prompt, group 2, which has.
-    assert row["sampling_rounds"] == 2 and row["prompts_sampled"] == 3 and row["groups_trained"] == 2
+    counts = (row["sampling_rounds"], row["prompts_sampled"], row["groups_trained"])
+    assert counts == (rounds, sampled, len(trained))
     recs = [json.loads(x) for x in (run / "rollouts" / "step_1.jsonl").read_text().splitlines()]
-    assert sorted({r["group"] for r in recs}) == [0, 2]
-    assert read_meta(run / "checkpoints" / "step_1")["grpo"]["cursor"] == 3
+    assert sorted({r["group"] for r in recs}) == trained
+    assert read_meta(run / "checkpoints" / "step_1")["grpo"]["cursor"] == sampled
 
 
 def test_resume_after_kill_equals_an_uninterrupted_run(ckpt, tmp_path):
@@ -464,6 +480,28 @@ def test_memory_estimate_refuses_what_cannot_fit(ckpt, tmp_path, monkeypatch):
     assert "memory per device, rollout: params" in r.output and "kv_cache" in r.output
     assert "memory per device, update: params" in r.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, rows", [([], 8), (["--dynamic-sampling"], 64), (["--dynamic-sampling", "--batch-size", "16"], 16)]
+)
+def test_rollout_memory_estimate_counts_the_rounds_batch(ckpt, tmp_path, monkeypatch, extra, rows):
+    """The rollout's estimate decodes the step's groups, or with --dynamic-sampling the full --batch-size
+    batch that each round over-samples (2 prompts x G=4: 8 rows; the default batch of 64: 16 groups)."""
+    from mllmjax import memory
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setattr(memory, "available_bytes", lambda devices=None: 1000)
+    seen = []
+    estimate = memory.estimate_sampling
+    monkeypatch.setattr(
+        memory, "estimate_sampling", lambda cfg, **kw: seen.append(kw["rows"]) or estimate(cfg, **kw)
+    )
+    r = runner.invoke(
+        app, ["grpo", "--model", str(ckpt), *TINY, *extra, "--steps", "1", "-o", str(tmp_path / "r")]
+    )
+    assert r.exit_code == 2 and "needs about" in r.output, r.output
+    assert seen == [rows]
 
 
 def test_resume_refuses_changed_settings(ckpt, tmp_path, monkeypatch):

@@ -52,7 +52,11 @@ class Settings:
     top_k: int = setting(50, "Keep the k most probable tokens; 0 = off.")
     top_p: float = setting(1.0, "Nucleus: keep the top probability mass p; 1 = off.")
     min_p: float = setting(0.0, "Drop tokens below p x the top probability; 0 = off.")
-    batch_size: int = setting(64, "Most rows (prompts x samples) decoded at once.")
+    batch_size: int = setting(
+        64,
+        "Most rows (prompts x samples) decoded at once; grpo --dynamic-sampling samples as many prompts "
+        "per round as fill it.",
+    )
     # Score.
     reward: str = setting(
         "correct=1.0,format=0.5,tags=0.5", "Rewards and weights, name=weight comma-separated."

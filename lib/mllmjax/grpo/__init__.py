@@ -41,7 +41,8 @@ Design decisions:
   other (`recipes/embedded-default.toml`), applied when neither a model nor data is named.
 - Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; with `dynamic_sampling`
   the loop samples further prompts (up to `max_sampling_rounds` rounds) until `prompts_per_step` groups
-  with signal are collected. Advantages are per group, so this needs a per-group estimator.
+  with signal are collected, each round at least a full `batch_size` decode batch of prompts (DAPO's
+  over-sampling; surplus groups are dropped). Advantages are per group, so this needs a per-group estimator.
 """
 
 from __future__ import annotations

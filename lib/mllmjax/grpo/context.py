@@ -264,8 +264,11 @@ def check_memory(
     )  # fmt: skip
     # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
     # and, with --sample-mesh, a resharded copy of the parameters are alive.
-    # Multi-host: a host decodes its share of the prompts.
-    share = -(-cfg.prompts_per_step // jax.process_count())
+    # Multi-host: a host decodes its share of the prompts. Dynamic sampling's rounds fill the batch.
+    groups = cfg.prompts_per_step
+    if cfg.dynamic_sampling:
+        groups = max(groups, cfg.batch_size // cfg.group_size)
+    share = -(-groups // jax.process_count())
     prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), share))
     decode = memory.estimate_sampling(
         start.cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,

@@ -73,8 +73,13 @@ def collect_rollouts(
             score_cfg, advantage=mode.estimator, group_size=1, filter_zero_variance=False
         )
     use_replay = replay is not None and cfg.replay_prob > 0
+    dynamic = cfg.dynamic_sampling and not mode.switched
+    # Dynamic sampling over-samples (DAPO): a round decodes at least as many groups as fill one
+    # --batch-size decode batch, since a fuller batch costs little more time than the groups still
+    # wanted; the first groups with signal in data order are kept, the rest dropped.
+    fill = max(1, cfg.batch_size // mode.group_size) if dynamic else 0
     while len(kept) < wanted and rounds < cfg.max_sampling_rounds:
-        count = mode.prompts - len(kept) // mode.group_size
+        count = max(mode.prompts - len(kept) // mode.group_size, fill)
         n = len(ctx.problems)
         if use_replay:
             rng = np.random.default_rng([cfg.seed, 4, step, rounds])
@@ -113,7 +118,7 @@ def collect_rollouts(
         all_records.extend(records)
         groups_sampled += len(problems)
         rounds += 1
-        if not cfg.dynamic_sampling or mode.switched:
+        if not dynamic:
             break
     kept = kept[:wanted]
     counters: dict[str, Any] = {
