@@ -52,7 +52,8 @@ def _root(
         typer.Option(
             "--no-compile-cache",
             help="Compile every XLA program afresh instead of reusing the persistent compilation cache "
-            "(~/.cache/mllmjax/xla, moved by MLLMJAX_CACHE; also MLLMJAX_COMPILE_CACHE=0).",
+            "and the sampler's stored programs (~/.cache/mllmjax/xla and programs, moved by MLLMJAX_CACHE; "
+            "also MLLMJAX_COMPILE_CACHE=0).",
         ),
     ] = False,
     no_verify: Annotated[

@@ -37,7 +37,9 @@ disk cache keeps them under `cache_dir()/xla` (MLLMJAX_CACHE moves the whole cac
 or `mllmjax --no-compile-cache` turns it off), bounded to COMPILE_CACHE_MAX_BYTES by evicting the least
 recently used programs. With a size bound JAX reads and writes entries under a file lock, so concurrent
 commands share one cache safely; in a multi-host run only process 0 writes (JAX's rule) and every
-process reads. A JAX_COMPILATION_CACHE_DIR the user set is left in charge.
+process reads. A JAX_COMPILATION_CACHE_DIR the user set is left in charge. Beside it, under
+`cache_dir()/programs`, the sampler's programs are kept whole (`mllmjax.aot`), so that a later command
+skips their tracing and lowering as well; it is on exactly when the cache above is ours.
 """
 
 from __future__ import annotations
@@ -161,11 +163,15 @@ def enable_compile_cache(environ: Mapping[str, str] = os.environ) -> Path | None
     or None when it is off. Before jax is imported it sets JAX's environment variables, so a command
     that never loads jax (`score`) pays nothing; after, it updates jax.config, which takes effect if
     nothing was compiled yet."""
+    from mllmjax import aot
+
+    aot.enable(None)
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(environ["JAX_COMPILATION_CACHE_DIR"])
     path = compile_cache_dir(environ)
     if path is None:
         return None
+    aot.enable(path.parent / "programs")
     settings = {"jax_compilation_cache_dir": str(path), **_JAX_CACHE_SETTINGS}
     if "jax" in sys.modules:
         import jax

@@ -20,6 +20,8 @@
   layers' caches differ in length, so they cannot be stacked for a scan, and decode reads W keys per
   step in those layers instead of the whole context. Off the CPU its layers are unrolled too, sliced
   once per program (no output-major copy, no head-first LM head: those are for XLA:CPU).
+- The programs are kept whole on disk when the CLI's compilation cache is on (`mllmjax.aot`), keyed
+  by what `compiled` closes over, so a later command runs them without tracing them.
 - The whole-run program creates the cache inside (nothing to donate); the streaming decode program
   takes the loop state, cache included, as a donated argument, so XLA updates the cache in place
   instead of allocating and copying a new one for every chunk.
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mllmjax.aot import stored
 from mllmjax.models.blocks.cpu import split_layers
 from mllmjax.models.cache import KVCache, cache_window, grow_cache, init_cache, repeat_rows
 from mllmjax.models.config import ModelConfig
@@ -238,7 +241,7 @@ def sliced_layers(cfg: ModelConfig, unroll: bool) -> Callable[[Params], Params]:
         _count_trace()
         return decode_params(params, cfg, unroll)
 
-    return jax.jit(sliced)
+    return stored("sampler.sliced_layers", jax.jit(sliced), (cfg, unroll, MERGE_ADAPTERS))
 
 
 @functools.cache
@@ -278,5 +281,11 @@ def compiled(
         _count_trace()
         return _decode(params, state, until, stop_ids, **static)
 
-    # The streaming state (KV cache included) is donated: see the module docstring.
-    return jax.jit(run), jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
+    # The streaming state (KV cache included) is donated: see the module docstring. The programs are
+    # kept on disk whole (`mllmjax.aot`), keyed by everything they close over.
+    key = (cfg, strategy, compute_dtype, n, windows, out_len, unroll, MERGE_ADAPTERS)
+    return (
+        stored("sampler.run", jax.jit(run), key),
+        stored("sampler.prefill", jax.jit(prefill), key),
+        stored("sampler.decode", jax.jit(decode, donate_argnums=(1,)), key),
+    )
