@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from mllmjax.grpo import GRPOConfig, Hook, eta_seconds, terms_off
+from mllmjax.grpo import GRPOConfig, Hook, eta_seconds, held_out_change, held_out_line, terms_off
 from mllmjax_cli.errors import err_console
 
 
@@ -60,6 +60,7 @@ class Display(Hook):
         self.off = terms_off(cfg)
         self.last: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
+        self.first_eval: dict[str, Any] | None = None  # the held-out evaluation before the first step
         self.phase = "starting"
         # The ETA: from the metrics rows of the steps this process ran, counting down between them.
         self._mark = time.perf_counter()
@@ -125,6 +126,10 @@ class Display(Hook):
                       "buffer", v(m, "replay_buffer", ".0f"))
         if rewards:
             t.add_row("rewards", rewards)
+        if self.first_eval is not None:  # held-out before the first step -> the latest evaluation
+            b, a = self.first_eval, self.last_eval or self.first_eval
+            t.add_row("held-out acc", f"{b['eval/accuracy']:.0%} -> {a['eval/accuracy']:.0%}",
+                      "format", f"{b['eval/format']:.0%} -> {a['eval/format']:.0%}")  # fmt: skip
         return t
 
     def _render(self) -> Any:
@@ -164,7 +169,7 @@ class Display(Hook):
     def on_metrics(self, row: dict[str, Any]) -> None:
         now = time.perf_counter()
         if row["step"] == 0:  # the evaluation before training
-            self.last_eval = row
+            self.last_eval = self.first_eval = row
             self.log(f"step 0: eval accuracy {row['eval/accuracy']:.3f}, format {row['eval/format']:.3f}")
         else:
             self._rows.append(row)
@@ -256,6 +261,9 @@ def run_with_display(cfg: GRPOConfig, run_dir: Path, *, resume: bool, force: boo
     last_eval = next((m for m in reversed(result.metrics) if "eval/accuracy" in m), None)
     if last_eval is not None:
         summary["eval_accuracy"] = last_eval["eval/accuracy"]
+    change = held_out_change(result.metrics)
+    if change is not None:
+        summary["held_out"] = change
     if json_out:
         typer.echo(json.dumps(summary))
     if result.status == "done":
@@ -263,6 +271,8 @@ def run_with_display(cfg: GRPOConfig, run_dir: Path, *, resume: bool, force: boo
             f"done: {result.step} steps in {summary['seconds']:.0f}s, peak memory {summary['peak_rss_gb']:.1f} GB; "
             f"run {result.run_dir}, final checkpoint {result.checkpoint}, plots in {result.run_dir / 'plots'}"
         )
+        if change is not None:
+            err_console.print(held_out_line(change))
     else:
         err_console.print(
             f"stopped after step {result.step} of {cfg.steps}; checkpoint {result.checkpoint}. "

@@ -122,6 +122,15 @@ def test_three_steps_write_every_artifact(ckpt, tmp_path, monkeypatch):
     peaks = [r["peak_rss_gb"] for r in rows[1:]]  # a running peak: never falls
     assert peaks == sorted(peaks) and peaks[-1] <= summary["peak_rss_gb"]
     assert {r["step"] for r in rows if "eval/accuracy" in r} == {0, 2, 3}
+    # Held-out before the first step and after the last: in the summary and the closing lines.
+    held = {name: {"step": rows[i]["step"], "accuracy": rows[i]["eval/accuracy"], "format": rows[i]["eval/format"]}
+            for name, i in (("before", 0), ("after", 3))}  # fmt: skip
+    assert summary["held_out"] == held
+    line = (
+        f"held-out accuracy {held['before']['accuracy']:.0%} -> {held['after']['accuracy']:.0%}, "
+        f"format {held['before']['format']:.0%} -> {held['after']['format']:.0%}"
+    )
+    assert line in result.stderr
     assert rows[3]["kl"] > 0  # beta > 0: the policy moved away from the reference and KL is measured
     # Rewards and advantages are the `score` stage's: the saved records carry them.
     saved = sorted(p.name for p in (run / "rollouts").iterdir())
@@ -221,6 +230,9 @@ def test_recipes_and_the_embedded_default():
     default = build_config()  # no model, no data: the embedded default recipe
     assert default.model == "smollm2-135m" and default.data == "builtin:arith:level=0"
     assert default.max_new_tokens == 128 and default.reward == "correct=1.0" and default.dynamic_sampling
+    # It evaluates held-out accuracy and format before the first step and after the last, and nowhere
+    # between (a step-0 row, then eval at step % eval_every == 0 or the last step).
+    assert default.eval_every == default.steps and default.eval_num_prompts == 64
     named = build_config({"data": "gsm8k"})  # data named: the GSM8K defaults of GRPOConfig
     assert named.model == "smollm2-135m" and named.group_size == 16 and named.max_new_tokens == 1024
     assert named.lr == 1e-6 and named.optimizer == "lion" and named.beta == 0.04 and named.ppo_epochs == 2

@@ -57,7 +57,7 @@ _EXPORTS = {
                "recipe_names"),
     "context": ("RunContext", "RunState"),
     "loop": ("GRPORun", "RunResult"),
-    "report": ("Hook", "eta_seconds", "steady_step_seconds", "terms_off"),
+    "report": ("Hook", "eta_seconds", "held_out_change", "held_out_line", "steady_step_seconds", "terms_off"),
     "run_dir": ("RunDir", "checkpoint_steps", "read_metrics", "read_run_config"),
     "stages": ("derived_seed", "problem_index"),
 }  # fmt: skip
