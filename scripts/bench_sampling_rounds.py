@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,21 +32,14 @@ def main() -> None:
     from mllmjax.runtime import reexec_with_malloc_tuning
 
     reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
-    ckpt = args.ckpt
-    if ckpt is None:
-        ckpt = Path(tempfile.mkdtemp(prefix="bench_rounds_")) / "smollm2"
-        subprocess.run([sys.executable, "-m", "mllmjax_cli.launch", "--no-compile-cache", "convert", "smollm2-135m",
-                        "-o", str(ckpt), "--dtype", "float32"], check=True, capture_output=True)  # fmt: skip
+    from bench_shared_prefix import smollm2_checkpoint, task_prompts
 
+    ckpt = smollm2_checkpoint(args.ckpt)
     from mllmjax.checkpoint import load_checkpoint, read_stop_ids
-    from mllmjax.data import load_problems
-    from mllmjax.prompts import build_prompt
     from mllmjax.sampling import Sample, generate
-    from mllmjax.tokenizer import load_tokenizer
 
-    ck, tok, stops = load_checkpoint(ckpt), load_tokenizer(ckpt), read_stop_ids(ckpt)
-    problems = load_problems("builtin:arith:level=0", num=64)
-    prompts = [tok(build_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]
+    ck, stops = load_checkpoint(ckpt), read_stop_ids(ckpt)
+    prompts = task_prompts(ckpt, "builtin:arith:level=0", 64)
     base = None
     print(f"{'groups':>6s} {'rows':>5s} {'first s':>8s} {'round s':>8s} {'ratio':>10s} {'mean tokens':>12s}")
     for groups in args.groups:

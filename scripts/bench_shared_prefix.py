@@ -24,6 +24,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "lib"), str(ROOT)]
 
 
+def smollm2_checkpoint(ckpt: Path | None) -> Path:
+    """ckpt, or SmolLM2-135M-Instruct converted (float32) into a temporary folder when it is None."""
+    if ckpt is None:
+        ckpt = Path(tempfile.mkdtemp(prefix="bench_smollm2_")) / "smollm2"
+        subprocess.run([sys.executable, "-m", "mllmjax_cli.launch", "--no-compile-cache", "convert", "smollm2-135m",
+                        "-o", str(ckpt), "--dtype", "float32"], check=True, capture_output=True)  # fmt: skip
+    return ckpt
+
+
+def task_prompts(ckpt: Path, data: str, num: int) -> list[list[int]]:
+    """The token ids of the first `num` prompts of `data`, as rollout and eval build them."""
+    from mllmjax.data import load_problems
+    from mllmjax.prompts import build_prompt
+    from mllmjax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ckpt)
+    return [
+        tok(build_prompt(tok, p.question), add_special_tokens=False)["input_ids"]
+        for p in load_problems(data, num=num)
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, help="checkpoint (default: SmolLM2-135M converted here, float32)")
@@ -35,22 +57,12 @@ def main() -> None:
     from mllmjax.runtime import reexec_with_malloc_tuning
 
     reexec_with_malloc_tuning([sys.executable, *sys.argv])  # the process settings the CLI runs with
-    ckpt = args.ckpt
-    if ckpt is None:
-        ckpt = Path(tempfile.mkdtemp(prefix="bench_prefix_")) / "smollm2"
-        subprocess.run([sys.executable, "-m", "mllmjax_cli.launch", "--no-compile-cache", "convert", "smollm2-135m",
-                        "-o", str(ckpt), "--dtype", "float32"], check=True, capture_output=True)  # fmt: skip
-
+    ckpt = smollm2_checkpoint(args.ckpt)
     from mllmjax.checkpoint import load_checkpoint
-    from mllmjax.data import load_problems
-    from mllmjax.prompts import build_prompt
     from mllmjax.sampling import Greedy, Sample, generate, sampler
-    from mllmjax.tokenizer import load_tokenizer
 
     ck = load_checkpoint(ckpt)
-    tok = load_tokenizer(ckpt)
-    problems = load_problems(args.data, num=args.prompts)
-    prompts = [tok(build_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]
+    prompts = task_prompts(ckpt, args.data, args.prompts)
     lengths = [len(p) for p in prompts]
     print(
         f"{args.data}: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, shared prefix prefilled "
@@ -58,7 +70,11 @@ def main() -> None:
     )
     cases = {
         "eval (greedy, 1 per prompt)": (prompts, Greedy(), 1),
-        "rollout (8 per prompt, T=1)": (prompts[: max(1, len(prompts) // 8)], Sample(temperature=1.0, top_k=50), 8),
+        "rollout (8 per prompt, T=1)": (
+            prompts[: max(1, len(prompts) // 8)],
+            Sample(temperature=1.0, top_k=50),
+            8,
+        ),
     }
     print(f"{'case':30s} {'on: s':>7s} {'off: s':>7s} {'off/on':>7s} {'first call on/off s':>20s}")
     for name, (batch, strategy, n) in cases.items():

@@ -1,7 +1,7 @@
 """Run shipped recipes on the embedded default's task and compare their held-out accuracy.
 
 Each (recipe, seed) is `mllmjax grpo --config RECIPE --seed S` (with no --model/--data an algorithm
-recipe runs on the embedded default: SmolLM2-135M-Instruct on builtin:arith:level=0, 18 steps), then
+recipe runs on the embedded default: SmolLM2-135M-Instruct on builtin:arith:level=0, 30 steps), then
 `mllmjax eval` of its last checkpoint on 100 held-out problems (greedy, 160 new tokens), as the README's
 embedded-default table is measured. Runs go one after another (each uses every core); the table goes
 to stdout and, with --json, every number to a file.

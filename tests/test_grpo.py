@@ -229,7 +229,7 @@ def test_config_file_and_flags(ckpt, tmp_path, monkeypatch):
 def test_recipes_and_the_embedded_default():
     default = build_config()  # no model, no data: the embedded default recipe
     assert default.model == "smollm2-135m" and default.data == "builtin:arith:level=0"
-    assert default.max_new_tokens == 128 and default.reward == "correct=1.0" and default.dynamic_sampling
+    assert default.max_new_tokens == 128 and default.reward == "correct=1.0,format=0.25" and default.dynamic_sampling
     # It evaluates held-out accuracy and format before the first step and after the last, and nowhere
     # between (a step-0 row, then eval at step % eval_every == 0 or the last step).
     assert default.eval_every == default.steps and default.eval_num_prompts == 64
