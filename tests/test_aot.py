@@ -16,7 +16,11 @@ from mllmjax.sampling import Sample, compile_count, generate, programs
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.setattr(aot, "_directory", tmp_path)
-    return tmp_path
+    yield tmp_path
+    # The sampler's program wrappers now hold loaded executables, which jax.clear_caches (conftest)
+    # does not reach: drop them with the wrappers.
+    programs.compiled.cache_clear()
+    programs.sliced_layers.cache_clear()
 
 
 def _function(traces: list[int]):

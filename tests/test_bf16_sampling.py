@@ -73,7 +73,7 @@ def _loop_states(monkeypatch, params, cfg, **kwargs):
     def spy(*args):
         _, prefill, decode = real(*args)
 
-        def trace(params, tokens, valid, limit, keys, stops):
+        def trace(params, tokens, valid, limit, keys, stops, prefix=None):
             state = jax.eval_shape(prefill, params, tokens, valid, limit, keys, stops)
             states.extend([state, jax.eval_shape(decode, params, state, jnp.int32(2), stops)])
             raise _Traced
