@@ -4,8 +4,9 @@ JAX's persistent compilation cache (`runtime.enable_compile_cache`) saves XLA's 
 keyed by the lowered program, so every command still traces and lowers each program first: 4 of the
 13 s of a second `mllmjax eval` of 16 prompts on SmolLM2, 2 of the 3 s to a second `mllmjax sample`'s
 first token. `stored(name, jitted, static)` wraps a jitted function so that a call looks its program
-up by a key of everything that decides it, and on a miss compiles it (through the persistent cache),
-serializes the executable (`jax.experimental.serialize_executable`) and writes it here.
+up by a key of everything that decides it, and on a miss compiles it afresh (apart from the persistent
+cache: see `_fresh_compile`), serializes the executable (`jax.experimental.serialize_executable`) and
+writes it here.
 
 The key: the program's name and static settings (the model config, the sampling strategy, shape
 buckets, as `repr`), each argument's shape, dtype and sharding and the tree they form, the source of
@@ -40,10 +41,6 @@ def enable(directory: Path | None) -> None:
     """Keep compiled programs under `directory` (None: off). `runtime.enable_compile_cache` calls it."""
     global _directory
     _directory = Path(directory) if directory is not None else None
-
-
-def directory() -> Path | None:
-    return _directory
 
 
 @functools.cache
