@@ -69,23 +69,27 @@ def _environment() -> str:
     )  # fmt: skip
 
 
-def _signature(args: tuple[Any, ...]) -> str | None:
-    """The calling convention of args: tree, and per leaf shape, dtype and placement; None when a leaf
-    is not an array (a program is only stored for array arguments)."""
+def _placement(leaves: list[Any]) -> tuple[Any, ...] | None:
+    """Per leaf (shape, dtype, weak type, sharding), hashable; None when a leaf is not an array (a
+    program is only stored for array arguments)."""
     import jax
     import numpy as np
 
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    parts = [str(tree)]
+    parts = []
     for x in leaves:
         if isinstance(x, jax.Array):
-            weak = getattr(x, "weak_type", False)
-            parts.append(f"{x.shape}{x.dtype}{weak}{x.sharding}")
+            parts.append((x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding))
         elif isinstance(x, np.ndarray | np.generic):
-            parts.append(f"{x.shape}{x.dtype}host")
+            parts.append((x.shape, x.dtype, False, "host"))
         else:
             return None
-    return "|".join(parts)
+    return tuple(parts)
+
+
+def _signature(tree: Any, placement: tuple[Any, ...]) -> str:
+    """The calling convention as text, for the key on disk: the tree, and per leaf shape, dtype, weak
+    type and placement."""
+    return "|".join([str(tree), *(f"{shape}{dtype}{weak}{where}" for shape, dtype, weak, where in placement)])
 
 
 def _evict(root: Path, keep: Path) -> None:
@@ -111,26 +115,32 @@ class Stored:
 
     def __init__(self, name: str, jitted: Callable[..., Any], static: Any) -> None:
         self.name, self.jitted, self.static = name, jitted, repr(static)
-        self.loaded: dict[str, Any] = {}
+        # By the arguments' tree and placement, hashed as objects: a call that found its program once
+        # neither formats nor hashes its signature again (stream calls once per decode chunk).
+        self.loaded: dict[tuple[Any, ...], Any] = {}
 
     def __call__(self, *args: Any) -> Any:
-        root = _directory
-        if root is None or _multi_process():
+        if _directory is None or _multi_process():
             return self.jitted(*args)
-        signature = _signature(args)
-        if signature is None:
+        import jax
+
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        placement = _placement(leaves)
+        if placement is None:
             return self.jitted(*args)
+        program = self.loaded.get((tree, placement))
+        if program is None:
+            program = self.loaded[(tree, placement)] = self._program(args, _signature(tree, placement))
+        return program(*args)
+
+    def _program(self, args: tuple[Any, ...], signature: str) -> Any:
+        """The program for args: from disk, else compiled and stored; the plain jitted function where
+        it does not serialize."""
+        assert _directory is not None
         text = f"{self.name}\n{self.static}\n{signature}\n{_environment()}"
         key = hashlib.sha256(text.encode()).hexdigest()[:40]
-        program = self.loaded.get(key)
-        if program is None:
-            path = root / f"{key}.exe"
-            program = _load(path) or _compile_and_store(self.jitted, args, path)
-            if program is None:  # does not serialize: the plain jitted function from now on
-                self.loaded[key] = self.jitted
-                return self.jitted(*args)
-            self.loaded[key] = program
-        return program(*args)
+        path = _directory / f"{key}.exe"
+        return _load(path) or _compile_and_store(self.jitted, args, path) or self.jitted
 
 
 def stored(name: str, jitted: Callable[..., Any], static: Any = ()) -> Stored:
