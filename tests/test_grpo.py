@@ -427,6 +427,52 @@ def test_an_abandoned_step_rolls_back_to_the_state_it_started_from(ckpt, tmp_pat
         np.testing.assert_array_equal(mid_training[name], value, err_msg=name)
 
 
+def test_steps_reuse_the_buffers_of_the_state_before_on_the_kept_heap(ckpt, tmp_path, monkeypatch):
+    """On the kept CPU heap, step 3 on writes its working copy into the buffers of the state step 2
+    started from (not steps 1-2: the run's first state shares its buffers with the KL reference, beta
+    0.04 here, which must stay alive); the run's results are bit for bit those of fresh copies."""
+    from mllmjax import runtime
+    from mllmjax.grpo import stages
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    copy_state = stages.copy_state
+
+    def run(kept: bool) -> tuple[list[bool], Path]:
+        monkeypatch.setattr(runtime, "keeps_heap", lambda environ=None: kept)
+        reused = []
+
+        def pointers(tree) -> list[int]:  # every device's buffer of every leaf
+            return [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree) for s in x.addressable_shards]
+
+        def spy(state, *, into=None):
+            targets = pointers(into) if into is not None else None
+            out = copy_state(state, into=into)
+            if targets is not None:
+                assert pointers(out) == targets
+                assert all(x.is_deleted() for x in jax.tree.leaves(into))
+            reused.append(targets is not None)
+            return out
+
+        monkeypatch.setattr(stages, "copy_state", spy)
+        out = tmp_path / f"kept_{kept}"
+        args = ["grpo", "--model", str(ckpt), *TINY, "--steps", "4", "--save-every", "100", "-o", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return reused, out
+
+    (fresh, plain), (reused, kept) = run(False), run(True)
+    assert fresh == [False] * 4 and reused == [False, False, True, True]
+    expected, got = (_train_state(run / "checkpoints" / "step_4") for run in (plain, kept))
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+    def steady(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k not in MACHINE_KEYS and not k.endswith("_s")}
+
+    assert [steady(r) for r in read_metrics(kept)] == [steady(r) for r in read_metrics(plain)]
+
+
 def test_bad_input(ckpt, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     run = tmp_path / "run"

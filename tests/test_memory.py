@@ -204,3 +204,25 @@ def test_check_refuses_what_cannot_fit(monkeypatch):
 def test_available_bytes_on_cpu():
     avail = memory.available_bytes()
     assert avail is not None and 0 < avail < 10**13
+
+
+def test_with_process_adds_the_runtime_beside_the_arrays_on_the_cpu(monkeypatch):
+    """On the CPU the estimate adds the process's resident memory beyond the arrays it already counts
+    (a replicated array once per device), and that memory counts as available: it is the process's."""
+    devices = jax.local_device_count()
+    params = jnp.ones((1000,), jnp.float32)  # 4000 bytes on one device
+    everywhere = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.local_devices()), ("d",)), jax.sharding.PartitionSpec()
+    )
+    replicated = jax.device_put(jnp.ones((10,), jnp.float32), everywhere)
+    monkeypatch.setattr(memory, "_resident_bytes", lambda: 10**6)
+    est = memory.MemoryEstimate({"params": 4000}, available=5 * 10**6)
+    out = memory.with_process(est, {"p": params, "r": replicated, "n": 3})
+    assert out.parts == {"params": 4000, "runtime": (10**6 - 4000 - 40 * devices) // devices}
+    assert out.available == 5 * 10**6 + 10**6 // devices
+    assert memory.with_process(memory.MemoryEstimate({"params": 1}, None), None).available is None
+    monkeypatch.setattr(memory, "_resident_bytes", lambda: None)  # no /proc: as it was
+    assert memory.with_process(est, params) is est
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # accelerator memory holds arrays only
+    monkeypatch.setattr(memory, "_resident_bytes", lambda: 10**6)
+    assert memory.with_process(est, params) is est

@@ -20,6 +20,9 @@ Design decisions:
   last-token logits of every row.
 - Available memory is the device's own limit (`memory_stats()['bytes_limit']` on GPU/TPU); on the CPU,
   where the fake devices share the host, it is MemAvailable split over the local devices.
+- On the CPU the devices are the host, so `with_process` adds what the process holds besides arrays
+  ("runtime": the libraries, XLA's runtime and programs, Python objects, the tokenizer and data, read
+  from its resident memory when the estimate is made) and counts that memory as available too.
 - Commands print the estimate before a training run starts and stop with one line if it cannot fit
   (exit 2, nothing written). It is an estimate: XLA's own buffer assignment (which
   `tests/test_memory.py` compares it with) decides the real peak, so a run within ~10% of the limit
@@ -410,6 +413,36 @@ def available_bytes(devices: Any = None) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def with_process(estimate: MemoryEstimate, alive: Any = None) -> MemoryEstimate:
+    """On the CPU backend: `estimate` plus the process's resident memory now beyond the arrays of
+    `alive` (already counted by the estimate) as "runtime", with that resident memory added to the
+    available memory (MemAvailable leaves out what the process holds); both per local device, as the
+    rest. Unchanged on accelerators, whose memory holds only arrays, or where /proc is missing."""
+    import jax
+
+    resident = _resident_bytes()
+    if jax.default_backend() != "cpu" or resident is None:
+        return estimate
+    arrays = sum(
+        shard.data.nbytes
+        for x in jax.tree.leaves(alive)
+        if isinstance(x, jax.Array)
+        for shard in x.addressable_shards
+    )  # replicated arrays keep a copy per (fake) device
+    devices = jax.local_device_count()
+    parts = {**estimate.parts, "runtime": max(0, resident - arrays) // devices}
+    available = estimate.available + resident // devices if estimate.available is not None else None
+    return MemoryEstimate(parts, available)
 
 
 TRAIN_HINT = (

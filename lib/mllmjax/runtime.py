@@ -124,6 +124,13 @@ def reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
         return
 
 
+def keeps_heap(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process runs on the kept malloc heap (`KEEP_HEAP_TUNABLES`, set by the launcher's
+    re-exec or by hand): a freed buffer then stays in the process for the next allocation."""
+    named = dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+    return named.get("glibc.malloc.mmap_max") == "0"
+
+
 def sync_dispatch_if_asked(environ: Mapping[str, str] = os.environ) -> bool:
     """Make JAX run single-device CPU calls inline when MLLMJAX_SYNC_DISPATCH=1 (the launcher sets it
     beside the kept heap's tunables). It takes effect only before JAX creates its CPU client, so the

@@ -251,6 +251,7 @@ def train_checkpoint(
         param_dtype=head.meta.get("dtype", "float32"), mesh=mesh, donated=True,
         prompt_rows=prompt_rows([r.prompt_ids for r in records]),
     )  # fmt: skip
+    estimate = memory.with_process(estimate)  # on the CPU, plus what the process holds already
     if on_memory is not None:
         on_memory(estimate)
     estimate.check(memory.TRAIN_HINT)

@@ -109,6 +109,15 @@ class GRPOConfig(Settings):
             overlong=overlong,
         )  # fmt: skip
 
+    def round_groups(self, wanted: int, group_size: int) -> int:
+        """Groups one sampling round decodes while `wanted` groups (of `group_size`) are still missing.
+        Dynamic sampling over-samples (DAPO): a round decodes at least as many groups as fill one
+        --batch-size decode batch, since a fuller batch costs little more time than the groups still
+        wanted; the step keeps the first groups with signal in data order and drops the rest."""
+        if not self.dynamic_sampling:
+            return wanted
+        return max(wanted, self.batch_size // group_size, 1)
+
     def train_config(self) -> TrainConfig:
         from mllmjax.training import make_train_config
 

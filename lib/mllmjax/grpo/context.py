@@ -245,6 +245,7 @@ def check_memory(
     import jax
 
     from mllmjax import memory
+    from mllmjax.grpo.stages import reuses_state_buffers
     from mllmjax.rollout import encode_prompt
     from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
     from mllmjax.sampling.sampler import unrolled
@@ -265,9 +266,7 @@ def check_memory(
     # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
     # and, with --sample-mesh, a resharded copy of the parameters are alive.
     # Multi-host: a host decodes its share of the prompts. Dynamic sampling's rounds fill the batch.
-    groups = cfg.prompts_per_step
-    if cfg.dynamic_sampling:
-        groups = max(groups, cfg.batch_size // cfg.group_size)
+    groups = cfg.round_groups(cfg.prompts_per_step, cfg.group_size)
     share = -(-groups // jax.process_count())
     prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), share))
     decode = memory.estimate_sampling(
@@ -285,9 +284,13 @@ def check_memory(
             "decode_weights": decode.parts.get("decode_weights", 0),
             "kv_cache": decode.parts["kv_cache"],
             "logits": decode.parts["logits"],
+            # On the kept CPU heap the state the last step started from waits for the next step's copy.
+            "spare state": update.parts["new state"] if reuses_state_buffers() else 0,
         },
         update.available,
     )
+    # On the CPU, plus what the process holds besides the loaded parameters.
+    rollout, update = (memory.with_process(e, start.params) for e in (rollout, update))
     for name, estimate in (("rollout", rollout), ("update", update)):
         emit("memory", {"line": estimate.describe(name), "bytes": estimate.total})
     rollout.check("use a smaller --batch-size or --max-new-tokens, or more devices in --sample-mesh")

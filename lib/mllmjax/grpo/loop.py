@@ -16,7 +16,14 @@ from mllmjax.grpo.config import GRPOConfig
 from mllmjax.grpo.context import RunContext, RunState, check_run_dir, open_run
 from mllmjax.grpo.replay import parse_switch, step_mode
 from mllmjax.grpo.report import Hook
-from mllmjax.grpo.stages import collect_rollouts, evaluate, probe_signal, summary_metrics, train_on_records
+from mllmjax.grpo.stages import (
+    collect_rollouts,
+    evaluate,
+    probe_signal,
+    reuses_state_buffers,
+    summary_metrics,
+    train_on_records,
+)
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -85,6 +92,11 @@ class GRPORun:
         self.force = force
         self.hooks: tuple[Hook, ...] = tuple(hooks)  # the caller's; the run adds its reports
         self._listening = self.hooks
+        # On the kept CPU heap each step's working copy of the train state is written into the
+        # buffers of the state the step before started from (`stages.copy_state`).
+        self._spare: Any = None
+        self._updated = False
+        self._reuse_buffers = False
         check_run_dir(self.path, resume=resume, force=force)
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
@@ -104,6 +116,7 @@ class GRPORun:
         ctx, state = open_run(self.cfg, self.path, resume=self.resume, force=self.force, hooks=self.hooks,
                               emit=self.emit)  # fmt: skip
         self._listening = ctx.hooks
+        self._reuse_buffers = reuses_state_buffers()
         cfg = self.cfg
         self.emit("start", {"step": state.step, "steps": cfg.steps, "resumed": self.resume,
                             "start_checkpoint": str(ctx.start_checkpoint)})  # fmt: skip
@@ -166,7 +179,8 @@ class GRPORun:
             row["estimator"] = mode.estimator
             row["switch_reason"] = mode.reason
         row["rollout_tok_s"] = counters["completion_tokens"] / max(counters["rollout_s"], 1e-9)
-        train, train_row = train_on_records(ctx, state.train, step, records, self.emit)
+        spare, self._spare = self._spare, None
+        train, train_row = train_on_records(ctx, state.train, step, records, self.emit, into=spare)
         row.update(train_row)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             row.update(evaluate(ctx, ctx.policy(train.params), step, self.emit))
@@ -183,6 +197,13 @@ class GRPORun:
             write_records(records, ctx.run_dir.rollouts_file(step), force=True)
         ctx.run_dir.append_metrics(row)
         # The step is done: from here a crash resumes from the last checkpoint and cuts the line again.
+        if train is state.train:  # no update ran: the spare buffers were not used
+            self._spare = spare
+        elif self._reuse_buffers and self._updated:
+            # Only a state an update of this run wrote is spent here; the one the run started from
+            # may share its buffers with the KL reference.
+            self._spare = state.train
+        self._updated = self._updated or train is not state.train
         state.train, state.cursor, state.step, state.replay = train, cursor, step, replay
         self._record(ctx, state, row)
         faults.crash_point("metrics", step)
