@@ -284,3 +284,24 @@ def test_donated_update_reuses_the_old_state_and_equals_the_plain_one(params) ->
     assert all(x.is_deleted() for x in jax.tree.leaves(d0.params))  # its buffers now hold d1
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(d1), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("spec", ["data=1,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1"])
+def test_updates_of_one_shape_compile_one_program_from_the_first_state_on(params, spec) -> None:
+    """A fresh state (its update count and RNG on no mesh, the parameters' specs with trailing Nones)
+    and the states the updates return are placed alike, so the second update does not compile again."""
+    from mllmjax.sharding import make_mesh, place_rows, shard_params
+
+    devices = jax.devices()[: 1 if spec.startswith("data=1") else 8]
+    mesh = make_mesh(spec, devices=devices)
+    placed = shard_params(params, CFG, mesh)
+    assert any(None in tuple(x.sharding.spec)[-1:] for x in jax.tree.leaves(placed))
+    cfg = TrainConfig(
+        loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", peak_lr=1e-3, total_updates=3)
+    )
+    trainer = Trainer(CFG, cfg, mesh=mesh, donate=True)
+    state = trainer.init_state(jax.tree.map(jnp.copy, placed), jax.random.PRNGKey(1))
+    batch = place_rows(_batch(4), mesh)
+    for _ in range(3):
+        state, _, _ = trainer.update(state, batch)
+    assert [fn._cache_size() for fn in trainer._update_jits.values()] == [1]

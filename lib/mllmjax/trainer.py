@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mllmjax.distributed import to_host
 from mllmjax.errors import BadInputError
@@ -478,8 +478,11 @@ class Trainer:
 
         Left to itself XLA may hand back a parameter with a different (equally valid) sharding than it
         came in with, and the next call would then compile again; pinning the outputs to the inputs'
-        NamedShardings keeps one program per placement. Unplaced (single-device) leaves are left alone.
+        NamedShardings keeps one program per placement. A state placed otherwise than the states the
+        updates return made the second update compile its program again, so the state is first placed
+        as they are (`_as_returned`).
         """
+        state = self._as_returned(state)
         leaves, treedef = jax.tree.flatten(state)
         pins = tuple(
             x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else None for x in leaves
@@ -498,6 +501,30 @@ class Trainer:
 
             fn = self._update_jits[key] = jax.jit(pinned, donate_argnums=(0,) if self.donate else ())
         return fn(state, batch, self.base)
+
+    def _as_returned(self, state: TrainState) -> TrainState:
+        """`state` placed as an update returns its state: a NamedSharding's spec without trailing
+        Nones (the same placement: no copy), and, on a mesh of this process's devices, leaves placed on
+        no mesh (a fresh state's update count and RNG, the optimizer's step count) replicated over it.
+        (Across processes those are left as they are.)"""
+        everywhere = None
+        if self.mesh is not None and not self.mesh.is_multi_process:
+            everywhere = NamedSharding(self.mesh, PartitionSpec())
+
+        def place(x: Any) -> Any:
+            sharding = getattr(x, "sharding", None)
+            if isinstance(sharding, NamedSharding):
+                spec = tuple(sharding.spec)
+                while spec and spec[-1] is None:
+                    spec = spec[:-1]
+                if len(spec) == len(sharding.spec):
+                    return x
+                return jax.device_put(
+                    x, NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+                )
+            return x if everywhere is None or not isinstance(x, jax.Array) else jax.device_put(x, everywhere)
+
+        return jax.tree.map(place, state)
 
     # ----------------------------------------------------------------------------- driver
     def train_on_batch(
