@@ -299,9 +299,10 @@ def test_updates_of_one_shape_compile_one_program_from_the_first_state_on(params
     cfg = TrainConfig(
         loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", peak_lr=1e-3, total_updates=3)
     )
-    trainer = Trainer(CFG, cfg, mesh=mesh, donate=True)
-    state = trainer.init_state(jax.tree.map(jnp.copy, placed), jax.random.PRNGKey(1))
     batch = place_rows(_batch(4), mesh)
-    for _ in range(3):
-        state, _, _ = trainer.update(state, batch)
-    assert [fn._cache_size() for fn in trainer._update_jits.values()] == [1]
+    for told in (mesh, None):  # the mesh given, or the one the parameters are on
+        trainer = Trainer(CFG, cfg, mesh=told, donate=True)
+        state = trainer.init_state(jax.tree.map(jnp.copy, placed), jax.random.PRNGKey(1))
+        for _ in range(3):
+            state, _, _ = trainer.update(state, batch)
+        assert [fn._cache_size() for fn in trainer._update_jits.values()] == [1]

@@ -504,12 +504,23 @@ class Trainer:
 
     def _as_returned(self, state: TrainState) -> TrainState:
         """`state` placed as an update returns its state: a NamedSharding's spec without trailing
-        Nones (the same placement: no copy), and, on a mesh of this process's devices, leaves placed on
-        no mesh (a fresh state's update count and RNG, the optimizer's step count) replicated over it.
-        (Across processes those are left as they are.)"""
+        Nones (the same placement: no copy), and leaves placed on no mesh (a fresh state's update count
+        and RNG, the optimizer's step count) replicated over the trainer's mesh, or the mesh the other
+        leaves are on, where it holds only this process's devices (across processes they are left as
+        they are)."""
+        mesh = self.mesh
+        if mesh is None:
+            mesh = next(
+                (
+                    x.sharding.mesh
+                    for x in jax.tree.leaves(state)
+                    if isinstance(getattr(x, "sharding", None), NamedSharding)
+                ),
+                None,
+            )
         everywhere = None
-        if self.mesh is not None and not self.mesh.is_multi_process:
-            everywhere = NamedSharding(self.mesh, PartitionSpec())
+        if mesh is not None and not mesh.is_multi_process:
+            everywhere = NamedSharding(mesh, PartitionSpec())
 
         def place(x: Any) -> Any:
             sharding = getattr(x, "sharding", None)
