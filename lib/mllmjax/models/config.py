@@ -84,7 +84,8 @@ class ModelConfig:
         return (None,) * self.num_layers
 
     def embed_multiplier(self) -> float | None:
-        """What the driver multiplies the embeddings by, in the compute dtype (Gemma: sqrt(hidden))."""
+        """What the driver multiplies the token embeddings by, in the compute dtype (Gemma: sqrt(hidden));
+        `transformer.embed_tokens` applies it, input embeddings passed as `embeds=` are taken as given."""
         return None
 
     def final_norm(self, x: jax.Array, weight: jax.Array) -> jax.Array:

@@ -8,6 +8,9 @@
   compute dtype.
 - The LM head is stored as [vocab, embed] like the embedding, so tied and untied models share one code
   path and the loss can slice the vocabulary for chunked log-softmax.
+- A caller may run the layers from input embeddings of its own (`embeds=`) instead of token ids: a
+  vision-language model's text embeddings (`embed_tokens`) with image features put in at its image
+  tokens (`mllmjax.models.vision.llava`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> P
         return (0.02 * jax.random.normal(keys[path], spec.shape, jnp.float32)).astype(dtype)
 
     return map_specs(make, specs)
+
+
+def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array, dtype: Any) -> jax.Array:
+    """The input embeddings [B, T, D] of tokens [B, T] in the compute dtype, times the family's
+    `embed_multiplier` if it has one (in that dtype, as HF scales it: Gemma's scaled embedding)."""
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    multiplier = cfg.embed_multiplier()
+    return x if multiplier is None else x * jnp.asarray(multiplier, dtype)
 
 
 def cast_layer(lp: Params, dtype: Any) -> Params:
@@ -102,9 +113,10 @@ def _run_layers(
 def forward(
     params: Params,
     cfg: ModelConfig,
-    tokens: jax.Array,
+    tokens: jax.Array | None,
     positions: jax.Array,
     *,
+    embeds: jax.Array | None = None,
     valid: jax.Array | None = None,
     cache: KVCache | None = None,
     compute_dtype: Any = None,
@@ -120,6 +132,10 @@ def forward(
 
     params["layers"]: stacked, or a sequence of per-layer trees (`split_layers`; then unrolled).
     tokens, positions: [B, T] int. valid: [B, T] bool, False for padding (default all True).
+    embeds: [B, T, D] input embeddings to run the layers from instead of embedding tokens (then None):
+    the first layer's input as given, without the family's `embed_multiplier`, which `embed_tokens`
+    applies to the token embeddings a caller builds them from (HF scales inside the embedding, before
+    a multimodal model puts its image features in).
     With a cache, the T new tokens are written at each row's `cache.index`, and attend to everything
     already cached plus themselves; invalid tokens are stored with position -1 (never attended) and do
     not advance the row's index. Windowed layers keep ring buffers of their window instead
@@ -132,10 +148,12 @@ def forward(
     """
     if shared is not None and cache is not None:
         raise ValueError("a forward over shared-prompt groups takes no cache")
+    if (tokens is None) == (embeds is None):
+        raise ValueError("forward takes exactly one of tokens and embeds")
     fam = family(cfg)
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
     if valid is None:
-        valid = jnp.ones(tokens.shape, bool)
+        valid = jnp.ones(positions.shape, bool)
     positions = positions.astype(jnp.int32)
     key_pos = jnp.where(valid, positions, -1)
     cache_pos = write_rows(cache.pos, key_pos, cache.index) if cache is not None else key_pos
@@ -152,10 +170,7 @@ def forward(
         windows=cache.windows if cache is not None else (),
         shared=shared,
     )
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)  # [B, T, D]
-    multiplier = cfg.embed_multiplier()
-    if multiplier is not None:  # in the compute dtype, as HF scales it
-        x = x * jnp.asarray(multiplier, cdt)
+    x = embed_tokens(params, cfg, tokens, cdt) if embeds is None else embeds.astype(cdt)  # [B, T, D]
 
     def body(x: jax.Array, layer: tuple[Params, Any, Any]) -> tuple[jax.Array, Any]:
         lp, kv, index = layer
@@ -222,16 +237,22 @@ def logits_from_hidden(
 def logits(
     params: Params,
     cfg: ModelConfig,
-    tokens: jax.Array,
+    tokens: jax.Array | None,
     positions: jax.Array | None = None,
     valid: jax.Array | None = None,
     compute_dtype: Any = None,
     remat: Callable[..., Any] | None = None,
+    *,
+    embeds: jax.Array | None = None,
 ) -> jax.Array:
-    """Full-sequence float32 logits [B, T, V] (jitted; positions default to 0..T-1)."""
+    """Full-sequence float32 logits [B, T, V] (jitted; positions default to 0..T-1); of tokens, or of
+    input embeddings `embeds` [B, T, D] (see `forward`)."""
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, _ = forward(params, cfg, tokens, positions, valid=valid, compute_dtype=compute_dtype, remat=remat)
+        shape = tokens.shape if embeds is None else embeds.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+    hidden, _ = forward(
+        params, cfg, tokens, positions, embeds=embeds, valid=valid, compute_dtype=compute_dtype, remat=remat
+    )
     return logits_from_hidden(params, hidden, softcap=cfg.final_logit_softcap)
 
 
@@ -244,6 +265,7 @@ __all__ = [
     "KVCache",
     "Kernel",
     "OutMajor",
+    "embed_tokens",
     "fold_groups",
     "forward",
     "init_params",

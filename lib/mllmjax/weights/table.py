@@ -1,5 +1,6 @@
 """The streaming loader from HF-named tensors onto our parameter tree, and back, driven by the family's
-name table (`family.HF_NAMES`).
+name table (`family.HF_NAMES`), or by the table a caller passes (`rules=`: a vision tower's, a
+projector's; `mllmjax.models.vision`).
 
 Every source format presents HF names in the HF layout, so one table per family serves all of them.
 `params_from_hf` reads one source tensor at a time into its (layer-stacked) parameter, placed on the
@@ -17,7 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,7 +35,7 @@ from mllmjax.models.registry import family
 # Source tensors that carry no weights (old checkpoints saved RoPE buffers).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
-__all__ = ["KINDS", "Rule", "expected_hf_tensors", "hf_tensors_from_params", "params_from_hf"]
+__all__ = ["KINDS", "Renamed", "Rule", "expected_hf_tensors", "hf_tensors_from_params", "params_from_hf"]
 
 
 # kind -> (hf layout -> ours, ours -> hf layout), given (array, cfg)
@@ -67,10 +68,16 @@ KINDS: dict[str, tuple[Callable, Callable]] = {
         lambda w, cfg: w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size),
         lambda w, cfg: w.reshape(-1, cfg.hidden_size).T,
     ),
+    # a vision tower's patch embedding, a conv with stride = kernel: [D, C, P, P] -> [C*P*P, D], the
+    # matrix that multiplies a patch flattened channel-major (`mllmjax.models.vision.tower`)
+    "patch_in": (
+        lambda w, cfg: w.reshape(w.shape[0], -1).T,
+        lambda w, cfg: w.T.reshape(cfg.hidden_size, cfg.num_channels, cfg.patch_size, cfg.patch_size),
+    ),
 }
 
 
-def _flat_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+def _flat_specs(cfg: Any) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     flat: dict[str, Any] = {}
     map_specs(lambda path, spec: flat.__setitem__(path, spec), cfg.param_specs())
     return flat
@@ -81,12 +88,16 @@ def stacked_axes(rule: Rule) -> int:
     return ("{i}" in rule.hf) + ("{j}" in rule.hf)
 
 
-def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]]:
+def expected_hf_tensors(
+    cfg: Any, rules: Sequence[Rule] | None = None
+) -> dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]]:
     """Every HF tensor the config implies: name -> (rule, its index into the stacked parameter: (),
-    (layer,) or (layer, expert), HF shape)."""
+    (layer,) or (layer, expert), HF shape). rules: the name table (default: the family's HF_NAMES);
+    cfg: a `ModelConfig`, or with rules any config that declares `param_specs()` and the fields
+    its rules' kinds read."""
     flat = _flat_specs(cfg)
     out: dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]] = {}
-    for rule in family(cfg).HF_NAMES:
+    for rule in family(cfg).HF_NAMES if rules is None else rules:
         if rule.ours not in flat:
             continue
         shape = flat[rule.ours][0]
@@ -95,6 +106,29 @@ def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[int, ..
         for index in itertools.product(*(range(size) for size in shape[:n])):
             out[rule.hf.format(**dict(zip("ij", index, strict=False)))] = (rule, index, hf_shape)
     return out
+
+
+class Renamed:
+    """Another source's tensors under new names, a subset of them: rename(name) is a tensor's name in
+    this view, or None to leave it out. A vision-language checkpoint is one such view per part (its
+    text model's tensors under the names the text family's table reads, ...)."""
+
+    def __init__(self, source: Any, rename: Callable[[str], str | None]):
+        self._source = _Source(source) if isinstance(source, Mapping) else source
+        self._names: dict[str, str] = {}  # our name -> the source's
+        for name in self._source.tensor_names():
+            new = rename(name)
+            if new is not None:
+                self._names[new] = name
+
+    def tensor_names(self) -> list[str]:
+        return list(self._names)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._source.tensor_shape(self._names[name])
+
+    def load(self, name: str) -> np.ndarray:
+        return self._source.load(self._names[name])
 
 
 class _Source:
@@ -125,16 +159,19 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def params_from_hf(
-    cfg: ModelConfig,
+    cfg: Any,
     source: Any,
     *,
+    rules: Sequence[Rule] | None = None,
     dtype: Any = np.float32,
     shardings: Params | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> Params:
     """Build our parameter tree from HF-named tensors.
 
+    cfg: a `ModelConfig`, or with rules another config (`expected_hf_tensors`).
     source: a WeightSource, or a mapping name -> array (numpy or torch, e.g. a state_dict).
+    rules: the name table (default: the family's HF_NAMES).
     dtype: the parameter dtype. shardings: a tree of jax Shardings shaped like the params (default:
     the default device). on_tensor: called with each source name as it is consumed (for progress).
     """
@@ -143,10 +180,10 @@ def params_from_hf(
     dtype = np.dtype(dtype)
     flat_specs = _flat_specs(cfg)
     flat_shardings = flatten(shardings) if shardings is not None else {}
-    expected = expected_hf_tensors(cfg)
+    expected = expected_hf_tensors(cfg, rules)
     names = [n for n in source.tensor_names() if not _IGNORED.match(n)]
 
-    tied_head = cfg.tie_word_embeddings and "lm_head.weight" in names
+    tied_head = getattr(cfg, "tie_word_embeddings", False) and "lm_head.weight" in names
     for name in names:
         if name in expected or (tied_head and name == "lm_head.weight"):
             continue
@@ -234,11 +271,12 @@ def _check_tied(head: np.ndarray, embed: jax.Array, dtype: np.dtype) -> None:
 
 
 def hf_tensors_from_params(
-    cfg: ModelConfig, params: Params, dtype: Any = None
+    cfg: Any, params: Params, dtype: Any = None, *, rules: Sequence[Rule] | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, array in HF layout) for export; a tied head is not written (HF re-ties it)."""
+    """Yield (HF name, array in HF layout) for export; a tied head is not written (HF re-ties it).
+    rules: the name table (default: the family's HF_NAMES)."""
     flat = flatten(params)
-    for name, (rule, index, _) in expected_hf_tensors(cfg).items():
+    for name, (rule, index, _) in expected_hf_tensors(cfg, rules).items():
         arr = np.asarray(flat[rule.ours][index])
         out = np.ascontiguousarray(KINDS[rule.kind][1](arr, cfg))
         yield name, out if dtype is None else out.astype(dtype)

@@ -10,6 +10,9 @@ The options a family passes through `LayerContext.attend`: `scale` (the score mu
 head_dim ** -0.5; Gemma's query_pre_attn_scalar ** -0.5), `softcap` (scores -> c * tanh(scores / c)
 before the mask, Gemma 2) and `window` (a Python int, or a traced scalar when the layers are scanned
 and only some are windowed).
+
+`bidirectional_attention` is the unmasked attention of the vision encoders, every token seeing every
+other.
 """
 
 from __future__ import annotations
@@ -96,6 +99,18 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
     out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)  # [B, K, G*T, H]
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def bidirectional_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None
+) -> jax.Array:
+    """Multi-head attention in which every query sees every key, with no mask: a vision encoder's
+    attention over one image's patches. q, k, v: [B, T, N, H] (as many kv heads as query heads);
+    scale: the score multiplier (default H ** -0.5). Scores and softmax in float32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
 
 
 def causal_blocks(t: int) -> int:

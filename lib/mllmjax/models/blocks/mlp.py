@@ -1,10 +1,11 @@
-"""Gated MLPs."""
+"""MLPs: the decoders' gated ones, and the plain two-layer one of vision towers and projectors."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from mllmjax.models.blocks.activations import ACTIVATIONS
 from mllmjax.models.blocks.cpu import OutMajor, dense
 from mllmjax.models.params import ParamSpec
 
@@ -29,6 +30,23 @@ def geglu_mlp(
 ) -> jax.Array:
     """down(gelu_tanh(gate(x)) * up(x)), the Gemma MLP (HF `gelu_pytorch_tanh`: the tanh approximation)."""
     return dense(jax.nn.gelu(dense(x, gate), approximate=True) * dense(x, up), down)
+
+
+def plain_mlp(
+    x: jax.Array,
+    fc1: jax.Array,
+    fc1_bias: jax.Array | None,
+    fc2: jax.Array,
+    fc2_bias: jax.Array | None,
+    act: str,
+) -> jax.Array:
+    """fc2(act(fc1(x))), each linear layer with its bias unless that is None (CLIP/SigLIP's MLP, the
+    LLaVA projector); act: a name of `activations.ACTIVATIONS`."""
+    h = dense(x, fc1)
+    if fc1_bias is not None:
+        h = h + fc1_bias
+    y = dense(ACTIVATIONS[act](h), fc2)
+    return y if fc2_bias is None else y + fc2_bias
 
 
 @jax.custom_vjp

@@ -1,4 +1,5 @@
-"""Normalisation layers, computed in float32 whatever the compute dtype."""
+"""Normalisation layers (RMSNorm, Gemma's RMSNorm, LayerNorm), computed in float32 whatever the compute
+dtype."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last axis, in float32 (torch's
+    LayerNorm, with the biased variance; the vision towers' norm)."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)

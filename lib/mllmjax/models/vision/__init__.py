@@ -1,0 +1,10 @@
+"""Vision-language models: vision towers (`tower`: CLIP and SigLIP ViT encoders) and the models that
+put a tower's image features into a decoder family's text embeddings (`llava`).
+
+A tower declares, like a decoder family: its config (`tower.VisionConfig` subclasses, read by
+`tower.config_from_hf` from an HF vision config), its params (`param_specs`), its HF name table
+(`tower.HF_NAMES`, loaded through `mllmjax.weights.table`) and its forward (`tower.hidden_states`).
+A vision-language module (`llava`) declares `ARCHITECTURES`, `MODEL_TYPES`, `Config`,
+`config_from_hf`, `param_specs`, `params_from_hf` (its checkpoint split into tower, projector and
+text model, each loaded through its own table) and its `forward` / `logits`.
+"""

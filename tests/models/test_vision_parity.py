@@ -1,0 +1,236 @@
+"""Vision towers and LLaVA against HF transformers (torch, float32), on tiny random models: every hidden
+state of CLIP and SigLIP towers, and LLaVA logits through the real path (save_pretrained -> our
+loader -> forward) for a batch of prompts with images, one of them left-padded."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
+from mllmjax.models import registry, transformer
+from mllmjax.models.vision import llava, tower
+from mllmjax.weights.table import hf_tensors_from_params
+
+TOWER_TOL = 1e-5
+TOL = 1e-4
+
+# Odd sizes: 4 heads of 10, an MLP of 56; SigLIP's 32-pixel images leave 2 rows and columns past the
+# 5 x 5 patches of 6 (the conv drops them).
+TOWERS = {
+    "clip": ("CLIPVisionConfig", dict(image_size=30, patch_size=6)),
+    "siglip": ("SiglipVisionConfig", dict(image_size=32, patch_size=6)),
+}
+TOWER_SIZES = dict(hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4)
+
+
+def _tower_config(kind: str) -> transformers.PreTrainedConfig:
+    cls_name, sizes = TOWERS[kind]
+    return getattr(transformers, cls_name)(**TOWER_SIZES, **sizes)
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Norms default to ones and biases to zeros: make them random so their math is tested too."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _pixels(cfg: tower.VisionConfig, n: int, seed: int) -> np.ndarray:
+    size = (n, cfg.num_channels, cfg.image_size, cfg.image_size)
+    return np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", sorted(TOWERS))
+def test_tower_hidden_states_match_hf(kind):
+    hf_cfg = _tower_config(kind)
+    model_cls = transformers.CLIPVisionModel if kind == "clip" else transformers.SiglipVisionModel
+    torch.manual_seed(0)
+    model = _randomise(model_cls(hf_cfg), 1)
+    cfg = tower.config_from_hf(hf_cfg.to_dict())
+    params = tower.params_from_hf(cfg, model.state_dict())
+    pixels = _pixels(cfg, 2, 2)
+
+    ours = np.asarray(tower.hidden_states(params, cfg, pixels))
+    with torch.no_grad():
+        out = model(pixel_values=torch.tensor(pixels), output_hidden_states=True)
+    ref = np.stack([h.numpy() for h in out.hidden_states])
+    assert ours.shape == ref.shape == (4, 2, cfg.num_positions, 40)
+    assert np.abs(ours - ref).max() <= TOWER_TOL
+    last = np.asarray(tower.last_hidden_state(cfg, params, ours))
+    assert np.abs(last - out.last_hidden_state.numpy()).max() <= TOWER_TOL
+    # Running fewer layers gives the first hidden states; the table exports what it loaded.
+    assert np.array_equal(np.asarray(tower.hidden_states(params, cfg, pixels, depth=1)), ours[:2])
+    state = model.state_dict()
+    for name, value in hf_tensors_from_params(cfg, params, rules=tower.HF_NAMES):
+        assert np.array_equal(value, state[name].numpy()), name
+
+
+# (tower, text config class and sizes, LLaVA settings). Both strategies, an int and a list of feature
+# layers, with and without projector biases, tied and untied heads.
+LLAVAS = {
+    "clip-llama": (
+        "clip",
+        "LlamaConfig",
+        dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=80),
+        dict(vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu"),
+    ),
+    "siglip-qwen2": (
+        "siglip",
+        "Qwen2Config",
+        dict(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        ),
+        dict(
+            vision_feature_select_strategy="full",
+            vision_feature_layer=[-3, -1],
+            projector_hidden_act="gelu_pytorch_tanh",
+            multimodal_projector_bias=False,
+        ),
+    ),
+}
+VOCAB = 96
+IMAGE_TOKEN = 95
+
+
+@pytest.fixture(scope="module", params=sorted(LLAVAS))
+def saved_llava(request, tmp_path_factory):
+    """(HF model, our config, our params loaded from its save_pretrained folder)."""
+    kind, text_cls, text_sizes, settings = LLAVAS[request.param]
+    text = getattr(transformers, text_cls)(
+        vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5, **text_sizes
+    )
+    config = transformers.LlavaConfig(
+        vision_config=_tower_config(kind), text_config=text, image_token_id=IMAGE_TOKEN, **settings
+    )
+    torch.manual_seed(0)
+    model = _randomise(transformers.LlavaForConditionalGeneration(config), 1)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    cfg, params = llava.load_hf(folder)
+    return model, cfg, params
+
+
+def _prompts(cfg: llava.LlavaConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two prompts of text, a run of image tokens and text; the second is shorter and left-padded.
+    Returns (input_ids [2, T], attention mask [2, T])."""
+    rng = np.random.default_rng(seed)
+    image = [IMAGE_TOKEN] * cfg.tokens_per_image
+    rows = [
+        [*rng.integers(0, IMAGE_TOKEN, 5), *image, *rng.integers(0, IMAGE_TOKEN, 4)],
+        [*rng.integers(0, IMAGE_TOKEN, 2), *image, *rng.integers(0, IMAGE_TOKEN, 3)],
+    ]
+    width = max(map(len, rows))
+    ids = np.zeros((2, width), np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def test_llava_logits_match_hf(saved_llava):
+    model, cfg, params = saved_llava
+    ids, mask = _prompts(cfg, 3)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    pixels = _pixels(cfg.vision, 2, 4)
+    ours = np.asarray(llava.logits(params, cfg, ids, pixels, positions, valid=mask.astype(bool)))
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(pixels),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions),
+        ).logits.numpy()
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - ref[real]).max() <= TOL
+
+
+def test_llava_config_reads_hf(saved_llava):
+    model, cfg, params = saved_llava
+    hf = model.config
+    assert cfg.image_token_id == IMAGE_TOKEN
+    assert cfg.text.tie_word_embeddings == hf.text_config.tie_word_embeddings
+    assert ("lm_head" in params["text"]) == (not hf.text_config.tie_word_embeddings)
+    assert ("fc1_bias" in params["projector"]) == hf.multimodal_projector_bias
+    assert max(cfg.feature_layers) <= cfg.vision.num_layers
+
+
+def test_every_checkpoint_spelling_loads_the_same(saved_llava):
+    """transformers 5 saves the original llava-hf names (what the fixture loaded); its state_dict and
+    transformers 4.52+ checkpoints put the parts under `model.`, the latter with `vision_model.`."""
+    model, cfg, params = saved_llava
+    state = model.state_dict()
+    assert any(n.startswith("model.vision_tower.") for n in state)
+    v452 = {n.replace("model.vision_tower.", "model.vision_tower.vision_model."): t for n, t in state.items()}
+    for spelling in (state, v452):
+        loaded = llava.params_from_hf(cfg, spelling)
+        assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), loaded, params))
+    with pytest.raises(WeightsError, match="unexpected tensor"):
+        llava.params_from_hf(cfg, {**state, "model.extra.weight": torch.zeros(1)})
+
+
+def test_image_token_count_is_checked(saved_llava):
+    _, cfg, params = saved_llava
+    ids, _ = _prompts(cfg, 5)
+    with pytest.raises(BadInputError, match="image tokens"):
+        llava.logits(params, cfg, ids, _pixels(cfg.vision, 1, 6))
+
+
+def test_embeds_run_what_tokens_run():
+    """transformer.forward from `embed_tokens`' embeddings == from the tokens, for a family with an
+    embedding multiplier (Gemma 2), which `embed_tokens` applies and `embeds=` does not again."""
+    cfg = registry.tiny("gemma2")
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 9))
+    embeds = transformer.embed_tokens(params, cfg, tokens, params["embed"].dtype)
+    np.testing.assert_array_equal(
+        np.asarray(transformer.logits(params, cfg, None, embeds=embeds)),
+        np.asarray(transformer.logits(params, cfg, tokens)),
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"image_size": [30, 40]}, "square"),
+        ({"num_attention_heads": 3}, "multiple"),
+        ({"model_type": "siglip2_vision_model"}, "not supported"),
+    ],
+)
+def test_tower_config_refuses(change, message):
+    hf = {**_tower_config("clip").to_dict(), **change}
+    with pytest.raises(UnsupportedModelError, match=message):
+        tower.config_from_hf(hf)
+
+
+def test_llava_config_refuses():
+    base = transformers.LlavaConfig(
+        vision_config=_tower_config("clip"),
+        text_config=transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1
+        ),
+        image_token_id=IMAGE_TOKEN,
+    ).to_dict()
+    llava.config_from_hf(base)
+    cases = [
+        ({"vision_feature_select_strategy": "cls"}, "select_strategy"),
+        ({"vision_feature_layer": 4}, "out of range"),
+        ({"image_token_index": VOCAB}, "outside the vocabulary"),
+        ({"projector_hidden_act": "relu"}, "projector_hidden_act"),
+        ({"text_config": {**base["text_config"], "model_type": "qwen3"}}, "family"),
+    ]
+    for change, message in cases:
+        with pytest.raises(UnsupportedModelError, match=message):
+            llava.config_from_hf({**base, **change})
