@@ -306,3 +306,20 @@ def test_updates_of_one_shape_compile_one_program_from_the_first_state_on(params
         for _ in range(3):
             state, _, _ = trainer.update(state, batch)
         assert [fn._cache_size() for fn in trainer._update_jits.values()] == [1]
+
+
+def test_updates_on_no_mesh_compile_one_program_from_a_loaded_state_on(params) -> None:
+    """Params committed to a device (as a loaded checkpoint's are) beside a fresh update count and RNG
+    made on no device: the updates return every leaf committed, so the first state is committed alike
+    and the second update does not compile again."""
+    cfg = TrainConfig(
+        loss=LossConfig(beta=0.0), optim=OptimConfig(name="adamw", peak_lr=1e-3, total_updates=3)
+    )
+    trainer = Trainer(CFG, cfg, donate=True)
+    loaded = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), jax.devices()[0]), params)
+    state = trainer.init_state(loaded, jax.random.PRNGKey(1))
+    assert not all(x.committed for x in jax.tree.leaves(state))
+    batch = _batch(4)
+    for _ in range(3):
+        state, _, _ = trainer.update(state, batch)
+    assert [fn._cache_size() for fn in trainer._update_jits.values()] == [1]

@@ -507,7 +507,8 @@ class Trainer:
         Nones (the same placement: no copy), and leaves placed on no mesh (a fresh state's update count
         and RNG, the optimizer's step count) replicated over the trainer's mesh, or the mesh the other
         leaves are on, where it holds only this process's devices (across processes they are left as
-        they are)."""
+        they are). On no mesh, leaves made on no device are committed to the device of those that are
+        (a loaded checkpoint's params beside a fresh update count), as the updates return them."""
         mesh = self.mesh
         if mesh is None:
             mesh = next(
@@ -521,6 +522,10 @@ class Trainer:
         everywhere = None
         if mesh is not None and not mesh.is_multi_process:
             everywhere = NamedSharding(mesh, PartitionSpec())
+        elif mesh is None:  # one device: commit the leaves made on no device where others are committed
+            everywhere = next(
+                (x.sharding for x in jax.tree.leaves(state) if getattr(x, "committed", False)), None
+            )
 
         def place(x: Any) -> Any:
             sharding = getattr(x, "sharding", None)
@@ -533,7 +538,9 @@ class Trainer:
                 return jax.device_put(
                     x, NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
                 )
-            return x if everywhere is None or not isinstance(x, jax.Array) else jax.device_put(x, everywhere)
+            if everywhere is None or not isinstance(x, jax.Array) or (mesh is None and x.committed):
+                return x
+            return jax.device_put(x, everywhere)
 
         return jax.tree.map(place, state)
 
