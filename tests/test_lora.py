@@ -411,3 +411,52 @@ def test_the_sampler_decodes_the_adapted_policy(merge, tmp_path_factory, monkeyp
     assert [c.ids for c in got] == [c.ids for c in want] != [c.ids for c in base]
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def _mlp_loss(x, gate, up, down):
+    from mllmjax.models.blocks.mlp import swiglu_mlp
+
+    return jnp.sum(jnp.square(swiglu_mlp(x, gate, up, down)))
+
+
+def test_adapted_product_values_gradients_and_live_buffers():
+    """`blocks.cpu.adapted_dense` is x w + scale (xd a) b with autodiff's gradients (x through both
+    terms, xd the dropout path's input, w frozen), and an adapted MLP's backward holds no more than a
+    frozen one's plus the adapters' input: summing two products instead let XLA:CPU keep both
+    [tokens, F] addends of gate and up alive until the backward."""
+    from mllmjax.models.blocks.adapters import Adapted
+    from mllmjax.models.blocks.cpu import adapted_dense
+
+    n, d, f, r, scale = 512, 64, 256, 4, 2.0
+    ks = jax.random.split(jax.random.key(0), 12)
+    x, xd = jax.random.normal(ks[0], (2, n // 2, d)), jax.random.normal(ks[1], (2, n // 2, d))
+    w, a, b = (
+        jax.random.normal(ks[2], (d, f)),
+        jax.random.normal(ks[3], (d, r)),
+        jax.random.normal(ks[4], (r, f)),
+    )
+    plain = lambda x, xd, a, b: jnp.sum(jnp.sin(x @ w + scale * (xd @ a) @ b))  # noqa: E731
+    ours = lambda x, xd, a, b: jnp.sum(jnp.sin(adapted_dense(x, xd, w, a, b, scale)))  # noqa: E731
+    want = jax.grad(plain, argnums=(0, 1, 2, 3))(x, xd, a, b)
+    got = jax.grad(ours, argnums=(0, 1, 2, 3))(x, xd, a, b)
+    np.testing.assert_allclose(ours(x, xd, a, b), plain(x, xd, a, b), rtol=1e-5)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
+
+    weights = [jax.random.normal(k, s) for k, s in zip(ks[5:8], [(d, f), (d, f), (f, d)], strict=True)]
+    adapters = [(jax.random.normal(k, (d, r)), jnp.ones((r, f))) for k in ks[8:10]]
+
+    def adapted(ad, x):
+        (ag, bg), (au, bu) = ad
+        gate = Adapted(weights[0], ag, bg, scale=scale, n_in=1)
+        up = Adapted(weights[1], au, bu, scale=scale, n_in=1)
+        return _mlp_loss(x, gate, up, weights[2])
+
+    def temp_bytes(fn, *args):
+        return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    lora_temp = temp_bytes(jax.grad(adapted), adapters, x)
+    frozen_temp = temp_bytes(jax.grad(lambda x: _mlp_loss(x, *weights)), x)
+    # The adapters' own backward needs x (n x d) besides what the frozen MLP keeps; one [n, f] more
+    # would be the bug (both addends of gate or up kept).
+    assert lora_temp <= frozen_temp + 4 * n * d + 4 * n * f // 2, (lora_temp, frozen_temp)

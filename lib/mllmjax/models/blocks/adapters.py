@@ -3,8 +3,8 @@
 An `Adapted` weight stands where a plain weight [*in, *out] would in a layer's parameter tree: the frozen
 weight w, the adapters a [*in, r] and b [r, *out], the scale alpha / r, and optionally a dropout key.
 The linear layers (`blocks.cpu.dense`, `blocks.linear.project`/`project_out`) compute
-x w + scale (dropout(x) a) b, so no merged copy of w exists and, in training, the gradient of w is never
-formed (w is not differentiated, and XLA drops the unused weight-gradient product). The experts of a
+x w + scale (dropout(x) a) b as one product (`blocks.cpu.adapted_dense`), so no merged copy of w is kept
+and, in training, the gradient of w is never formed. The experts of a
 mixture of experts and the CPU decode loop's output-major copy take `merged()` instead: w + scale a b,
 formed where a copy is made anyway (the transposed decode weights) or per layer (experts).
 

@@ -8,13 +8,14 @@ gives the same values and gradients as the plain product; only the order of the 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mllmjax.models.blocks.adapters import Adapted, low_rank
+from mllmjax.models.blocks.adapters import Adapted, adapter_input, low_rank
 from mllmjax.models.params import Params, ParamSpec
 
 
@@ -86,10 +87,12 @@ def dense(x: jax.Array, w: jax.Array | OutMajor | Adapted) -> jax.Array:
     product differs from autodiff's, which has XLA:CPU write the wide [N, F] cotangent transposed. The
     product itself stays an ordinary dot outside the custom rule, so remat policies such as
     dots_saveable still see, and save, it. An `OutMajor` w is multiplied weight-first. An `Adapted`
-    (LoRA) w in matrix form adds its low-rank path: x w + scale (x a) b.
+    (LoRA) w in matrix form adds its low-rank path: x w + scale (x a) b (`adapted_dense`).
     """
     if isinstance(w, Adapted):
-        return dense(x, w.w) + low_rank(x, w, dense)
+        if isinstance(w.w, OutMajor):  # a CPU decode loop's low-rank path: no gradient taken
+            return dense(x, w.w) + low_rank(x, w, dense)
+        return adapted_dense(x, adapter_input(x, w), jax.lax.stop_gradient(w.w), w.a, w.b, w.scale)
     if isinstance(w, OutMajor):
         return weight_first(w.t, x)
     y = jnp.einsum("...D,DF->...F", x, w)
@@ -122,6 +125,56 @@ def _dense_grads_bwd(
 
 
 _dense_grads.defvjp(_dense_grads_fwd, _dense_grads_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def adapted_dense(
+    x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float
+) -> jax.Array:
+    """x w + scale (xd a) b, as one product [x, xd a] [w; scale b]: a frozen w [D, F] with LoRA
+    adapters a [D, r], b [r, F]; xd is x with the adapter's dropout (x itself without).
+
+    One product, so the output is one buffer: written as the sum of two products, XLA:CPU fuses the add
+    into every consumer, and a consumer that saves its input for the backward (the MLP's gate and up)
+    then keeps both [tokens, F] addends alive until then, 25 MB a layer at SmolLM2's MLP and 8 x 256
+    tokens (`scripts/bench_lora.py`). The concatenated weight is a transient copy of one matrix. The
+    backward gives x, xd, a and b their gradients and w none: w is frozen, and its [D, F] gradient
+    product is never formed."""
+    return _adapted_product(x, xd, w, a, b, scale)[0]
+
+
+def _adapted_product(
+    x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    h = jnp.einsum("...D,Dr->...r", xd, a)
+    wide = jnp.concatenate([x, h.astype(x.dtype)], axis=-1)
+    stacked = jnp.concatenate([w, (scale * b).astype(w.dtype)], axis=0)
+    return jnp.einsum("...K,KF->...F", wide, stacked), h
+
+
+def _adapted_dense_fwd(
+    x: jax.Array, xd: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    y, h = _adapted_product(x, xd, w, a, b, scale)
+    return y, (xd, h, w, a, b)
+
+
+def _adapted_dense_bwd(
+    scale: float, res: tuple[jax.Array, ...], g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    xd, h, w, a, b = res
+    dh = scale * jnp.einsum("...F,rF->...r", g, b)
+    dx = jnp.einsum("...F,DF->...D", g, w)
+    dxd = jnp.einsum("...r,Dr->...D", dh, a)
+    n = math.prod(g.shape[:-1])
+    x2, h2 = xd.reshape(n, -1), h.reshape(n, -1)
+    g2, dh2 = g.reshape(n, -1), dh.reshape(n, -1)
+    da = jnp.einsum("Nr,ND->rD", dh2, x2).T  # the narrow operand first, as in `dense`
+    db = scale * jnp.einsum("Nr,NF->rF", h2, g2)
+    return dx, dxd.astype(xd.dtype), jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype)
+
+
+adapted_dense.defvjp(_adapted_dense_fwd, _adapted_dense_bwd)
 
 
 def split_layers(layers: Params, num_layers: int) -> tuple[Params, ...]:
