@@ -14,6 +14,7 @@ adapters merged into the sampler's copy or run as the low-rank path.
 
     python scripts/bench_lora.py                   # both parts
     python scripts/bench_lora.py --part update --reps 3
+    python scripts/bench_lora.py --part update --remat nothing_saveable   # both modes rematerialised
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--part", choices=["update", "decode", "both"], default="both")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--remat", default="none", help="the update's remat policy, in both modes")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -76,12 +78,17 @@ def _update_child(mode: str, args: argparse.Namespace) -> dict:
         advantages=jnp.asarray(rng.normal(size=b), jnp.float32), completion_start=p,
     )  # fmt: skip
     if mode == "full":
-        tcfg = TrainConfig(loss=LossConfig(beta=0.04))
+        tcfg = TrainConfig(loss=LossConfig(beta=0.04), remat=args.remat)
         trainer = Trainer(cfg, tcfg, ref_params=jax.tree.map(jnp.copy, params), donate=True)
         state = trainer.init_state(params, jax.random.key_data(jax.random.key(0)))
     else:
         lcfg = lora.LoraConfig(rank=args.rank)
-        trainer = Trainer(cfg, TrainConfig(loss=LossConfig(beta=0.04), lora=lcfg), base=params, donate=True)
+        trainer = Trainer(
+            cfg,
+            TrainConfig(loss=LossConfig(beta=0.04), lora=lcfg, remat=args.remat),
+            base=params,
+            donate=True,
+        )
         state = trainer.init_state(
             lora.init_adapters(cfg, lcfg, jax.random.key(1)), jax.random.key_data(jax.random.key(0))
         )
@@ -137,7 +144,7 @@ def _decode_child(spec: str, args: argparse.Namespace) -> dict:
 
 def _run_child(kind: str, spec: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{kind}={spec}", "--reps", str(args.reps), "--rank",
-           str(args.rank), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]  # fmt: skip
+           str(args.rank), "--remat", args.remat, "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]  # fmt: skip
     proc = subprocess.run(
         cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "lib")}
     )
@@ -163,7 +170,10 @@ def main() -> None:
     if args.part in ("update", "both"):
         rows = {mode: _run_child("update", mode, args) for mode in ("full", "lora")}
         full, low = rows["full"], rows["lora"]
-        print(f"update, SmolLM2-135M float32, 8 x 256 tokens, Lion, beta 0.04 (rank {args.rank} for LoRA):")
+        print(
+            f"update, SmolLM2-135M float32, 8 x 256 tokens, Lion, beta 0.04, remat {args.remat} "
+            f"(rank {args.rank} for LoRA):"
+        )
         print(f"{'':8}{'XLA bytes':>12}{'peak RSS':>12}{'s/update':>10}{'first (compile)':>17}")
         for mode, r in rows.items():
             print(
