@@ -86,6 +86,38 @@ def smollm2_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def scored_files(tmp_path_factory) -> Path:
+    """A folder with a converted tiny tied Llama (ck0) and two scored rollout files of 2 prompts x 4
+    rows (s1.jsonl, s2.jsonl, rolled out with seeds 1 and 2) with random advantages: `train`'s input."""
+    import dataclasses
+
+    import numpy as np
+    from hf_models import save_hf_model
+    from typer.testing import CliRunner
+
+    from mllmjax.convert import convert
+    from mllmjax.records import read_records, write_records
+    from mllmjax_cli.main import app
+
+    folder = tmp_path_factory.mktemp("scored")
+    save_hf_model("llama-tied", folder / "hf", seed=1)
+    convert(str(folder / "hf"), folder / "ck0")
+    rng = np.random.default_rng(0)
+    for name, seed in (("s1", "1"), ("s2", "2")):
+        args = ["rollout", str(folder / "ck0"), "--data", "builtin:sums", "--num-prompts", "2", "-G", "4",
+                "--max-new-tokens", "5", "--seed", seed, "-o", str(folder / f"{name}-raw.jsonl")]  # fmt: skip
+        assert CliRunner().invoke(app, args).exit_code == 0
+        records = [
+            dataclasses.replace(
+                r, rewards={"x": 0.0}, reward=0.0, advantage=float(rng.normal()), reward_errors={}
+            )
+            for r in read_records(folder / f"{name}-raw.jsonl")
+        ]
+        write_records(records, folder / f"{name}.jsonl")
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """Put os.environ back after each test: commands run in process set variables for their own
@@ -106,4 +138,3 @@ def _release_compiled_programs():
     import gc
 
     gc.collect()
-

@@ -22,7 +22,7 @@ from mllmjax.convert import convert
 from mllmjax.loss import LossConfig
 from mllmjax.models import transformer
 from mllmjax.optim import OptimConfig
-from mllmjax.records import read_records, write_records
+from mllmjax.records import read_records
 from mllmjax.trainer import TrainConfig, Trainer
 from mllmjax.training import batch_from_records
 from mllmjax_cli.main import app
@@ -153,24 +153,9 @@ TRAIN = ["--ppo-epochs", "2", "--minibatches", "2", "--lr", "1e-2", "--steps", "
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A converted tiny model and two scored rollout files with random advantages."""
-    folder = tmp_path_factory.mktemp("lora")
-    save_hf_model("llama-tied", folder / "hf", seed=1)
-    convert(str(folder / "hf"), folder / "ck0")
-    rng = np.random.default_rng(0)
-    for name, seed in (("s1", "1"), ("s2", "2")):
-        args = ["rollout", str(folder / "ck0"), "--data", "builtin:sums", "--num-prompts", "2", "-G", "4",
-                "--max-new-tokens", "5", "--seed", seed, "-o", str(folder / f"{name}-raw.jsonl")]  # fmt: skip
-        assert runner.invoke(app, args).exit_code == 0
-        records = [
-            dataclasses.replace(
-                r, rewards={"x": 0.0}, reward=0.0, advantage=float(rng.normal()), reward_errors={}
-            )
-            for r in read_records(folder / f"{name}-raw.jsonl")
-        ]
-        write_records(records, folder / f"{name}.jsonl")
-    return folder
+def setup(scored_files):
+    """A converted tiny model and two scored rollout files with random advantages (conftest)."""
+    return scored_files
 
 
 def train(setup, ckpt, scored, out, *extra):

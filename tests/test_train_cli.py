@@ -9,11 +9,9 @@ import re
 import jax
 import numpy as np
 import pytest
-from hf_models import save_hf_model
 from typer.testing import CliRunner
 
 from mllmjax.checkpoint import load_checkpoint
-from mllmjax.convert import convert
 from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig
 from mllmjax.optim import OptimConfig
@@ -40,24 +38,9 @@ TRAIN = [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A converted tiny model and two scored rollout files with random advantages."""
-    folder = tmp_path_factory.mktemp("train")
-    save_hf_model("llama-tied", folder / "hf", seed=1)
-    convert(str(folder / "hf"), folder / "ck0")
-    rng = np.random.default_rng(0)
-    for name, seed in (("s1", "1"), ("s2", "2")):
-        args = ["rollout", str(folder / "ck0"), "--data", "builtin:sums", "--num-prompts", "2", "-G", "4",
-                "--max-new-tokens", "5", "--seed", seed, "-o", str(folder / f"{name}-raw.jsonl")]  # fmt: skip
-        assert runner.invoke(app, args).exit_code == 0
-        records = [
-            dataclasses.replace(
-                r, rewards={"x": 0.0}, reward=0.0, advantage=float(rng.normal()), reward_errors={}
-            )
-            for r in read_records(folder / f"{name}-raw.jsonl")
-        ]
-        write_records(records, folder / f"{name}.jsonl")
-    return folder
+def setup(scored_files):
+    """A converted tiny model and two scored rollout files with random advantages (conftest)."""
+    return scored_files
 
 
 def train(setup, ckpt, scored, out, *extra):

@@ -280,9 +280,31 @@ def train_checkpoint(
         state = restore_train_state(ckpt, trainer)
     else:
         state = trainer.init_state(ckpt.params, jax.random.key_data(jax.random.key(seed)))
+    return _train_and_write(
+        trainer, state, records, ckpt, ckpt_path, out, mesh=mesh, force=force, on_update=on_update,
+        meta={"reference": reference},
+    )  # fmt: skip
+
+
+def _train_and_write(
+    trainer: Trainer,
+    state: TrainState,
+    records: Sequence[RolloutRecord],
+    head: Checkpoint,
+    ckpt_path: Path,
+    out: Path,
+    *,
+    mesh: Mesh,
+    force: bool,
+    on_update: Callable[[dict[str, float]], None] | None,
+    meta: dict[str, Any],
+) -> TrainResult:
+    """`train`'s PPO epochs on the records from `state`, then the new checkpoint at `out`: its params
+    (the model's, or a LoRA run's adapters) and optimizer state, the side files of `ckpt_path`, the
+    update metrics (train_metrics.jsonl), one step past `head`'s; meta: what mllmjax.json adds."""
     batch = place_batch(batch_from_records(records), mesh)
     state, history = trainer.train_on_batch(state, batch, on_update=on_update)
-    step = int(ckpt.meta.get("step", 0)) + 1
+    step = int(head.meta.get("step", 0)) + 1
     metrics = "".join(json.dumps(m) + "\n" for m in history)
 
     def write_extras(d: Path) -> None:
@@ -292,14 +314,14 @@ def train_checkpoint(
     write_checkpoint(
         out,
         params=state.params,
-        hf_config=ckpt.hf_config,
+        hf_config=head.hf_config,
         write_tokenizer=write_extras,
-        source=ckpt.meta.get("source", str(ckpt_path)),
+        source=head.meta.get("source", str(ckpt_path)),
         step=step,
         parent=str(ckpt_path),
         force=force,
         opt_state=state_extras(state),
-        extra_meta={"reference": reference, "updates": int(state.step)},
+        extra_meta={**meta, "updates": int(state.step)},
     )
     return TrainResult(out, len(history), step, history)
 
@@ -371,25 +393,7 @@ def _train_lora(
         state = restore_train_state(load_checkpoint(ckpt_path, mesh=mesh, adapters=True, base=base), trainer)
     else:
         state = trainer.init_state(adapters, jax.random.key_data(jax.random.key(seed)))
-    batch = place_batch(batch_from_records(records), mesh)
-    state, history = trainer.train_on_batch(state, batch, on_update=on_update)
-    step = int(head.meta.get("step", 0)) + 1
-    metrics = "".join(json.dumps(m) + "\n" for m in history)
-
-    def write_extras(d: Path) -> None:
-        copy_side_files(ckpt_path, d)
-        (d / "train_metrics.jsonl").write_text(metrics)
-
-    write_checkpoint(
-        out,
-        params=state.params,
-        hf_config=head.hf_config,
-        write_tokenizer=write_extras,
-        source=head.meta.get("source", str(ckpt_path)),
-        step=step,
-        parent=str(ckpt_path),
-        force=force,
-        opt_state=state_extras(state),
-        extra_meta={"reference": entry["base"], "updates": int(state.step), "lora": entry},
-    )
-    return TrainResult(out, len(history), step, history)
+    return _train_and_write(
+        trainer, state, records, head, ckpt_path, out, mesh=mesh, force=force, on_update=on_update,
+        meta={"reference": entry["base"], "lora": entry},
+    )  # fmt: skip
