@@ -234,3 +234,112 @@ def save_hf_model(
         torch.save(dict(model.state_dict()), folder / "pytorch_model.bin")
     make_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return model
+
+
+# ---------------------------------------------------------------------------- vision-language (LLaVA)
+
+# Tiny towers (tests/models/test_vision_parity.py, tests/test_vision_convert.py). Odd sizes: 4 heads of
+# 10, an MLP of 56; SigLIP's 32-pixel images leave 2 rows and columns past the 5 x 5 patches of 6 (the
+# conv drops them).
+VISION_TOWERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "clip": ("CLIPVisionConfig", dict(image_size=30, patch_size=6)),
+    "siglip": ("SiglipVisionConfig", dict(image_size=32, patch_size=6)),
+}
+TOWER_SIZES = dict(hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4)
+
+# name -> (tower, text config class and sizes, LLaVA settings). Both strategies, an int and a list of
+# feature layers, with and without projector biases, tied and untied heads.
+LLAVAS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
+    "clip-llama": (
+        "clip",
+        "LlamaConfig",
+        dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=80),
+        dict(vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu"),
+    ),
+    "siglip-qwen2": (
+        "siglip",
+        "Qwen2Config",
+        dict(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        ),
+        dict(
+            vision_feature_select_strategy="full",
+            vision_feature_layer=[-3, -1],
+            projector_hidden_act="gelu_pytorch_tanh",
+            multimodal_projector_bias=False,
+        ),
+    ),
+}
+LLAVA_VOCAB = 96
+IMAGE_TOKEN = 95  # the last id: "<image>" in `make_llava_processor`'s tokenizer
+
+
+def tower_config(kind: str) -> Any:
+    import transformers
+
+    cls_name, sizes = VISION_TOWERS[kind]
+    return getattr(transformers, cls_name)(**TOWER_SIZES, **sizes)
+
+
+def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Norms default to ones and biases to zeros: make them random so their math is tested too."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def make_llava(name: str, seed: int = 0) -> Any:
+    """A tiny random LlavaForConditionalGeneration of `LLAVAS[name]` (float32, eval mode)."""
+    import transformers
+
+    kind, text_cls, text_sizes, settings = LLAVAS[name]
+    text = getattr(transformers, text_cls)(
+        vocab_size=LLAVA_VOCAB,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        **text_sizes,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=tower_config(kind), text_config=text, image_token_id=IMAGE_TOKEN, **settings
+    )
+    torch.manual_seed(seed)
+    return randomise(transformers.LlavaForConditionalGeneration(config), seed + 1)
+
+
+def make_llava_processor(model: Any) -> Any:
+    """A LlavaProcessor for a `make_llava` model, built offline: `make_tokenizer` with "<image>" as the
+    image token, and a CLIP image processor (PIL backend) at the tower's image size."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    vision = model.config.vision_config
+    tokenizer = make_tokenizer(LLAVA_VOCAB - 1)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
+    size = vision.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),  # the class token
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def save_llava(name: str, folder: Path, *, seed: int = 0) -> Any:
+    """`make_llava` saved by save_pretrained into folder, with its processor (and so its tokenizer)."""
+    model = make_llava(name, seed)
+    model.save_pretrained(folder)
+    make_llava_processor(model).save_pretrained(folder)
+    return model

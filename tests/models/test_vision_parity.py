@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_models import IMAGE_TOKEN, LLAVAS, make_llava
+from hf_models import LLAVA_VOCAB as VOCAB
+from hf_models import VISION_TOWERS as TOWERS
+from hf_models import randomise as _randomise
+from hf_models import tower_config as _tower_config
 
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
 from mllmjax.models import registry, transformer
@@ -17,29 +22,6 @@ from mllmjax.weights.table import hf_tensors_from_params
 
 TOWER_TOL = 1e-5
 TOL = 1e-4
-
-# Odd sizes: 4 heads of 10, an MLP of 56; SigLIP's 32-pixel images leave 2 rows and columns past the
-# 5 x 5 patches of 6 (the conv drops them).
-TOWERS = {
-    "clip": ("CLIPVisionConfig", dict(image_size=30, patch_size=6)),
-    "siglip": ("SiglipVisionConfig", dict(image_size=32, patch_size=6)),
-}
-TOWER_SIZES = dict(hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4)
-
-
-def _tower_config(kind: str) -> transformers.PreTrainedConfig:
-    cls_name, sizes = TOWERS[kind]
-    return getattr(transformers, cls_name)(**TOWER_SIZES, **sizes)
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Norms default to ones and biases to zeros: make them random so their math is tested too."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def _pixels(cfg: tower.VisionConfig, n: int, seed: int) -> np.ndarray:
@@ -72,49 +54,10 @@ def test_tower_hidden_states_match_hf(kind):
         assert np.array_equal(value, state[name].numpy()), name
 
 
-# (tower, text config class and sizes, LLaVA settings). Both strategies, an int and a list of feature
-# layers, with and without projector biases, tied and untied heads.
-LLAVAS = {
-    "clip-llama": (
-        "clip",
-        "LlamaConfig",
-        dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=80),
-        dict(vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu"),
-    ),
-    "siglip-qwen2": (
-        "siglip",
-        "Qwen2Config",
-        dict(
-            hidden_size=32,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            tie_word_embeddings=True,
-        ),
-        dict(
-            vision_feature_select_strategy="full",
-            vision_feature_layer=[-3, -1],
-            projector_hidden_act="gelu_pytorch_tanh",
-            multimodal_projector_bias=False,
-        ),
-    ),
-}
-VOCAB = 96
-IMAGE_TOKEN = 95
-
-
 @pytest.fixture(scope="module", params=sorted(LLAVAS))
 def saved_llava(request, tmp_path_factory):
     """(HF model, our config, our params loaded from its save_pretrained folder)."""
-    kind, text_cls, text_sizes, settings = LLAVAS[request.param]
-    text = getattr(transformers, text_cls)(
-        vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5, **text_sizes
-    )
-    config = transformers.LlavaConfig(
-        vision_config=_tower_config(kind), text_config=text, image_token_id=IMAGE_TOKEN, **settings
-    )
-    torch.manual_seed(0)
-    model = _randomise(transformers.LlavaForConditionalGeneration(config), 1)
+    model = make_llava(request.param)
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
     cfg, params = llava.load_hf(folder)
