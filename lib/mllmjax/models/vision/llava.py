@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -228,6 +228,33 @@ def params_from_hf(
         ),
         "text": table.params_from_hf(cfg.text, view["text"], shardings=shardings.get("text"), **options),
     }
+
+
+# Export writes the original llava-hf checkpoints' names, which every transformers version loads
+# (transformers 5's save_pretrained drops the tower's `vision_model.`, which older versions need):
+# part -> (the prefix in the part's own names, the prefix written).
+_SAVED = {
+    "vision": (("", "vision_tower.vision_model."),),
+    "projector": (("", "multi_modal_projector."),),
+    "text": (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+}
+
+
+def hf_tensors_from_params(
+    cfg: LlavaConfig, params: Params, dtype: Any = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, array in HF layout) of every tensor of a LLaVA checkpoint, for export: each part
+    through its own table (the text model's without a tied head, which HF ties again), under the
+    names `_SAVED` gives."""
+    parts = (
+        ("vision", cfg.vision, tower.HF_NAMES),
+        ("projector", cfg.projector, PROJECTOR_HF_NAMES),
+        ("text", cfg.text, None),
+    )
+    for part, part_cfg, rules in parts:
+        for name, arr in table.hf_tensors_from_params(part_cfg, params[part], dtype, rules=rules):
+            ours, saved = next((o, s) for o, s in _SAVED[part] if name.startswith(o))
+            yield saved + name[len(ours) :], arr
 
 
 def load_hf(folder: str | Path, *, dtype: Any = np.float32) -> tuple[LlavaConfig, Params]:

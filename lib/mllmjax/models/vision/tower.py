@@ -10,8 +10,9 @@
 `output_hidden_states`, from which a vision-language model selects its `vision_feature_layer`. HF's
 `last_hidden_state` is the last of them, through `post_layernorm` for SigLIP (`last_hidden_state`).
 The pooled outputs (CLIP's class token through its `post_layernorm`, SigLIP's attention-pooling head)
-are not computed: no vision-language model here reads them, and their tensors are skipped when
-loading (`VisionConfig.unused`). Images must have the configured size (no interpolation of the
+are not computed: no vision-language model here reads them. Their tensors are still params (CLIP's
+`post_norm`, SigLIP's `head`, the latter in HF's layout), so a checkpoint holds every tensor of its
+source and export writes them back. Images must have the configured size (no interpolation of the
 position embeddings).
 """
 
@@ -58,9 +59,10 @@ class VisionConfig:
     model_type: ClassVar[str] = ""  # the HF config's model_type
     class_token: ClassVar[bool] = False  # a learned class embedding before the patches
     pre_norm: ClassVar[bool] = False  # a LayerNorm on the embeddings before the first layer
-    post_norm: ClassVar[bool] = False  # a LayerNorm on the last layer's output (HF's last_hidden_state)
+    # HF's last_hidden_state is the last layer's output through `post_norm` (every tower has its
+    # params; CLIP's normalise only the pooled class token, which is not computed here)
+    post_norm: ClassVar[bool] = False
     patch_bias: ClassVar[bool] = False  # the patch embedding's conv has a bias
-    unused: ClassVar[tuple[str, ...]] = ()  # prefixes of the HF tensors of the pooled output
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -68,6 +70,7 @@ class VisionConfig:
     num_heads: int = 12
     num_channels: int = 3
     image_size: int = 224
+    use_head: bool = False  # SigLIP's attention-pooling head (`vision_use_head`): kept, not run
     patch_size: int
     layer_norm_eps: float
     hidden_act: str
@@ -115,7 +118,6 @@ class ClipVisionConfig(VisionConfig):
     model_type: ClassVar[str] = "clip_vision_model"
     class_token: ClassVar[bool] = True
     pre_norm: ClassVar[bool] = True
-    unused: ClassVar[tuple[str, ...]] = ("post_layernorm.",)  # it normalises only the pooled class token
     patch_size: int = 32
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
@@ -127,7 +129,7 @@ class SiglipVisionConfig(VisionConfig):
     model_type: ClassVar[str] = "siglip_vision_model"
     post_norm: ClassVar[bool] = True
     patch_bias: ClassVar[bool] = True
-    unused: ClassVar[tuple[str, ...]] = ("head.",)  # the attention-pooling head (vision_use_head)
+    use_head: bool = True
     patch_size: int = 16
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
@@ -165,12 +167,15 @@ def config_from_hf(hf: dict[str, Any]) -> VisionConfig:
             )
     if "layer_norm_eps" in fields:
         fields["layer_norm_eps"] = float(fields["layer_norm_eps"])
+    if model_type == SiglipVisionConfig.model_type and hf.get("vision_use_head") is not None:
+        fields["use_head"] = bool(hf["vision_use_head"])
     return TOWERS[model_type](**fields)
 
 
 def param_specs(cfg: VisionConfig) -> dict[str, Any]:
     """The patch embedding [C*P*P, D] (a patch flattened channel-major, as the conv weight is), the
-    position embeddings [tokens, D], the optional class token and norms, and the stacked layers."""
+    position embeddings [tokens, D], the optional class token and pre-norm, the post-norm, the stacked
+    layers, and SigLIP's pooling head (`use_head`: HF's layout, replicated; no forward here reads it)."""
     d, n, h, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
     norm = ParamSpec((d,), ("norm",))
     # Multi-head attention: k and v have as many heads as q, so all three take the q layout.
@@ -199,14 +204,28 @@ def param_specs(cfg: VisionConfig) -> dict[str, Any]:
         specs["class_embed"] = norm
     if cfg.pre_norm:
         specs.update(pre_norm=norm, pre_norm_bias=norm)
-    if cfg.post_norm:
-        specs.update(post_norm=norm, post_norm_bias=norm)
+    specs.update(post_norm=norm, post_norm_bias=norm)
+    if cfg.use_head:
+        # torch's nn.MultiheadAttention (q, k, v in one in_proj) and a SigLIP MLP, as HF stores them
+        specs["head"] = {
+            "probe": ParamSpec((1, 1, d), (None, None, None)),
+            "in_proj": ParamSpec((3 * d, d), (None, None)),
+            "in_proj_bias": ParamSpec((3 * d,), (None,)),
+            "out_proj": ParamSpec((d, d), (None, None)),
+            "out_proj_bias": ParamSpec((d,), (None,)),
+            "norm": ParamSpec((d,), (None,)),
+            "norm_bias": ParamSpec((d,), (None,)),
+            "fc1": ParamSpec((f, d), (None, None)),
+            "fc1_bias": ParamSpec((f,), (None,)),
+            "fc2": ParamSpec((d, f), (None, None)),
+            "fc2_bias": ParamSpec((d,), (None,)),
+        }
     return specs
 
 
 # Names relative to the tower (transformers 5's CLIPVisionModel / SiglipVisionModel state_dict); a row
-# whose param the config lacks is skipped (CLIP has no patch bias or post-norm, SigLIP no class token
-# or pre-norm).
+# whose param the config lacks is skipped (CLIP has no patch bias or pooling head, SigLIP no class
+# token or pre-norm).
 _LAYER = "encoder.layers.{i}."
 HF_NAMES: tuple[Rule, ...] = (
     Rule("embeddings.patch_embedding.weight", "patch", "patch_in"),
@@ -229,14 +248,24 @@ HF_NAMES: tuple[Rule, ...] = (
     Rule(_LAYER + "mlp.fc1.bias", "layers/fc1_bias"),
     Rule(_LAYER + "mlp.fc2.weight", "layers/fc2", "transpose"),
     Rule(_LAYER + "mlp.fc2.bias", "layers/fc2_bias"),
+    Rule("head.probe", "head/probe"),
+    Rule("head.attention.in_proj_weight", "head/in_proj"),
+    Rule("head.attention.in_proj_bias", "head/in_proj_bias"),
+    Rule("head.attention.out_proj.weight", "head/out_proj"),
+    Rule("head.attention.out_proj.bias", "head/out_proj_bias"),
+    Rule("head.layernorm.weight", "head/norm"),
+    Rule("head.layernorm.bias", "head/norm_bias"),
+    Rule("head.mlp.fc1.weight", "head/fc1"),
+    Rule("head.mlp.fc1.bias", "head/fc1_bias"),
+    Rule("head.mlp.fc2.weight", "head/fc2"),
+    Rule("head.mlp.fc2.bias", "head/fc2_bias"),
 )
 
 
-def tower_name(cfg: VisionConfig, name: str) -> str | None:
-    """A tower tensor's name relative to the tower (dropping the `vision_model.` of checkpoints written
-    before transformers 5), or None for a tensor of the pooled output (`VisionConfig.unused`)."""
-    name = name.removeprefix("vision_model.")
-    return None if name.startswith(cfg.unused) else name
+def tower_name(name: str) -> str:
+    """A tower tensor's name relative to the tower: without the `vision_model.` of checkpoints written
+    before transformers 5."""
+    return name.removeprefix("vision_model.")
 
 
 def params_from_hf(
@@ -249,7 +278,7 @@ def params_from_hf(
 ) -> Params:
     """The tower's params from a CLIPVisionModel / SiglipVisionModel's HF-named tensors (a WeightSource
     or a name -> array mapping), through `HF_NAMES` (`mllmjax.weights.table.params_from_hf`)."""
-    view = table.Renamed(source, functools.partial(tower_name, cfg))
+    view = table.Renamed(source, tower_name)
     return table.params_from_hf(
         cfg, view, rules=HF_NAMES, dtype=dtype, shardings=shardings, on_tensor=on_tensor
     )
