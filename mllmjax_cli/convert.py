@@ -18,6 +18,9 @@ SOURCE is a hub id (Qwen/Qwen2.5-7B), a local HF folder (safetensors, sharded wi
 a single .safetensors/.bin file with config.json beside it, a .gguf file, or `smollm2-135m` for the
 embedded SmolLM2-135M-Instruct.
 
+A LLaVA folder (LlavaForConditionalGeneration, safetensors) converts too, with its processor files;
+`mllmjax export` writes it back. The other commands do not run vision-language checkpoints yet.
+
 Examples:
 
   mllmjax convert smollm2-135m -o ckpt/smollm2
@@ -59,7 +62,8 @@ def register(app: typer.Typer) -> None:
                 on_tensor=on_tensor,
             )
         c = result.cfg
+        text = getattr(c, "text", c)  # a vision-language model: its text model's layers
         err_console.print(
             f"wrote {result.out}: {c.family}, {result.num_params / 1e6:.1f}M params, {result.dtype}, "
-            f"{c.num_layers} layers, {result.param_bytes / 2**20:.0f} MiB, {result.seconds:.1f}s"
+            f"{text.num_layers} layers, {result.param_bytes / 2**20:.0f} MiB, {result.seconds:.1f}s"
         )

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         json_out: Json = False,
         **settings: Any,
     ) -> None:
-        from mllmjax.checkpoint import check_output
+        from mllmjax.checkpoint import check_output, read_meta
         from mllmjax.records import read_records
         from mllmjax.sharding import make_mesh
         from mllmjax.training import make_train_config, train_checkpoint
@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
         mesh = make_mesh(settings.pop("mesh"))
         s = Settings(**settings)
         cfg = make_train_config(s)
+        read_meta(ckpt)  # a clear error before the records are read
         records = read_records(scored)
         with stage_progress("train") as progress:
             task = progress.add_task("compiling", total=s.ppo_epochs * s.minibatches)

@@ -6,6 +6,11 @@
     CKPT/params/         Orbax param tree, saved from sharded arrays, restorable onto any mesh
     CKPT/opt_state/      optimizer state + step + rng (train/grpo outputs only)
 
+A vision-language checkpoint (family "llava": params {"vision", "projector", "text"}, the HF processor's
+files beside the tokenizer's) is read only by the commands that ask for one (convert writes it, export
+reads it: `vision_language=True`); every other command is refused in `read_meta`, which each of them
+goes through before anything else (`refuse_vision_language`).
+
 A LoRA checkpoint (train/grpo with --lora-rank) holds the adapters in params/ and, in mllmjax.json,
 "lora": {rank, alpha, dropout, targets, base, base_hash} (`mllmjax.lora`). Loading one loads its base
 (refusing a base whose content hash differs) and gives the merged weights, or with adapters=True the
@@ -39,7 +44,7 @@ from mllmjax.errors import ArtifactError, BadInputError
 from mllmjax.faults import signal_point
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params, map_specs
-from mllmjax.models.registry import from_hf_config
+from mllmjax.models.registry import from_hf_config, is_vision_language, model_config_from_hf
 from mllmjax.sharding import param_shardings
 
 FORMAT = "mllmjax.checkpoint/1"
@@ -68,7 +73,7 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]
     hf_config: dict[str, Any]
-    cfg: ModelConfig
+    cfg: ModelConfig  # a vision-language checkpoint's: its own config (`mllmjax.models.vision`)
     params: Params | None = None
     # A LoRA checkpoint loaded with adapters=True: params are the adapters, base the base checkpoint.
     base: Checkpoint | None = None
@@ -101,7 +106,9 @@ class Checkpoint:
         return (self.path / "opt_state").is_dir()
 
 
-def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_meta(path: str | os.PathLike[str], *, vision_language: bool = False) -> dict[str, Any]:
+    """The checkpoint's metadata; ArtifactError if PATH is not a checkpoint. A vision-language checkpoint
+    is refused (`refuse_vision_language`) unless the caller reads those (vision_language=True)."""
     path = Path(path)
     meta_file = path / META_FILE
     if not meta_file.is_file():
@@ -116,7 +123,20 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ArtifactError(f"{meta_file}: format {got!r}, expected {FORMAT!r}")
+    if not vision_language:
+        refuse_vision_language(path, str(meta.get("family", "")))
     return meta
+
+
+def refuse_vision_language(path: str | os.PathLike[str], family: str, what: str = "checkpoint") -> None:
+    """BadInputError for a vision-language model (`family`) in the commands that run text models only:
+    every command that loads a checkpoint reads its metadata first (`read_meta`), before it reads data
+    or writes anything, so that one check covers sample, rollout, eval, train and grpo."""
+    if is_vision_language(family):
+        raise BadInputError(
+            f"{path} is a vision-language ({family}) {what}: mllmjax converts and exports these so far "
+            "(`mllmjax convert`, `mllmjax export`); sampling and training with images come next (issue 24)"
+        )
 
 
 def read_stop_ids(path: Path) -> list[int]:
@@ -153,20 +173,22 @@ def load_checkpoint(
     load_params: bool = True,
     adapters: bool = False,
     base: Checkpoint | None = None,
+    vision_language: bool = False,
 ) -> Checkpoint:
     """Read a checkpoint; restore its params sharded onto `mesh` (default: one device) in `dtype`
     (default: the dtype it was saved in).
 
     A LoRA checkpoint gives its base's params with the adapters merged in (in the base's dtype, or
     `dtype`); with adapters=True, params are the float32 adapters and `base` the loaded base.
-    base: that base checkpoint when the caller has it loaded already (it is used, not loaded again)."""
+    base: that base checkpoint when the caller has it loaded already (it is used, not loaded again).
+    vision_language: the caller reads vision-language checkpoints too (else they are refused)."""
     path = Path(path)
-    meta = read_meta(path)
+    meta = read_meta(path, vision_language=vision_language)
     try:
         hf_config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: missing or unreadable config.json: {e}") from e
-    cfg = from_hf_config(hf_config)
+    cfg = model_config_from_hf(hf_config) if vision_language else from_hf_config(hf_config)
     ckpt = Checkpoint(path=path, meta=meta, hf_config=hf_config, cfg=cfg)
     if load_params and ckpt.lora is not None:
         return _load_lora(ckpt, mesh=mesh, dtype=dtype, adapters=adapters, base=base)
@@ -360,7 +382,7 @@ def write_checkpoint(
     out = Path(out)
     leaves = jax.tree.leaves(params)
     dtype = dtype_name(leaves[0].dtype)
-    cfg = from_hf_config(hf_config)
+    cfg = model_config_from_hf(hf_config)
     # Every process takes part (the arrays may be sharded over hosts); process 0 writes them down.
     sums = {"algorithm": checksums.ALGORITHM, "params": checksums.tree_checksums(params)}
     if opt_state is not None:

@@ -4,6 +4,11 @@ convert: resolve the source, check the output path first (nothing is read before
 write), build the config, stream tensors through the name table onto the mesh, and write the
 checkpoint atomically. export: restore the params to host memory, write config + safetensors shards
 (+ index) + tokenizer into a temporary folder renamed onto the output at the end.
+
+A vision-language model (`mllmjax.models.registry.VISION_LANGUAGE`, by its config's architecture) takes
+the same path through its own module: its config and loader (tower, projector and text model, each
+through its own name table), the HF processor's files copied beside the tokenizer's, and on export its
+own HF names (`llava.hf_tensors_from_params`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from mllmjax.checkpoint import (
 )
 from mllmjax.errors import BadInputError, WeightsError
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.registry import from_hf_config
+from mllmjax.models.registry import from_hf_config, is_vision_language, vision_language_of_hf
 from mllmjax.models.transformer import param_bytes
 from mllmjax.runtime import cache_dir
 from mllmjax.sharding import make_mesh, param_shardings
@@ -112,7 +117,7 @@ def _save_tokenizer(src: WeightSource, out_dir: Path) -> None:
 @dataclasses.dataclass(frozen=True)
 class ConvertResult:
     out: Path
-    cfg: ModelConfig
+    cfg: ModelConfig  # or a vision-language model's config (`mllmjax.models.vision`)
     dtype: str
     num_params: int
     param_bytes: int
@@ -139,9 +144,13 @@ def convert(
     cleanup.register(tok_dir, "dir")  # removed by an interrupt too (mllmjax_cli.interrupts)
     try:
         hf_config = src.hf_config()
-        cfg = from_hf_config(hf_config)
+        vl = vision_language_of_hf(hf_config)
+        cfg = vl.config_from_hf(hf_config) if vl is not None else from_hf_config(hf_config)
         # The tokenizer first, before the parameters occupy memory.
         _save_tokenizer(src, tok_dir)
+        if vl is not None:  # an HF folder: GGUF vision models are refused when opened
+            src.save_processor(tok_dir)
+        load = vl.params_from_hf if vl is not None else params_from_hf
         total = len(src.tensor_names())
         counter = [0]
 
@@ -150,7 +159,7 @@ def convert(
             if on_tensor is not None:
                 on_tensor(name, counter[0], total)
 
-        params = params_from_hf(
+        params = load(
             cfg, src, dtype=np.dtype(jdtype), shardings=param_shardings(cfg, device_mesh), on_tensor=tick
         )
         write_checkpoint(
@@ -189,7 +198,9 @@ def export(
 
     A LoRA checkpoint is written with its adapters merged into the base's weights (merge=True asks for
     that explicitly; the default dtype is then the base's), or with adapter=True as a PEFT adapter
-    folder (`export_adapter`). Both flags need a LoRA checkpoint and exclude each other.
+    folder (`export_adapter`). Both flags need a LoRA checkpoint and exclude each other. A
+    vision-language checkpoint is written as its HF model (`LlavaForConditionalGeneration`), with the
+    processor's files beside the tokenizer's.
 
     dtype: float32, bfloat16 or float16 (None: the checkpoint's). The weights go into one
     model.safetensors, or, when they take more than max_shard_bytes, into shards
@@ -199,7 +210,13 @@ def export(
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise BadInputError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     ckpt_path, out = Path(ckpt_path), Path(out)
-    meta = read_meta(ckpt_path)
+    meta = read_meta(ckpt_path, vision_language=True)
+    vision = is_vision_language(str(meta.get("family", "")))
+    if vision and (merge or adapter):
+        raise BadInputError(
+            f"{ckpt_path} is a vision-language checkpoint, which has no LoRA adapters: export it "
+            "without --merge or --adapter"
+        )
     if merge and adapter:
         raise BadInputError("--merge and --adapter exclude each other: merged weights, or a PEFT adapter")
     if (merge or adapter) and not isinstance(meta.get("lora"), dict):
@@ -210,7 +227,13 @@ def export(
     check_output(out, force)
     if adapter:
         return export_adapter(ckpt_path, out, dtype=dtype, force=force)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, vision_language=vision)
+    if vision:
+        from mllmjax.models.vision import llava
+
+        tensors = llava.hf_tensors_from_params
+    else:
+        tensors = hf_tensors_from_params
     target = np.dtype(resolve_dtype(dtype)) if dtype not in (None, "") else None
     params = jax.tree.map(np.asarray, ckpt.params)
     out_dtype = dtype_name(target if target is not None else jax.tree.leaves(params)[0].dtype)
@@ -227,7 +250,7 @@ def export(
             write_safetensors(path, pending)
             written.append((path, [name for name, _ in pending]))
 
-        for name, arr in hf_tensors_from_params(ckpt.cfg, params, target):
+        for name, arr in tensors(ckpt.cfg, params, target):
             if pending and size + arr.nbytes > max_shard_bytes:
                 flush()
                 pending, size = [], 0
@@ -252,7 +275,13 @@ def export(
             files.append("model.safetensors.index.json")
         hf = dict(ckpt.hf_config)
         hf["dtype"] = out_dtype
-        hf["tie_word_embeddings"] = ckpt.cfg.tie_word_embeddings
+        if vision:  # the parts' own configs say the dtype too; the ties are as the source had them
+            for key in ("vision_config", "text_config"):
+                if isinstance(hf.get(key), dict):
+                    hf[key] = {**hf[key], "dtype": out_dtype}
+                    hf[key].pop("torch_dtype", None)
+        else:
+            hf["tie_word_embeddings"] = ckpt.cfg.tie_word_embeddings
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         files += copy_side_files(ckpt_path, tmp)
     return ExportResult(out, sorted(files), out_dtype)
@@ -286,12 +315,22 @@ def export_adapter(
 def resolve_model(spec: str, *, dtype: str = "auto", on_convert: Callable[[str], None] | None = None) -> Path:
     """A checkpoint directory for `spec`: the checkpoint itself, or the cached conversion of a hub id,
     HF folder/file, GGUF or embedded model (converted on first use; the conversion is atomic, so an
-    interrupted one is redone)."""
-    from mllmjax.checkpoint import META_FILE
+    interrupted one is redone). A vision-language model is refused before anything is converted: what
+    runs a resolved model runs text models only."""
+    from mllmjax.checkpoint import META_FILE, refuse_vision_language
 
     path = Path(spec).expanduser()
     if (path / META_FILE).is_file():
+        read_meta(path)  # refuses a vision-language checkpoint
         return path
+    if (path / "config.json").is_file():
+        try:
+            hf = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            hf = None  # convert says what is wrong with it
+        vl = vision_language_of_hf(hf) if isinstance(hf, dict) else None
+        if vl is not None:
+            refuse_vision_language(spec, vl.Config.family, "model")
     key = str(path.resolve()) if path.exists() else spec
     if path.is_file():
         key += f":{path.stat().st_size}:{path.stat().st_mtime_ns}"

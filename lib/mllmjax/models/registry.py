@@ -8,10 +8,16 @@ A family is one module that declares (see docs/adding-a-model.md):
     GGUF_ARCHITECTURE            llama.cpp's architecture name for it (the reading: weights/gguf_arch.py)
     rope(cfg, positions)         the rope tables its block reads
     block(cfg, p, x, kv, ctx)    one decoder layer
+
+Vision-language models (`mllmjax.models.vision`: a vision tower and a projector in front of one of
+these families) are a table of their own, `VISION_LANGUAGE`: they are not decoder families (no
+`block`, no GGUF, a config of three parts), and the commands that run decoder families refuse them
+(`mllmjax.checkpoint.refuse_vision_language`), so `FAMILIES` and what reads it stay text-only.
 """
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
@@ -27,6 +33,31 @@ from mllmjax.models.config import ModelConfig
 FAMILIES: dict[str, ModuleType] = {
     m.Config.family: m for m in (llama, qwen2, qwen3, gemma2, gemma3, qwen3_moe)
 }
+
+
+# Modules, imported on first use: they import this module (their text model is one of FAMILIES).
+VISION_LANGUAGE: tuple[str, ...] = ("mllmjax.models.vision.llava",)
+
+
+def vision_language_models() -> dict[str, ModuleType]:
+    """The vision-language modules by family name ("llava")."""
+    modules = [importlib.import_module(name) for name in VISION_LANGUAGE]
+    return {m.Config.family: m for m in modules}
+
+
+def vision_language_of_hf(hf: dict[str, Any]) -> ModuleType | None:
+    """The vision-language module an HF config belongs to (by `architectures`, else `model_type`), or
+    None for any other config."""
+    models = vision_language_models().values()
+    for arch in hf.get("architectures") or []:
+        found = next((m for m in models if arch in m.ARCHITECTURES), None)
+        if found is not None:
+            return found
+    return next((m for m in models if hf.get("model_type") in m.MODEL_TYPES), None)
+
+
+def is_vision_language(family_name: str) -> bool:
+    return family_name in vision_language_models()
 
 
 def family(cfg: ModelConfig | str) -> ModuleType:
@@ -55,6 +86,11 @@ def family_of_hf(hf: dict[str, Any]) -> ModuleType:
             if hasattr(m, "refuse_architecture"):
                 m.refuse_architecture(hf)
         got = ", ".join(archs) or model_type or "nothing"
+        if vision_language_of_hf(hf) is not None:
+            raise UnsupportedModelError(
+                f"{got} is a vision-language model: mllmjax converts and exports it, but this needs "
+                f"a text model ({', '.join(architectures())})"
+            )
         raise UnsupportedModelError(
             f"unsupported architecture {got}; supported: {', '.join(architectures())}"
         )
@@ -70,6 +106,13 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     """The config of a transformers `config.json` dict; UnsupportedModelError on anything we would
     silently get wrong."""
     return family_of_hf(hf).config_from_hf(hf)
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> Any:
+    """The config of any model mllmjax reads: a vision-language model's (`VISION_LANGUAGE`), else a
+    decoder family's (`from_hf_config`)."""
+    vl = vision_language_of_hf(hf)
+    return vl.config_from_hf(hf) if vl is not None else from_hf_config(hf)
 
 
 def tiny(family_name: str = "llama", **overrides: Any) -> ModelConfig:

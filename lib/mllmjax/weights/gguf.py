@@ -74,6 +74,11 @@ class GGUFSource:
                 f"{self.path} is not a readable GGUF file (truncated or corrupt?): {_one_line(e)}"
             ) from e
         self.arch = self._field("general.architecture")
+        if self.arch == "clip":  # llama.cpp's mmproj file: the vision tower and projector of a LLaVA
+            raise UnsupportedModelError(
+                f"{self.path}: a GGUF vision projector (mmproj); GGUF vision-language models are not "
+                "supported: convert the HF folder (LlavaForConditionalGeneration, safetensors) instead"
+            )
         if self.arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported; "

@@ -27,6 +27,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# What a vision-language model's HF processor reads besides the tokenizer (the chat template is in
+# TOKENIZER_FILES): carried by its checkpoint and its export.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -80,6 +83,13 @@ class HFSource:
             base = json.loads(gen_file.read_text())
         extra = base.get("eos_token_id", self.hf_config().get("eos_token_id"))
         write_generation_config(out_dir, stop_ids_for(tokenizer, extra), base)
+
+    def save_processor(self, out_dir: Path) -> list[str]:
+        """Copy the processor's files (`PROCESSOR_FILES`) that the folder has; their names."""
+        copied = [f for f in PROCESSOR_FILES if (self.folder / f).is_file()]
+        for f in copied:
+            shutil.copy2(self.folder / f, out_dir / f)
+        return copied
 
     def close(self) -> None:
         for h in self._handles:
