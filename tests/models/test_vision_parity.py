@@ -49,9 +49,24 @@ def test_tower_hidden_states_match_hf(kind):
     assert np.abs(last - out.last_hidden_state.numpy()).max() <= TOWER_TOL
     # Running fewer layers gives the first hidden states; the table exports what it loaded.
     assert np.array_equal(np.asarray(tower.hidden_states(params, cfg, pixels, depth=1)), ours[:2])
+    # Every tensor, the pooled output's (not run) included, goes back as it came.
     state = model.state_dict()
-    for name, value in hf_tensors_from_params(cfg, params, rules=tower.HF_NAMES):
+    exported = dict(hf_tensors_from_params(cfg, params, rules=tower.HF_NAMES))
+    assert exported.keys() == state.keys()
+    for name, value in exported.items():
         assert np.array_equal(value, state[name].numpy()), name
+
+
+def test_siglip_tower_without_its_pooling_head():
+    """vision_use_head false: no head params; the tensors the tower has load and export back."""
+    hf_cfg = _tower_config("siglip")
+    hf_cfg.vision_use_head = False
+    torch.manual_seed(0)
+    model = _randomise(transformers.SiglipVisionModel(hf_cfg), 1)
+    cfg = tower.config_from_hf(hf_cfg.to_dict())
+    assert not cfg.use_head and "head" not in cfg.param_specs()
+    params = tower.params_from_hf(cfg, model.state_dict())
+    assert dict(hf_tensors_from_params(cfg, params, rules=tower.HF_NAMES)).keys() == model.state_dict().keys()
 
 
 @pytest.fixture(scope="module", params=sorted(LLAVAS))
