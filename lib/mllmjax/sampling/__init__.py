@@ -2,7 +2,7 @@
 
 from mllmjax.sampling.buckets import bucket
 from mllmjax.sampling.programs import compile_count
-from mllmjax.sampling.sampler import Completion, StreamChunk, generate, stream
+from mllmjax.sampling.sampler import Completion, StreamChunk, generate, generate_embeds, stream
 from mllmjax.sampling.strategies import Greedy, Sample, Strategy, make_strategy
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "bucket",
     "compile_count",
     "generate",
+    "generate_embeds",
     "make_strategy",
     "stream",
 ]

@@ -110,7 +110,7 @@ def _record(state: DecodeState, logits: jax.Array, strategy: Strategy, stop_ids:
 
 def _prefill(
     params: Params,
-    tokens: jax.Array,
+    tokens: jax.Array | None,
     valid: jax.Array,
     limit: jax.Array,
     keys: jax.Array,
@@ -124,12 +124,15 @@ def _prefill(
     out_len: int,
     compute_dtype: Any,
     unroll: bool,
+    embeds: jax.Array | None = None,
 ) -> DecodeState:
     """Prefill B prompts [B, P] once, repeat for n samples each, sample every row's first token.
 
     prefix [1, C]: tokens every prompt starts with (then `tokens` are the rest of each prompt): they
-    are prefilled once, their cache repeated over the B rows, and the rest prefilled after them."""
-    b, p = tokens.shape
+    are prefilled once, their cache repeated over the B rows, and the rest prefilled after them.
+    embeds [B, P, D]: the prompts as input embeddings instead of tokens (None then): a vision-language
+    model's text embeddings with its image features in place (`mllmjax.models.vision.llava`)."""
+    b, p = valid.shape
     cdt = jnp.dtype(compute_dtype)
     fam = family(cfg)
     per_layer = per_layer_cache(cfg, unroll)
@@ -141,7 +144,9 @@ def _prefill(
         _, cache = forward(params, cfg, prefix, jnp.arange(start)[None, :], cache=cache, compute_dtype=cdt)
         cache = repeat_rows(cache, b)
     positions = start + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    hidden, cache = forward(params, cfg, tokens, positions, valid=valid, cache=cache, compute_dtype=cdt)
+    hidden, cache = forward(
+        params, cfg, tokens, positions, embeds=embeds, valid=valid, cache=cache, compute_dtype=cdt
+    )
     last_idx = jnp.max(jnp.where(valid, jnp.arange(p)[None, :], -1), axis=1)  # [B]
     # Right or left padding: the next slot is the one after the last valid token.
     cache = cache.replace(index=(start + last_idx + 1).astype(jnp.int32))
@@ -244,6 +249,25 @@ def sliced_layers(cfg: ModelConfig, unroll: bool) -> Callable[[Params], Params]:
     return stored("sampler.sliced_layers", jax.jit(sliced), (cfg, unroll, MERGE_ADAPTERS))
 
 
+def _decode_windows(
+    params: Params,
+    state: DecodeState,
+    stop_ids: jax.Array,
+    *,
+    windows: tuple[int, ...],
+    out_len: int,
+    **static: Any,
+) -> tuple[jax.Array, ...]:
+    """The whole run's decode after its prefill: through the windows, growing the cache between them;
+    returns (ids, log-probs, counts, stopped)."""
+    params = decode_params(params, static["cfg"], static["unroll"])
+    for i, window in enumerate(windows):
+        if i:
+            state = state.replace(cache=grow_cache(state.cache, window))
+        state = _decode(params, state, jnp.int32(out_len), stop_ids, **static)
+    return state.out_ids, state.out_logprobs, state.count, state.stopped
+
+
 @functools.cache
 def compiled(
     cfg: ModelConfig,
@@ -264,12 +288,7 @@ def compiled(
         state = _prefill(
             params, tokens, valid, limit, keys, stop_ids, prefix, cache_len=windows[0], **shapes, **static
         )
-        params = decode_params(params, cfg, unroll)
-        for i, window in enumerate(windows):
-            if i:
-                state = state.replace(cache=grow_cache(state.cache, window))
-            state = _decode(params, state, jnp.int32(out_len), stop_ids, **static)
-        return state.out_ids, state.out_logprobs, state.count, state.stopped
+        return _decode_windows(params, state, stop_ids, windows=windows, out_len=out_len, **static)
 
     def prefill(params, tokens, valid, limit, keys, stop_ids):
         _count_trace()
@@ -288,4 +307,59 @@ def compiled(
         stored("sampler.run", jax.jit(run), key),
         stored("sampler.prefill", jax.jit(prefill), key),
         stored("sampler.decode", jax.jit(decode, donate_argnums=(1,)), key),
+    )
+
+
+@functools.cache
+def compiled_embeds(
+    cfg: ModelConfig,
+    strategy: Strategy,
+    compute_dtype: str,
+    n: int,
+    windows: tuple[int, ...],
+    out_len: int,
+    unroll: bool,
+) -> tuple[Callable, Callable]:
+    """(whole run, prefill) as `compiled` gives them, for prompts given as input embeddings [B, P, D]
+    instead of tokens (a vision-language model's prompts with their images in place): the prefill
+    reads the embeddings, then decode runs on tokens as for text (the streaming decode program is
+    `compiled`'s). The B prompts are prefilled once and their cache repeated for the n samples each."""
+    static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype, unroll=unroll)
+    shapes = dict(n=n, out_len=out_len)
+
+    def run(params, embeds, valid, limit, keys, stop_ids):
+        _count_trace()
+        state = _prefill(
+            params,
+            None,
+            valid,
+            limit,
+            keys,
+            stop_ids,
+            embeds=embeds,
+            cache_len=windows[0],
+            **shapes,
+            **static,
+        )
+        return _decode_windows(params, state, stop_ids, windows=windows, out_len=out_len, **static)
+
+    def prefill(params, embeds, valid, limit, keys, stop_ids):
+        _count_trace()
+        return _prefill(
+            params,
+            None,
+            valid,
+            limit,
+            keys,
+            stop_ids,
+            embeds=embeds,
+            cache_len=windows[-1],
+            **shapes,
+            **static,
+        )
+
+    key = (cfg, strategy, compute_dtype, n, windows, out_len, unroll, MERGE_ADAPTERS)
+    return (
+        stored("sampler.run_embeds", jax.jit(run), key),
+        stored("sampler.prefill_embeds", jax.jit(prefill), key),
     )

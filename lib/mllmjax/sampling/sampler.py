@@ -28,7 +28,14 @@ from mllmjax.faults import signal_point
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
 from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, floor_bucket, prompt_bucket
-from mllmjax.sampling.programs import DecodeState, compile_count, compiled, per_layer_cache, sliced_layers
+from mllmjax.sampling.programs import (
+    DecodeState,
+    compile_count,
+    compiled,
+    compiled_embeds,
+    per_layer_cache,
+    sliced_layers,
+)
 from mllmjax.sampling.strategies import Greedy, Sample, Strategy
 from mllmjax.sharding import place_rows
 
@@ -208,10 +215,109 @@ def generate(
     return [c for i in range(len(prompts_ids)) for c in results[i]]
 
 
+def _check_embeds(cfg: ModelConfig, prompts: Sequence[jax.Array]) -> None:
+    for i, x in enumerate(prompts):
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != cfg.hidden_size:
+            raise BadInputError(
+                f"prompt {i}: input embeddings of shape {tuple(x.shape)}, expected [tokens, {cfg.hidden_size}]"
+            )
+        if x.shape[0] >= cfg.max_position_embeddings:
+            raise BadInputError(
+                f"prompt {i} has {x.shape[0]} tokens; the model's context is {cfg.max_position_embeddings} "
+                "tokens and at least one must be left to generate; shorten the prompt"
+            )
+
+
+def _pack_embeds(
+    cfg: ModelConfig, prompts: Sequence[jax.Array], rows: int, max_new_tokens: int, dtype: Any
+) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+    """`_pack` for prompts given as input embeddings [T_i, D]: right-padded with zeros into [rows, P, D]
+    (on the device they are on), with the valid mask and per-row new-token limits."""
+    lengths = [int(x.shape[0]) for x in prompts]
+    p = prompt_bucket(max(lengths))
+    padded = [
+        jnp.pad(x.astype(dtype), ((0, p - len_), (0, 0))) for x, len_ in zip(prompts, lengths, strict=True)
+    ]
+    padded += [jnp.zeros((p, cfg.hidden_size), dtype)] * (rows - len(prompts))
+    valid = np.zeros((rows, p), bool)
+    limit = np.zeros((rows,), np.int32)
+    for r, length in enumerate(lengths):
+        valid[r, :length] = True
+        limit[r] = min(max_new_tokens, cfg.max_position_embeddings - length)
+    valid[len(prompts) :, 0] = True  # filler rows hold one token so nothing is all-padding
+    return jnp.stack(padded), valid, limit
+
+
+def generate_embeds(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[jax.Array],
+    strategy: Strategy | None = None,
+    *,
+    n: int = 1,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+    max_batch: int = 64,
+    compute_dtype: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    unroll_layers: bool | None = None,
+    first_index: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[Completion]:
+    """`generate` for prompts given as input embeddings [T_i, D] (the first layer's input: a
+    vision-language model's text embeddings with its image features in place), decoded with the text
+    model's params and config. Each prompt is prefilled once and its cache repeated for its n samples;
+    then decoding is the text sampler's. Same keys, ordering and finish reasons as `generate` (no
+    shared-prefix prefill: prompts with images rarely share one)."""
+    strategy = strategy if strategy is not None else Greedy()
+    _validate_run(n, max_new_tokens, max_batch)
+    if not prompts:
+        return []
+    signal_point("sampling")
+    _check_embeds(cfg, prompts)
+    cdt = jnp.dtype(compute_dtype if compute_dtype is not None else params["embed"].dtype)
+    per_batch = max(1, max_batch // n)
+    order = sorted(range(len(prompts)), key=lambda i: -int(prompts[i].shape[0]))
+    stops = jnp.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], jnp.int32)
+    out_len = bucket(max_new_tokens, MIN_NEW_BUCKET)
+    results: dict[int, list[Completion]] = {}
+    tokens_done = 0
+    for start in range(0, len(order), per_batch):
+        chunk = order[start : start + per_batch]
+        rows = bucket(len(chunk))
+        embeds, valid, limit = _pack_embeds(cfg, [prompts[i] for i in chunk], rows, max_new_tokens, cdt)
+        keys = _row_keys(seed, [first_index + i for i in chunk] + [0] * (rows - len(chunk)), n)
+        windows = decode_windows(embeds.shape[1], out_len)
+        run, _ = compiled_embeds(cfg, strategy, cdt.name, n, windows, out_len, unrolled(unroll_layers))
+        args = (embeds, valid, limit, keys)
+        if mesh is not None:
+            args = place_rows(args, mesh)
+        out_ids, out_lp, count, stopped = (to_host(x) for x in run(params, *args, stops))
+        for c, i in enumerate(chunk):
+            results[i] = []
+            for j in range(n):
+                r = c * n + j
+                k = int(count[r])
+                results[i].append(
+                    Completion(
+                        prompt_index=i,
+                        sample_index=j,
+                        ids=out_ids[r, :k].tolist(),
+                        logprobs=out_lp[r, :k].tolist(),
+                        finish_reason="stop" if stopped[r] else "length",
+                    )
+                )
+                tokens_done += k
+        if on_batch is not None:
+            on_batch(tokens_done, len(results) * n)
+    return [c for i in range(len(prompts)) for c in results[i]]
+
+
 def stream(
     params: Params,
     cfg: ModelConfig,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | None,
     strategy: Strategy | None = None,
     *,
     max_new_tokens: int,
@@ -220,23 +326,34 @@ def stream(
     chunk: int = 8,
     compute_dtype: Any = None,
     unroll_layers: bool | None = None,
+    embeds: jax.Array | None = None,
 ) -> Iterator[StreamChunk]:
     """Decode one prompt, yielding its tokens every `chunk` steps (the same tokens `generate` gives
     for prompt 0 with this seed). The loop state is donated between chunks, so the cache stays in
-    place on the device; unrolled (CPU), the layers are sliced and transposed once for all chunks."""
+    place on the device; unrolled (CPU), the layers are sliced and transposed once for all chunks.
+    embeds [T, D]: the prompt as input embeddings (`generate_embeds`); prompt_ids is then None."""
     strategy = strategy if strategy is not None else Greedy()
     _validate_run(1, max_new_tokens, 1)
     if chunk < 1:
         raise BadInputError(f"chunk must be a positive integer, got {chunk!r}")
-    _check_prompts(cfg, [prompt_ids])
     cdt = jnp.dtype(compute_dtype if compute_dtype is not None else params["embed"].dtype)
     stops = jnp.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], jnp.int32)
     out_len = bucket(max_new_tokens, MIN_NEW_BUCKET)
-    tokens, valid, limit = _pack(cfg, [prompt_ids], 1, max_new_tokens)
-    windows = (tokens.shape[1] + out_len,)
     unroll = unrolled(unroll_layers)
-    _, prefill, decode = compiled(cfg, strategy, cdt.name, 1, windows, out_len, unroll)
-    state = prefill(params, tokens, valid, limit, _row_keys(seed, [0], 1), stops)
+    keys = _row_keys(seed, [0], 1)
+    if embeds is None:
+        _check_prompts(cfg, [prompt_ids])
+        tokens, valid, limit = _pack(cfg, [prompt_ids], 1, max_new_tokens)
+        windows = (tokens.shape[1] + out_len,)
+        _, prefill, decode = compiled(cfg, strategy, cdt.name, 1, windows, out_len, unroll)
+        state = prefill(params, tokens, valid, limit, keys, stops)
+    else:
+        _check_embeds(cfg, [embeds])
+        packed, valid, limit = _pack_embeds(cfg, [embeds], 1, max_new_tokens, cdt)
+        windows = (packed.shape[1] + out_len,)
+        _, prefill = compiled_embeds(cfg, strategy, cdt.name, 1, windows, out_len, unroll)
+        _, _, decode = compiled(cfg, strategy, cdt.name, 1, windows, out_len, unroll)
+        state = prefill(params, packed, valid, limit, keys, stops)
     if per_layer_cache(cfg, unroll):  # slice (and, on CPU, transpose) the layers once, not every chunk
         params = sliced_layers(cfg, unroll)(params)
     sent = 0
@@ -268,6 +385,7 @@ __all__ = [
     "compile_count",
     "decode_windows",
     "generate",
+    "generate_embeds",
     "prompt_bucket",
     "stream",
 ]
