@@ -6,7 +6,8 @@ A tower declares, like a decoder family: its config (`tower.VisionConfig` subcla
 (`tower.HF_NAMES`, loaded through `mllmjax.weights.table`) and its forward (`tower.hidden_states`).
 A vision-language module (`llava`) declares `ARCHITECTURES`, `MODEL_TYPES`, `Config`,
 `config_from_hf`, `param_specs`, `params_from_hf` (its checkpoint split into tower, projector and
-text model, each loaded through its own table), `hf_tensors_from_params` (export) and its
-`forward` / `logits`; it is listed in `mllmjax.models.registry.VISION_LANGUAGE`, which `convert` and
-`export` dispatch on.
+text model, each loaded through its own table), `hf_tensors_from_params` (export), its
+`forward` / `logits`, and `prompt_embeds` (a prompt's input embeddings with its images in place, from
+which `sampling.generate_embeds` decodes); it is listed in `mllmjax.models.registry.VISION_LANGUAGE`,
+which `convert` and `export` dispatch on.
 """

@@ -324,14 +324,46 @@ def forward(
     `transformer.forward` takes them. The image tokens are not counted here (`check_image_tokens`)."""
     text = params["text"]
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else text["embed"].dtype
-    x = transformer.embed_tokens(text, cfg.text, input_ids, dtype)
-    if pixels is not None:
-        features = image_features(params, cfg, pixels, dtype)
-        x = merge_image_features(x, input_ids, features, cfg.image_token_id)
+    x = input_embeds(params, cfg, input_ids, pixels, compute_dtype=dtype)
     hidden, _ = transformer.forward(
         text, cfg.text, None, positions, embeds=x, valid=valid, compute_dtype=dtype
     )
     return hidden
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
+def input_embeds(
+    params: Params,
+    cfg: LlavaConfig,
+    input_ids: jax.Array,
+    pixels: jax.Array | None = None,
+    *,
+    compute_dtype: Any = None,
+) -> jax.Array:
+    """The text model's input embeddings [B, T, D] of prompts input_ids [B, T]: the token embeddings
+    with the features of images pixels [N, C, H, W] (None: text only) at the image tokens."""
+    text = params["text"]
+    dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else text["embed"].dtype
+    x = transformer.embed_tokens(text, cfg.text, input_ids, dtype)
+    if pixels is not None:
+        features = image_features(params, cfg, pixels, dtype)
+        x = merge_image_features(x, input_ids, features, cfg.image_token_id)
+    return x
+
+
+def prompt_embeds(params: Params, cfg: LlavaConfig, ids: Any, pixels: Any = None) -> jax.Array:
+    """One prompt's input embeddings [T, D] for the sampler (`sampling.generate_embeds`): ids [T] with
+    its image tokens, pixels [N, C, H, W] their images (or None), the tower run once for them. The
+    image tokens are checked on the host first; the ids are padded to a prompt bucket so prompts of
+    similar length share one compiled program."""
+    from mllmjax.sampling.buckets import prompt_bucket
+
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    check_image_tokens(cfg, ids, 0 if pixels is None else len(pixels))
+    padded = np.full((1, prompt_bucket(len(ids))), int(cfg.image_token_id == 0), np.int32)  # no image token
+    padded[0, : len(ids)] = ids
+    pixels = None if pixels is None or len(pixels) == 0 else jnp.asarray(pixels)
+    return input_embeds(params, cfg, padded, pixels)[0, : len(ids)]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
