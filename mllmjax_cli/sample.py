@@ -3,10 +3,16 @@
 Plain text for a person (one prompt streams as it decodes), JSON Lines for scripts (`--json`, the
 rollout record's field names). Prompts come from arguments, a file, or stdin (`--prompts -`): one JSON
 object with a "prompt" field per line, or one plain-text prompt per line.
+
+On a vision-language (LLaVA) checkpoint a prompt may hold images (`--image`, or an "images" field of
+paths in a JSON line): the checkpoint's own HF processor builds the prompt (its chat template's image
+slots, the image token expansion, the pixel preprocessing), the vision tower turns it into input
+embeddings once per prompt, and the sampler decodes from them (`sampling.generate_embeds`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -33,12 +39,29 @@ Examples:
   mllmjax sample CKPT "Name a prime." -n 4 --temperature 0.7
   mllmjax sample CKPT --prompts questions.txt --json -o out.jsonl
   cat prompts.jsonl | mllmjax sample CKPT --prompts - --greedy --json
+  mllmjax sample LLAVA_CKPT --image cat.png "What is in the picture?"
+  mllmjax sample LLAVA_CKPT --prompts pics.jsonl --json      # {"prompt": ..., "images": ["a.png"]}
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    """A prompt and the paths of its images (resolved: a JSON line's relative to its file)."""
+
+    text: str
+    images: tuple[Path, ...] = ()
 
 
 def read_prompts(spec: str, stdin: TextIO | None = None) -> list[str]:
     """Prompts from a file (or '-' for stdin): JSON objects with a "prompt" field, or plain lines."""
+    return [r.text for r in read_prompt_records(spec, stdin)]
+
+
+def read_prompt_records(spec: str, stdin: TextIO | None = None) -> list[PromptRecord]:
+    """`read_prompts` with each JSON line's "images" (a list of paths, relative to the file; to the
+    working directory for stdin)."""
     name = "<stdin>" if spec == "-" else spec
+    base = Path.cwd() if spec == "-" else Path(spec).parent
     if spec == "-":
         stream = stdin or sys.stdin
         binary = getattr(stream, "buffer", None)
@@ -60,9 +83,12 @@ def read_prompts(spec: str, stdin: TextIO | None = None) -> list[str]:
                 raise RecordError(name, number, f"not valid JSON: {e.msg}") from None
             if not isinstance(record.get("prompt"), str):
                 raise RecordError(name, number, 'a JSON line needs a string "prompt" field')
-            prompts.append(record["prompt"])
+            images = record.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+                raise RecordError(name, number, 'an "images" field must be a list of image file paths')
+            prompts.append(PromptRecord(record["prompt"], tuple(base / x for x in images)))
         else:
-            prompts.append(line)
+            prompts.append(PromptRecord(line))
     if not prompts:
         raise BadInputError(f"--prompts {spec}: no prompts in {name} (it is empty)")
     return prompts
@@ -81,7 +107,9 @@ def encode(tokenizer: Any, prompt: str, *, chat: bool, system: str | None) -> li
 def register(app: typer.Typer) -> None:
     @app.command(
         name="sample",
-        help="Generate completions with the JAX decoder." + EXAMPLES,
+        help="Generate completions with the JAX decoder. On a vision-language (LLaVA) checkpoint a prompt "
+        "may hold images (--image, or an \"images\" list in --prompts JSON lines), which the checkpoint's "
+        "own processor prepares." + EXAMPLES,
         short_help="Generate completions with the JAX decoder.",
     )
     @handle_errors
@@ -109,6 +137,14 @@ def register(app: typer.Typer) -> None:
                 "--chat/--no-chat", help="Wrap prompts in the chat template (default: if it has one)."
             ),
         ] = None,
+        images: Annotated[
+            list[Path] | None,
+            typer.Option(
+                "--image",
+                help="An image for the PROMPT (repeat for several; vision-language checkpoints). The "
+                "prompt's image tokens are its slots, else one per image goes before its text.",
+            ),
+        ] = None,
         json_out: Json = False,
         out: Annotated[str, typer.Option("-o", "--out", help='Write the output here ("-" = stdout).')] = "-",
         force: Force = False,
@@ -116,14 +152,21 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype, stop_ids_for
         from mllmjax.cleanup import check_output
+        from mllmjax.models.registry import is_vision_language
         from mllmjax.prompts import load_system_prompt
         from mllmjax.records import write_text_atomic
         from mllmjax.sampling import make_strategy
         from mllmjax.sharding import make_mesh
 
-        texts = list(prompt or [])
+        if images and len(prompt or []) != 1:
+            raise BadInputError(
+                "--image goes with one PROMPT argument; for several prompts with images use --prompts FILE "
+                'with an "images" field on each JSON line'
+            )
+        records = [PromptRecord(t, tuple(images or ())) for t in prompt or []]
         if prompts_file is not None:
-            texts += read_prompts(prompts_file)
+            records += read_prompt_records(prompts_file)
+        texts = [r.text for r in records]
         if not texts:
             raise BadInputError("no prompts: give PROMPT arguments or --prompts FILE (- for stdin)")
         if out != "-":
@@ -135,7 +178,14 @@ def register(app: typer.Typer) -> None:
         )
         system = load_system_prompt(s.system_prompt) if s.system_prompt is not None else None
 
-        read_meta(ckpt)  # a clear one-line error before any device work if CKPT is not a checkpoint
+        # A clear one-line error before any device work if CKPT is not a checkpoint.
+        meta = read_meta(ckpt, vision_language=True)
+        with_images = any(r.images for r in records)
+        if is_vision_language(str(meta.get("family", ""))):
+            _sample_vision(ckpt, records, strategy, n, s, chat, system, json_out, out, mesh, dtype)
+            return
+        if with_images:
+            raise BadInputError(f"{ckpt} is a text model; --image needs a vision-language checkpoint")
         device_mesh = make_mesh(mesh)
         checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype))
         params, cfg, tokenizer = checkpoint.params, checkpoint.cfg, checkpoint.tokenizer()
@@ -157,6 +207,108 @@ def register(app: typer.Typer) -> None:
             write_text_atomic(Path(out), sink.getvalue())
 
 
+def _open_image(path: Path) -> Any:
+    """The image at path, read whole now (PIL opens lazily); BadInputError if it cannot be read."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise BadInputError(f"image {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInputError(f"image {path}: not a readable image ({reason})") from None
+
+
+def _vision_inputs(
+    ckpt: Path, processor: Any, records: list[PromptRecord], *, chat: bool | None, system: str | None
+) -> list[tuple[list[int], Any]]:
+    """(token ids, pixel values [N, C, H, W] or None) of each prompt, made by the checkpoint's HF
+    processor: a prompt's image tokens are its image slots; one without them gets one slot per image
+    (the chat template's image items; before the text without a template)."""
+    template = getattr(processor, "chat_template", None)
+    use_chat = bool(template) if chat is None else chat
+    if use_chat and not template:
+        raise BadInputError(f"{ckpt}: the processor has no chat template; use --no-chat")
+    image_token = processor.image_token
+    opened = {p: _open_image(p) for r in records for p in r.images}  # every image read before any work
+    inputs = []
+    for i, r in enumerate(records):
+        slots = r.text.count(image_token)
+        if slots and len(r.images) != slots:
+            raise BadInputError(
+                f"prompt {i + 1} has {slots} image slot{'s' * (slots != 1)} ({image_token}) "
+                f"but {len(r.images)} image{'s' * (len(r.images) != 1)}"
+            )
+        extra = 0 if slots else len(r.images)
+        if use_chat:
+            content: Any = r.text
+            if extra:
+                content = [{"type": "image"}] * extra + [{"type": "text", "text": r.text}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": content}
+            ]
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = (image_token + "\n") * extra + r.text
+        pictures = [opened[p] for p in r.images] or None
+        try:
+            made = processor(text=text, images=pictures, return_tensors="np", add_special_tokens=not use_chat)
+        except (ValueError, TypeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInputError(f"prompt {i + 1}: the processor refused it: {reason}") from None
+        pixels = made.get("pixel_values") if pictures else None
+        inputs.append((made["input_ids"][0].tolist(), pixels))
+    return inputs
+
+
+def _sample_vision(ckpt, records, strategy, n, s, chat, system, json_out, out, mesh, dtype) -> None:
+    """`sample` on a vision-language checkpoint: the processor makes each prompt's ids and pixels, the
+    vision tower and the text embeddings its input embeddings (once per prompt), the text model
+    decodes from them (`sampling.generate_embeds`, or `stream` for one prompt on a terminal)."""
+    from mllmjax.checkpoint import load_checkpoint, resolve_dtype, stop_ids_for
+    from mllmjax.errors import ArtifactError
+    from mllmjax.models.vision import llava
+    from mllmjax.records import write_text_atomic
+    from mllmjax.sharding import make_mesh
+
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(ckpt)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{ckpt}: cannot load the HF processor: {reason}") from e
+    inputs = _vision_inputs(ckpt, processor, records, chat=chat, system=system)
+    device_mesh = make_mesh(mesh)
+    checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype), vision_language=True)
+    params, cfg, tokenizer = checkpoint.params, checkpoint.cfg, processor.tokenizer
+    context = cfg.text.max_position_embeddings
+    for i, (ids, _) in enumerate(inputs):
+        if len(ids) >= context:
+            raise BadInputError(f"prompt {i + 1} is {len(ids)} tokens; the model's context is {context}")
+    embeds = [llava.prompt_embeds(params, cfg, ids, pixels) for ids, pixels in inputs]
+    stop_ids = stop_ids_for(tokenizer, checkpoint.stop_ids)
+    texts, ids = [r.text for r in records], [x[0] for x in inputs]
+    if len(records) == 1 and n == 1 and not json_out and out == "-":
+        _stream_one(
+            params["text"], cfg.text, None, strategy, tokenizer, s.max_new_tokens, stop_ids, s.seed, embeds[0]
+        )
+        return
+    completions = _run_batch(
+        params["text"], cfg.text, embeds, strategy, n, s, stop_ids, device_mesh, embeds=True
+    )
+    sink = io.StringIO()
+    _write(sink, completions, texts, ids, tokenizer, json_out, images=[r.images for r in records])
+    if out == "-":
+        sys.stdout.write(sink.getvalue())
+        sys.stdout.flush()
+    else:
+        write_text_atomic(Path(out), sink.getvalue())
+
+
 def _encode_prompts(
     ckpt: Path, tokenizer: Any, texts: list[str], *, chat: bool | None, system: str | None, context: int
 ) -> list[list[int]]:
@@ -171,14 +323,23 @@ def _encode_prompts(
     return ids
 
 
-def _stream_one(params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, stop_ids, seed) -> None:
+def _stream_one(
+    params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, stop_ids, seed, embeds=None
+) -> None:
     from mllmjax.sampling import stream
 
     ids: list[int] = []
     shown = ""
     finish = None
     for chunk in stream(
-        params, cfg, prompt_ids, strategy, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed
+        params,
+        cfg,
+        prompt_ids,
+        strategy,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        seed=seed,
+        embeds=embeds,
     ):
         ids += chunk.ids
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -203,8 +364,11 @@ def _run_batch(
     s: Settings,
     stop_ids: Any,
     device_mesh: Mesh,
+    *,
+    embeds: bool = False,
 ) -> list[Any]:
-    from mllmjax.sampling import generate
+    """Decode every prompt n times; `ids` are token ids, or with embeds=True input embeddings [T, D]."""
+    from mllmjax.sampling import generate, generate_embeds
 
     start = time.perf_counter()
     with stage_progress("sample") as progress:
@@ -215,7 +379,7 @@ def _run_batch(
             progress.update(task, completed=samples, description=f"{rate:.1f} tok/s")
 
         use_mesh = device_mesh if device_mesh.devices.size > 1 else None
-        return generate(
+        return (generate_embeds if embeds else generate)(
             params,
             cfg,
             ids,
@@ -230,12 +394,14 @@ def _run_batch(
         )
 
 
-def _write(sink: TextIO, completions, texts, ids, tokenizer, json_out: bool) -> None:
+def _write(sink: TextIO, completions, texts, ids, tokenizer, json_out: bool, images=None) -> None:
+    """The completions as text or JSON lines; `images`: each prompt's image paths (vision prompts)."""
     for c in completions:
         text = tokenizer.decode(c.ids, skip_special_tokens=True)
         if json_out:
             record = {
                 "prompt": texts[c.prompt_index],
+                **({"images": [str(p) for p in images[c.prompt_index]]} if images else {}),
                 "prompt_ids": ids[c.prompt_index],
                 "sample": c.sample_index,
                 "completion": text,

@@ -1,7 +1,8 @@
 """LLaVA through `convert` and `export` (tiny random models built offline, `hf_models.save_llava`): the
 converted params are the loader's and give HF's logits, convert -> export -> from_pretrained is
 bit-exact (every tensor, the ones no forward reads included) with the processor files carried, and the
-commands that run text models only refuse a LLaVA checkpoint before they read or write anything."""
+commands that run text models only refuse a LLaVA checkpoint before they read or write anything
+(`sample` reads one: tests/test_vision_sample.py)."""
 
 from __future__ import annotations
 
@@ -113,14 +114,13 @@ def _expect_bad(result, *fragments: str) -> None:
 @pytest.mark.parametrize(
     "command",
     [
-        ["sample", "{ck}", "hi", "-o", "{out}"],
         ["rollout", "{ck}", "--data", "builtin:sums", "-o", "{out}"],
         ["eval", "{ck}", "--data", "builtin:sums", "-o", "{out}"],
         ["train", "{ck}", "{tmp}/missing.jsonl", "-o", "{out}"],
         ["grpo", "--model", "{ck}", "--data", "builtin:sums", "--steps", "1", "-o", "{out}"],
         ["grpo", "--model", "{hf}", "--data", "builtin:sums", "--steps", "1", "-o", "{out}"],
     ],
-    ids=["sample", "rollout", "eval", "train", "grpo", "grpo-hf-folder"],
+    ids=["rollout", "eval", "train", "grpo", "grpo-hf-folder"],
 )
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)  # one LLaVA is enough
 def test_text_commands_refuse_a_llava_checkpoint(converted, command, tmp_path):

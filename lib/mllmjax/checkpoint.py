@@ -8,8 +8,8 @@
 
 A vision-language checkpoint (family "llava": params {"vision", "projector", "text"}, the HF processor's
 files beside the tokenizer's) is read only by the commands that ask for one (convert writes it, export
-reads it: `vision_language=True`); every other command is refused in `read_meta`, which each of them
-goes through before anything else (`refuse_vision_language`).
+and sample read it: `vision_language=True`); every other command is refused in `read_meta`, which each
+of them goes through before anything else (`refuse_vision_language`).
 
 A LoRA checkpoint (train/grpo with --lora-rank) holds the adapters in params/ and, in mllmjax.json,
 "lora": {rank, alpha, dropout, targets, base, base_hash} (`mllmjax.lora`). Loading one loads its base
@@ -134,8 +134,9 @@ def refuse_vision_language(path: str | os.PathLike[str], family: str, what: str 
     or writes anything, so that one check covers sample, rollout, eval, train and grpo."""
     if is_vision_language(family):
         raise BadInputError(
-            f"{path} is a vision-language ({family}) {what}: mllmjax converts and exports these so far "
-            "(`mllmjax convert`, `mllmjax export`); sampling and training with images come next (issue 24)"
+            f"{path} is a vision-language ({family}) {what}: mllmjax converts, exports and samples these "
+            "so far (`mllmjax convert`, `export`, `sample`); rollout and training with images come next "
+            "(issue 24)"
         )
 
 
