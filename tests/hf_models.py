@@ -314,6 +314,17 @@ def make_llava(name: str, seed: int = 0) -> Any:
     return randomise(transformers.LlavaForConditionalGeneration(config), seed + 1)
 
 
+# ChatML with image slots, as llava-hf's templates write them: a message's content is a string, or a
+# list of {"type": "image"} (the image token) and {"type": "text", "text": ...} items.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for item in m['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def make_llava_processor(model: Any) -> Any:
     """A LlavaProcessor for a `make_llava` model, built offline: `make_tokenizer` with "<image>" as the
     image token, and a CLIP image processor (PIL backend) at the tower's image size."""
@@ -333,7 +344,7 @@ def make_llava_processor(model: Any) -> Any:
         patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=int(vision.model_type == "clip_vision_model"),  # the class token
-        chat_template=tokenizer.chat_template,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
 
 
