@@ -127,7 +127,7 @@ def test_text_commands_refuse_a_llava_checkpoint(converted, command, tmp_path):
     _, _, root = converted
     paths = {"ck": root / "ck", "hf": root / "hf", "out": tmp_path / "out", "tmp": tmp_path}
     result = run(*(arg.format(**paths) for arg in command))
-    _expect_bad(result, "vision-language", "issue 24")
+    _expect_bad(result, "vision-language", "not supported yet")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "out"]
 
