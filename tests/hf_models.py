@@ -148,6 +148,24 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=True,
         ),
     ),
+    # Dense MLPs among the expert layers (HF's mlp_only_layers): layers 1 and 3 have the experts.
+    "qwen3-moe-mixed": (
+        "Qwen3MoeConfig",
+        dict(
+            num_hidden_layers=4,
+            hidden_size=40,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            intermediate_size=56,
+            moe_intermediate_size=20,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0, 2],
+            tie_word_embeddings=False,
+        ),
+    ),
     "qwen3-tied": (
         "Qwen3Config",
         dict(

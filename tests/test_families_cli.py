@@ -22,7 +22,7 @@ from mllmjax_cli.main import app
 
 runner = CliRunner()
 
-FAMILIES = ["gemma2", "gemma3", "qwen3-moe"]
+FAMILIES = ["gemma2", "gemma3", "qwen3-moe", "qwen3-moe-mixed"]
 
 
 def ok(args: list[str], **kw) -> str:
@@ -49,7 +49,7 @@ def test_every_command_runs(name, tmp_path):
     ok(["grpo", "--model", ck, *common, "--steps", "2", "--eval-every", "0", "--beta", "0.04", "-o", run])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
-    if name == "qwen3-moe":  # the router's load-balancing loss is reported (and not added: coef 0)
+    if name.startswith("qwen3-moe"):  # the router's load-balancing loss is reported (and not added: coef 0)
         assert all(r["router_aux"] > 0 for r in rows if "loss" in r)
     ok(["eval", tmp_path / "ck1", "--data", "builtin:sums", "--num-prompts", "2", "--max-new-tokens", "4"])
     ok(["export", tmp_path / "ck1", "-o", tmp_path / "back"])

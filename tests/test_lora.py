@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from mllmjax import lora
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax.convert import convert
+from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig
 from mllmjax.models import transformer
 from mllmjax.optim import OptimConfig
@@ -62,7 +63,7 @@ def _peft_model(model, lcfg, adapters, cfg, tmp):
     return peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp), is_trainable=True)
 
 
-@pytest.mark.parametrize("name", ["llama-linear-rope-bias", "qwen3", "gemma3", "qwen3-moe"])
+@pytest.mark.parametrize("name", ["llama-linear-rope-bias", "qwen3", "gemma3", "qwen3-moe", "qwen3-moe-mixed"])
 def test_fresh_adapters_leave_the_model_exactly_as_it_was(name, tmp_path_factory):
     """b = 0: the low-rank path (and the merged experts of a mixture of experts) adds exactly 0."""
     _, ckpt, _ = _convert(name, tmp_path_factory)
@@ -76,11 +77,12 @@ def test_fresh_adapters_leave_the_model_exactly_as_it_was(name, tmp_path_factory
     np.testing.assert_array_equal(np.asarray(base), np.asarray(merged))
 
 
-@pytest.mark.parametrize("name", ["llama-linear-rope-bias", "qwen3", "gemma2"])
+@pytest.mark.parametrize("name", ["llama-linear-rope-bias", "qwen3", "gemma2", "qwen3-moe-mixed"])
 def test_logits_and_adapter_gradients_match_peft_autograd(name, tmp_path_factory):
     """Random adapters on every target: our logits equal PEFT's on the HF model within 1e-4, and the
     gradient of a linear function of the logits w.r.t. every lora_A / lora_B equals torch autograd's
-    (compared in PEFT's layout, through the export's own mapping)."""
+    (compared in PEFT's layout, through the export's own mapping). On the Qwen3-MoE with dense MLPs
+    among its expert layers, "every target" is the attention's four."""
     model, ckpt, folder = _convert(name, tmp_path_factory)
     lcfg = lora.LoraConfig(rank=3, alpha=5.0)
     adapters = _random_adapters(ckpt.cfg, lcfg, 1)
@@ -100,9 +102,18 @@ def test_logits_and_adapter_gradients_match_peft_autograd(name, tmp_path_factory
     (out * torch.tensor(weights)).sum().backward()
     ref = {n.replace(".default", ""): p.grad.numpy() for n, p in pm.named_parameters() if "lora_" in n}
     mine = dict(lora.peft_tensors(ckpt.cfg, lcfg, jax.tree.map(np.asarray, grads))[0])
-    assert set(mine) == set(ref) and len(ref) == 2 * 7 * ckpt.cfg.num_layers
+    targets = 4 if ckpt.cfg.layer_stacks() else 7
+    assert set(mine) == set(ref) and len(ref) == 2 * targets * ckpt.cfg.num_layers
     for key, g in mine.items():
         assert np.abs(g - ref[key]).max() <= TOL * max(1.0, np.abs(ref[key]).max()), key
+
+
+def test_mixed_moe_layers_take_attention_targets_and_refuse_mlp_ones(tmp_path_factory):
+    _, ckpt, _ = _convert("qwen3-moe-mixed", tmp_path_factory)
+    assert lora.resolved_targets(ckpt.cfg, lora.LoraConfig(rank=2)) == ("q", "k", "v", "o")
+    for target in ("gate", "experts_up"):
+        with pytest.raises(BadInputError, match=f"LoRA target '{target}' is not supported on a model with mixed"):
+            lora.resolved_targets(ckpt.cfg, lora.LoraConfig(rank=2, targets=("q", target)))
 
 
 def test_dropout_masks_do_not_depend_on_the_layer_loop(tmp_path_factory):

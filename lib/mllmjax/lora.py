@@ -17,6 +17,9 @@ Design decisions:
   adapter leaves the model's outputs exactly as they were.
 - Dropout (PEFT's lora_dropout) is applied to the adapter's input in training forwards only; it is
   refused on the experts of a mixture of experts, whose adapters are merged per layer.
+- Targets are weights of "layers". A Qwen3-MoE with dense MLPs among its expert layers keeps its MLPs
+  in stacks of their own (`ModelConfig.layer_stacks`): there "all" is the attention projections, and
+  an MLP target is refused.
 - A LoRA checkpoint holds the adapters (+ optimizer state) and, in mllmjax.json, "lora": its config,
   the base checkpoint's path and the base's content hash (`content_hash`: a hash of its recorded
   per-array checksums); loading refuses a base whose hash differs.
@@ -110,12 +113,19 @@ def from_settings(settings: Any) -> LoraConfig:
 def resolved_targets(model_cfg: ModelConfig, cfg: LoraConfig) -> tuple[str, ...]:
     """The targets of cfg this model has (all of them when cfg names none); a named target the model
     lacks is an error."""
-    layer = model_cfg.param_specs()["layers"]
+    specs = model_cfg.param_specs()
+    layer = specs["layers"]
     have = [t for t in TARGETS if t in layer]
     if not cfg.targets:
         chosen = tuple(have)
     else:
         missing = [t for t in cfg.targets if t not in layer]
+        apart = [t for t in missing if any(t in specs[s] for s in model_cfg.layer_stacks())]
+        if apart:
+            raise BadInputError(
+                f"LoRA target {apart[0]!r} is not supported on a model with mixed dense and MoE layers "
+                f"(its MLPs are stacked apart from the attention); it takes {', '.join(have)}"
+            )
         if missing:
             raise BadInputError(
                 f"LoRA target {missing[0]!r} is not a weight of this {model_cfg.family} model; "

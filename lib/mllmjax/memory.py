@@ -135,10 +135,11 @@ def _rows_per_device(rows: int, sizes: Mapping[str, int]) -> int:
 
 def _experts(cfg: ModelConfig) -> tuple[int, int, int] | None:
     """(experts, top-k, expert width) of a mixture-of-experts config, None for a dense one."""
-    layers = cfg.param_specs()["layers"]
-    if "experts_gate" not in layers:
+    specs = cfg.param_specs()
+    stack = next((s for s in ("layers", *cfg.layer_stacks()) if "experts_gate" in specs[s]), None)
+    if stack is None:
         return None
-    _, e, _, f = layers["experts_gate"].shape
+    _, e, _, f = specs[stack]["experts_gate"].shape
     return e, int(cfg.num_experts_per_tok), f
 
 
@@ -149,12 +150,17 @@ def _mlp_saved(cfg: ModelConfig, compute_bytes: int, remat: str, tensor: int) ->
     the router logits (E) and the float32 router probabilities (2 x 4 E with the top-k's); with a dots
     policy the router logits only (the grouped products are recomputed inside their custom VJP); in
     the layer `nothing_saveable` recomputes, the rows and the router (the expert outputs are consumed
-    by the weighted sum's backward first)."""
+    by the weighted sum's backward first). A model with dense MLPs among its expert layers
+    (`ModelConfig.layer_stacks`): the larger of the two, for every layer."""
+    f = cfg.intermediate_size // tensor
+    dense = compute_bytes * (2 * f + cfg.hidden_size if remat.startswith("dots") else 3 * f)
     moe = _experts(cfg)
     if moe is None:
-        f = cfg.intermediate_size // tensor
-        return compute_bytes * (2 * f + cfg.hidden_size if remat.startswith("dots") else 3 * f)
+        return dense
     e, k, _ = moe
+    if cfg.layer_stacks():
+        return max(dense, _mlp_saved(dataclasses.replace(cfg, decoder_sparse_step=1, mlp_only_layers=()),
+                                     compute_bytes, remat, tensor))  # fmt: skip
     rows = k * (1 + 1 / PAD_FRACTION) * cfg.hidden_size
     if remat.startswith("dots"):
         return compute_bytes * e
@@ -213,8 +219,9 @@ def _experts_workspace(
     if form == "blocks":
         pairs = tokens * k
         work += num_blocks(pairs, e, block_rows(pairs, e)) * matrices * (compute_bytes + 4)
-    experts = lambda path: path.startswith("layers/experts_")  # noqa: E731
-    if param_bytes_per_device(cfg, "uint8", sizes, only=experts) < cfg.num_layers * e * matrices:
+    experts = lambda path: "/experts_" in path  # noqa: E731
+    sparse = len(cfg.layer_stacks().get("moe_layers", range(cfg.num_layers)))  # layers with experts
+    if param_bytes_per_device(cfg, "uint8", sizes, only=experts) < sparse * e * matrices:
         work += e * matrices * compute_bytes  # sharded: gathered whole for the layer
     return work
 
@@ -250,7 +257,14 @@ def estimate_training(
     lora: a `mllmjax.lora.LoraConfig` with rank > 0: the params are the frozen base plus float32
     adapters ("adapters"), and gradients, optimizer state and the new state are the adapters'; the
     base is the KL reference, so no reference copy. With dropout, each adapter's dropped input is
-    saved for the backward (tokens x its input width per target and layer)."""
+    saved for the backward (tokens x its input width per target and layer).
+
+    A model whose layers differ in their parameters (`ModelConfig.layer_stacks`) runs them unrolled,
+    where a remat policy leaves XLA free to schedule every layer's recomputation at once: measured on
+    the CPU, its peak under nothing_saveable or dots_saveable is the peak without remat, so that is
+    what is estimated."""
+    if cfg.layer_stacks():
+        remat = "none"
     sizes = _mesh_sizes(mesh)
     tensor = sizes.get("tensor", 1)
     params = param_bytes_per_device(cfg, param_dtype, sizes)
@@ -380,11 +394,17 @@ def estimate_sampling(
         "logits": 3 * 4 * r * cfg.vocab_size,
     }
     if out_major:
-        layers = cfg.param_specs()["layers"]
-        names = {f"layers/{n}" for n, s in layers.items() if input_dims(ParamSpec(s.shape[1:], s.axes[1:]))}
+        specs = cfg.param_specs()
+        names = {
+            f"{stack}/{n}"
+            for stack in ("layers", *cfg.layer_stacks())
+            for n, s in specs[stack].items()
+            if input_dims(ParamSpec(s.shape[1:], s.axes[1:]))
+        }
         parts["decode_weights"] = param_bytes_per_device(cfg, param_dtype, sizes, only=names.__contains__)
-    elif cache_window(cfg) is not None:  # the layers sliced once into per-layer trees (`decode_params`)
-        is_layer = lambda path: path.startswith("layers/")  # noqa: E731
+    elif cache_window(cfg) is not None or cfg.layer_stacks():  # layers sliced once (`decode_params`)
+        stacks = ("layers", *cfg.layer_stacks())
+        is_layer = lambda path: path.split("/", 1)[0] in stacks  # noqa: E731
         parts["decode_weights"] = param_bytes_per_device(cfg, param_dtype, sizes, only=is_layer)
     return MemoryEstimate(parts, available)
 

@@ -151,7 +151,8 @@ class Settings:
     lora_targets: str = setting(
         "all",
         "LoRA: the weights that get adapters, comma-separated from q,k,v,o,gate,up,down,experts_gate,"
-        "experts_up,experts_down; all = every one the model has.",
+        "experts_up,experts_down; all = every one the model has (the attention only on a Qwen3-MoE with "
+        "dense MLPs among its expert layers).",
     )
     remat: str = setting("none", "none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.")
     layer_loop: str = setting(

@@ -51,11 +51,18 @@ from mllmjax.errors import BadInputError
 from mllmjax.faults import signal_point
 from mllmjax.lora import LoraConfig, attach
 from mllmjax.loss import LossConfig, aggregation_weights, combine_metrics, grpo_loss, sequence_logprobs
-from mllmjax.models.blocks.cpu import split_layers, stack_layers
 from mllmjax.models.blocks.kernels import Kernel, resolve_attention
 from mllmjax.models.blocks.moe import load_balancing_loss
 from mllmjax.models.config import ModelConfig
-from mllmjax.models.transformer import fold_groups, forward, layer_specs, lm_head, unfold_groups
+from mllmjax.models.transformer import (
+    fold_groups,
+    forward,
+    join_params,
+    layer_specs,
+    lm_head,
+    split_params,
+    unfold_groups,
+)
 from mllmjax.optim import OptimConfig, make_optimizer
 from mllmjax.settings import DEFAULTS
 from mllmjax.sharding import mesh_axes
@@ -259,7 +266,8 @@ class Trainer:
             self.ref_params = None  # beta 0: keep no reference copy alive
         self._compute_dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else None
         self._remat = REMAT_POLICIES[cfg.remat]
-        self._unroll = unrolls_layers(cfg.layer_loop, cfg.remat)
+        # A model with layers of different parameters unrolls whatever layer_loop says (`transformer`).
+        self._unroll = unrolls_layers(cfg.layer_loop, cfg.remat) or bool(model_cfg.layer_stacks())
         self._router = "router" in layer_specs(model_cfg)  # a mixture of experts: report router_aux
         self._update_jits: dict[Any, Any] = {}
         self._logprobs_jit = jax.jit(self._logprobs)
@@ -293,13 +301,13 @@ class Trainer:
         """params with the layers as per-layer trees when the forward unrolls them (else as given)."""
         if not self._unroll or params is None:
             return params
-        return {**params, "layers": split_layers(params["layers"], self.model_cfg.num_layers)}
+        return split_params(params, self.model_cfg)
 
     def _stack(self, grads: Params) -> Params:
         """The inverse of `_split`, for gradients."""
         if not self._unroll:
             return grads
-        return {**grads, "layers": stack_layers(grads["layers"])}
+        return join_params(grads, self.model_cfg)
 
     def _kernel(self, name: str) -> Kernel:
         """The attention kernel of the training forward, with the mesh axes of its rows and heads."""

@@ -139,15 +139,25 @@ def test_flops_are_proportional_to_the_routed_experts(dims):
 _converted: dict[str, tuple] = {}
 
 
-@pytest.fixture(params=["qwen3-moe", "qwen3-moe-tied"])
-def converted(request, tmp_path_factory):
-    name = request.param
+def _convert(name, tmp_path_factory):
     if name not in _converted:
         folder = tmp_path_factory.mktemp(name)
         model = save_hf_model(name, folder / "hf")
         convert(str(folder / "hf"), folder / "ckpt")
         _converted[name] = (folder, model, load_checkpoint(folder / "ckpt"))
     return _converted[name]
+
+
+# "qwen3-moe-mixed": dense MLPs in layers 0 and 2 (HF's mlp_only_layers), experts in 1 and 3.
+@pytest.fixture(params=["qwen3-moe", "qwen3-moe-tied", "qwen3-moe-mixed"])
+def converted(request, tmp_path_factory):
+    return _convert(request.param, tmp_path_factory)
+
+
+@pytest.fixture(params=["qwen3-moe", "qwen3-moe-tied"])
+def converted_uniform(request, tmp_path_factory):
+    """The models whose layers are all sparse: one stack, which the training forward may scan."""
+    return _convert(request.param, tmp_path_factory)
 
 
 def test_logits_and_left_padding_match_hf(converted):
@@ -190,23 +200,29 @@ def test_cached_prefill_and_decode_match_full_forward(converted, cpu_decode):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=TOL, rtol=0)
 
 
-def _sharp_hf_model(seed: int = 5):
+def _sharp_hf_model(seed: int = 5, **changes):
     """A random Qwen3-MoE whose logits are far from ties (initializer 0.2), for greedy decoding."""
     import transformers
 
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=20, moe_intermediate_size=36, num_experts=6, num_experts_per_tok=2,
-        norm_topk_prob=False, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )  # fmt: skip
+    cfg = transformers.Qwen3MoeConfig(**{
+        **dict(
+            vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, head_dim=20, moe_intermediate_size=36, num_experts=6,
+            num_experts_per_tok=2, norm_topk_prob=False, max_position_embeddings=256, initializer_range=0.2,
+            tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        ),
+        **changes,
+    })  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.Qwen3MoeForCausalLM(cfg).eval().to(torch.float32)
     return model, registry.from_hf_config(cfg.to_dict())
 
 
-def test_greedy_decode_matches_hf_generate_for_32_tokens():
-    model, cfg = _sharp_hf_model()
+@pytest.mark.parametrize(
+    "changes", [{}, {"num_hidden_layers": 3, "decoder_sparse_step": 2}], ids=["sparse", "mixed"]
+)
+def test_greedy_decode_matches_hf_generate_for_32_tokens(changes):
+    model, cfg = _sharp_hf_model(**changes)
     params = params_from_hf(cfg, checkpoint_tensors(model))
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (1, 5, 13, 30)]
@@ -291,9 +307,9 @@ def test_training_step_gradient_matches_torch_autograd(converted):
 
 
 @pytest.mark.parametrize("remat", ["nothing_saveable", "dots_saveable"])
-def test_remat_and_scanned_layers_give_the_same_gradient(converted, remat):
+def test_remat_and_scanned_layers_give_the_same_gradient(converted_uniform, remat):
     """The experts' custom VJP (and its loop) under jax.checkpoint inside the scan over the layers."""
-    _, model, ckpt = converted
+    _, model, ckpt = converted_uniform
     batch = _grpo_batch(model.config.vocab_size)
     cfg = TrainConfig(loss=LossConfig(beta=0.0), router_aux_coef=0.5)
     plain, _, _ = Trainer(ckpt.cfg, cfg).grads(ckpt.params, batch)
@@ -342,12 +358,14 @@ def test_convert_streams_one_expert_tensor_at_a_time(converted):
 
 
 # ----------------------------------------------------------------------------- sharded
-def test_training_on_an_expert_mesh_equals_one_device():
+@pytest.mark.parametrize("mixed", [False, True], ids=["sparse", "mixed"])
+def test_training_on_an_expert_mesh_equals_one_device(mixed):
     """One update on 8 fake devices, experts over `expert=4` and everything over `fsdp=2`, equals the
-    one-device update (gradients, metrics and the new parameters)."""
+    one-device update (gradients, metrics and the new parameters); mixed: a dense MLP in layer 1 of 3."""
+    layout = {"num_layers": 3, "mlp_only_layers": (1,)} if mixed else {}
     cfg = models.tiny(
         "qwen3_moe", num_heads=8, num_kv_heads=4, vocab_size=256, hidden_size=64, num_experts=8,
-        moe_intermediate_size=32,
+        moe_intermediate_size=32, **layout,
     )  # fmt: skip
     params = transformer.init_params(cfg, jax.random.key(0))
     batch = _grpo_batch(cfg.vocab_size, b=8)  # split over fsdp x expert
@@ -356,7 +374,10 @@ def test_training_on_an_expert_mesh_equals_one_device():
     state1, m1, _ = one.update(one.init_state(params, jax.random.PRNGKey(1)), batch)
     mesh = make_mesh("data=1,fsdp=2,expert=4")
     sharded = shard_params(params, cfg, mesh)
-    assert sharded["layers"]["experts_gate"].sharding.spec[:3] == (None, "expert", "fsdp")
+    experts = sharded["moe_layers" if mixed else "layers"]["experts_gate"]
+    assert experts.shape[0] == 2 and experts.sharding.spec[:3] == (None, "expert", "fsdp")
+    if mixed:
+        assert sharded["mlp_layers"]["gate"].shape[0] == 1 and "gate" not in sharded["layers"]
     many = Trainer(cfg, tcfg, mesh=mesh)
     state8, m8, _ = many.update(many.init_state(sharded, jax.random.PRNGKey(1)), place_rows(batch, mesh))
     for key in m1:
@@ -377,10 +398,43 @@ def _hf_config(**changes):
 
 
 @pytest.mark.parametrize(
+    "changes",
+    [
+        {"decoder_sparse_step": 2},
+        {"num_hidden_layers": 4, "mlp_only_layers": [1, 2]},
+        {"num_hidden_layers": 7, "decoder_sparse_step": 3, "mlp_only_layers": [5]},
+        {"num_hidden_layers": 5, "decoder_sparse_step": 1},
+    ],
+)
+def test_sparse_layers_are_hfs(changes):
+    """Which layers have the experts, and the stacks that hold them, as HF builds the model."""
+    import transformers
+
+    hf = _hf_config(**changes)
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**hf))
+    want = tuple(type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in model.model.layers)
+    cfg = registry.from_hf_config(hf)
+    assert cfg.sparse_layers == want
+    stacks = cfg.layer_stacks()
+    specs = cfg.param_specs()
+    if all(want):
+        assert stacks == {} and "experts_gate" in specs["layers"]
+    else:
+        assert stacks["moe_layers"] == tuple(i for i, s in enumerate(want) if s)
+        assert stacks["mlp_layers"] == tuple(i for i, s in enumerate(want) if not s)
+        assert specs["moe_layers"]["experts_gate"].shape[0] == sum(want)
+        assert specs["mlp_layers"]["gate"].shape == (len(want) - sum(want), 48, 80)
+        assert "experts_gate" not in specs["layers"] and "gate" not in specs["layers"]
+
+
+@pytest.mark.parametrize(
     "changes, fragment",
     [
-        ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
-        ({"mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
+        ({"mlp_only_layers": [0, 1]}, "no layer has experts"),
+        ({"decoder_sparse_step": 3}, "no layer has experts"),
+        ({"mlp_only_layers": [2]}, "mlp_only_layers names layer 2, but the model has layers 0-1"),
+        ({"decoder_sparse_step": 0}, "decoder_sparse_step must be a positive integer"),
+        ({"mlp_only_layers": ["0"]}, "mlp_only_layers must be a list of layer numbers"),
         ({"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
         ({"n_shared_experts": 1}, "n_shared_experts=1"),
         ({"num_experts_per_tok": 6}, "exceeds num_experts"),

@@ -83,6 +83,14 @@ class ModelConfig:
         min(W, cache length) slots for a windowed layer (`mllmjax.models.cache`)."""
         return (None,) * self.num_layers
 
+    def layer_stacks(self) -> dict[str, tuple[int, ...]]:
+        """The stacked parameter trees besides "layers" that hold weights only some layers have, each
+        as the layer numbers of its slots in order: a model whose layers differ in their parameters'
+        shapes (Qwen3-MoE's dense MLPs among its expert layers). {} when every layer has the same
+        parameters, all in "layers". Layer i's parameters are "layers"[i] merged with slot
+        `stack.index(i)` of each stack that holds layer i (`transformer.split_params`)."""
+        return {}
+
     def embed_multiplier(self) -> float | None:
         """What the driver multiplies the token embeddings by, in the compute dtype (Gemma: sqrt(hidden));
         `transformer.embed_tokens` applies it, input embeddings passed as `embeds=` are taken as given."""

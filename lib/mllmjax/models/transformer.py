@@ -4,6 +4,9 @@
   does not grow with depth, and remat wraps one body. A caller may pass the layers as a sequence of
   per-layer trees (`split_layers`) instead; they are then unrolled (decode loops and training on CPU,
   where the scan's stacking copies cost time), as they are with a per-layer cache.
+- A model whose layers differ in their parameters (Qwen3-MoE with dense MLPs among its expert layers)
+  keeps the weights only some layers have in stacks of their own (`ModelConfig.layer_stacks`); its
+  forward always unrolls, over per-layer trees that merge each layer's slices (`split_params`).
 - Norms, RoPE, softmax and logits are float32 whatever the compute dtype; the KV cache is kept in the
   compute dtype.
 - The LM head is stored as [vocab, embed] like the embedding, so tied and untied models share one code
@@ -67,8 +70,46 @@ def cast_layer(lp: Params, dtype: Any) -> Params:
 
 
 def layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """One layer's param specs, without the leading layer axis."""
-    return {name: ParamSpec(s.shape[1:], s.axes[1:]) for name, s in cfg.param_specs()["layers"].items()}
+    """A layer's param specs, without the leading layer axis: those of "layers" and of every stack of
+    some layers' weights (`ModelConfig.layer_stacks`; a given layer has the ones of its stacks)."""
+    specs = cfg.param_specs()
+    return {
+        name: ParamSpec(s.shape[1:], s.axes[1:])
+        for stack in ("layers", *cfg.layer_stacks())
+        for name, s in specs[stack].items()
+    }
+
+
+def split_params(params: Params, cfg: ModelConfig) -> Params:
+    """params with "layers" as a tuple of per-layer trees (`split_layers`), each merged with its slot
+    of every stack that holds that layer (`ModelConfig.layer_stacks`; the stacks leave the dict). As
+    given when the layers are split already."""
+    if isinstance(params["layers"], (tuple, list)):
+        return params
+    stacks = cfg.layer_stacks()
+    layers = [dict(lp) for lp in split_layers(params["layers"], cfg.num_layers)]
+    for name, numbers in stacks.items():
+        if name in params:  # (a LoRA adapter tree has "layers" only)
+            for i, part in zip(numbers, split_layers(params[name], len(numbers)), strict=True):
+                layers[i].update(part)
+    return {**{k: v for k, v in params.items() if k not in stacks}, "layers": tuple(layers)}
+
+
+def join_params(params: Params, cfg: ModelConfig) -> Params:
+    """The inverse of `split_params` (for gradients): per-layer trees stacked back into "layers" and
+    the stacks of some layers. As given when the layers are stacked."""
+    layers = params["layers"]
+    if not isinstance(layers, (tuple, list)):
+        return params
+    specs = cfg.param_specs()
+    out = {k: v for k, v in params.items() if k != "layers"}
+    rest = [dict(lp) for lp in layers]
+    for name, numbers in cfg.layer_stacks().items():
+        keys = [k for k in specs[name] if k in rest[numbers[0]]]
+        if keys:
+            out[name] = stack_layers([{k: rest[i].pop(k) for k in keys} for i in numbers])
+    out["layers"] = stack_layers(rest)
+    return out
 
 
 def out_major_layers(params: Params, cfg: ModelConfig, merge_adapters: bool = True) -> Params:
@@ -76,8 +117,8 @@ def out_major_layers(params: Params, cfg: ModelConfig, merge_adapters: bool = Tr
     what a decode loop on the CPU takes, sliced and transposed once outside the loop. LoRA adapters
     are merged into that copy, or kept beside it with merge_adapters=False (`out_major_layer`)."""
     specs = layer_specs(cfg)
-    layers = split_layers(params["layers"], cfg.num_layers)
-    return {**params, "layers": tuple(out_major_layer(lp, specs, merge_adapters) for lp in layers)}
+    split = split_params(params, cfg)
+    return {**split, "layers": tuple(out_major_layer(lp, specs, merge_adapters) for lp in split["layers"])}
 
 
 def _run_layers(
@@ -101,7 +142,10 @@ def _run_layers(
             new_k.append(kv[0] if kv is not None else None)
             new_v.append(kv[1] if kv is not None else None)
             auxes.append(aux)
-        return x, tuple(new_k), tuple(new_v), jax.tree.map(lambda *a: sum(a), *auxes)
+        new_k, new_v = tuple(new_k), tuple(new_v)
+        if cache is not None and not cache.per_layer:  # a stacked cache (a mixed model's unrolled layers)
+            new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
+        return x, new_k, new_v, jax.tree.map(lambda *a: sum(a), *auxes)
     kv = (cache.k, cache.v) if cache is not None else None
     xs = (stack_layers(layers) if split else layers, kv, jnp.arange(cfg.num_layers, dtype=jnp.int32))
     x, (new, aux) = jax.lax.scan(body, x, xs)
@@ -130,7 +174,7 @@ def forward(
     with_aux a third item: the sum over layers of what the family's blocks report besides
     (a dict of arrays, e.g. an MoE router's statistics; {} for a dense family).
 
-    params["layers"]: stacked, or a sequence of per-layer trees (`split_layers`; then unrolled).
+    params["layers"]: stacked, or a sequence of per-layer trees (`split_params`; then unrolled).
     tokens, positions: [B, T] int. valid: [B, T] bool, False for padding (default all True).
     embeds: [B, T, D] input embeddings to run the layers from instead of embedding tokens (then None):
     the first layer's input as given, without the family's `embed_multiplier`, which `embed_tokens`
@@ -178,8 +222,11 @@ def forward(
         x, kv, aux = out if len(out) == 3 else (*out, {})
         return x, (kv, aux)
 
+    mixed = bool(cfg.layer_stacks())  # layers of different parameters: unrolled, never scanned
+    if mixed:
+        params = split_params(params, cfg)
     layers = params["layers"]
-    unrolled = ctx.per_layer or (cache is None and isinstance(layers, (tuple, list)))
+    unrolled = ctx.per_layer or mixed or (cache is None and isinstance(layers, (tuple, list)))
     if remat is not None:
         # Under scan, XLA cannot merge the backward's recomputation with the forward (JAX's docs on
         # jax.checkpoint); unrolled it would, and keep every activation after all.
@@ -276,6 +323,8 @@ __all__ = [
     "out_major_layers",
     "param_bytes",
     "split_layers",
+    "split_params",
+    "join_params",
     "stack_layers",
     "unfold_groups",
 ]

@@ -39,12 +39,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from mllmjax.aot import stored
-from mllmjax.models.blocks.cpu import split_layers
 from mllmjax.models.cache import KVCache, cache_window, grow_cache, init_cache, repeat_rows
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params
 from mllmjax.models.registry import family
-from mllmjax.models.transformer import forward, logits_from_hidden, out_major_layers
+from mllmjax.models.transformer import forward, logits_from_hidden, out_major_layers, split_params
 from mllmjax.sampling.strategies import Strategy
 
 _trace_lock = threading.Lock()
@@ -224,9 +223,10 @@ MERGE_ADAPTERS = True
 
 
 def per_layer_cache(cfg: ModelConfig, unroll: bool) -> bool:
-    """Whether the sampler decodes over a per-layer cache: on the CPU (`unroll`), and for a model with
-    windowed layers everywhere (see the module docstring)."""
-    return unroll or cache_window(cfg) is not None
+    """Whether the sampler decodes over a per-layer cache: on the CPU (`unroll`), for a model with
+    windowed layers everywhere (see the module docstring), and for one whose layers differ in their
+    parameters (its forward unrolls them: `transformer.split_params`)."""
+    return unroll or cache_window(cfg) is not None or bool(cfg.layer_stacks())
 
 
 def decode_params(params: Params, cfg: ModelConfig, unroll: bool) -> Params:
@@ -237,7 +237,7 @@ def decode_params(params: Params, cfg: ModelConfig, unroll: bool) -> Params:
         return params
     if unroll:
         return out_major_layers(params, cfg, MERGE_ADAPTERS)
-    return {**params, "layers": split_layers(params["layers"], cfg.num_layers)}
+    return split_params(params, cfg)
 
 
 @functools.cache

@@ -10,7 +10,8 @@ WeightsError names the tensor.
 
 A rule's HF name holds `{i}` for the layer and, in a mixture of experts, `{j}` for the expert: such a
 tensor is the [layer] (or [layer, expert]) slice of a parameter stacked on those leading axes, written
-into it in place as it arrives, and yielded slice by slice on export.
+into it in place as it arrives, and yielded slice by slice on export. In a stack that holds some
+layers only (`ModelConfig.layer_stacks`: a mixed MoE model's experts), slot s is HF layer numbers[s].
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def expected_hf_tensors(
     cfg: a `ModelConfig`, or with rules any config that declares `param_specs()` and the fields
     its rules' kinds read."""
     flat = _flat_specs(cfg)
+    stacks = cfg.layer_stacks() if hasattr(cfg, "layer_stacks") else {}
     out: dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]] = {}
     for rule in family(cfg).HF_NAMES if rules is None else rules:
         if rule.ours not in flat:
@@ -103,8 +105,13 @@ def expected_hf_tensors(
         shape = flat[rule.ours][0]
         n = stacked_axes(rule)
         hf_shape = KINDS[rule.kind][1](np.empty(shape[n:], np.int8), cfg).shape
+        # A stack of some layers only (`ModelConfig.layer_stacks`): slot s holds HF layer numbers[s].
+        numbers = stacks.get(rule.ours.split("/", 1)[0])
         for index in itertools.product(*(range(size) for size in shape[:n])):
-            out[rule.hf.format(**dict(zip("ij", index, strict=False)))] = (rule, index, hf_shape)
+            names = dict(zip("ij", index, strict=False))
+            if numbers is not None:
+                names["i"] = numbers[index[0]]
+            out[rule.hf.format(**names)] = (rule, index, hf_shape)
     return out
 
 

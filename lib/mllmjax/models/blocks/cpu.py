@@ -56,7 +56,7 @@ def out_major_layer(lp: Params, specs: dict[str, ParamSpec], merge_adapters: boo
     out = dict(lp)
     for name, spec in specs.items():
         n_in = input_dims(spec)
-        if n_in is None:
+        if n_in is None or name not in lp:  # a weight other layers have (`transformer.layer_specs`)
             continue
         w = lp[name]
         if isinstance(w, Adapted) and not merge_adapters and not w.lead:

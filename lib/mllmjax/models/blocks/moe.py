@@ -108,6 +108,13 @@ def router_stats(probs: jax.Array, idx: jax.Array, valid: jax.Array) -> dict[str
     }
 
 
+def no_router_stats(num_experts: int) -> dict[str, jax.Array]:
+    """`router_stats` of a layer without a router (a dense layer of a mixed model): zeros, so the sum
+    over layers covers the expert layers only, as HF's loss does."""
+    zeros = jnp.zeros((num_experts,), jnp.float32)
+    return {"router_counts": zeros, "router_probs": zeros, "router_tokens": jnp.zeros((), jnp.float32)}
+
+
 def load_balancing_loss(aux: dict[str, jax.Array]) -> jax.Array:
     """HF's `load_balancing_loss_func` (Switch Transformer) from the router statistics summed over the
     layers: E * sum_e (assignments_e / rows) * (probability_e / rows), rows = layers x real tokens."""
