@@ -207,60 +207,29 @@ def register(app: typer.Typer) -> None:
             write_text_atomic(Path(out), sink.getvalue())
 
 
-def _open_image(path: Path) -> Any:
-    """The image at path, read whole now (PIL opens lazily); BadInputError if it cannot be read."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise BadInputError(f"image {path}: {'is a directory' if path.is_dir() else 'no such file'}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadInputError(f"image {path}: not a readable image ({reason})") from None
-
-
 def _vision_inputs(
     ckpt: Path, processor: Any, records: list[PromptRecord], *, chat: bool | None, system: str | None
 ) -> list[tuple[list[int], Any]]:
     """(token ids, pixel values [N, C, H, W] or None) of each prompt, made by the checkpoint's HF
-    processor: a prompt's image tokens are its image slots; one without them gets one slot per image
-    (the chat template's image items; before the text without a template)."""
-    template = getattr(processor, "chat_template", None)
-    use_chat = bool(template) if chat is None else chat
-    if use_chat and not template:
-        raise BadInputError(f"{ckpt}: the processor has no chat template; use --no-chat")
-    image_token = processor.image_token
-    opened = {p: _open_image(p) for r in records for p in r.images}  # every image read before any work
+    processor (`mllmjax.images`): a prompt's image tokens are its image slots; one without them gets
+    one slot per image (the chat template's image items; before the text without a template)."""
+    from mllmjax import images as im
+
+    use_chat = im.use_chat_template(ckpt, processor, chat)
+    opened = {p: im.open_image(p) for r in records for p in r.images}  # every image read before any work
     inputs = []
     for i, r in enumerate(records):
-        slots = r.text.count(image_token)
-        if slots and len(r.images) != slots:
-            raise BadInputError(
-                f"prompt {i + 1} has {slots} image slot{'s' * (slots != 1)} ({image_token}) "
-                f"but {len(r.images)} image{'s' * (len(r.images) != 1)}"
-            )
-        extra = 0 if slots else len(r.images)
+        where = f"prompt {i + 1}"
+        extra = im.image_slots(processor, r.text, len(r.images), where=where)
         if use_chat:
-            content: Any = r.text
-            if extra:
-                content = [{"type": "image"}] * extra + [{"type": "text", "text": r.text}]
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": content}
+                {"role": "user", "content": im.user_content(r.text, extra)}
             ]
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:
-            text = (image_token + "\n") * extra + r.text
-        pictures = [opened[p] for p in r.images] or None
-        try:
-            made = processor(text=text, images=pictures, return_tensors="np", add_special_tokens=not use_chat)
-        except (ValueError, TypeError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInputError(f"prompt {i + 1}: the processor refused it: {reason}") from None
-        pixels = made.get("pixel_values") if pictures else None
-        inputs.append((made["input_ids"][0].tolist(), pixels))
+            text = im.plain_text(processor, r.text, extra)
+        pictures = [opened[p] for p in r.images]
+        inputs.append(im.processor_inputs(processor, text, pictures, chat=use_chat, where=where))
     return inputs
 
 
@@ -269,18 +238,12 @@ def _sample_vision(ckpt, records, strategy, n, s, chat, system, json_out, out, m
     vision tower and the text embeddings its input embeddings (once per prompt), the text model
     decodes from them (`sampling.generate_embeds`, or `stream` for one prompt on a terminal)."""
     from mllmjax.checkpoint import load_checkpoint, resolve_dtype, stop_ids_for
-    from mllmjax.errors import ArtifactError
+    from mllmjax.images import load_processor
     from mllmjax.models.vision import llava
     from mllmjax.records import write_text_atomic
     from mllmjax.sharding import make_mesh
 
-    try:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(ckpt)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{ckpt}: cannot load the HF processor: {reason}") from e
+    processor = load_processor(ckpt)
     inputs = _vision_inputs(ckpt, processor, records, chat=chat, system=system)
     device_mesh = make_mesh(mesh)
     checkpoint = load_checkpoint(ckpt, mesh=device_mesh, dtype=resolve_dtype(dtype), vision_language=True)
