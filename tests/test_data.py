@@ -334,7 +334,7 @@ def test_builtin_train_and_test_never_share_a_question(task):
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ("builtin:nope", r"unknown built-in task 'nope'; known: arith, sums"),
+        ("builtin:nope", r"unknown built-in task 'nope'; known: arith, count, read, sums"),
         ("builtin:arith:level=9", "level must be an integer 0..3, got 9"),
         ("builtin:arith:level=x", "option level in 'builtin:arith:level=x' must be an integer"),
         ("builtin:arith:depth=2", "bad option 'depth=2'"),

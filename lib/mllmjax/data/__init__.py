@@ -7,7 +7,11 @@ Specs (the `--data` value):
 - a path to a `.jsonl`, `.json` or `.parquet` file, or a directory holding `{split}.jsonl` /
   `{split}.parquet` (so `../shared/data/gsm8k --split test` works).
 - `builtin:TASK[:level=N,seed=S]`: a task generated offline from a seed (`mllmjax.data.builtin`);
-  `DEFAULT_TASK` is the embedded default's.
+  `DEFAULT_TASK` is the embedded default's. The visual tasks `builtin:count` and `builtin:read`
+  (`mllmjax.data.visual`) draw a picture per problem into the `image_dir` the caller gives.
+- Records of a file may carry images (`image_field`, "images" in `rollout`): a path or a list of paths,
+  relative to the data file; each is read when the problems are loaded, so a missing or unreadable
+  image is an error naming its record before any work.
 
 Design decisions:
 
@@ -34,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mllmjax.data import builtin
+from mllmjax.data import builtin, visual
 from mllmjax.errors import BadInputError, RecordError, decode_utf8
 
 __all__ = [
@@ -71,6 +75,7 @@ class Problem:
     question: str
     answer: str
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    images: tuple[str, ...] = ()  # image file paths (absolute), for vision-language prompts
 
     def __post_init__(self) -> None:
         if not isinstance(self.question, str) or not self.question.strip():
@@ -128,7 +133,7 @@ def resolve_spec(spec: str, split: str = "train") -> _Source:
         return _Source(kind="hub", name=hub_id, config=config or None)
     raise BadInputError(
         f"cannot tell what --data {spec!r} names; use gsm8k, a hub id owner/name[:config], "
-        f"a .jsonl/.json/.parquet file or directory, or builtin:TASK (known: {', '.join(builtin.BUILTIN_TASKS)})"
+        f"a .jsonl/.json/.parquet file or directory, or builtin:TASK (known: {', '.join(builtin.task_names())})"
     )
 
 
@@ -142,6 +147,8 @@ def load_problems(
     offset: int = 0,
     shuffle: bool = False,
     seed: int = 0,
+    image_field: str | None = None,
+    image_dir: str | Path | None = None,
 ) -> list[Problem]:
     """Problems `offset .. offset+num` of `split` of the dataset `spec` names (all of them when `num` is
     None), after a deterministic shuffle by `seed` when `shuffle` is set.
@@ -149,6 +156,10 @@ def load_problems(
     `question_field`/`answer_field` name the record fields for hub and file sources (GSM8K's
     `question`/`answer` by default). A file is the split itself, so `split` only picks the file inside
     a directory, the hub split, or the built-in task's split.
+
+    `image_field` names the record field of each problem's images (a path or a list of paths, relative
+    to the data file); None reads no images. A visual built-in task writes its pictures into
+    `image_dir` (required for those tasks: only callers that sample with images pass it).
     """
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise BadInputError(f"--num-prompts must be a positive integer, got {num!r}")
@@ -160,7 +171,7 @@ def load_problems(
     if source.kind == "builtin":
         if question_field is not None or answer_field is not None:
             raise BadInputError("--question-field/--answer-field do not apply to built-in tasks")
-        return _load_builtin(source.name, split, num, offset, shuffle, seed)
+        return _load_builtin(source.name, split, num, offset, shuffle, seed, image_dir)
 
     qf, af = question_field or "question", answer_field or "answer"
     if source.kind == "hub":
@@ -170,8 +181,36 @@ def load_problems(
     else:
         records, where = _read_file(Path(source.name))
         id_prefix = Path(source.name).name
+    base = Path(source.name).parent if source.kind == "file" else Path.cwd()
     order = _select(len(records), num, offset, shuffle, seed, label=source.name)
-    return [_to_problem(records[i], i, qf, af, where, f"{id_prefix}:{i}") for i in order]
+    problems = [_to_problem(records[i], i, qf, af, where, f"{id_prefix}:{i}") for i in order]
+    if image_field is not None:
+        problems = [
+            dataclasses.replace(p, images=_record_images(records[i], i, image_field, where, base))
+            for p, i in zip(problems, order, strict=True)
+        ]
+    return problems
+
+
+def _record_images(record: dict[str, Any], index: int, field: str, where: Any, base: Path) -> tuple[str, ...]:
+    """The absolute paths of a record's images (none without the field); each one is read now."""
+    from mllmjax.images import open_image
+
+    value = record.get(field)
+    if value is None:
+        return ()
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(x, str) and x for x in paths):
+        raise _record_error(
+            where(index), f"field {field!r} must be an image file path or a list of them (--image-field)"
+        )
+    resolved = tuple(str((base / x).absolute()) for x in paths)
+    for path in resolved:
+        try:
+            open_image(path)
+        except BadInputError as e:
+            raise _record_error(where(index), str(e)) from None
+    return resolved
 
 
 def _select(size: int, num: int | None, offset: int, shuffle: bool, seed: int, *, label: str) -> list[int]:
@@ -326,12 +365,26 @@ def _hub_offline() -> Iterator[None]:
 
 
 def _load_builtin(
-    spec: str, split: str, num: int | None, offset: int, shuffle: bool, seed: int
+    spec: str,
+    split: str,
+    num: int | None,
+    offset: int,
+    shuffle: bool,
+    seed: int,
+    image_dir: str | Path | None = None,
 ) -> list[Problem]:
     parsed = builtin.parse_builtin_spec(spec)
     if split not in builtin.SPLIT_SIZES:
         raise BadInputError(f"built-in tasks have splits {', '.join(builtin.SPLIT_SIZES)}, got {split!r}")
+    visual_task = parsed.task in visual.VISUAL_TASKS
+    if visual_task and image_dir is None:
+        raise BadInputError(
+            f"builtin:{parsed.task} is a visual task (a picture per question): only `mllmjax rollout` on a "
+            "vision-language checkpoint takes it so far; eval, train and grpo take text tasks"
+        )
     order = _select(builtin.SPLIT_SIZES[split], num, offset, shuffle, seed, label=f"{parsed.name} ({split})")
+    if visual_task:
+        return [_visual_problem(parsed, split, i, Path(image_dir)) for i in order]  # type: ignore[arg-type]
     problems = []
     for i in order:
         g = builtin.generate(parsed, split, i)
@@ -347,3 +400,26 @@ def _load_builtin(
             Problem(id=f"{parsed.name}:{split}:{i}", question=g.question, answer=str(g.answer), meta=meta)
         )
     return problems
+
+
+def _visual_problem(parsed: builtin.BuiltinSpec, split: str, index: int, image_dir: Path) -> Problem:
+    """Problem `index` of a visual built-in task, its picture written into image_dir."""
+    g = visual.generate(parsed, split, index)
+    name = f"{parsed.task}-level{parsed.level}-seed{parsed.seed}-{split}-{index:05d}"
+    path = visual.render_to(image_dir, name, parsed.task, g.scene)
+    meta = {
+        "task": parsed.task,
+        "level": parsed.level,
+        "seed": parsed.seed,
+        "split": split,
+        "index": index,
+        "expression": g.expression,
+        "scene": g.scene,
+    }
+    return Problem(
+        id=f"{parsed.name}:{split}:{index}",
+        question=g.question,
+        answer=str(g.answer),
+        meta=meta,
+        images=(str(path.absolute()),),
+    )

@@ -11,12 +11,13 @@ Design decisions:
   its own split. Seed ranges alone would not do this: two seeds can draw the same small sum.
 - Each problem keeps the arithmetic expression it was built from in `meta["expression"]`, so tests
   (and users) can check the answer independently of the generator.
-- Two tasks: `arith` (word problems) and `sums` (bare expressions, "What is 17 - 8?"). Levels set
+- Two text tasks: `arith` (word problems) and `sums` (bare expressions, "What is 17 - 8?"). Levels set
   the difficulty: 0 is one addition or subtraction with numbers up to 9, 1 the same up to 20, 2 adds
   multiplication and larger numbers, 3 chains two operations. The embedded default is `arith` level 0,
   the one where SmolLM2-135M-Instruct gets some answers right from the start
   (scripts/measure_default_task.py).
-- Generators are registered by name (`BUILTIN_TASKS`), so a user can add a task in code.
+- Generators are registered by name (`BUILTIN_TASKS`), so a user can add a task in code. The visual
+  tasks (`count`, `read`: pictures drawn from a seed) live in `mllmjax.data.visual`.
 """
 
 from __future__ import annotations
@@ -156,6 +157,14 @@ def sums(r: random.Random, level: int) -> Generated:
 BUILTIN_TASKS: dict[str, Callable[[random.Random, int], Generated]] = {"arith": arith, "sums": sums}
 """Task name -> generator(rng, level). Register more by adding to this dict."""
 
+VISUAL_TASK_NAMES: dict[str, Callable[..., object]] = {}
+"""The visual tasks (pictures with their questions), filled by `mllmjax.data.visual`: `count`, `read`."""
+
+
+def task_names() -> list[str]:
+    """Every built-in task's name, text and visual."""
+    return sorted({*BUILTIN_TASKS, *VISUAL_TASK_NAMES})
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BuiltinSpec:
@@ -166,10 +175,8 @@ class BuiltinSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.task not in BUILTIN_TASKS:
-            raise BadInputError(
-                f"unknown built-in task {self.task!r}; known: {', '.join(sorted(BUILTIN_TASKS))}"
-            )
+        if self.task not in BUILTIN_TASKS and self.task not in VISUAL_TASK_NAMES:
+            raise BadInputError(f"unknown built-in task {self.task!r}; known: {', '.join(task_names())}")
         if not isinstance(self.level, int) or not 0 <= self.level <= MAX_LEVEL:
             raise BadInputError(f"built-in task level must be an integer 0..{MAX_LEVEL}, got {self.level!r}")
         if not isinstance(self.seed, int) or self.seed < 0:

@@ -1,0 +1,139 @@
+"""The built-in visual tasks (`builtin:count`, `builtin:read`): deterministic pictures, answers checked
+from the pixels (connected blobs; each digit matched against the font's own glyphs), train and test
+disjoint, and data files whose records carry images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from mllmjax.data import load_problems, visual
+from mllmjax.errors import BadInputError, RecordError
+
+LEVELS = range(4)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def blobs(path) -> tuple[np.ndarray, int]:
+    """The connected blobs of non-background pixels (8-connected), and how many there are."""
+    mask = (pixels(path) != visual.BACKGROUND).any(-1)
+    return ndimage.label(mask, structure=np.ones((3, 3)))
+
+
+def glyph(digit: int) -> np.ndarray:
+    """The ink mask of one digit in the font, cropped to its bounding box."""
+    image = Image.new("L", (80, 80), 0)
+    ImageDraw.Draw(image).text((10, 10), str(digit), fill=255, font=ImageFont.load_default(size=visual.FONT_SIZE))
+    ink = np.asarray(image) > 0
+    rows, cols = np.nonzero(ink)
+    return ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+def read_digits(path) -> list[int]:
+    """The digits of a `read` picture, left to right, each blob matched to the glyph with its exact ink."""
+    labels, n = blobs(path)
+    glyphs = {d: glyph(d) for d in range(10)}
+    found = []
+    for k, box in enumerate(ndimage.find_objects(labels)):
+        ink = labels[box] == k + 1
+        matches = [d for d, g in glyphs.items() if g.shape == ink.shape and (g == ink).all()]
+        assert len(matches) == 1, (path, k, matches)
+        found.append((box[1].start, matches[0]))
+    return [d for _, d in sorted(found)]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_count_answers_are_the_shapes_in_the_picture(level, tmp_path):
+    problems = load_problems(f"builtin:count:level={level}", split="train", num=12, image_dir=tmp_path)
+    lo, hi = {0: (1, 4), 1: (1, 6), 2: (2, 9), 3: (3, 12)}[level]
+    for p in problems:
+        [path] = p.images
+        assert blobs(path)[1] == int(p.answer), p.id
+        assert lo <= int(p.answer) <= hi
+        assert p.question == "How many shapes are in the picture?"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_read_answers_are_the_sum_of_the_digits_in_the_picture(level, tmp_path):
+    problems = load_problems(f"builtin:read:level={level}", split="test", num=8, image_dir=tmp_path)
+    for p in problems:
+        digits = read_digits(p.images[0])
+        assert len(digits) == level + 2
+        assert sum(digits) == int(p.answer), p.id
+        assert " + ".join(map(str, digits)) == p.meta["expression"]
+
+
+@pytest.mark.parametrize("task", sorted(visual.VISUAL_TASKS))
+def test_visual_tasks_are_deterministic(task, tmp_path):
+    first = load_problems(f"builtin:{task}:seed=3", num=5, offset=7, image_dir=tmp_path / "a")
+    again = load_problems(f"builtin:{task}:seed=3", num=5, offset=7, image_dir=tmp_path / "b")
+    # a slice is generated alone: the same problems as the longer run they belong to
+    longer = load_problems(f"builtin:{task}:seed=3", num=12, image_dir=tmp_path / "c")
+    for x, y, z in zip(first, again, longer[7:], strict=True):
+        assert (x.id, x.question, x.answer, x.meta) == (y.id, y.question, y.answer, y.meta)
+        assert (x.answer, x.meta) == (z.answer, z.meta)
+        assert open(x.images[0], "rb").read() == open(y.images[0], "rb").read()
+    other = load_problems(f"builtin:{task}:seed=4", num=5, offset=7, image_dir=tmp_path / "d")
+    assert [p.meta["scene"] for p in other] != [p.meta["scene"] for p in first]
+
+
+@pytest.mark.parametrize("task", sorted(visual.VISUAL_TASKS))
+def test_train_and_test_pictures_are_disjoint(task, tmp_path):
+    def digests(split: str) -> dict[str, str]:
+        problems = load_problems(f"builtin:{task}:level=0", split=split, num=150, image_dir=tmp_path / split)
+        return {hashlib.sha256(open(p.images[0], "rb").read()).hexdigest(): p.id for p in problems}
+
+    train, test = digests("train"), digests("test")
+    assert len(train) == 150 and len(test) == 150  # no repeated picture within a split either
+    assert not set(train) & set(test)
+    # by construction: each scene's split is the one its own description hashes to
+    for split in ("train", "test"):
+        for p in load_problems(f"builtin:{task}", split=split, num=20, image_dir=tmp_path / "x"):
+            from mllmjax.data.builtin import split_of
+
+            assert split_of(visual.scene_key(task, p.meta["scene"])) == split
+
+
+def test_visual_tasks_need_an_image_dir():
+    with pytest.raises(BadInputError, match="visual task.*only `mllmjax rollout`"):
+        load_problems("builtin:count", num=2)
+
+
+def test_records_with_images(tmp_path):
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "pics" / "a.png")
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(tmp_path / "pics" / "b.png")
+    rows = [
+        {"question": "q1", "answer": "1", "images": ["pics/a.png", "pics/b.png"]},
+        {"question": "q2", "answer": "2", "pic": "pics/b.png"},
+        {"question": "q3", "answer": "3"},
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = load_problems(str(data), image_field="images")
+    assert p[0].images == (str(tmp_path / "pics/a.png"), str(tmp_path / "pics/b.png"))
+    assert p[1].images == () and p[2].images == ()
+    assert load_problems(str(data), image_field="pic")[1].images == (str(tmp_path / "pics/b.png"),)
+    assert load_problems(str(data))[0].images == ()  # no image field: text only, as before
+
+    rows[2]["images"] = ["pics/missing.png"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"d.jsonl:3.*missing.png: no such file"):
+        load_problems(str(data), image_field="images")
+    (tmp_path / "pics" / "bad.png").write_text("not a picture")
+    rows[2]["images"] = "pics/bad.png"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"d.jsonl:3.*bad.png: not a readable image"):
+        load_problems(str(data), image_field="images")
+    rows[2]["images"] = [3]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match="must be an image file path or a list of them"):
+        load_problems(str(data), image_field="images")
