@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output, read_meta
-        from mllmjax.records import read_records
+        from mllmjax.records import read_records, refuse_images
         from mllmjax.sharding import make_mesh
         from mllmjax.training import make_train_config, train_checkpoint
 
@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         cfg = make_train_config(s)
         read_meta(ckpt)  # a clear error before the records are read
         records = read_records(scored)
+        refuse_images(records, source="<stdin>" if scored == "-" else str(scored))
         with stage_progress("train") as progress:
             task = progress.add_task("compiling", total=s.ppo_epochs * s.minibatches)
 

@@ -60,7 +60,7 @@ def test_round_trip_unscored_and_scored(tmp_path):
     [
         ('{"schema": ', "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
-        (line(schema="mllmjax.rollout/0"), "expected schema 'mllmjax.rollout/1', got 'mllmjax.rollout/0'"),
+        (line(schema="mllmjax.rollout/0"), "expected schema 'mllmjax.rollout/1' or 'mllmjax.rollout/2', got 'mllmjax.rollout/0'"),
         (line(completion_ids=...), "missing field(s) completion_ids"),
         (line(group="3"), "field 'group' must be an integer >= 0, got '3'"),
         (line(sample=True), "field 'sample' must be an integer >= 0, got True"),
@@ -152,3 +152,45 @@ def test_require_scored():
     require_scored([scored])
     with pytest.raises(ArtifactError, match=r"s\.jsonl: record 2 \(group 0, sample 1\) has no rewards"):
         require_scored([scored, make(sample=1)], source="s.jsonl")
+
+
+def test_records_with_images_are_schema_2_with_paths_relative_to_the_file(tmp_path):
+    digest = "ab" * 32
+    (tmp_path / "pics").mkdir()
+    inside, outside = tmp_path / "pics" / "a.png", tmp_path.parent / "elsewhere.png"
+    records = [make(images=[{"path": str(inside), "sha256": digest}, {"path": str(outside), "sha256": digest}])]
+    records.append(make(sample=1))  # no images: still /1, as before
+    path = tmp_path / "r.jsonl"
+    write_records(records, path)
+    first, second = (json.loads(x) for x in path.read_text().splitlines())
+    assert first["schema"] == "mllmjax.rollout/2" and second["schema"] == SCHEMA == "mllmjax.rollout/1"
+    assert "images" not in second
+    assert first["images"] == [{"path": "pics/a.png", "sha256": digest}, {"path": str(outside), "sha256": digest}]
+    assert list(first)[: len(list(second))] == list(second)  # /1's fields, in order, then images
+    assert read_records(path) == records  # read back with absolute paths, as in memory
+    # the same records written elsewhere keep pointing at the same files
+    write_records(read_records(path), tmp_path / "pics" / "again.jsonl")
+    assert read_records(tmp_path / "pics" / "again.jsonl") == records
+
+
+@pytest.mark.parametrize(
+    "images, expected",
+    [
+        ([], "field 'images' must be a non-empty list"),
+        ([{"path": "a.png"}], "field 'images' must be a non-empty list"),
+        ([{"path": "a.png", "sha256": "12"}], "64-digit hex"),
+        ("a.png", "field 'images'"),
+    ],
+)
+def test_bad_images_field(tmp_path, images, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line(schema="mllmjax.rollout/2", images=images) + "\n")
+    with pytest.raises(RecordError, match=expected):
+        read_records(path)
+    # /1 has no images field; /2 needs one
+    path.write_text(line(images=[{"path": "a.png", "sha256": "ab" * 32}]) + "\n")
+    with pytest.raises(RecordError, match="unknown field.*images.*schema mllmjax.rollout/1"):
+        read_records(path)
+    path.write_text(line(schema="mllmjax.rollout/2") + "\n")
+    with pytest.raises(RecordError, match="missing field.*images.*schema mllmjax.rollout/2"):
+        read_records(path)

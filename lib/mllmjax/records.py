@@ -1,5 +1,5 @@
 """Rollout records: the `mllmjax.rollout/1` JSON Lines schema that rollout, score, train and
-`sample --json` exchange.
+`sample --json` exchange, and `mllmjax.rollout/2`, the same with the prompt's images.
 
 One line per completion:
 
@@ -8,7 +8,10 @@ One line per completion:
      "answer", "policy", "meta": {...}}
 
 and `score` adds "rewards" {name: value}, "reward" (weighted sum), "advantage", "reward_errors"
-{name: "ExceptionType: message"}.
+{name: "ExceptionType: message"}. A record whose prompt holds images (a vision-language rollout) is
+`mllmjax.rollout/2`: the same fields plus "images": [{"path", "sha256"}, ...], one per image in prompt
+order, each path relative to the records file's directory (absolute when the image is outside it or
+the records go to stdout), and the SHA-256 of the file's bytes when it was sampled.
 
 Design decisions:
 - A frozen, keyword-only dataclass validated in `__post_init__`, so a record built in process (rollout,
@@ -20,6 +23,9 @@ Design decisions:
 - The four score fields are all present or all absent: a half-scored record is a bug, not a state.
 - Writes are atomic (a temp file in the destination directory, then `os.replace`), and an existing file
   is never replaced without `force`. `-` means stdin / stdout so stages pipe.
+- A record is /2 exactly when it carries images, so text-only records stay /1, byte for byte. In
+  memory an image's path is absolute (`read_records` resolves it against the file's directory, stdin's
+  against the working directory); `write_records` makes it relative to where it writes.
 - `group_records` is the one place that checks groups are complete (every group has samples 0..G-1
   exactly once, the same G everywhere, and one prompt), so estimators can assume a dense [groups, G]
   array and never mix groups.
@@ -43,6 +49,8 @@ from mllmjax.errors import ArtifactError, BadInputError, OutputExistsError, Reco
 CONTINUATION_KEY = "replay"
 
 SCHEMA = "mllmjax.rollout/1"
+SCHEMA_IMAGES = "mllmjax.rollout/2"  # /1 plus "images"
+SCHEMAS = (SCHEMA, SCHEMA_IMAGES)
 FINISH_REASONS = ("stop", "length")
 STDIO = "-"
 
@@ -107,6 +115,7 @@ class RolloutRecord:
     reward: float | None = None
     advantage: float | None = None
     reward_errors: dict[str, str] | None = None
+    images: list[dict[str, str]] | None = None  # [{"path", "sha256"}] (schema /2); None: no images
 
     def __post_init__(self) -> None:
         _require(
@@ -147,6 +156,23 @@ class RolloutRecord:
             self.finish_reason,
         )
         _require(isinstance(self.meta, dict), "meta", "an object", self.meta)
+        if self.images is not None:
+            _require(
+                isinstance(self.images, list)
+                and len(self.images) > 0
+                and all(
+                    isinstance(x, dict)
+                    and set(x) == {"path", "sha256"}
+                    and isinstance(x["path"], str)
+                    and x["path"]
+                    and isinstance(x["sha256"], str)
+                    and len(x["sha256"]) == 64
+                    for x in self.images
+                ),
+                "images",
+                'a non-empty list of {"path": ..., "sha256": ...} (a 64-digit hex SHA-256)',
+                self.images,
+            )
         present = [getattr(self, name) is not None for name in _SCORE_FIELDS]
         if any(present) and not all(present):
             missing = [n for n, p in zip(_SCORE_FIELDS, present, strict=True) if not p]
@@ -187,11 +213,18 @@ class RolloutRecord:
     def scored(self) -> bool:
         return self.rewards is not None
 
+    @property
+    def schema(self) -> str:
+        return SCHEMA if self.images is None else SCHEMA_IMAGES
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of one line: schema first, score fields only when scored."""
-        out: dict[str, Any] = {"schema": SCHEMA}
+        """The JSON object of one line: schema first, images after the base fields (/2 only), score
+        fields only when scored."""
+        out: dict[str, Any] = {"schema": self.schema}
         for name in _BASE_FIELDS:
             out[name] = getattr(self, name)
+        if self.images is not None:
+            out["images"] = [dict(x) for x in self.images]
         if self.scored:
             for name in _SCORE_FIELDS:
                 out[name] = getattr(self, name)
@@ -213,16 +246,17 @@ class RolloutRecord:
         if not isinstance(obj, dict):
             raise RecordValueError(f"expected a JSON object, got {type(obj).__name__}")
         schema = obj.get("schema")
-        if schema != SCHEMA:
-            raise RecordValueError(f"expected schema {SCHEMA!r}, got {schema!r}")
-        missing = [name for name in _BASE_FIELDS if name not in obj]
+        if schema not in SCHEMAS:
+            raise RecordValueError(f"expected schema {SCHEMA!r} or {SCHEMA_IMAGES!r}, got {schema!r}")
+        base = (*_BASE_FIELDS, "images") if schema == SCHEMA_IMAGES else _BASE_FIELDS
+        missing = [name for name in base if name not in obj]
         if missing:
-            raise RecordValueError(f"missing field(s) {', '.join(missing)} (schema {SCHEMA})")
-        known = {"schema", *_BASE_FIELDS, *_SCORE_FIELDS}
+            raise RecordValueError(f"missing field(s) {', '.join(missing)} (schema {schema})")
+        known = {"schema", *base, *_SCORE_FIELDS}
         unknown = sorted(set(obj) - known)
         if unknown:
             raise RecordValueError(
-                f"unknown field(s) {', '.join(unknown)} (schema {SCHEMA}; put extra data in 'meta')"
+                f"unknown field(s) {', '.join(unknown)} (schema {schema}; put extra data in 'meta')"
             )
         return cls(**{k: v for k, v in obj.items() if k != "schema"})
 
@@ -231,8 +265,9 @@ def _display_name(path: str | os.PathLike[str]) -> str:
     return "<stdin>" if str(path) == STDIO else str(path)
 
 
-def parse_records(lines: Iterable[str], source: str) -> list[RolloutRecord]:
-    """Parse JSON Lines text; blank lines are skipped, line numbers are 1-based in the message."""
+def parse_records(lines: Iterable[str], source: str, base: Path | None = None) -> list[RolloutRecord]:
+    """Parse JSON Lines text; blank lines are skipped, line numbers are 1-based in the message. Relative
+    image paths (/2) are resolved against `base` (the working directory by default)."""
     records: list[RolloutRecord] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -242,11 +277,16 @@ def parse_records(lines: Iterable[str], source: str) -> list[RolloutRecord]:
         except json.JSONDecodeError as e:
             raise RecordError(source, number, f"not valid JSON ({e.msg} at column {e.colno})") from None
         try:
-            records.append(RolloutRecord.from_dict(obj))
+            record = RolloutRecord.from_dict(obj)
         except RecordValueError as e:
             raise RecordError(source, number, str(e)) from None
         except TypeError as e:  # an unexpected keyword that slipped past from_dict's checks
             raise RecordError(source, number, str(e)) from None
+        if record.images is not None:
+            where = base if base is not None else Path.cwd()
+            images = [{**x, "path": str((where / x["path"]).absolute())} for x in record.images]
+            record = dataclasses.replace(record, images=images)
+        records.append(record)
     return records
 
 
@@ -261,11 +301,49 @@ def read_records(path: str | os.PathLike[str]) -> list[RolloutRecord]:
         what = "is a directory" if p.is_dir() else "no such file"
         raise BadInputError(f"{source}: {what} (expected rollout records, JSON Lines)")
     with p.open("rb") as f:
-        return parse_records(utf8_lines(f, source), source)
+        return parse_records(utf8_lines(f, source), source, base=p.parent)
 
 
-def records_to_jsonl(records: Iterable[RolloutRecord]) -> str:
-    return "".join(r.to_json() + "\n" for r in records)
+def records_to_jsonl(records: Iterable[RolloutRecord], base: Path | None = None) -> str:
+    """JSON Lines of records; image paths under `base` (the directory written to) are made relative to
+    it, the others absolute."""
+    return "".join(_relative_images(r, base).to_json() + "\n" for r in records)
+
+
+def _relative_images(record: RolloutRecord, base: Path | None) -> RolloutRecord:
+    if record.images is None:
+        return record
+    images = []
+    for x in record.images:
+        path = Path(x["path"]).absolute()
+        if base is not None and path.is_relative_to(base.absolute()):
+            path = path.relative_to(base.absolute())
+        images.append({**x, "path": path.as_posix()})
+    return dataclasses.replace(record, images=images)
+
+
+def verify_images(records: Sequence[RolloutRecord], *, source: str = "records") -> None:
+    """BadInputError unless every image of every record is still the file it was sampled from (its
+    SHA-256 matches); each file is hashed once."""
+    import hashlib
+
+    seen: dict[str, str] = {}
+    for position, record in enumerate(records):
+        for x in record.images or ():
+            path = x["path"]
+            if path not in seen:
+                p = Path(path)
+                if not p.is_file():
+                    raise BadInputError(
+                        f"{source}: record {position + 1}: image {path}: "
+                        f"{'is a directory' if p.is_dir() else 'no such file'}"
+                    )
+                seen[path] = hashlib.sha256(p.read_bytes()).hexdigest()
+            if seen[path] != x["sha256"]:
+                raise BadInputError(
+                    f"{source}: record {position + 1}: image {path} has changed since it was sampled "
+                    f"(sha256 {seen[path][:12]}..., the record says {x['sha256'][:12]}...)"
+                )
 
 
 def write_records(
@@ -277,7 +355,8 @@ def write_records(
     The text is built in full before anything touches the destination, so a bad record leaves no file;
     an existing file is replaced only with `force` (OutputExistsError otherwise).
     """
-    text = records_to_jsonl(records)
+    records = list(records)
+    text = records_to_jsonl(records, None if str(path) == STDIO else Path(path).parent)
     if "jax" in sys.modules:  # (scoring workers never import jax: they are single-process)
         from mllmjax.distributed import is_primary
 
@@ -312,6 +391,16 @@ def write_text_atomic(p: Path, text: str) -> None:
         os.fsync(f.fileno())
         signal_point("write")
         os.replace(tmp, p)
+
+
+def refuse_images(records: Sequence[RolloutRecord], *, source: str = "records") -> None:
+    """BadInputError for records with images (schema /2) in the stages that take text only (train)."""
+    for position, record in enumerate(records):
+        if record.images is not None:
+            raise BadInputError(
+                f"{source}: record {position + 1} holds images (schema {SCHEMA_IMAGES}): training on "
+                f"images is not supported yet; train takes text rollouts ({SCHEMA})"
+            )
 
 
 def require_scored(records: Sequence[RolloutRecord], *, source: str = "records") -> None:
