@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,11 +33,19 @@ completion per line, with prompt and completion ids, the sampled tokens' log-pro
 gold answer and the checkpoint they came from. Deterministic for a seed. `-o -` streams to stdout so
 `mllmjax score -` can read it.
 
+On a vision-language (LLaVA) checkpoint prompts may hold images: a data record's --image-field (a path
+or a list of paths, relative to the data file), or the picture of a visual built-in task (builtin:count,
+builtin:read), drawn into --image-dir (default OUT.images/). The checkpoint's own processor prepares
+them, the vision tower runs once per prompt and the G samples share its prefill. Records with images
+are schema mllmjax.rollout/2: /1 plus "images": [{"path", "sha256"}], paths relative to OUT's folder.
+
 Examples:
 
   mllmjax rollout ckpt/smollm2-135m --data builtin:arith --num-prompts 8 -G 8 -o r.jsonl
 
   mllmjax rollout ckpt/qwen --data gsm8k --num-prompts 64 --shuffle --seed 1 -o - | mllmjax score - -o s.jsonl
+
+  mllmjax rollout ckpt/llava --data builtin:count --num-prompts 8 -G 4 -o r.jsonl   # pictures in r.jsonl.images/
 """
 
 
@@ -83,6 +94,62 @@ def sample_problems(
     return gather_records(records)
 
 
+def sample_vision_problems(
+    ckpt: Path, problems: list[Problem], cfg: RolloutConfig, *, mesh: Mesh, dtype: str, meta: dict[str, Any]
+) -> list[RolloutRecord]:
+    """`sample_problems` for a vision-language checkpoint (one process): its processor prepares the
+    prompts and their images (`mllmjax.rollout.make_vision_rollouts`)."""
+    import jax
+
+    from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype, stop_ids_for
+    from mllmjax.errors import BadInputError
+    from mllmjax.images import load_processor
+    from mllmjax.rollout import make_vision_rollouts
+
+    if jax.process_count() > 1:
+        raise BadInputError("rollouts on a vision-language checkpoint run in one process so far")
+    step = read_meta(ckpt, vision_language=True).get("step", 0)
+    processor = load_processor(ckpt)
+    checkpoint = load_checkpoint(ckpt, mesh=mesh, dtype=resolve_dtype(dtype), vision_language=True)
+    stop_ids = stop_ids_for(processor.tokenizer, checkpoint.stop_ids)
+    start = time.perf_counter()
+    with stage_progress("rollout") as progress:
+        task = progress.add_task("", total=len(problems) * cfg.group_size)
+
+        def on_batch(tokens: int, samples: int) -> None:
+            dt = max(time.perf_counter() - start, 1e-9)
+            rate = f"{samples / cfg.group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
+            progress.update(task, completed=samples, description=rate)
+
+        use_mesh = mesh if mesh.devices.size > 1 else None
+        return make_vision_rollouts(
+            checkpoint.params, checkpoint.cfg, processor, problems, cfg, stop_ids=stop_ids,
+            policy=f"{ckpt}@{step}", mesh=use_mesh, meta=meta, on_batch=on_batch,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _drawn_pictures(folder: Path | None) -> Iterator[None]:
+    """The folder a visual task draws its pictures into: replaced if it exists (--force was checked),
+    and removed again if the command fails or is interrupted, so nothing is left without its records."""
+    from mllmjax import cleanup
+
+    if folder is None:
+        yield
+        return
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    elif folder.exists():
+        folder.unlink()
+    cleanup.register(folder, "dir")
+    try:
+        yield
+    except BaseException:
+        cleanup.remove(folder)
+        raise
+    cleanup.unregister(folder)
+
+
 def register(app: typer.Typer) -> None:
     @app.command(
         name="rollout",
@@ -102,11 +169,31 @@ def register(app: typer.Typer) -> None:
         ] = False,
         out: Annotated[str, typer.Option("-o", "--out", help='Records file ("-" = stdout).')] = "-",
         force: Force = False,
+        image_field: Annotated[
+            str,
+            typer.Option(
+                "--image-field",
+                help="Record field holding a prompt's images: a path or a list of paths, relative to the "
+                "data file (vision-language checkpoints).",
+            ),
+        ] = "images",
+        image_dir: Annotated[
+            Path | None,
+            typer.Option(
+                "--image-dir",
+                help="Where a visual built-in task (builtin:count, builtin:read) draws its pictures "
+                "(default: OUT.images/; needed with -o -).",
+            ),
+        ] = None,
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output, read_meta
         from mllmjax.data import load_problems
+        from mllmjax.data.builtin import parse_builtin_spec
+        from mllmjax.data.visual import VISUAL_TASKS
         from mllmjax.distributed import decode_mesh
+        from mllmjax.errors import BadInputError
+        from mllmjax.models.registry import is_vision_language
         from mllmjax.prompts import load_system_prompt
         from mllmjax.records import write_records
         from mllmjax.rollout import RolloutConfig
@@ -119,16 +206,43 @@ def register(app: typer.Typer) -> None:
         if out != "-":
             check_output(Path(out), force, file=True)
         cfg = RolloutConfig.from_settings(s, seed=s.seed, greedy=greedy)
-        read_meta(ckpt)  # a clear error before the data is read
-        problems = load_problems(
-            s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
-            num=num_prompts, offset=offset, shuffle=shuffle, seed=s.seed,
-        )  # fmt: skip
-        start = time.perf_counter()
-        records = sample_problems(
-            ckpt, problems, cfg, mesh=decode_mesh(mesh), dtype=dtype, meta={"data": s.data, "split": s.split}
+        family = str(read_meta(ckpt, vision_language=True).get("family", ""))  # before the data is read
+        vision = is_vision_language(family)
+        visual_task = (
+            s.data.strip().startswith("builtin:") and parse_builtin_spec(s.data.strip()).task in VISUAL_TASKS
         )
-        write_records(records, out, force=force)
+        if visual_task and not vision:
+            raise BadInputError(
+                f"{ckpt} is a text model; {s.data} has a picture per question, which needs a "
+                "vision-language checkpoint"
+            )
+        pictures = None
+        if visual_task:
+            if image_dir is None and out == "-":
+                raise BadInputError(f"{s.data} draws pictures: with -o - give --image-dir DIR for them")
+            pictures = image_dir if image_dir is not None else Path(f"{out}.images")
+            check_output(pictures, force)
+        meta = {"data": s.data, "split": s.split}
+        start = time.perf_counter()
+        with _drawn_pictures(pictures):
+            problems = load_problems(
+                s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
+                num=num_prompts, offset=offset, shuffle=shuffle, seed=s.seed, image_field=image_field,
+                image_dir=pictures,
+            )  # fmt: skip
+            if vision:
+                records = sample_vision_problems(
+                    ckpt, problems, cfg, mesh=decode_mesh(mesh), dtype=dtype, meta=meta
+                )
+            else:
+                with_images = next((p for p in problems if p.images), None)
+                if with_images is not None:
+                    raise BadInputError(
+                        f"{ckpt} is a text model; problem {with_images.id} has images (--image-field "
+                        f"{image_field}), which need a vision-language checkpoint"
+                    )
+                records = sample_problems(ckpt, problems, cfg, mesh=decode_mesh(mesh), dtype=dtype, meta=meta)
+            write_records(records, out, force=force)
         dt = time.perf_counter() - start
         tokens = sum(len(r.completion_ids) for r in records)
         stopped = sum(r.finish_reason == "stop" for r in records)

@@ -18,7 +18,7 @@ from rich.table import Table
 from mllmjax.advantages import ESTIMATORS
 from mllmjax.cleanup import check_output
 from mllmjax.errors import BadInputError
-from mllmjax.records import STDIO, read_records, write_records
+from mllmjax.records import STDIO, read_records, verify_images, write_records
 from mllmjax.rewards import REWARDS
 from mllmjax.scoring import ScoreConfig, score_records
 from mllmjax.settings import Settings
@@ -26,9 +26,11 @@ from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import Override, with_settings
 from mllmjax_cli.options import Force, Json
 
-HELP = f"""Add rewards and group advantages to rollout records (JSON Lines, schema mllmjax.rollout/1).
+HELP = f"""Add rewards and group advantages to rollout records (JSON Lines, schema mllmjax.rollout/1, or /2 with images).
 
-Reads ROLLOUTS (or stdin for -), checks that every group is complete, scores each completion with the weighted rewards, computes advantages within each group of G, and writes the scored records to -o (a file, or stdout for -). The summary table goes to stderr.
+Reads ROLLOUTS (or stdin for -), checks that every group is complete, scores each completion with the weighted rewards, computes advantages within each group of G, and writes the scored records to -o (a file, or stdout for -) in the schema they came in. The summary table goes to stderr.
+
+Records with images (mllmjax.rollout/2, from `rollout` on a vision-language checkpoint) keep them, their paths rewritten relative to -o's folder; a record whose image file is gone or no longer has the SHA-256 it was sampled with is refused.
 
 \b
 Rewards (--reward name=weight,...; known: {", ".join(sorted(REWARDS))}):
@@ -98,6 +100,7 @@ def register(app: typer.Typer) -> None:
         if out is not None and not to_stdout:
             check_output(out, force, file=True)
         records = read_records(rollouts)
+        verify_images(records, source="<stdin>" if rollouts == STDIO else rollouts)
         scored, summary = score_records(records, config)
         if out is not None:
             write_records(scored, out, force=force)

@@ -60,7 +60,10 @@ def test_round_trip_unscored_and_scored(tmp_path):
     [
         ('{"schema": ', "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
-        (line(schema="mllmjax.rollout/0"), "expected schema 'mllmjax.rollout/1' or 'mllmjax.rollout/2', got 'mllmjax.rollout/0'"),
+        (
+            line(schema="mllmjax.rollout/0"),
+            "expected schema 'mllmjax.rollout/1' or 'mllmjax.rollout/2', got 'mllmjax.rollout/0'",
+        ),
         (line(completion_ids=...), "missing field(s) completion_ids"),
         (line(group="3"), "field 'group' must be an integer >= 0, got '3'"),
         (line(sample=True), "field 'sample' must be an integer >= 0, got True"),
@@ -158,14 +161,19 @@ def test_records_with_images_are_schema_2_with_paths_relative_to_the_file(tmp_pa
     digest = "ab" * 32
     (tmp_path / "pics").mkdir()
     inside, outside = tmp_path / "pics" / "a.png", tmp_path.parent / "elsewhere.png"
-    records = [make(images=[{"path": str(inside), "sha256": digest}, {"path": str(outside), "sha256": digest}])]
+    records = [
+        make(images=[{"path": str(inside), "sha256": digest}, {"path": str(outside), "sha256": digest}])
+    ]
     records.append(make(sample=1))  # no images: still /1, as before
     path = tmp_path / "r.jsonl"
     write_records(records, path)
     first, second = (json.loads(x) for x in path.read_text().splitlines())
     assert first["schema"] == "mllmjax.rollout/2" and second["schema"] == SCHEMA == "mllmjax.rollout/1"
     assert "images" not in second
-    assert first["images"] == [{"path": "pics/a.png", "sha256": digest}, {"path": str(outside), "sha256": digest}]
+    assert first["images"] == [
+        {"path": "pics/a.png", "sha256": digest},
+        {"path": str(outside), "sha256": digest},
+    ]
     assert list(first)[: len(list(second))] == list(second)  # /1's fields, in order, then images
     assert read_records(path) == records  # read back with absolute paths, as in memory
     # the same records written elsewhere keep pointing at the same files

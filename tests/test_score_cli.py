@@ -107,9 +107,13 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 
 def test_wrong_schema_version(tmp_path):
     rows = [dict(r) for r in ROWS]
-    rows[1]["schema"] = "mllmjax.rollout/2"
+    rows[1]["schema"] = "mllmjax.rollout/3"  # /2 is /1 with images (test_vision_rollout.py)
     src, message = _bad(tmp_path, _jsonl(rows))
-    assert f"{src}:2: expected schema 'mllmjax.rollout/1', got 'mllmjax.rollout/2'" in message
+    want = "expected schema 'mllmjax.rollout/1' or 'mllmjax.rollout/2', got 'mllmjax.rollout/3'"
+    assert f"{src}:2: {want}" in message
+    rows[1]["schema"] = "mllmjax.rollout/2"  # a /2 record without its images
+    src, message = _bad(tmp_path, _jsonl(rows))
+    assert f"{src}:2: missing field(s) images (schema mllmjax.rollout/2)" in message
 
 
 def test_missing_group_member(tmp_path):

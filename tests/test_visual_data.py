@@ -31,7 +31,9 @@ def blobs(path) -> tuple[np.ndarray, int]:
 def glyph(digit: int) -> np.ndarray:
     """The ink mask of one digit in the font, cropped to its bounding box."""
     image = Image.new("L", (80, 80), 0)
-    ImageDraw.Draw(image).text((10, 10), str(digit), fill=255, font=ImageFont.load_default(size=visual.FONT_SIZE))
+    ImageDraw.Draw(image).text(
+        (10, 10), str(digit), fill=255, font=ImageFont.load_default(size=visual.FONT_SIZE)
+    )
     ink = np.asarray(image) > 0
     rows, cols = np.nonzero(ink)
     return ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]

@@ -131,12 +131,12 @@ def read_meta(path: str | os.PathLike[str], *, vision_language: bool = False) ->
 def refuse_vision_language(path: str | os.PathLike[str], family: str, what: str = "checkpoint") -> None:
     """BadInputError for a vision-language model (`family`) in the commands that run text models only:
     every command that loads a checkpoint reads its metadata first (`read_meta`), before it reads data
-    or writes anything, so that one check covers rollout, eval, train and grpo."""
+    or writes anything, so that one check covers eval, train and grpo (rollout and sample read them)."""
     if is_vision_language(family):
         raise BadInputError(
-            f"{path} is a vision-language ({family}) {what}: mllmjax converts, exports and samples these "
-            "so far (`mllmjax convert`, `export`, `sample`); rollouts and training with images are not "
-            "supported yet"
+            f"{path} is a vision-language ({family}) {what}: mllmjax converts, exports, samples and rolls "
+            "out these so far (`mllmjax convert`, `export`, `sample`, `rollout`, then `score`); eval and "
+            "training with images are not supported yet"
         )
 
 

@@ -9,6 +9,12 @@ trainer can use them as old log-probs.
 Determinism: problem i of a run is sampled with keys derived from (seed, i), so the same seed gives the
 same records whatever the batch size.
 
+Vision-language (LLaVA) checkpoints: `make_vision_rollouts` builds each prompt with the checkpoint's own
+HF processor (`mllmjax.images`: chat template image slots, image token expansion, pixel preprocessing),
+runs the vision tower once per prompt, and decodes the G samples of a prompt from its one prefill
+(`sampling.generate_embeds`); records of prompts with images carry them (schema mllmjax.rollout/2:
+each image's path and SHA-256). One process only, for now.
+
 Multi-host: `host_rollouts` gives each process its own contiguous share of the problems, decoded on
 its own devices (see mllmjax.distributed); problem i keeps its keys (seed, i) on whichever host samples
 it, so the records equal a one-process run's. `gather_records` joins the shares in problem order.
@@ -94,6 +100,12 @@ def make_rollouts(
     on_batch(tokens_done, samples_done) reports progress. A problem whose meta holds a continuation
     (`CONTINUATION_KEY`: prefix_ids, from_step; the grpo replay buffer) is prompted with those tokens
     after its prompt, and its records carry the prefix's text in meta[CONTINUATION_KEY]["prefix"]."""
+    with_images = next((p for p in problems if p.images), None)
+    if with_images is not None:
+        raise BadInputError(
+            f"problem {with_images.id} has images; a text model cannot read them (a vision-language "
+            "checkpoint can: `make_vision_rollouts`)"
+        )
     encoded = [encode_prompt(tokenizer, p, cfg) for p in problems]
     # Continuation prompts (the grpo replay buffer): the prompt followed by a partial completion.
     continued: dict[int, dict[str, Any]] = {}
@@ -140,6 +152,120 @@ def make_rollouts(
                     **(meta or {}),
                     **({CONTINUATION_KEY: continued[c.prompt_index]} if c.prompt_index in continued else {}),
                 },
+            )
+        )
+    return records
+
+
+def vision_messages(question: Any, cfg: RolloutConfig) -> list[dict[str, Any]]:
+    """The chat of a vision prompt: the system turn, the worked examples and the user's question (its
+    content a list of items, image items first), every content in the list form processors' chat
+    templates take."""
+
+    def text(t: str) -> list[dict[str, str]]:
+        return [{"type": "text", "text": t}]
+
+    messages = [{"role": "system", "content": text(cfg.system_prompt)}] if cfg.system_prompt else []
+    for q, r in cfg.examples:
+        messages += [{"role": "user", "content": text(q)}, {"role": "assistant", "content": text(r)}]
+    content = question if isinstance(question, list) else text(question)
+    return messages + [{"role": "user", "content": content}]
+
+
+def encode_vision_prompt(
+    processor: Any, problem: Problem, cfg: RolloutConfig, pictures: Sequence[Any]
+) -> tuple[str, list[int], Any]:
+    """(prompt text, token ids with the image tokens expanded, pixels [N, C, H, W] or None) of a problem
+    with images, made by the processor as `sample --image` makes its prompts: the question's image
+    tokens are its slots, else one slot per image goes before it."""
+    from mllmjax import images as im
+
+    where = f"problem {problem.id}"
+    extra = im.image_slots(processor, problem.question, len(pictures), where=where)
+    use_chat = bool(getattr(processor, "chat_template", None))
+    if use_chat:
+        question = im.user_content(problem.question, extra)
+        text = processor.apply_chat_template(
+            vision_messages(question, cfg), add_generation_prompt=True, tokenize=False
+        )
+    else:
+        question = im.plain_text(processor, problem.question, extra)
+        text = build_prompt(None, question, cfg.system_prompt, cfg.examples)
+    ids, pixels = im.processor_inputs(processor, text, pictures, chat=use_chat, where=where)
+    return text, ids, pixels
+
+
+def make_vision_rollouts(
+    params: Params,
+    model_cfg: Any,
+    processor: Any,
+    problems: Sequence[Problem],
+    cfg: RolloutConfig,
+    *,
+    stop_ids: Sequence[int],
+    policy: str,
+    first_group: int = 0,
+    first_index: int = 0,
+    mesh: Any = None,
+    meta: dict[str, Any] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[RolloutRecord]:
+    """`make_rollouts` on a vision-language (LLaVA) checkpoint: params {"vision", "projector", "text"},
+    model_cfg its LlavaConfig, processor its HF processor. Every image is read (and hashed) before any
+    device work; each prompt's input embeddings (text embeddings with its image features in place) are
+    made once, and its G samples share its prefill. A problem without images is a text prompt of the
+    same model, written as a /1 record."""
+    from mllmjax import images as im
+    from mllmjax.models.vision import llava
+    from mllmjax.sampling.sampler import generate_embeds
+
+    paths = list(dict.fromkeys(path for p in problems for path in p.images))
+    opened = {path: im.open_image(path) for path in paths}
+    digests = {path: im.file_sha256(path) for path in paths}
+    encoded = [encode_vision_prompt(processor, p, cfg, [opened[x] for x in p.images]) for p in problems]
+    context = model_cfg.text.max_position_embeddings
+    for p, (_, ids, _) in zip(problems, encoded, strict=True):
+        if len(ids) >= context:
+            raise BadInputError(
+                f"problem {p.id}: its prompt is {len(ids)} tokens (with its images); the model's context "
+                f"is {context}"
+            )
+    embeds = [llava.prompt_embeds(params, model_cfg, ids, pixels) for _, ids, pixels in encoded]
+    completions = generate_embeds(
+        params["text"],
+        model_cfg.text,
+        embeds,
+        cfg.strategy,
+        n=cfg.group_size,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_ids=stop_ids,
+        seed=cfg.seed,
+        max_batch=cfg.max_batch,
+        mesh=mesh,
+        first_index=first_index,
+        on_batch=on_batch,
+    )
+    tokenizer = processor.tokenizer
+    records = []
+    for c in completions:
+        problem = problems[c.prompt_index]
+        text, ids, _ = encoded[c.prompt_index]
+        images = [{"path": x, "sha256": digests[x]} for x in problem.images] or None
+        records.append(
+            RolloutRecord(
+                prompt_id=problem.id,
+                group=first_group + c.prompt_index,
+                sample=c.sample_index,
+                prompt=text,
+                prompt_ids=ids,
+                completion=tokenizer.decode(c.ids, skip_special_tokens=True),
+                completion_ids=list(c.ids),
+                logprobs=list(c.logprobs),
+                finish_reason=c.finish_reason,
+                answer=problem.answer,
+                policy=policy,
+                meta=dict(meta or {}),
+                images=images,
             )
         )
     return records

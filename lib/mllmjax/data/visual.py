@@ -68,7 +68,9 @@ def count(r: random.Random, level: int) -> VisualGenerated:
         margin = half + 3
         x = (c % GRID) * cell + r.randint(margin, cell - margin)
         y = (c // GRID) * cell + r.randint(margin, cell - margin)
-        shapes.append({"kind": r.choice(_KINDS), "x": x, "y": y, "half": half, "colour": list(r.choice(_COLOURS))})
+        shapes.append(
+            {"kind": r.choice(_KINDS), "x": x, "y": y, "half": half, "colour": list(r.choice(_COLOURS))}
+        )
     question = "How many shapes are in the picture?"
     return VisualGenerated(
         question=question, answer=n, expression=" + ".join(["1"] * n), scene={"shapes": shapes}
