@@ -217,6 +217,9 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(
     _expect_bad(
         run("eval", text_ckpt, "--data", "builtin:read", "-o", out), "visual task", "only `mllmjax rollout`"
     )
+    grpo = run("grpo", "--model", text_ckpt, "--data", "builtin:count", "--steps", 1, "-o", tmp_path / "run")
+    _expect_bad(grpo, "visual task", "only `mllmjax rollout`")
+    assert not (tmp_path / "run").exists()
     _, rollouts = count_rollout
     scored = tmp_path / "s.jsonl"
     assert run("score", rollouts, "-o", scored).exit_code == 0
