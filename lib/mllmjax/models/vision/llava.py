@@ -270,17 +270,30 @@ def load_hf(folder: str | Path, *, dtype: Any = np.float32) -> tuple[LlavaConfig
 
 
 def image_features(params: Params, cfg: LlavaConfig, pixels: jax.Array, dtype: Any) -> jax.Array:
-    """The projected features [N, tokens_per_image, D_text] of images pixels [N, C, H, W]: the selected
-    hidden states of the tower (run only as deep as the deepest of them), concatenated, the first
-    token dropped by "default", through the projector."""
+    """The projected features [N, tokens_per_image, D_text] of images pixels [N, C, H, W]: the tower's
+    features (`tower_features`) through the projector (`project_features`)."""
+    return project_features(
+        params["projector"], cfg, tower_features(params["vision"], cfg, pixels, dtype), dtype
+    )
+
+
+def tower_features(vision: Params, cfg: LlavaConfig, pixels: jax.Array, dtype: Any) -> jax.Array:
+    """What the projector reads [N, tokens_per_image, in_features] of images pixels [N, C, H, W]: the
+    selected hidden states of the tower (run only as deep as the deepest of them), concatenated, the
+    first token dropped by "default". Training with a frozen tower computes these once per batch."""
     hidden = tower.hidden_states(
-        params["vision"], cfg.vision, pixels, depth=max(cfg.feature_layers), compute_dtype=dtype
+        vision, cfg.vision, pixels, depth=max(cfg.feature_layers), compute_dtype=dtype
     )
     feats = jnp.concatenate([hidden[layer] for layer in cfg.feature_layers], axis=-1)
-    if cfg.select_strategy == "default":
-        feats = feats[:, 1:]
-    p = transformer.cast_layer(params["projector"], dtype)
-    return plain_mlp(feats, p["fc1"], p.get("fc1_bias"), p["fc2"], p.get("fc2_bias"), cfg.projector.act)
+    return feats[:, 1:] if cfg.select_strategy == "default" else feats
+
+
+def project_features(projector: Params, cfg: LlavaConfig, feats: jax.Array, dtype: Any) -> jax.Array:
+    """The projector on tower features [..., in_features] -> [..., D_text]."""
+    p = transformer.cast_layer(projector, dtype)
+    return plain_mlp(
+        feats.astype(dtype), p["fc1"], p.get("fc1_bias"), p["fc2"], p.get("fc2_bias"), cfg.projector.act
+    )
 
 
 def merge_image_features(
@@ -293,6 +306,21 @@ def merge_image_features(
     flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
     index = jnp.cumsum(mask.reshape(-1)).reshape(mask.shape) - 1
     picked = jnp.take(flat, jnp.clip(index, 0, flat.shape[0] - 1), axis=0)
+    return jnp.where(mask[..., None], picked, embeds)
+
+
+def merge_row_features(
+    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int, prompt_len: int
+) -> jax.Array:
+    """`merge_image_features` row by row, for training batches whose rows are shuffled: embeds [B, T,
+    D], input_ids [B, T], features [B, K, P, D] (row b's images, padded with unused ones to K). Only
+    image tokens before column prompt_len are slots (a sampled completion may hold the image token's
+    id, which the sampler embedded as a token); row b's k-th slot takes row b's k-th feature row."""
+    b, t = input_ids.shape
+    mask = (input_ids == image_token_id) & (jnp.arange(t) < prompt_len)[None, :]
+    flat = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)
+    index = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, flat.shape[1] - 1)
+    picked = jnp.take_along_axis(flat, index[..., None], axis=1)
     return jnp.where(mask[..., None], picked, embeds)
 
 
