@@ -154,6 +154,14 @@ class Settings:
         "experts_up,experts_down; all = every one the model has (the attention only on a Qwen3-MoE with "
         "dense MLPs among its expert layers).",
     )
+    train_vision: bool = setting(
+        False,
+        "Vision-language checkpoints: train the vision tower too (default: frozen; its features are "
+        "computed once per batch).",
+    )
+    train_projector: bool = setting(
+        True, "Vision-language checkpoints: train the projector (--no-train-projector freezes it)."
+    )
     remat: str = setting("none", "none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.")
     layer_loop: str = setting(
         "auto",
@@ -192,4 +200,5 @@ DEFAULTS = Settings()
 TRAIN_SETTINGS = ("ppo_epochs", "minibatches", "micro_batch", "lr", "optimizer", "weight_decay", "warmup",
                   "steps", "beta", "kl", "clip_low", "clip_high", "loss_agg", "loss", "ratio_level",
                   "entropy_coef", "temperature", "tis_cap", "remat", "layer_loop", "compute_dtype", "attention",
-                  "router_aux_coef", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "shared_prompt")  # fmt: skip
+                  "router_aux_coef", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                  "shared_prompt", "train_vision", "train_projector")  # fmt: skip

@@ -121,6 +121,9 @@ class TrainConfig:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     # Rows that share a prompt (Batch.prompt_rows) run it once per group, forward and backward.
     shared_prompt: bool = DEFAULTS.shared_prompt
+    # Vision-language models (`mllmjax.vision_training`): which parts besides the language model train.
+    train_vision: bool = DEFAULTS.train_vision
+    train_projector: bool = DEFAULTS.train_projector
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
@@ -174,6 +177,11 @@ class Batch:
     old_logps: jax.Array | None = None  # [B, T]
     sampler_logps: jax.Array | None = None  # [B, T], for truncated importance sampling
     ref_logps: jax.Array | None = None  # [B, T], filled by the trainer when beta > 0
+    # A vision-language model's batch (`mllmjax.vision_training`): each row's images, padded with
+    # unused ones to K per row; the image tokens of a row's prompt take its images' features in order.
+    pixels: jax.Array | None = None  # [B, K, C, H, W]
+    # What a frozen vision tower makes of `pixels` (the projector's input), filled once per batch.
+    image_features: jax.Array | None = None  # [B, K, P, F]
     completion_start: int = struct.field(pytree_node=False, default=1)
     # Each run of this many rows (from row 0) has one prompt: equal tokens, positions and valid before
     # completion_start (`training.prompt_rows` finds it). 1: no claim. `rows()` resets it to 1.
@@ -195,6 +203,10 @@ def validate_batch(batch: Batch) -> None:
         arr = getattr(batch, name)
         if arr is not None and tuple(arr.shape) != (b, t):
             raise BadInputError(f"batch.{name} has shape {tuple(arr.shape)}, expected {(b, t)}")
+    for name in ("pixels", "image_features"):
+        arr = getattr(batch, name)
+        if arr is not None and arr.shape[0] != b:
+            raise BadInputError(f"batch.{name} has {arr.shape[0]} rows, expected {b}")
     if tuple(batch.advantages.shape) != (b,):
         raise BadInputError(f"batch.advantages has shape {tuple(batch.advantages.shape)}, expected {(b,)}")
     if not 1 <= batch.completion_start < t:
@@ -212,8 +224,13 @@ def validate_batch(batch: Batch) -> None:
     if k < 1 or b % k:
         raise BadInputError(f"prompt_rows {k} does not divide the batch of {b} rows")
     if k > 1:  # the claim the shared-prompt forward rests on
-        for name in ("tokens", "positions", "valid"):
-            x = to_host(getattr(batch, name))[:, :p].reshape(b // k, k, p)
+        # (pixels, not a frozen tower's features of them: `VisionTrainer.prepare` checks them first)
+        for name in ("tokens", "positions", "valid", "pixels"):
+            x = getattr(batch, name)
+            if x is None:
+                continue
+            x = to_host(x)
+            x = (x[:, :p] if x.ndim == 2 else x).reshape(b // k, k, -1)
             if not (x == x[:, :1]).all():
                 raise BadInputError(
                     f"batch.prompt_rows is {k} but rows of one run differ in {name} before the completion"
@@ -266,9 +283,11 @@ class Trainer:
             self.ref_params = None  # beta 0: keep no reference copy alive
         self._compute_dtype = jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else None
         self._remat = REMAT_POLICIES[cfg.remat]
+        # The decoder the forward runs: the model, or a vision-language model's language model.
+        self.text_cfg: ModelConfig = getattr(model_cfg, "text", model_cfg)
         # A model with layers of different parameters unrolls whatever layer_loop says (`transformer`).
-        self._unroll = unrolls_layers(cfg.layer_loop, cfg.remat) or bool(model_cfg.layer_stacks())
-        self._router = "router" in layer_specs(model_cfg)  # a mixture of experts: report router_aux
+        self._unroll = unrolls_layers(cfg.layer_loop, cfg.remat) or bool(self.text_cfg.layer_stacks())
+        self._router = "router" in layer_specs(self.text_cfg)  # a mixture of experts: report router_aux
         self._update_jits: dict[Any, Any] = {}
         self._logprobs_jit = jax.jit(self._logprobs)
         self._grads_jit = jax.jit(self._grads, static_argnames=("micro_batch",))
@@ -324,16 +343,19 @@ class Trainer:
         run once and its rows' completions attend to it (`transformer.fold_groups`); the log-probs are
         the per-row forward's, and the prompt's gradient is the sum of its rows'. A mixture of experts'
         router statistics then count a shared prompt's tokens once."""
-        cdt = self._compute_dtype or params["embed"].dtype
+        text = self._text_params(params)
+        cdt = self._compute_dtype or text["embed"].dtype
         p, rows = batch.completion_start, batch.prompt_rows if self.cfg.shared_prompt else 1
-        inputs, shared = (batch.tokens, batch.positions, batch.valid), None
+        embeds = self._input_embeds(params, batch, cdt)
+        inputs, shared = (batch.tokens if embeds is None else embeds, batch.positions, batch.valid), None
         if rows > 1:
             inputs, shared = tuple(fold_groups(x, p, rows) for x in inputs), (p, rows)
         hidden, _, aux = forward(
-            params,
-            self.model_cfg,
-            inputs[0],
+            text,
+            self.text_cfg,
+            None if embeds is not None else inputs[0],
             inputs[1],
+            embeds=None if embeds is None else inputs[0],
             valid=inputs[2],
             compute_dtype=self._compute_dtype,
             remat=self._remat,
@@ -346,13 +368,13 @@ class Trainer:
             hidden, targets, start = unfold_groups(hidden, p, rows), batch.tokens[:, p - 1 :], 1
         logp, ent = sequence_logprobs(
             hidden,
-            lm_head(params),
+            lm_head(text),
             targets,
             completion_start=start,
             temperature=self.cfg.temperature,
             chunk_size=self.cfg.logit_chunk,
             recompute=self.cfg.logit_recompute,
-            softcap=self.model_cfg.final_logit_softcap,
+            softcap=self.text_cfg.final_logit_softcap,
             entropy_grad=self.cfg.loss.entropy_coef > 0,
         )
         if rows > 1:  # back to the batch's columns: 0 before the completion
@@ -360,6 +382,15 @@ class Trainer:
             logp = jnp.concatenate([zeros, logp], axis=1)
             ent = None if ent is None else jnp.concatenate([zeros, ent], axis=1)
         return logp, ent, aux
+
+    def _text_params(self, params: Params) -> Params:
+        """The language model's params within the forward's params (all of them for a text model)."""
+        return params
+
+    def _input_embeds(self, params: Params, batch: Batch, dtype: Any) -> jax.Array | None:
+        """The first layer's input [B, T, D] when it is not the tokens' embeddings (a vision-language
+        model's, with image features in place), else None."""
+        return None
 
     def _policy(self, params: Params, base: Params | None, key: jax.Array | None = None) -> Params:
         """The params the forward runs: params itself, or with LoRA the base with the adapters attached
