@@ -23,6 +23,13 @@ loss router_aux) are shown and saved as OUT/train_metrics.jsonl.
 With --lora-rank R only rank-R adapters are trained, on the frozen base (also the KL reference), and OUT
 holds just the adapters; train a LoRA checkpoint on with the same --lora-* flags (README: LoRA).
 
+A vision-language (LLaVA) checkpoint trains on rollouts with images (schema mllmjax.rollout/2, from
+`mllmjax rollout` on it) and on text rollouts: each record's images are checked against their SHA-256
+and prepared by the checkpoint's own processor. The language model and the projector train, the vision
+tower stays frozen (--train-vision trains it, --no-train-projector freezes the projector), and OUT is a
+whole LLaVA checkpoint (with the processor's files) that sample, rollout and export read. --lora-rank
+is refused on one for now. Records with images on a text checkpoint are an error.
+
 The learning-rate schedule (linear warm-up, cosine to 0) spans --steps x --ppo-epochs x --minibatches
 optimizer updates; a scripted loop that calls train once per step passes the loop's --steps and --resume.
 
@@ -31,6 +38,8 @@ Examples:
   mllmjax train ckpt/smollm2 s.jsonl -o ckpt/step1
 
   mllmjax train ckpt/step1 s2.jsonl -o ckpt/step2 --resume --steps 400 --temperature 1.0
+
+  mllmjax train ckpt/llava scored-images.jsonl -o ckpt/llava-step1
 """
 
 
@@ -57,6 +66,7 @@ def register(app: typer.Typer) -> None:
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output, read_meta
+        from mllmjax.models.registry import is_vision_language
         from mllmjax.records import read_records, refuse_images
         from mllmjax.sharding import make_mesh
         from mllmjax.training import make_train_config, train_checkpoint
@@ -65,9 +75,10 @@ def register(app: typer.Typer) -> None:
         mesh = make_mesh(settings.pop("mesh"))
         s = Settings(**settings)
         cfg = make_train_config(s)
-        read_meta(ckpt)  # a clear error before the records are read
+        meta = read_meta(ckpt, vision_language=True)  # a clear error before the records are read
         records = read_records(scored)
-        refuse_images(records, source="<stdin>" if scored == "-" else str(scored))
+        if not is_vision_language(str(meta.get("family", ""))):
+            refuse_images(records, source="<stdin>" if scored == "-" else str(scored), model=ckpt)
         with stage_progress("train") as progress:
             task = progress.add_task("compiling", total=s.ppo_epochs * s.minibatches)
 

@@ -213,7 +213,7 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(
     long.write_text(" ".join(["w1"] * 300))
     bad(ck, "--data", "builtin:count", "--num-prompts", 1, "--system-prompt", long, fragments=("context",))
     _expect_bad(run("rollout", ck, "--data", "builtin:count", "-o", "-"), "--image-dir")
-    # eval, train and grpo take text only: a visual task, /2 records
+    # eval and grpo take text only (a visual task), and a text checkpoint trains on no /2 records
     _expect_bad(
         run("eval", text_ckpt, "--data", "builtin:read", "-o", out), "visual task", "only `mllmjax rollout`"
     )
@@ -223,7 +223,5 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(
     _, rollouts = count_rollout
     scored = tmp_path / "s.jsonl"
     assert run("score", rollouts, "-o", scored).exit_code == 0
-    _expect_bad(
-        run("train", text_ckpt, scored, "-o", tmp_path / "t"), "mllmjax.rollout/2", "not supported yet"
-    )
+    _expect_bad(run("train", text_ckpt, scored, "-o", tmp_path / "t"), "mllmjax.rollout/2", "is a text model")
     assert not out.exists() and not (tmp_path / "t").exists()

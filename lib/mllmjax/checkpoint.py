@@ -7,9 +7,10 @@
     CKPT/opt_state/      optimizer state + step + rng (train/grpo outputs only)
 
 A vision-language checkpoint (family "llava": params {"vision", "projector", "text"}, the HF processor's
-files beside the tokenizer's) is read only by the commands that ask for one (convert writes it, export
-and sample read it: `vision_language=True`); every other command is refused in `read_meta`, which each
-of them goes through before anything else (`refuse_vision_language`).
+files beside the tokenizer's) is read only by the commands that ask for one (convert and train write
+it, export, sample, rollout and train read it: `vision_language=True`); every other command (eval,
+grpo) is refused in `read_meta`, which each of them goes through before anything else
+(`refuse_vision_language`).
 
 A LoRA checkpoint (train/grpo with --lora-rank) holds the adapters in params/ and, in mllmjax.json,
 "lora": {rank, alpha, dropout, targets, base, base_hash} (`mllmjax.lora`). Loading one loads its base
@@ -131,12 +132,12 @@ def read_meta(path: str | os.PathLike[str], *, vision_language: bool = False) ->
 def refuse_vision_language(path: str | os.PathLike[str], family: str, what: str = "checkpoint") -> None:
     """BadInputError for a vision-language model (`family`) in the commands that run text models only:
     every command that loads a checkpoint reads its metadata first (`read_meta`), before it reads data
-    or writes anything, so that one check covers eval, train and grpo (rollout and sample read them)."""
+    or writes anything, so that one check covers eval and grpo (rollout, sample and train read them)."""
     if is_vision_language(family):
         raise BadInputError(
-            f"{path} is a vision-language ({family}) {what}: mllmjax converts, exports, samples and rolls "
-            "out these so far (`mllmjax convert`, `export`, `sample`, `rollout`, then `score`); eval and "
-            "training with images are not supported yet"
+            f"{path} is a vision-language ({family}) {what}: mllmjax converts, exports, samples, rolls "
+            "out and trains these so far (`mllmjax convert`, `export`, `sample`, `rollout`, `score`, "
+            "`train`); eval and grpo with images are not supported yet"
         )
 
 

@@ -393,13 +393,17 @@ def write_text_atomic(p: Path, text: str) -> None:
         os.replace(tmp, p)
 
 
-def refuse_images(records: Sequence[RolloutRecord], *, source: str = "records") -> None:
-    """BadInputError for records with images (schema /2) in the stages that take text only (train)."""
+def refuse_images(
+    records: Sequence[RolloutRecord], *, source: str = "records", model: str | os.PathLike[str] = "the model"
+) -> None:
+    """BadInputError for records with images (schema /2) given to a text model (`train` on a text
+    checkpoint): it cannot read them."""
     for position, record in enumerate(records):
         if record.images is not None:
             raise BadInputError(
-                f"{source}: record {position + 1} holds images (schema {SCHEMA_IMAGES}): training on "
-                f"images is not supported yet; train takes text rollouts ({SCHEMA})"
+                f"{source}: record {position + 1} holds images (schema {SCHEMA_IMAGES}), but {model} is a "
+                f"text model: train it on text rollouts ({SCHEMA}), or train a vision-language checkpoint "
+                "on these"
             )
 
 

@@ -13,6 +13,10 @@ Design decisions:
 - The train state (optimizer state, update count, RNG) is saved beside the params as `opt_state/`, so
   `--resume` continues bit for bit. The KL reference is the policy the run started from: its path is
   kept in mllmjax.json as `reference` and reloaded on resume (only when beta > 0).
+- A vision-language (LLaVA) checkpoint trains on records with images (schema /2) and text records
+  alike (`mllmjax.vision_training`: what trains, the pixels, the frozen tower); its output is the whole
+  LLaVA checkpoint with the processor's files, and mllmjax.json keeps the parts that trained
+  (`trained`), which --resume must train again. A text checkpoint refuses records with images.
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ def check_records(
         raise BadInputError(f"{source}: no completion tokens to train on")
     # A continuation record (grpo's replay buffer) holds its prompt followed by a partial completion's
     # tokens, whose decoded text need not re-encode to the same ids: the first plain record is checked.
-    first = next((r for r in records if CONTINUATION_KEY not in r.meta), None)
+    # A record with images holds its image slots in its text: the processor checks those
+    # (`vision_training.record_pixels`).
+    first = next((r for r in records if CONTINUATION_KEY not in r.meta and r.images is None), None)
     if first is not None and (
         list(tokenizer(first.prompt, add_special_tokens=False)["input_ids"]) != list(first.prompt_ids)
     ):
@@ -123,8 +129,14 @@ def batch_from_records(records: Sequence[RolloutRecord], *, pad_id: int = 0) -> 
         advantages=jnp.asarray(advantages),
         sampler_logps=jnp.asarray(sampler),
         completion_start=p,
-        prompt_rows=prompt_rows([r.prompt_ids for r in records]),
+        prompt_rows=prompt_rows(prompt_keys(records)),
     )
+
+
+def prompt_keys(records: Sequence[RolloutRecord]) -> list[tuple[Any, ...]]:
+    """What makes two records' prompts the same: their prompt ids and their images' hashes (a visual
+    task asks one question of many pictures, whose image tokens are the same ids)."""
+    return [tuple(r.prompt_ids) + tuple(x["sha256"] for x in r.images or ()) for r in records]
 
 
 def prompt_rows(prompts: Sequence[Sequence[int]]) -> int:
@@ -160,7 +172,7 @@ def make_train_config(settings: Settings) -> TrainConfig:
         ppo_epochs=s.ppo_epochs, minibatches=s.minibatches, micro_batch=s.micro_batch, remat=s.remat,
         temperature=s.temperature, compute_dtype=s.compute_dtype, attention=s.attention,
         layer_loop=s.layer_loop, router_aux_coef=s.router_aux_coef, lora=lora_from_settings(s),
-        shared_prompt=s.shared_prompt,
+        shared_prompt=s.shared_prompt, train_vision=s.train_vision, train_projector=s.train_projector,
     )  # fmt: skip
 
 
@@ -174,12 +186,13 @@ def require_opt_state(ckpt: Checkpoint) -> None:
         raise ArtifactError(f"{ckpt.path} has no opt_state/ to resume from (only train/grpo outputs do)")
 
 
-def restore_train_state(ckpt: Checkpoint, trainer: Trainer) -> TrainState:
-    """The TrainState saved with a checkpoint, placed like its params."""
+def restore_train_state(ckpt: Checkpoint, trainer: Trainer, params: Params | None = None) -> TrainState:
+    """The TrainState saved with a checkpoint, placed like its params; params: the trained params when
+    they are not all of the checkpoint's (a vision-language model's trained parts)."""
     import orbax.checkpoint as ocp
 
     require_opt_state(ckpt)
-    params = ckpt.params
+    params = ckpt.params if params is None else params
     template = jax.eval_shape(
         lambda p: state_extras(trainer.init_state(p, jax.random.key_data(jax.random.key(0)))), params
     )
@@ -237,24 +250,50 @@ def train_checkpoint(
 
     Before the parameters are loaded, the memory one update needs is estimated (`mllmjax.memory`),
     passed to on_memory, and a run that cannot fit stops with BadInputError."""
+    from mllmjax.models.registry import is_vision_language
+    from mllmjax.records import refuse_images, verify_images
+
     ckpt_path, out = Path(ckpt_path), Path(out)
     check_output(out, force)
-    head = load_checkpoint(ckpt_path, load_params=False)
-    check_records(records, head.tokenizer(), head.cfg.vocab_size, source, head.cfg.max_position_embeddings)
+    head = load_checkpoint(ckpt_path, load_params=False, vision_language=True)
+    vision = is_vision_language(str(head.meta.get("family", "")))
+    if not vision:
+        refuse_images(records, source=source, model=ckpt_path)
+    text_cfg = head.cfg.text if vision else head.cfg
+    check_records(records, head.tokenizer(), text_cfg.vocab_size, source, text_cfg.max_position_embeddings)
     if resume:
         require_opt_state(head)
+    if vision:
+        from mllmjax.vision_training import check_image_tokens, refuse_lora, trained_parts
+
+        if cfg.lora.enabled:
+            refuse_lora(ckpt_path)
+        parts = list(trained_parts(cfg))
+        if resume and head.meta.get("trained", parts) != parts:
+            raise BadInputError(
+                f"{ckpt_path} trained the {', '.join(head.meta['trained'])}; --resume trains the same parts "
+                "(give --train-vision and --train-projector as that run had them)"
+            )
+        verify_images(records, source=source)
+        check_image_tokens(records, head.cfg, source=source)
     if cfg.lora.enabled:
         check_lora_start(head, cfg.lora)
     widths = padded_shape(*_longest(records))
+    # A vision-language model: its language model's estimate (the tower and projector are not counted).
     estimate = memory.for_train_config(
-        head.cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(widths), completion_len=widths[1],
+        text_cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(widths), completion_len=widths[1],
         param_dtype=head.meta.get("dtype", "float32"), mesh=mesh, donated=True,
-        prompt_rows=prompt_rows([r.prompt_ids for r in records]),
+        prompt_rows=prompt_rows(prompt_keys(records)),
     )  # fmt: skip
     estimate = memory.with_process(estimate)  # on the CPU, plus what the process holds already
     if on_memory is not None:
         on_memory(estimate)
     estimate.check(memory.TRAIN_HINT)
+    if vision:
+        return _train_vision(
+            ckpt_path, head, records, out, cfg, mesh=mesh, seed=seed, resume=resume, force=force,
+            on_update=on_update, source=source,
+        )  # fmt: skip
     if cfg.lora.enabled:
         return _train_lora(
             ckpt_path, head, records, out, cfg, mesh=mesh, seed=seed, resume=resume, force=force,
@@ -298,11 +337,18 @@ def _train_and_write(
     force: bool,
     on_update: Callable[[dict[str, float]], None] | None,
     meta: dict[str, Any],
+    pixels: np.ndarray | None = None,
+    saved_params: Callable[[Params], Params] | None = None,
 ) -> TrainResult:
     """`train`'s PPO epochs on the records from `state`, then the new checkpoint at `out`: its params
     (the model's, or a LoRA run's adapters) and optimizer state, the side files of `ckpt_path`, the
-    update metrics (train_metrics.jsonl), one step past `head`'s; meta: what mllmjax.json adds."""
-    batch = place_batch(batch_from_records(records), mesh)
+    update metrics (train_metrics.jsonl), one step past `head`'s; meta: what mllmjax.json adds.
+    pixels: the rows' images (`Batch.pixels`); saved_params: the params to write of the state's
+    (default the state's own)."""
+    batch = batch_from_records(records)
+    if pixels is not None:
+        batch = batch.replace(pixels=jnp.asarray(pixels))
+    batch = place_batch(batch, mesh)
     state, history = trainer.train_on_batch(state, batch, on_update=on_update)
     step = int(head.meta.get("step", 0)) + 1
     metrics = "".join(json.dumps(m) + "\n" for m in history)
@@ -313,7 +359,7 @@ def _train_and_write(
 
     write_checkpoint(
         out,
-        params=state.params,
+        params=state.params if saved_params is None else saved_params(state.params),
         hf_config=head.hf_config,
         write_tokenizer=write_extras,
         source=head.meta.get("source", str(ckpt_path)),
@@ -396,4 +442,50 @@ def _train_lora(
     return _train_and_write(
         trainer, state, records, head, ckpt_path, out, mesh=mesh, force=force, on_update=on_update,
         meta={"reference": entry["base"], "lora": entry},
+    )  # fmt: skip
+
+
+def _train_vision(
+    ckpt_path: Path,
+    head: Checkpoint,
+    records: Sequence[RolloutRecord],
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    mesh: Mesh,
+    seed: int,
+    resume: bool,
+    force: bool,
+    on_update: Callable[[dict[str, float]], None] | None,
+    source: str,
+) -> TrainResult:
+    """`train_checkpoint` on a vision-language (LLaVA) checkpoint: the records' pixels from its
+    processor, the trained parts (`vision_training.trained_parts`) as the state's params, the frozen
+    ones beside them; OUT is the whole LLaVA checkpoint."""
+    from mllmjax import images as im
+    from mllmjax.vision_training import VisionTrainer, record_pixels, split_trainable, trained_parts
+
+    parts = trained_parts(cfg)
+    pixels = record_pixels(records, im.load_processor(ckpt_path), head.cfg, source=source)
+    ckpt = load_checkpoint(ckpt_path, mesh=mesh, vision_language=True)
+    trained, frozen = split_trainable(ckpt.params, parts)
+    reference = ckpt.meta.get("reference", str(ckpt_path)) if resume else str(ckpt_path)
+    ref_params = None
+    if cfg.loss.beta > 0:
+        if reference == str(ckpt_path):
+            # A copy of what trains: the trainer donates the state, whose params start as these buffers.
+            ref_params = {**frozen, **jax.tree.map(jnp.copy, trained)}
+        else:
+            if not Path(reference).is_dir():
+                raise ArtifactError(f"the KL reference {reference} (from {ckpt_path}/mllmjax.json) is gone")
+            ref_params = load_checkpoint(reference, mesh=mesh, vision_language=True).params
+    trainer = VisionTrainer(ckpt.cfg, cfg, frozen=frozen, ref_params=ref_params, donate=True, mesh=mesh)
+    if resume:
+        state = restore_train_state(ckpt, trainer, params=trained)
+    else:
+        state = trainer.init_state(trained, jax.random.key_data(jax.random.key(seed)))
+    return _train_and_write(
+        trainer, state, records, ckpt, ckpt_path, out, mesh=mesh, force=force, on_update=on_update,
+        meta={"reference": reference, "trained": list(parts)}, pixels=pixels,
+        saved_params=trainer.full_params,
     )  # fmt: skip

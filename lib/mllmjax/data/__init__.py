@@ -380,7 +380,8 @@ def _load_builtin(
     if visual_task and image_dir is None:
         raise BadInputError(
             f"builtin:{parsed.task} is a visual task (a picture per question): only `mllmjax rollout` on a "
-            "vision-language checkpoint takes it so far; eval, train and grpo take text tasks"
+            "vision-language checkpoint takes it so far (and train its scored records); eval and grpo take "
+            "text tasks"
         )
     order = _select(builtin.SPLIT_SIZES[split], num, offset, shuffle, seed, label=f"{parsed.name} ({split})")
     if visual_task:
