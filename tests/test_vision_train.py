@@ -1,0 +1,271 @@
+"""`mllmjax train` on a LLaVA checkpoint with image rollouts (the tiny LLaVAs of test_vision_sample): one
+update's gradient equals torch autograd of the same GRPO loss on HF's LlavaForConditionalGeneration;
+the frozen tower stays bit for bit (and trains with --train-vision); rollout -> score -> train ->
+sample/export works on the checkpoint it writes; bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_models import IMAGE_TOKEN, checkpoint_tensors, make_llava, make_llava_processor
+from PIL import Image
+from test_vision_rollout import count_rollout, text_ckpt  # noqa: F401  (fixtures, reused)
+from test_vision_sample import (  # noqa: F401  (converted: the fixture, reused)
+    _expect_bad,
+    converted,
+    hf_greedy,
+    hf_inputs,
+    run,
+    stop_ids,
+    until_stop,
+    write_image,
+)
+
+from mllmjax.checkpoint import load_checkpoint
+from mllmjax.loss import LossConfig
+from mllmjax.models.vision import llava
+from mllmjax.records import read_records, write_records
+from mllmjax.trainer import Batch, TrainConfig
+from mllmjax.vision_training import VisionTrainer, split_trainable, trained_parts
+
+TOL = 1e-4
+
+
+def _grpo_batch(root: Path) -> tuple[Batch, dict]:
+    """Rows with an image, another image, the first again, and none, their prompts (made by the
+    checkpoint's processor) left-padded, completions of several lengths (never the image token) after
+    them; and HF's inputs of the same rows."""
+    rng = np.random.default_rng(3)
+    rows = [hf_inputs(root, q, imgs) for q, imgs in
+            (("w1 w2", ["a.png"]), ("w3 w4 w5", ["b.png"]), ("w6", ["a.png"]), ("w7 w8", []))]  # fmt: skip
+    prompts = [x["input_ids"][0].numpy() for x in rows]
+    p = max(len(x) for x in prompts)
+    lengths = [5, 2, 6, 4]
+    t = p + max(lengths)
+    tokens, valid = np.zeros((4, t), np.int32), np.zeros((4, t), bool)
+    for i, (ids, c) in enumerate(zip(prompts, lengths, strict=True)):
+        tokens[i, p - len(ids) : p] = ids
+        tokens[i, p : p + c] = rng.integers(1, IMAGE_TOKEN, c)
+        valid[i, p - len(ids) : p + c] = True
+    completion = valid & (np.arange(t) >= p)
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    pixels = np.zeros((4, 1, *rows[0]["pixel_values"].shape[1:]), np.float32)
+    for i, x in enumerate(rows[:3]):
+        pixels[i] = x["pixel_values"].numpy()
+    batch = Batch(
+        tokens=jnp.asarray(tokens), positions=jnp.asarray(positions), valid=jnp.asarray(valid),
+        completion=jnp.asarray(completion), advantages=jnp.asarray(rng.standard_normal(4), jnp.float32),
+        pixels=jnp.asarray(pixels), completion_start=p,
+    )  # fmt: skip
+    hf = dict(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(valid, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+        pixel_values=torch.cat([x["pixel_values"] for x in rows[:3]]),
+    )
+    return batch, hf
+
+
+@pytest.fixture(scope="module")
+def unscaled(tmp_path_factory) -> tuple[torch.nn.Module, Path, llava.LlavaConfig, dict]:
+    """(the tiny clip-llama LLaVA at HF's initial scale, a folder with its processor in ck/ and the
+    images a.png, b.png, its config and params as the loader reads them). Not `converted`'s scaled-up
+    weights: at those, float32 torch's own tower gradients are 3e-4 from float64's, and a comparison at
+    1e-4 would measure rounding, not the math. One LLaVA: what training adds (the per-row merge, the
+    frozen tower's features) is the same code for every tower and strategy, whose forward
+    test_vision_sample checks against HF on both."""
+    root = tmp_path_factory.mktemp("unscaled")
+    model = make_llava("clip-llama")
+    make_llava_processor(model).save_pretrained(root / "ck")
+    write_image(root / "a.png", 0)
+    write_image(root / "b.png", 1, (33, 17))
+    cfg = llava.config_from_hf(model.config.to_dict())
+    return model, root, cfg, llava.params_from_hf(cfg, checkpoint_tensors(model))
+
+
+def test_training_step_gradient_matches_torch_autograd(unscaled):
+    """The GRPO loss at epoch 0 (ratio 1, token aggregation, temperature 0.7): the gradient of every
+    part with --train-vision, and of the projector and language model with the tower frozen (its
+    features computed once, outside the gradient), equal torch autograd on the HF model."""
+    model, root, model_cfg, params = unscaled
+    batch, hf = _grpo_batch(root)
+    temperature = 0.7
+
+    model.zero_grad()
+    logits = model(**hf).logits
+    logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+    tokens = hf["input_ids"]
+    start = batch.completion_start
+    logp = logp.gather(-1, tokens[:, 1:, None])[..., 0][:, start - 1 :]
+    mask = torch.tensor(np.asarray(batch.completion)[:, start:], dtype=torch.float32)
+    adv = torch.tensor(np.asarray(batch.advantages))[:, None]
+    ratio = torch.exp(logp - logp.detach())
+    loss = -(ratio * adv * mask).sum() / mask.sum()
+    loss.backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ref = llava.params_from_hf(model_cfg, checkpoint_tensors(model, grads))
+    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
+
+    def check(got) -> None:
+        for path, g in jax.tree_util.tree_leaves_with_path(got):
+            g, r, name = np.asarray(g), np.asarray(flat_ref[path]), jax.tree_util.keystr(path)
+            if name == "['vision']['layers']['k_bias']":
+                # Exactly 0: the tower's attention (no rope) softmaxes q.(k + b) over the keys, the same
+                # q.b for every key. Both sides are rounding noise, far below the tower's gradients.
+                scale = max(np.abs(x).max() for x in jax.tree.leaves(ref["vision"]))
+                assert max(np.abs(g).max(), np.abs(r).max()) <= 1e-5 * scale, name
+                continue
+            err = np.abs(g - r).max()
+            assert err <= TOL * np.abs(r).max(), (name, err)
+
+    everything = TrainConfig(loss=LossConfig(beta=0.0), temperature=temperature, train_vision=True)
+    trainer = VisionTrainer(model_cfg, everything, frozen={})
+    got, metrics, _ = trainer.grads(params, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss.detach()), rtol=1e-5)
+    assert set(got) == {"vision", "projector", "text"}
+    assert np.abs(np.asarray(got["vision"]["patch"])).max() > 0  # the tower is trained through
+    check(got)
+
+    frozen_tower = TrainConfig(loss=LossConfig(beta=0.0), temperature=temperature)
+    assert trained_parts(frozen_tower) == ("projector", "text")
+    trained, frozen = split_trainable(params, trained_parts(frozen_tower))
+    trainer = VisionTrainer(model_cfg, frozen_tower, frozen=frozen)
+    prepared = trainer.prepare(batch)  # what training does: the tower's output once, then no pixels
+    assert prepared.pixels is None and prepared.image_features is not None
+    got, _, _ = trainer.grads(trained, prepared)
+    assert set(got) == {"projector", "text"}
+    check(got)
+
+
+# One epoch (one update program to compile), the schedule over two steps so that the resumed run's
+# program is the first run's; the KL reference is kept (--beta 0.04) in the first run.
+TRAIN = ("--ppo-epochs", 1, "--steps", 2, "--lr", "1e-3", "--seed", 1)
+
+
+def _scored(rollouts: Path, out: Path) -> Path:
+    """The rollouts scored (by `score`), with random advantages so that every row moves."""
+    assert run("score", rollouts, "-o", out).exit_code == 0
+    rng = np.random.default_rng(0)
+    records = [dataclasses.replace(r, advantage=float(rng.normal())) for r in read_records(out)]
+    write_records(records, out, force=True)
+    return out
+
+
+def _params(path: Path) -> dict:
+    return jax.tree.map(np.asarray, load_checkpoint(path, vision_language=True).params)
+
+
+def _changed(a, b) -> bool:
+    return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.fixture(scope="module")
+def trained(count_rollout, tmp_path_factory):  # noqa: F811
+    """(the checkpoint folder, the scored records, ck1: `train` on them with the defaults)."""
+    root, rollouts = count_rollout
+    folder = tmp_path_factory.mktemp("train")
+    scored = _scored(rollouts, folder / "s.jsonl")
+    result = run("train", root / "ck", scored, "-o", folder / "ck1", *TRAIN)
+    assert result.exit_code == 0, result.output
+    return root, scored, folder / "ck1"
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_train_keeps_the_frozen_tower_bitwise_and_trains_it_with_train_vision(trained, tmp_path):
+    root, scored, ck1 = trained
+    start, after = _params(root / "ck"), _params(ck1)
+    for part in llava.PARTS:  # the language model and projector move; the frozen tower is the same bits
+        assert _changed(start[part], after[part]) == (part != "vision"), part
+    meta = json.loads((ck1 / "mllmjax.json").read_text())
+    assert meta["family"] == "llava" and meta["trained"] == ["projector", "text"] and meta["step"] == 1
+    history = [json.loads(x) for x in (ck1 / "train_metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    # the sampler's log-probs of the records are the trainer's (float32, the same model)
+    assert history[0]["logp_mismatch_max"] < 1e-4
+
+    args = (*TRAIN, "--beta", 0)
+    result = run(
+        "train", root / "ck", scored, "-o", tmp_path / "v", "--train-vision", "--no-train-projector", *args
+    )
+    assert result.exit_code == 0, result.output
+    moved = _params(tmp_path / "v")
+    assert _changed(start["vision"], moved["vision"]) and _changed(start["text"], moved["text"])
+    assert not _changed(start["projector"], moved["projector"])
+    # --resume continues the optimizer state of the same parts, and refuses others
+    result = run("train", ck1, scored, "-o", tmp_path / "r", "--resume", "--train-vision", *TRAIN)
+    _expect_bad(result, "trained the projector, text", "--resume trains the same parts")
+    result = run("train", ck1, scored, "-o", tmp_path / "r", "--resume", *TRAIN)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "r" / "mllmjax.json").read_text())
+    assert meta["step"] == 2 and meta["updates"] == 2 and meta["reference"] == str(root / "ck")
+    assert _changed(after["text"], _params(tmp_path / "r")["text"])
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_the_trained_checkpoint_samples_and_exports_as_a_llava(trained, tmp_path):
+    """sample --image on the new checkpoint gives HF's greedy tokens of its export, which transformers
+    loads with its processor."""
+    import transformers
+
+    root, _, ck1 = trained
+    for name in ("preprocessor_config.json", "processor_config.json", "tokenizer.json"):
+        assert (ck1 / name).is_file() == (root / "ck" / name).is_file(), name
+    out = tmp_path / "out.jsonl"
+    result = run("sample", ck1, "--image", root / "a.png", "w1 w2", "--greedy", "--max-new-tokens", 8,
+                 "--json", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert run("export", ck1, "-o", tmp_path / "hf").exit_code == 0
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    content = [{"type": "image"}, {"type": "text", "text": "w1 w2"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    inputs = processor(text=text, images=[Image.open(root / "a.png")], return_tensors="pt",
+                       add_special_tokens=False)  # fmt: skip
+    assert record["prompt_ids"] == inputs["input_ids"][0].tolist()
+    want = until_stop(hf_greedy(model.eval(), inputs)[0], stop_ids(root))[:8]
+    assert record["completion_ids"] == want
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_bad_records_are_one_line_and_write_nothing(trained, text_ckpt, tmp_path):  # noqa: F811
+    root, scored, _ = trained
+    # the records with copies of their pictures (never the fixture's own files), one copy then changed
+    lines = [json.loads(x) for x in scored.read_text().splitlines()]
+    (tmp_path / "pics").mkdir()
+    for line in lines:
+        for x in line["images"]:
+            source = scored.parent / x["path"]  # (an absolute path stays itself)
+            x["path"] = str(tmp_path / "pics" / source.name)
+            Path(x["path"]).write_bytes(source.read_bytes())
+
+    def write(name: str, rows: list[dict]) -> Path:
+        (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in rows))
+        return tmp_path / name
+
+    assert lines[0]["images"] != lines[-1]["images"]
+    Image.new("RGB", (8, 8)).save(lines[-1]["images"][0]["path"])
+    changed = write("changed.jsonl", lines)
+    _expect_bad(run("train", root / "ck", changed, "-o", tmp_path / "t"), "has changed since it was sampled")
+    # a prompt whose image tokens are not what its images fill
+    ids = [i for i in lines[0]["prompt_ids"] if i != IMAGE_TOKEN][:-1] + [IMAGE_TOKEN]
+    few = write("few.jsonl", [dict(lines[0], prompt_ids=ids)])
+    _expect_bad(run("train", root / "ck", few, "-o", tmp_path / "t"), "holds 1 image tokens")
+    # records with images on a text checkpoint; LoRA on a vision-language one
+    _expect_bad(run("train", text_ckpt, scored, "-o", tmp_path / "t"), "holds images", "is a text model")
+    _expect_bad(
+        run("train", root / "ck", scored, "-o", tmp_path / "t", "--lora-rank", 2), "LoRA", "not supported"
+    )
+    # eval and grpo still refuse the checkpoint
+    result = run("eval", root / "ck", "--data", "builtin:sums", "-o", tmp_path / "e.jsonl")
+    _expect_bad(result, "vision-language", "eval and grpo with images are not supported yet")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "e.jsonl").exists()
