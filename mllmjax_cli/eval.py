@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,19 +15,25 @@ from rich.table import Table
 from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import Override, with_settings
-from mllmjax_cli.options import Force, Greedy, Json, NumPrompts, Offset
-from mllmjax_cli.rollout import SAMPLING_SETTINGS, sample_problems
+from mllmjax_cli.options import Force, Greedy, ImageField, Json, NumPrompts, Offset
+from mllmjax_cli.rollout import SAMPLING_SETTINGS, drawn_pictures, reads_images, sample_any
 
 HELP = """Evaluate a checkpoint on a held-out split: pass@1 (greedy by default), and with -k K samples per
 problem pass@k and maj@k (majority vote over extracted answers), plus the strict-format rate, mean length
 and truncation rate. Correctness is `score`'s `correct` reward. A table goes to stderr; --json prints the
 numbers as JSON on stdout; -o keeps the completions as rollout records.
 
+A vision-language (LLaVA) checkpoint is evaluated on prompts with images, as `rollout` samples them: a
+visual built-in task (builtin:count, builtin:read; its pictures drawn into --image-dir, default
+OUT.images/ with -o, else a temporary folder removed at the end) or data records with --image-field.
+
 Examples:
 
   mllmjax eval ckpt/smollm2-135m --data builtin:arith --num-prompts 200
 
   mllmjax eval ckpt/step400 --data gsm8k --split test -k 8 --temperature 1.0 --json
+
+  mllmjax eval ckpt/llava --data builtin:count --num-prompts 100
 """
 
 
@@ -51,9 +59,18 @@ def register(app: typer.Typer) -> None:
         ] = None,
         force: Force = False,
         json_out: Json = False,
+        image_field: ImageField = "images",
+        image_dir: Annotated[
+            Path | None,
+            typer.Option(
+                "--image-dir",
+                help="Where a visual built-in task (builtin:count, builtin:read) draws its pictures "
+                "(default: OUT.images/ with -o, else a temporary folder removed at the end).",
+            ),
+        ] = None,
         **settings: Any,
     ) -> None:
-        from mllmjax.checkpoint import check_output, read_meta
+        from mllmjax.checkpoint import check_output
         from mllmjax.data import load_problems
         from mllmjax.distributed import decode_mesh
         from mllmjax.errors import BadInputError
@@ -71,19 +88,27 @@ def register(app: typer.Typer) -> None:
             settings["temperature"] = 0.0 if k == 1 else 1.0
         s = Settings(**settings)
         cfg = RolloutConfig.from_settings(s, seed=s.seed, group_size=k, greedy=greedy)
-        read_meta(ckpt)  # a clear error before the data is read
-        problems = load_problems(
-            s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
-            num=num_prompts, offset=offset,
-        )  # fmt: skip
-        start = time.perf_counter()
-        records = sample_problems(
-            ckpt, problems, cfg, mesh=decode_mesh(mesh), dtype=dtype, meta={"data": s.data, "split": s.split},
-            label="eval",
-        )  # fmt: skip
-        result, _ = summarize(records)
-        if out is not None:
-            write_records(records, out, force=force)
+        vision, visual_task = reads_images(ckpt, s.data)  # a clear error before the data is read
+        with contextlib.ExitStack() as stack:
+            pictures = None
+            if visual_task and (image_dir is not None or out is not None):  # kept, beside -o's records
+                pictures = image_dir or Path(f"{out}.images")
+                check_output(pictures, force)
+                stack.enter_context(drawn_pictures(pictures))
+            elif visual_task:  # only for this run
+                pictures = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mllmjax-eval-")))
+            problems = load_problems(
+                s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
+                num=num_prompts, offset=offset, image_field=image_field, image_dir=pictures,
+            )  # fmt: skip
+            start = time.perf_counter()
+            records = sample_any(
+                ckpt, problems, cfg, vision=vision, image_field=image_field, mesh=decode_mesh(mesh),
+                dtype=dtype, meta={"data": s.data, "split": s.split}, label="eval",
+            )  # fmt: skip
+            result, _ = summarize(records)
+            if out is not None:
+                write_records(records, out, force=force)
         temperature = cfg.strategy.temperature if isinstance(cfg.strategy, Sample) else 0.0
         numbers = {"checkpoint": str(ckpt), "data": s.data, "split": s.split, "temperature": temperature,
                    **result.as_dict(), "seconds": time.perf_counter() - start}  # fmt: skip

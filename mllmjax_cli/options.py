@@ -19,3 +19,13 @@ Greedy = Annotated[bool, typer.Option("--greedy", help="Shorthand for --temperat
 NumPrompts = Annotated[int | None, typer.Option("--num-prompts", help="How many prompts (default: all).")]
 Offset = Annotated[int, typer.Option("--offset", help="Skip this many prompts first.")]
 Shuffle = Annotated[bool, typer.Option("--shuffle", help="Shuffle the prompts (deterministic for --seed).")]
+
+# Images: rollout and eval on a vision-language checkpoint.
+ImageField = Annotated[
+    str,
+    typer.Option(
+        "--image-field",
+        help="Record field holding a prompt's images: a path or a list of paths, relative to the data file "
+        "(vision-language checkpoints).",
+    ),
+]

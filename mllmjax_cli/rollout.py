@@ -14,7 +14,7 @@ import typer
 from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import with_settings
-from mllmjax_cli.options import Force, Greedy, NumPrompts, Offset, Shuffle
+from mllmjax_cli.options import Force, Greedy, ImageField, NumPrompts, Offset, Shuffle
 from mllmjax_cli.progress import stage_progress
 
 if TYPE_CHECKING:
@@ -95,7 +95,14 @@ def sample_problems(
 
 
 def sample_vision_problems(
-    ckpt: Path, problems: list[Problem], cfg: RolloutConfig, *, mesh: Mesh, dtype: str, meta: dict[str, Any]
+    ckpt: Path,
+    problems: list[Problem],
+    cfg: RolloutConfig,
+    *,
+    mesh: Mesh,
+    dtype: str,
+    meta: dict[str, Any],
+    label: str = "rollout",
 ) -> list[RolloutRecord]:
     """`sample_problems` for a vision-language checkpoint (one process): its processor prepares the
     prompts and their images (`mllmjax.rollout.make_vision_rollouts`)."""
@@ -113,7 +120,7 @@ def sample_vision_problems(
     checkpoint = load_checkpoint(ckpt, mesh=mesh, dtype=resolve_dtype(dtype), vision_language=True)
     stop_ids = stop_ids_for(processor.tokenizer, checkpoint.stop_ids)
     start = time.perf_counter()
-    with stage_progress("rollout") as progress:
+    with stage_progress(label) as progress:
         task = progress.add_task("", total=len(problems) * cfg.group_size)
 
         def on_batch(tokens: int, samples: int) -> None:
@@ -128,8 +135,54 @@ def sample_vision_problems(
         )  # fmt: skip
 
 
+def reads_images(ckpt: Path, data: str) -> tuple[bool, bool]:
+    """(whether CKPT is a vision-language checkpoint, whether --data is a visual built-in task), read
+    before the data is; a visual task on a text checkpoint is refused. Shared by rollout and eval."""
+    from mllmjax.checkpoint import read_meta
+    from mllmjax.data.builtin import parse_builtin_spec
+    from mllmjax.data.visual import VISUAL_TASKS
+    from mllmjax.errors import BadInputError
+    from mllmjax.models.registry import is_vision_language
+
+    vision = is_vision_language(str(read_meta(ckpt, vision_language=True).get("family", "")))
+    spec = data.strip()
+    visual_task = spec.startswith("builtin:") and parse_builtin_spec(spec).task in VISUAL_TASKS
+    if visual_task and not vision:
+        raise BadInputError(
+            f"{ckpt} is a text model; {data} has a picture per question, which needs a vision-language checkpoint"
+        )
+    return vision, visual_task
+
+
+def sample_any(
+    ckpt: Path,
+    problems: list[Problem],
+    cfg: RolloutConfig,
+    *,
+    vision: bool,
+    image_field: str,
+    mesh: Mesh,
+    dtype: str,
+    meta: dict[str, Any],
+    label: str = "rollout",
+) -> list[RolloutRecord]:
+    """`sample_vision_problems` on a vision-language checkpoint, else `sample_problems`, which refuses
+    problems with images (their --image-field) with one line."""
+    from mllmjax.errors import BadInputError
+
+    if vision:
+        return sample_vision_problems(ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta=meta, label=label)
+    with_images = next((p for p in problems if p.images), None)
+    if with_images is not None:
+        raise BadInputError(
+            f"{ckpt} is a text model; problem {with_images.id} has images (--image-field "
+            f"{image_field}), which need a vision-language checkpoint"
+        )
+    return sample_problems(ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta=meta, label=label)
+
+
 @contextlib.contextmanager
-def _drawn_pictures(folder: Path | None) -> Iterator[None]:
+def drawn_pictures(folder: Path | None) -> Iterator[None]:
     """The folder a visual task draws its pictures into: replaced if it exists (--force was checked),
     and removed again if the command fails or is interrupted, so nothing is left without its records."""
     from mllmjax import cleanup
@@ -169,14 +222,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
         out: Annotated[str, typer.Option("-o", "--out", help='Records file ("-" = stdout).')] = "-",
         force: Force = False,
-        image_field: Annotated[
-            str,
-            typer.Option(
-                "--image-field",
-                help="Record field holding a prompt's images: a path or a list of paths, relative to the "
-                "data file (vision-language checkpoints).",
-            ),
-        ] = "images",
+        image_field: ImageField = "images",
         image_dir: Annotated[
             Path | None,
             typer.Option(
@@ -187,13 +233,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         **settings: Any,
     ) -> None:
-        from mllmjax.checkpoint import check_output, read_meta
+        from mllmjax.checkpoint import check_output
         from mllmjax.data import load_problems
-        from mllmjax.data.builtin import parse_builtin_spec
-        from mllmjax.data.visual import VISUAL_TASKS
         from mllmjax.distributed import decode_mesh
         from mllmjax.errors import BadInputError
-        from mllmjax.models.registry import is_vision_language
         from mllmjax.prompts import load_system_prompt
         from mllmjax.records import write_records
         from mllmjax.rollout import RolloutConfig
@@ -206,16 +249,7 @@ def register(app: typer.Typer) -> None:
         if out != "-":
             check_output(Path(out), force, file=True)
         cfg = RolloutConfig.from_settings(s, seed=s.seed, greedy=greedy)
-        family = str(read_meta(ckpt, vision_language=True).get("family", ""))  # before the data is read
-        vision = is_vision_language(family)
-        visual_task = (
-            s.data.strip().startswith("builtin:") and parse_builtin_spec(s.data.strip()).task in VISUAL_TASKS
-        )
-        if visual_task and not vision:
-            raise BadInputError(
-                f"{ckpt} is a text model; {s.data} has a picture per question, which needs a "
-                "vision-language checkpoint"
-            )
+        vision, visual_task = reads_images(ckpt, s.data)
         pictures = None
         if visual_task:
             if image_dir is None and out == "-":
@@ -224,24 +258,16 @@ def register(app: typer.Typer) -> None:
             check_output(pictures, force)
         meta = {"data": s.data, "split": s.split}
         start = time.perf_counter()
-        with _drawn_pictures(pictures):
+        with drawn_pictures(pictures):
             problems = load_problems(
                 s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
                 num=num_prompts, offset=offset, shuffle=shuffle, seed=s.seed, image_field=image_field,
                 image_dir=pictures,
             )  # fmt: skip
-            if vision:
-                records = sample_vision_problems(
-                    ckpt, problems, cfg, mesh=decode_mesh(mesh), dtype=dtype, meta=meta
-                )
-            else:
-                with_images = next((p for p in problems if p.images), None)
-                if with_images is not None:
-                    raise BadInputError(
-                        f"{ckpt} is a text model; problem {with_images.id} has images (--image-field "
-                        f"{image_field}), which need a vision-language checkpoint"
-                    )
-                records = sample_problems(ckpt, problems, cfg, mesh=decode_mesh(mesh), dtype=dtype, meta=meta)
+            records = sample_any(
+                ckpt, problems, cfg, vision=vision, image_field=image_field, mesh=decode_mesh(mesh),
+                dtype=dtype, meta=meta,
+            )  # fmt: skip
             write_records(records, out, force=force)
         dt = time.perf_counter() - start
         tokens = sum(len(r.completion_ids) for r in records)

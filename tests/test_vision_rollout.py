@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,51 @@ def test_greedy_rollout_with_record_images_matches_hf_generate(converted, tmp_pa
         assert pair[1]["completion_ids"] == want and pair[1]["sample"] == 1
 
 
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_eval_on_a_visual_task_decodes_hfs_greedy_tokens_with_the_pictures(
+    converted,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """`eval` on builtin:count: each problem's completion is HF's greedy decoding of the prompt ids
+    and pixels its processor makes of the drawn picture; the numbers are those of its records; with
+    -o the pictures stay beside them, without -o they are drawn into a temporary folder and removed."""
+    model, root = converted
+    out = tmp_path / "out" / "e.jsonl"
+    args = ("eval", root / "ck", "--data", "builtin:count", "--num-prompts", 2, "--max-new-tokens", NEW, "--json")
+    result = run(*args, "-o", out)
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = records(out)
+    assert numbers["problems"] == 2 and numbers["k"] == 1 and len(lines) == 2
+    assert numbers["mean_tokens"] == np.mean([len(x["completion_ids"]) for x in lines])
+    assert numbers["truncation_rate"] == np.mean([x["finish_reason"] == "length" for x in lines])
+    processor = transformers.AutoProcessor.from_pretrained(root / "ck")
+    stops = stop_ids(root)
+    for line in lines:
+        assert line["schema"] == "mllmjax.rollout/2"
+        [image] = line["images"]
+        assert image["path"].startswith("e.jsonl.images/") and sha(out.parent / image["path"]) == image["sha256"]
+        pixels = Image.open(out.parent / image["path"])
+        inputs = processor(text=line["prompt"], images=[pixels], return_tensors="pt", add_special_tokens=False)
+        assert line["prompt_ids"] == inputs["input_ids"][0].tolist()
+        ref_ids, ref_lps = hf_greedy(model, inputs)
+        want = until_stop(ref_ids, stops)
+        assert line["completion_ids"] == want
+        assert np.abs(np.array(line["logprobs"]) - np.array(ref_lps[: len(want)])).max() <= TOL
+    # without -o: the same numbers, and no picture left behind
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    again = run(*args)
+    assert again.exit_code == 0, again.output
+    numbers_again = json.loads(again.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in numbers_again.items() if k != "seconds"} == {
+        k: v for k, v in numbers.items() if k != "seconds"
+    }
+    assert list(scratch.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def text_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("text")
@@ -213,10 +259,10 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(
     long.write_text(" ".join(["w1"] * 300))
     bad(ck, "--data", "builtin:count", "--num-prompts", 1, "--system-prompt", long, fragments=("context",))
     _expect_bad(run("rollout", ck, "--data", "builtin:count", "-o", "-"), "--image-dir")
-    # eval and grpo take text only (a visual task), and a text checkpoint trains on no /2 records
-    _expect_bad(
-        run("eval", text_ckpt, "--data", "builtin:read", "-o", out), "visual task", "only `mllmjax rollout`"
-    )
+    # a text checkpoint evaluates no visual task, grpo takes text only (a visual task), and a text
+    # checkpoint trains on no /2 records
+    _expect_bad(run("eval", text_ckpt, "--data", "builtin:read", "-o", out), "is a text model", "vision-language")
+    _expect_bad(run("eval", text_ckpt, "--data", data({"question": "w1", "images": ["a.png"]})), "is a text model")
     grpo = run("grpo", "--model", text_ckpt, "--data", "builtin:count", "--steps", 1, "-o", tmp_path / "run")
     _expect_bad(grpo, "visual task", "only `mllmjax rollout`")
     assert not (tmp_path / "run").exists()

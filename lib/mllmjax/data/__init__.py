@@ -379,9 +379,9 @@ def _load_builtin(
     visual_task = parsed.task in visual.VISUAL_TASKS
     if visual_task and image_dir is None:
         raise BadInputError(
-            f"builtin:{parsed.task} is a visual task (a picture per question): only `mllmjax rollout` on a "
-            "vision-language checkpoint takes it so far (and train its scored records); eval and grpo take "
-            "text tasks"
+            f"builtin:{parsed.task} is a visual task (a picture per question): only `mllmjax rollout` and "
+            "`eval` on a vision-language checkpoint take it so far (and train its scored records); grpo "
+            "takes text tasks"
         )
     order = _select(builtin.SPLIT_SIZES[split], num, offset, shuffle, seed, label=f"{parsed.name} ({split})")
     if visual_task:
