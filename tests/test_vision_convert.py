@@ -114,11 +114,10 @@ def _expect_bad(result, *fragments: str) -> None:
 @pytest.mark.parametrize(
     "command",
     [
-        ["eval", "{ck}", "--data", "builtin:sums", "-o", "{out}"],
         ["grpo", "--model", "{ck}", "--data", "builtin:sums", "--steps", "1", "-o", "{out}"],
         ["grpo", "--model", "{hf}", "--data", "builtin:sums", "--steps", "1", "-o", "{out}"],
     ],
-    ids=["eval", "grpo", "grpo-hf-folder"],
+    ids=["grpo", "grpo-hf-folder"],
 )
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)  # one LLaVA is enough
 def test_text_commands_refuse_a_llava_checkpoint(converted, command, tmp_path):

@@ -132,12 +132,12 @@ def read_meta(path: str | os.PathLike[str], *, vision_language: bool = False) ->
 def refuse_vision_language(path: str | os.PathLike[str], family: str, what: str = "checkpoint") -> None:
     """BadInputError for a vision-language model (`family`) in the commands that run text models only:
     every command that loads a checkpoint reads its metadata first (`read_meta`), before it reads data
-    or writes anything, so that one check covers eval and grpo (rollout, sample and train read them)."""
+    or writes anything, so that one check covers grpo (rollout, sample, eval and train read them)."""
     if is_vision_language(family):
         raise BadInputError(
             f"{path} is a vision-language ({family}) {what}: mllmjax converts, exports, samples, rolls "
-            "out and trains these so far (`mllmjax convert`, `export`, `sample`, `rollout`, `score`, "
-            "`train`); eval and grpo with images are not supported yet"
+            "out, evaluates and trains these so far (`mllmjax convert`, `export`, `sample`, `rollout`, "
+            "`score`, `eval`, `train`); grpo with images is not supported yet"
         )
 
 
