@@ -133,28 +133,40 @@ def make_rollouts(
     )
     records = []
     for c in completions:
-        problem = problems[c.prompt_index]
-        text, ids = encoded[c.prompt_index]
-        records.append(
-            RolloutRecord(
-                prompt_id=problem.id,
-                group=first_group + c.prompt_index,
-                sample=c.sample_index,
-                prompt=text,
-                prompt_ids=ids,
-                completion=tokenizer.decode(c.ids, skip_special_tokens=True),
-                completion_ids=list(c.ids),
-                logprobs=list(c.logprobs),
-                finish_reason=c.finish_reason,
-                answer=problem.answer,
-                policy=policy,
-                meta={
-                    **(meta or {}),
-                    **({CONTINUATION_KEY: continued[c.prompt_index]} if c.prompt_index in continued else {}),
-                },
-            )
-        )
+        i = c.prompt_index
+        extra = {CONTINUATION_KEY: continued[i]} if i in continued else {}
+        records.append(_record(c, problems[i], *encoded[i], first_group, tokenizer, policy, {**(meta or {}), **extra}))
     return records
+
+
+def _record(
+    c: Any,
+    problem: Problem,
+    prompt: str,
+    prompt_ids: list[int],
+    first_group: int,
+    tokenizer: Any,
+    policy: str,
+    meta: dict[str, Any],
+    images: list[dict[str, str]] | None = None,
+) -> RolloutRecord:
+    """The rollout record of completion c (a `sampling.Completion`) of `problem`, prompted with
+    prompt / prompt_ids; images: its images' {path, sha256} (schema /2), None for a text prompt."""
+    return RolloutRecord(
+        prompt_id=problem.id,
+        group=first_group + c.prompt_index,
+        sample=c.sample_index,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        completion=tokenizer.decode(c.ids, skip_special_tokens=True),
+        completion_ids=list(c.ids),
+        logprobs=list(c.logprobs),
+        finish_reason=c.finish_reason,
+        answer=problem.answer,
+        policy=policy,
+        meta=meta,
+        images=images,
+    )
 
 
 def vision_messages(question: Any, cfg: RolloutConfig) -> list[dict[str, Any]]:
@@ -245,28 +257,13 @@ def make_vision_rollouts(
         first_index=first_index,
         on_batch=on_batch,
     )
-    tokenizer = processor.tokenizer
     records = []
     for c in completions:
         problem = problems[c.prompt_index]
         text, ids, _ = encoded[c.prompt_index]
         images = [{"path": x, "sha256": digests[x]} for x in problem.images] or None
         records.append(
-            RolloutRecord(
-                prompt_id=problem.id,
-                group=first_group + c.prompt_index,
-                sample=c.sample_index,
-                prompt=text,
-                prompt_ids=ids,
-                completion=tokenizer.decode(c.ids, skip_special_tokens=True),
-                completion_ids=list(c.ids),
-                logprobs=list(c.logprobs),
-                finish_reason=c.finish_reason,
-                answer=problem.answer,
-                policy=policy,
-                meta=dict(meta or {}),
-                images=images,
-            )
+            _record(c, problem, text, ids, first_group, processor.tokenizer, policy, dict(meta or {}), images)
         )
     return records
 
