@@ -19,7 +19,7 @@ a single .safetensors/.bin file with config.json beside it, a .gguf file, or `sm
 embedded SmolLM2-135M-Instruct.
 
 A LLaVA folder (LlavaForConditionalGeneration, safetensors) converts too, with its processor files;
-`mllmjax export` writes it back; `sample`, `rollout`, `eval` and `train` run it (`grpo` not yet).
+`mllmjax export` writes it back; `sample`, `rollout`, `eval`, `train` and `grpo` run it.
 
 Examples:
 

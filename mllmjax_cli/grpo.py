@@ -28,6 +28,10 @@ GSM8K, G=16, 1 prompt per step, 2 PPO epochs, temperature 1, top-k 50, 1024 new 
 --lora-rank R trains rank-R LoRA adapters on the frozen start model (the KL reference) and saves
 checkpoints that hold only the adapters (README: LoRA).
 
+A vision-language (LLaVA) --model runs with images: a visual built-in task (builtin:count,
+builtin:read; pictures drawn into RUN/images/ as they are used) or data records with --image-field;
+the language model and projector train, the tower stays frozen unless --train-vision.
+
 --config FILE (TOML or YAML, keys are flag names) or a shipped recipe name sets any flag; flags given on
 the command line override it. Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and
 exits 0 printing the resume command; a second Ctrl-C abandons the step. --resume RUN continues from the
@@ -42,6 +46,8 @@ Examples:
   mllmjax grpo --model ckpt/smollm2 --data ../shared/data/gsm8k --steps 400 --eval-every 50
 
   mllmjax grpo --resume runs/qwen3b
+
+  mllmjax grpo --model ckpt/llava --data builtin:count --steps 3 -o runs/count
 """
 
 

@@ -259,12 +259,11 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(
     long.write_text(" ".join(["w1"] * 300))
     bad(ck, "--data", "builtin:count", "--num-prompts", 1, "--system-prompt", long, fragments=("context",))
     _expect_bad(run("rollout", ck, "--data", "builtin:count", "-o", "-"), "--image-dir")
-    # a text checkpoint evaluates no visual task, grpo takes text only (a visual task), and a text
-    # checkpoint trains on no /2 records
+    # a text checkpoint evaluates and trains on no visual task, and trains on no /2 records
     _expect_bad(run("eval", text_ckpt, "--data", "builtin:read", "-o", out), "is a text model", "vision-language")
     _expect_bad(run("eval", text_ckpt, "--data", data({"question": "w1", "images": ["a.png"]})), "is a text model")
     grpo = run("grpo", "--model", text_ckpt, "--data", "builtin:count", "--steps", 1, "-o", tmp_path / "run")
-    _expect_bad(grpo, "visual task", "only `mllmjax rollout`")
+    _expect_bad(grpo, "visual task", "only a vision-language checkpoint")
     assert not (tmp_path / "run").exists()
     _, rollouts = count_rollout
     scored = tmp_path / "s.jsonl"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,8 +105,27 @@ def test_train_and_test_pictures_are_disjoint(task, tmp_path):
             assert split_of(visual.scene_key(task, p.meta["scene"])) == split
 
 
+@pytest.mark.parametrize("task", sorted(visual.VISUAL_TASKS))
+def test_undrawn_pictures_are_drawn_when_used(task, tmp_path):
+    """draw=False (a grpo run) names the pictures and writes nothing; draw_missing draws the problems it
+    is given, the same files the eager load writes, and leaves pictures already there alone."""
+    eager = load_problems(f"builtin:{task}", num=4, image_dir=tmp_path / "eager")
+    lazy = load_problems(f"builtin:{task}", num=4, image_dir=tmp_path / "lazy", draw=False)
+    assert not (tmp_path / "lazy").exists()
+    assert [(p.id, p.question, p.answer, p.meta) for p in lazy] == [(p.id, p.question, p.answer, p.meta) for p in eager]
+    visual.draw_missing(lazy[1:3])
+    assert sorted(x.name for x in (tmp_path / "lazy").iterdir()) == sorted(
+        os.path.basename(p.images[0]) for p in lazy[1:3]
+    )
+    for x, y in zip(eager[1:3], lazy[1:3], strict=True):
+        assert open(x.images[0], "rb").read() == open(y.images[0], "rb").read()
+    stamp = os.stat(lazy[1].images[0]).st_mtime_ns
+    visual.draw_missing(lazy)
+    assert os.stat(lazy[1].images[0]).st_mtime_ns == stamp and all(os.path.isfile(p.images[0]) for p in lazy)
+
+
 def test_visual_tasks_need_an_image_dir():
-    with pytest.raises(BadInputError, match="visual task.*only `mllmjax rollout`"):
+    with pytest.raises(BadInputError, match="visual task.*only a vision-language checkpoint"):
         load_problems("builtin:count", num=2)
 
 

@@ -130,15 +130,12 @@ def read_meta(path: str | os.PathLike[str], *, vision_language: bool = False) ->
 
 
 def refuse_vision_language(path: str | os.PathLike[str], family: str, what: str = "checkpoint") -> None:
-    """BadInputError for a vision-language model (`family`) in the commands that run text models only:
-    every command that loads a checkpoint reads its metadata first (`read_meta`), before it reads data
-    or writes anything, so that one check covers grpo (rollout, sample, eval and train read them)."""
+    """BadInputError for a vision-language model (`family`) where only a text model is read: every
+    command that loads a checkpoint reads its metadata first (`read_meta`), before it reads data or
+    writes anything, and the ones that run vision-language models ask for them (`vision_language=True`:
+    all the commands today), so this guards the code paths that take text models only."""
     if is_vision_language(family):
-        raise BadInputError(
-            f"{path} is a vision-language ({family}) {what}: mllmjax converts, exports, samples, rolls "
-            "out, evaluates and trains these so far (`mllmjax convert`, `export`, `sample`, `rollout`, "
-            "`score`, `eval`, `train`); grpo with images is not supported yet"
-        )
+        raise BadInputError(f"{path} is a vision-language ({family}) {what}; this takes text models only")
 
 
 def read_stop_ids(path: Path) -> list[int]:

@@ -315,22 +315,13 @@ def export_adapter(
 def resolve_model(spec: str, *, dtype: str = "auto", on_convert: Callable[[str], None] | None = None) -> Path:
     """A checkpoint directory for `spec`: the checkpoint itself, or the cached conversion of a hub id,
     HF folder/file, GGUF or embedded model (converted on first use; the conversion is atomic, so an
-    interrupted one is redone). A vision-language model is refused before anything is converted: what
-    runs a resolved model runs text models only."""
-    from mllmjax.checkpoint import META_FILE, refuse_vision_language
+    interrupted one is redone). A vision-language model (LLaVA) resolves like a text one."""
+    from mllmjax.checkpoint import META_FILE
 
     path = Path(spec).expanduser()
     if (path / META_FILE).is_file():
-        read_meta(path)  # refuses a vision-language checkpoint
+        read_meta(path, vision_language=True)  # a clear error for what is not a checkpoint
         return path
-    if (path / "config.json").is_file():
-        try:
-            hf = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            hf = None  # convert says what is wrong with it
-        vl = vision_language_of_hf(hf) if isinstance(hf, dict) else None
-        if vl is not None:
-            refuse_vision_language(spec, vl.Config.family, "model")
     key = str(path.resolve()) if path.exists() else spec
     if path.is_file():
         key += f":{path.stat().st_size}:{path.stat().st_mtime_ns}"

@@ -149,6 +149,7 @@ def load_problems(
     seed: int = 0,
     image_field: str | None = None,
     image_dir: str | Path | None = None,
+    draw: bool = True,
 ) -> list[Problem]:
     """Problems `offset .. offset+num` of `split` of the dataset `spec` names (all of them when `num` is
     None), after a deterministic shuffle by `seed` when `shuffle` is set.
@@ -159,7 +160,9 @@ def load_problems(
 
     `image_field` names the record field of each problem's images (a path or a list of paths, relative
     to the data file); None reads no images. A visual built-in task writes its pictures into
-    `image_dir` (required for those tasks: only callers that sample with images pass it).
+    `image_dir` (required for those tasks: only callers that sample with images pass it); with
+    draw=False their paths are set but nothing is written (`visual.draw_missing` draws the pictures of
+    the problems a caller uses: a grpo run reads a few of a split's 20,000).
     """
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise BadInputError(f"--num-prompts must be a positive integer, got {num!r}")
@@ -171,7 +174,7 @@ def load_problems(
     if source.kind == "builtin":
         if question_field is not None or answer_field is not None:
             raise BadInputError("--question-field/--answer-field do not apply to built-in tasks")
-        return _load_builtin(source.name, split, num, offset, shuffle, seed, image_dir)
+        return _load_builtin(source.name, split, num, offset, shuffle, seed, image_dir, draw)
 
     qf, af = question_field or "question", answer_field or "answer"
     if source.kind == "hub":
@@ -372,6 +375,7 @@ def _load_builtin(
     shuffle: bool,
     seed: int,
     image_dir: str | Path | None = None,
+    draw: bool = True,
 ) -> list[Problem]:
     parsed = builtin.parse_builtin_spec(spec)
     if split not in builtin.SPLIT_SIZES:
@@ -379,13 +383,12 @@ def _load_builtin(
     visual_task = parsed.task in visual.VISUAL_TASKS
     if visual_task and image_dir is None:
         raise BadInputError(
-            f"builtin:{parsed.task} is a visual task (a picture per question): only `mllmjax rollout` and "
-            "`eval` on a vision-language checkpoint take it so far (and train its scored records); grpo "
-            "takes text tasks"
+            f"builtin:{parsed.task} is a visual task (a picture per question): only a vision-language "
+            "checkpoint reads it (rollout, eval and grpo on one, and train on its scored records)"
         )
     order = _select(builtin.SPLIT_SIZES[split], num, offset, shuffle, seed, label=f"{parsed.name} ({split})")
     if visual_task:
-        return [_visual_problem(parsed, split, i, Path(image_dir)) for i in order]  # type: ignore[arg-type]
+        return [_visual_problem(parsed, split, i, Path(image_dir), draw) for i in order]  # type: ignore[arg-type]
     problems = []
     for i in order:
         g = builtin.generate(parsed, split, i)
@@ -403,11 +406,17 @@ def _load_builtin(
     return problems
 
 
-def _visual_problem(parsed: builtin.BuiltinSpec, split: str, index: int, image_dir: Path) -> Problem:
-    """Problem `index` of a visual built-in task, its picture written into image_dir."""
+def _visual_problem(
+    parsed: builtin.BuiltinSpec, split: str, index: int, image_dir: Path, draw: bool = True
+) -> Problem:
+    """Problem `index` of a visual built-in task, its picture written into image_dir (with draw=False
+    only named there: `visual.draw_missing`)."""
     g = visual.generate(parsed, split, index)
     name = f"{parsed.task}-level{parsed.level}-seed{parsed.seed}-{split}-{index:05d}"
-    path = visual.render_to(image_dir, name, parsed.task, g.scene)
+    if draw:
+        path = visual.render_to(image_dir, name, parsed.task, g.scene)
+    else:
+        path = visual.picture_path(image_dir, name)
     meta = {
         "task": parsed.task,
         "level": parsed.level,

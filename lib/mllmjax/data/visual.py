@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +142,26 @@ def draw(task: str, scene: dict[str, Any]) -> Any:
     return image
 
 
+def picture_path(folder: Path, name: str) -> Path:
+    """Where `render_to` writes the picture `name` in folder."""
+    return folder / f"{name}.png"
+
+
 def render_to(folder: Path, name: str, task: str, scene: dict[str, Any]) -> Path:
     """Write the scene's picture as folder/name.png (PNG, no metadata) and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
+    path = picture_path(folder, name)
     draw(task, scene).save(path, format="PNG")
     return path
+
+
+def draw_missing(problems: Sequence[Any]) -> None:
+    """Draw the picture of each visual built-in problem (`load_problems(..., draw=False)`) whose file
+    is not there yet; other problems are left alone. The picture is a pure function of the scene, so
+    one drawn again (a resumed run) is the same file."""
+    for p in problems:
+        if p.meta.get("task") in VISUAL_TASKS and "scene" in p.meta:
+            for image in p.images:
+                path = Path(image)
+                if not path.is_file():
+                    render_to(path.parent, path.stem, p.meta["task"], p.meta["scene"])

@@ -47,6 +47,11 @@ class GRPOConfig(Settings):
         "auto",
         "Parameter dtype: float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on accelerators).",
     )
+    image_field: str = setting(
+        "images",
+        "Data record field holding a prompt's images (a path or a list of paths, relative to the data "
+        "file); read when --model is a vision-language checkpoint.",
+    )
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "batch_size",

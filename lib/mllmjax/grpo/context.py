@@ -40,6 +40,14 @@ class RunContext:
     hooks: tuple[Hook, ...]
     # LoRA: the "lora" entry of the run's checkpoints (config, base path and hash); None without LoRA.
     lora_entry: dict[str, Any] | None = None
+    # A vision-language (LLaVA) model: its HF processor, which builds every prompt with its images
+    # (`grpo.vision`); None for a text model.
+    processor: Any = None
+
+    @property
+    def vision(self) -> bool:
+        """Whether the run trains a vision-language model (its prompts may hold images)."""
+        return self.processor is not None
 
     @property
     def reference(self) -> str:
@@ -56,12 +64,31 @@ class RunContext:
 
         from mllmjax.lora import attach, merged_if_adapted
 
+        if self.vision:  # the trained parts with the frozen ones: the whole model
+            return self.trainer.full_params(params)
         if self.trainer.lora is None:
             return params
         attached = attach(self.trainer.base, params, self.trainer.lora, self.model_cfg)
         if self.sample_mesh is not self.mesh or jax.process_count() > 1:
             return merged_if_adapted(attached)
         return attached
+
+    def rollouts(
+        self, params: Any, problems: Sequence[Any], rcfg: Any, *, policy: str, **kwargs: Any
+    ) -> list[Any]:
+        """This process's share of the rollouts of `problems` under the decode params `params`
+        (`policy`'s): `rollout.host_rollouts`, or on a vision-language model `grpo.vision.rollouts`.
+        kwargs: first_group, meta, on_batch."""
+        if self.vision:
+            from mllmjax.grpo.vision import rollouts
+
+            return rollouts(self, params, problems, rcfg, policy=policy, **kwargs)
+        from mllmjax.rollout import host_rollouts
+
+        return host_rollouts(
+            params, self.model_cfg, self.tokenizer, problems, rcfg, stop_ids=self.stop_ids, policy=policy,
+            mesh=self.sample_mesh, compute_dtype=self.cfg.compute_dtype, **kwargs,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -95,7 +122,7 @@ def open_run(
     and write nothing before all of it is known to work; then create or resume the run directory."""
     import jax
 
-    from mllmjax.checkpoint import load_checkpoint, resolve_dtype
+    from mllmjax.checkpoint import load_checkpoint, resolve_dtype, stop_ids_for
     from mllmjax.distributed import barrier, is_primary
     from mllmjax.trainer import Trainer
 
@@ -104,11 +131,23 @@ def open_run(
     # the scored records are gathered, and process 0 writes the run's files.
     run_dir = RunDir(path, primary=is_primary())
     start_checkpoint = _start_checkpoint(cfg, run_dir, resume=resume, force=force, emit=emit)
-    mesh, sample_mesh = _meshes(cfg)
-    problems, eval_problems = _problems(cfg)  # a bad --data fails before the model is loaded
     tcfg = cfg.train_config()
-    lora_entry = None
-    if tcfg.lora.enabled:  # start: the base model; the adapters are fresh or the start checkpoint's
+    vision = is_vision_checkpoint(start_checkpoint)
+    if vision:
+        from mllmjax.grpo.vision import check_vision_run
+
+        check_vision_run(cfg, tcfg, start_checkpoint)
+    mesh, sample_mesh = _meshes(cfg)
+    # A bad --data fails before the model is loaded; a visual task's pictures are drawn into RUN/images
+    # as its steps use them (`grpo.vision.rollouts`).
+    problems, eval_problems = _problems(cfg, pictures=run_dir.path / "images" if vision else None)
+    lora_entry = processor = None
+    if vision:
+        from mllmjax.images import load_processor
+
+        processor = load_processor(start_checkpoint)
+        start = load_checkpoint(start_checkpoint, mesh=mesh, dtype=resolve_dtype(cfg.dtype), vision_language=True)
+    elif tcfg.lora.enabled:  # start: the base model; the adapters are fresh or the start checkpoint's
         from mllmjax.training import lora_start
 
         start, adapters, lora_entry = lora_start(
@@ -116,9 +155,19 @@ def open_run(
         )
     else:
         start = load_checkpoint(start_checkpoint, mesh=mesh, dtype=resolve_dtype(cfg.dtype))
-    tokenizer = start.tokenizer()
+    tokenizer = processor.tokenizer if vision else start.tokenizer()
+    # A vision-language checkpoint's stop ids are completed from its processor's tokenizer, as sample's.
+    stop_ids = tuple(stop_ids_for(tokenizer, start.stop_ids)) if vision else start.stop_ids
     check_memory(cfg, start, tcfg, tokenizer, problems, mesh, sample_mesh, emit)
-    if tcfg.lora.enabled:
+    if vision:
+        from mllmjax.vision_training import VisionTrainer, split_trainable, trained_parts
+
+        # The first state's params are the trained parts of the reference's buffers: the loop never
+        # donates the state a run starts from.
+        initial, frozen = split_trainable(start.params, trained_parts(tcfg))
+        ref = start.params if cfg.beta > 0 else None
+        trainer = VisionTrainer(start.cfg, tcfg, frozen=frozen, ref_params=ref, donate=True, mesh=mesh)
+    elif tcfg.lora.enabled:
         trainer = Trainer(start.cfg, tcfg, base=start.params, donate=True, mesh=mesh)
         initial = adapters if adapters is not None else _fresh_adapters(cfg, start.cfg, tcfg, mesh)
     else:
@@ -127,7 +176,9 @@ def open_run(
         )
         initial = start.params
     if resume:
-        state = _resumed_state(cfg, run_dir, trainer, initial, mesh, base=start if lora_entry else None)
+        state = _resumed_state(
+            cfg, run_dir, trainer, initial, mesh, base=start if lora_entry else None, vision=vision
+        )
     else:
         run_dir.create({**cfg.to_dict(), "start_checkpoint": str(start_checkpoint),
                         "model_config": start.cfg.family, "devices": jax.device_count(),
@@ -137,13 +188,21 @@ def open_run(
     barrier("grpo:setup")
     ctx = RunContext(
         cfg=cfg, run_dir=run_dir, start_checkpoint=start_checkpoint, mesh=mesh, sample_mesh=sample_mesh,
-        model_cfg=start.cfg, hf_config=start.hf_config, tokenizer=tokenizer, stop_ids=start.stop_ids,
+        model_cfg=start.cfg, hf_config=start.hf_config, tokenizer=tokenizer, stop_ids=stop_ids,
         pad_id=tokenizer.pad_token_id or 0, problems=problems, eval_problems=eval_problems, trainer=trainer,
         primary=run_dir.primary,
         hooks=(*hooks, *(reporting_hooks(cfg, path, run_dir.plots) if run_dir.primary else ())),
-        lora_entry=lora_entry,
+        lora_entry=lora_entry, processor=processor,
     )  # fmt: skip
     return ctx, state
+
+
+def is_vision_checkpoint(path: Path) -> bool:
+    """Whether the checkpoint at path is a vision-language one (its family is registered as such)."""
+    from mllmjax.checkpoint import read_meta
+    from mllmjax.models.registry import is_vision_language
+
+    return is_vision_language(str(read_meta(path, vision_language=True).get("family", "")))
 
 
 def _fresh_adapters(cfg: GRPOConfig, model_cfg: Any, tcfg: Any, mesh: Any) -> Any:
@@ -193,11 +252,15 @@ def _meshes(cfg: GRPOConfig) -> tuple[Any, Any]:
     return mesh, make_mesh(cfg.sample_mesh) if cfg.sample_mesh else mesh
 
 
-def _problems(cfg: GRPOConfig) -> tuple[list[Any], list[Any]]:
-    """The training problems and the held-out ones (none with --eval-every 0)."""
+def _problems(cfg: GRPOConfig, pictures: Path | None = None) -> tuple[list[Any], list[Any]]:
+    """The training problems and the held-out ones (none with --eval-every 0). pictures: on a
+    vision-language model, the folder a visual task's pictures go to (named, drawn when used), and the
+    records' --image-field is read; None reads no images."""
     from mllmjax.data import load_problems
 
-    fields = {"question_field": cfg.question_field, "answer_field": cfg.answer_field}
+    fields: dict[str, Any] = {"question_field": cfg.question_field, "answer_field": cfg.answer_field}
+    if pictures is not None:
+        fields.update(image_field=cfg.image_field, image_dir=pictures.absolute(), draw=False)
     problems = load_problems(cfg.data, split=cfg.split, **fields)
     if not cfg.eval_every:
         return problems, []
@@ -208,10 +271,12 @@ def _problems(cfg: GRPOConfig) -> tuple[list[Any], list[Any]]:
 
 
 def _resumed_state(
-    cfg: GRPOConfig, run_dir: RunDir, trainer: Any, start_params: Any, mesh: Any, base: Any = None
-) -> RunState:
+    cfg: GRPOConfig, run_dir: RunDir, trainer: Any, start_params: Any, mesh: Any, base: Any = None,
+    vision: bool = False,
+) -> RunState:  # fmt: skip
     """The state of the last whole checkpoint, and metrics.jsonl cut back to its step. base: with
-    LoRA, the base checkpoint already loaded (the saved checkpoints hold adapters on it)."""
+    LoRA, the base checkpoint already loaded (the saved checkpoints hold adapters on it). vision: a
+    vision-language run, whose checkpoints hold the whole model and whose state the trained parts."""
     from mllmjax.checkpoint import load_checkpoint, resolve_dtype
     from mllmjax.training import restore_train_state
 
@@ -220,11 +285,14 @@ def _resumed_state(
     if steps:
         ckpt = load_checkpoint(
             run_dir.checkpoint(steps[-1]), mesh=mesh, dtype=resolve_dtype(cfg.dtype),
-            adapters=base is not None, base=base,
+            adapters=base is not None, base=base, vision_language=vision,
         )  # fmt: skip
         grpo_meta = ckpt.meta.get("grpo", {})
         step = int(grpo_meta.get("step", steps[-1]))
-        state = RunState(restore_train_state(ckpt, trainer), step=step, cursor=int(grpo_meta["cursor"]))
+        trained = {k: v for k, v in ckpt.params.items() if k in trainer.parts} if vision else None
+        state = RunState(
+            restore_train_state(ckpt, trainer, params=trained), step=step, cursor=int(grpo_meta["cursor"])
+        )
         state.replay = ReplayBuffer.from_json(cfg.replay_size, grpo_meta.get("replay"))
     else:  # killed before the first checkpoint: start over in the same directory
         state = RunState(trainer.init_state(start_params, train_rng(cfg.seed)))
@@ -252,7 +320,11 @@ def check_memory(
     from mllmjax.training import padded_shape
 
     rcfg = cfg.rollout_config(seed=0)
-    longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) for p in problems[:256])
+    # A vision-language model: its language model's estimate (the tower and projector are not counted),
+    # each image's expanded tokens counted in its prompt.
+    text_cfg = getattr(start.cfg, "text", start.cfg)
+    per_image = getattr(start.cfg, "tokens_per_image", 0)
+    longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) + len(p.images) * per_image for p in problems[:256])
     if cfg.replay_prob > 0:  # a continuation prompt holds up to max_new_tokens - 1 completion tokens more
         longest += cfg.max_new_tokens - 1
     dtype = jax.tree.leaves(start.params)[0].dtype.name  # with LoRA, the base's
@@ -260,7 +332,7 @@ def check_memory(
     # beside it (to roll the step back), which is the "new state" of a non-donated update.
     widths = padded_shape(longest, cfg.max_new_tokens)
     update = memory.for_train_config(
-        start.cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
+        text_cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
         seq_len=sum(widths), completion_len=widths[1], param_dtype=dtype, mesh=mesh, prompt_rows=cfg.group_size,
     )  # fmt: skip
     # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
@@ -270,7 +342,7 @@ def check_memory(
     share = -(-groups // jax.process_count())
     prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), share))
     decode = memory.estimate_sampling(
-        start.cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
+        text_cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
         cache_len=decode_windows(prompt_bucket(longest), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)),
         mesh=sample_mesh, out_major=unrolled(),
     )  # fmt: skip

@@ -55,7 +55,7 @@ def collect_rollouts(
     drawn from it, and the step's fresh groups add partial completions to it.
     Returns (scored records, score summary, counters, the cursor after the data prompts consumed, the
     replay buffer after the step)."""
-    from mllmjax.rollout import gather_records, host_rollouts
+    from mllmjax.rollout import gather_records
     from mllmjax.scoring import reward_outcomes, score_records
 
     cfg = ctx.cfg
@@ -98,11 +98,11 @@ def collect_rollouts(
         t0 = time.perf_counter()
         emit("phase", {"phase": "rollout", "round": rounds})
         # This host's share: sampled on its devices, rewards scored here, then every host's joined.
-        mine = host_rollouts(
-            params, ctx.model_cfg, ctx.tokenizer, problems,
+        mine = ctx.rollouts(
+            params, problems,
             cfg.rollout_config(seed=derived_seed(cfg.seed, 2, step, rounds), group_size=mode.group_size),
-            stop_ids=ctx.stop_ids, policy=f"{ctx.run_dir.path}@{step - 1}", first_group=groups_sampled,
-            mesh=ctx.sample_mesh, compute_dtype=cfg.compute_dtype, meta={"step": step, "round": rounds},
+            policy=f"{ctx.run_dir.path}@{step - 1}", first_group=groups_sampled,
+            meta={"step": step, "round": rounds},
             on_batch=lambda tokens, samples: emit("rollout_progress", {"tokens": tokens, "samples": samples}),
         )  # fmt: skip
         t1 = time.perf_counter()
@@ -142,7 +142,7 @@ def probe_signal(ctx: RunContext, params: Any, emit: Emit) -> dict[str, Any]:
     has anything to learn from. The run is unchanged: no data is consumed, no state touched (the
     sampler's seed is the probe's own). Returns the counts, the rewards and a one-line report that,
     when no group has signal, says why it may be and what to try."""
-    from mllmjax.rollout import gather_records, host_rollouts
+    from mllmjax.rollout import gather_records
     from mllmjax.scoring import reward_outcomes, score_records
 
     cfg = ctx.cfg
@@ -152,10 +152,9 @@ def probe_signal(ctx: RunContext, params: Any, emit: Emit) -> dict[str, Any]:
     score_cfg = dataclasses.replace(cfg.score_config(), filter_zero_variance=False)
     t0 = time.perf_counter()
     emit("phase", {"phase": "probe"})
-    mine = host_rollouts(
-        params, ctx.model_cfg, ctx.tokenizer, problems, cfg.rollout_config(seed=derived_seed(cfg.seed, 7)),
-        stop_ids=ctx.stop_ids, policy=f"{ctx.run_dir.path}@0", mesh=ctx.sample_mesh,
-        compute_dtype=cfg.compute_dtype, meta={"probe": True},
+    mine = ctx.rollouts(
+        params, problems, cfg.rollout_config(seed=derived_seed(cfg.seed, 7)), policy=f"{ctx.run_dir.path}@0",
+        meta={"probe": True},
     )  # fmt: skip
     pairs = gather_records(list(zip(mine, reward_outcomes(mine, score_cfg), strict=True)))
     _, summary = score_records([r for r, _ in pairs], score_cfg, outcomes=[o for _, o in pairs])
@@ -205,13 +204,18 @@ def train_on_records(
     `state` stays whole: the updates run on a copy, so an abandoned step can roll back to it. `into`:
     a spent train state of the same structure whose buffers the copy is written into (donated: it
     is gone once the updates start; without records it is left untouched); None: fresh buffers."""
+    from mllmjax.grpo.vision import batch_pixels
     from mllmjax.training import batch_from_records, place_batch
 
     if not records:  # dynamic sampling found no group with signal: nothing to learn from
         return state, {"updates": int(state.step), "train_s": 0.0, "skipped": 1.0}
     emit("phase", {"phase": "train"})
     t0 = time.perf_counter()
-    batch = place_batch(batch_from_records(records, pad_id=ctx.pad_id), ctx.mesh)
+    batch = batch_from_records(records, pad_id=ctx.pad_id)
+    pixels = batch_pixels(ctx, records, step)  # a vision-language model's rows' images
+    if pixels is not None:
+        batch = batch.replace(pixels=pixels)
+    batch = place_batch(batch, ctx.mesh)
     timings: dict[str, float] = {}
 
     def on_update(m: dict[str, float]) -> None:
@@ -287,16 +291,14 @@ def update_metrics(history: Sequence[dict[str, float]]) -> dict[str, float]:
 def evaluate(ctx: RunContext, params: Any, step: int, emit: Emit) -> dict[str, float]:
     """Greedy pass@1 on the held-out problems, as `eval/*` metrics."""
     from mllmjax.evaluation import summarize
-    from mllmjax.rollout import gather_records, host_rollouts
+    from mllmjax.rollout import gather_records
 
     cfg = ctx.cfg
     t0 = time.perf_counter()
     emit("phase", {"phase": "eval"})
-    records = host_rollouts(
-        params, ctx.model_cfg, ctx.tokenizer, ctx.eval_problems,
-        cfg.rollout_config(seed=derived_seed(cfg.seed, 3), group_size=1, greedy=True),
-        stop_ids=ctx.stop_ids, policy=f"{ctx.run_dir.path}@{step}", mesh=ctx.sample_mesh,
-        compute_dtype=cfg.compute_dtype,
+    records = ctx.rollouts(
+        params, ctx.eval_problems, cfg.rollout_config(seed=derived_seed(cfg.seed, 3), group_size=1, greedy=True),
+        policy=f"{ctx.run_dir.path}@{step}",
     )  # fmt: skip
     result, _ = summarize(gather_records(records))
     return {"eval/accuracy": result.pass_at_1, "eval/format": result.format_rate,

@@ -1,0 +1,148 @@
+"""`mllmjax grpo` on a vision-language (LLaVA) checkpoint, on a tiny LLaVA built offline (the
+`converted` fixture of test_vision_sample): the visual built-in task runs with its pictures through
+rollout, score and train; the run directory keeps the pictures its steps used; the checkpoints are the
+whole LLaVA with the tower frozen; a step on 8 fake devices equals the step on one; the run resumes
+exactly; what is not supported yet is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_vision_sample import _expect_bad, converted, run  # noqa: F401  (converted: the fixture)
+
+from mllmjax.checkpoint import load_checkpoint, read_meta
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+# 2 prompts x G=2 per step, 8 new tokens, a reward with signal on a random model (grpo_rewards.even).
+TINY = ["--data", "builtin:count", "-G", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
+        "--reward", "correct=1.0", "--reward-fn", "grpo_rewards:even=1", "--lr", "1e-3", "--beta", "0.04",
+        "--optimizer", "adamw", "--seed", "3", "--no-probe", "--save-rollouts"]  # fmt: skip
+
+
+def _flat(params) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _params(path: Path) -> dict[str, np.ndarray]:
+    return _flat(load_checkpoint(path, vision_language=True).params)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(converted, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
+    """(the start checkpoint, a 2-step run on builtin:count with a held-out eval at steps 0 and 2)."""
+    _, root = converted
+    out = tmp_path_factory.mktemp("vgrpo") / "run"
+    result = run("grpo", "--model", root / "ck", *TINY, "--steps", 2, "--eval-every", 2,
+                 "--eval-num-prompts", 2, "--save-every", 1, "--keep", 2, "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root / "ck", out
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_grpo_runs_a_visual_task_with_its_pictures_and_saves_the_whole_llava(run_dir):
+    start, out = run_dir
+    rows = [m for m in _lines(out / "metrics.jsonl") if "reward" in m]
+    assert [m["step"] for m in rows] == [1, 2] and all(m["updates"] > 0 for m in rows)
+    evals = [m for m in _lines(out / "metrics.jsonl") if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 2] and all(m["eval/problems"] == 2 for m in evals)
+    # The pictures of the problems the steps and the evaluation used, and no others.
+    pictures = sorted(p.name for p in (out / "images").iterdir())
+    assert sum("-train-" in n for n in pictures) == 2 * 2 and sum("-test-" in n for n in pictures) == 2
+    used = set()
+    for step in (1, 2):
+        records = _lines(out / "rollouts" / f"step_{step}.jsonl")
+        assert len(records) == 2 * 2
+        for r in records:
+            assert r["schema"] == "mllmjax.rollout/2"
+            [image] = r["images"]
+            path = (out / "rollouts" / image["path"]).resolve()
+            assert path.parent == (out / "images").resolve()
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == image["sha256"]
+            used.add(path.name)
+    assert len(used) == 2 * 2  # two new prompts per step
+    # The checkpoint is the whole LLaVA: the tower frozen bitwise, the projector and language model trained.
+    meta = read_meta(out / "checkpoints" / "step_2", vision_language=True)
+    assert meta["family"] == "llava" and meta["trained"] == ["projector", "text"]
+    before, after = _params(start), _params(out / "checkpoints" / "step_2")
+    assert before.keys() == after.keys()
+    for key in before:
+        same = np.array_equal(before[key], after[key])
+        assert same if key.startswith("['vision']") else True, key
+    for part in ("['projector']", "['text']"):
+        assert any(not np.array_equal(before[k], after[k]) for k in before if k.startswith(part)), part
+    # and the other commands read it with its processor
+    result = run("eval", out / "checkpoints" / "step_2", "--data", "builtin:count", "--num-prompts", 1,
+                 "--max-new-tokens", 4, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def _one_device(args: list[object]) -> subprocess.CompletedProcess:
+    paths = [str(ROOT / "lib"), str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "XLA_FLAGS": ""}
+    return subprocess.run([sys.executable, "-m", "mllmjax_cli.main", "grpo", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_a_step_on_8_devices_equals_the_step_on_one_and_resumes_exactly(run_dir, tmp_path):
+    """Step 1 of the 8-device run (fsdp=8, the default mesh here) against the same run on one device
+    (a process without the fake devices): the same completions and an update within float32 reduction
+    order. Then the 8-device run, cut back to its step 1 checkpoint and resumed, reaches its own step 2
+    bitwise."""
+    start, out = run_dir
+    one = tmp_path / "one"
+    result = _one_device(["--model", start, *TINY, "--steps", 2, "--eval-every", 0, "--save-every", 1,
+                          "--keep", 2, "-o", one])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for r8, r1 in zip(_lines(out / "rollouts" / "step_1.jsonl"), _lines(one / "rollouts" / "step_1.jsonl"), strict=True):
+        assert r8["completion_ids"] == r1["completion_ids"] and r8["images"][0]["sha256"] == r1["images"][0]["sha256"]
+        np.testing.assert_allclose(r8["logprobs"], r1["logprobs"], atol=1e-5)
+    m8, m1 = (next(m for m in _lines(d / "metrics.jsonl") if m.get("step") == 1 and "loss" in m) for d in (out, one))
+    for key in ("loss", "kl", "grad_norm", "reward"):
+        assert m8[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    a, b = _params(out / "checkpoints" / "step_1"), _params(one / "checkpoints" / "step_1")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_2")
+    resumed = run("grpo", "--resume", cut)
+    assert resumed.exit_code == 0, resumed.output
+    full, got = _params(out / "checkpoints" / "step_2"), _params(cut / "checkpoints" / "step_2")
+    for key in full:
+        np.testing.assert_array_equal(got[key], full[key], err_msg=key)
+
+    def measured(rows: list[dict]) -> list[dict]:  # without the times and the process's memory
+        return [{k: v for k, v in m.items() if not k.endswith("_s") and k != "peak_rss_gb"} for m in rows]
+
+    assert measured(_lines(cut / "metrics.jsonl")) == measured(_lines(out / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_what_a_vision_run_does_not_support_is_one_line_and_writes_nothing(converted, tmp_path):  # noqa: F811
+    _, root = converted
+    out = tmp_path / "run"
+    for flags, fragment in (
+        (["--lora-rank", 4], "LoRA"),
+        (["--replay-prob", 0.5], "--replay-prob"),
+        (["--compute-dtype", "bfloat16"], "--compute-dtype"),
+        (["--sample-mesh", "tensor=8"], "--sample-mesh"),
+    ):
+        result = run("grpo", "--model", root / "ck", *TINY, "--steps", 1, *flags, "-o", out)
+        _expect_bad(result, "vision-language", fragment)
+        assert not out.exists()
