@@ -146,3 +146,29 @@ def test_what_a_vision_run_does_not_support_is_one_line_and_writes_nothing(conve
         result = run("grpo", "--model", root / "ck", *TINY, "--steps", 1, *flags, "-o", out)
         _expect_bad(result, "vision-language", fragment)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_the_memory_estimates_prompt_length_is_the_processors(converted, tmp_path):  # noqa: F811
+    """`vision_prompt_length` (grpo's memory estimate, no picture read) equals the ids the processor
+    makes with the pictures: a visual task's prompts, one whose question holds its image slot, a text one."""
+    from PIL import Image
+
+    from mllmjax.data import Problem, load_problems
+    from mllmjax.images import load_processor
+    from mllmjax.rollout import RolloutConfig, encode_vision_prompt, vision_prompt_length
+    from mllmjax.settings import Settings
+
+    _, root = converted
+    processor = load_processor(root / "ck")
+    per_image = load_checkpoint(root / "ck", vision_language=True, load_params=False).cfg.tokens_per_image
+    cfg = RolloutConfig.from_settings(Settings(), seed=0)
+    problems = load_problems("builtin:count", num=2, image_dir=tmp_path)
+    problems += [
+        Problem(id="slot", question="w1 <image> w2", answer="1", images=(str(root / "a.png"),)),
+        Problem(id="text", question="w3 w4", answer="2"),
+    ]
+    for p in problems:
+        pictures = [Image.open(x) for x in p.images]
+        _, ids, _ = encode_vision_prompt(processor, p, cfg, pictures)
+        assert vision_prompt_length(processor, p, cfg, per_image) == len(ids), p.id

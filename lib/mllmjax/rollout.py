@@ -192,19 +192,32 @@ def encode_vision_prompt(
     tokens are its slots, else one slot per image goes before it."""
     from mllmjax import images as im
 
-    where = f"problem {problem.id}"
-    extra = im.image_slots(processor, problem.question, len(pictures), where=where)
+    text, use_chat = vision_prompt_text(processor, problem, cfg, len(pictures))
+    ids, pixels = im.processor_inputs(processor, text, pictures, chat=use_chat, where=f"problem {problem.id}")
+    return text, ids, pixels
+
+
+def vision_prompt_text(processor: Any, problem: Problem, cfg: RolloutConfig, num_images: int) -> tuple[str, bool]:
+    """(the prompt text of a problem with num_images images, before the processor expands its image
+    tokens; whether it went through the chat template), as `encode_vision_prompt` makes it."""
+    from mllmjax import images as im
+
+    extra = im.image_slots(processor, problem.question, num_images, where=f"problem {problem.id}")
     use_chat = bool(getattr(processor, "chat_template", None))
     if use_chat:
         question = im.user_content(problem.question, extra)
-        text = processor.apply_chat_template(
-            vision_messages(question, cfg), add_generation_prompt=True, tokenize=False
-        )
-    else:
-        question = im.plain_text(processor, problem.question, extra)
-        text = build_prompt(None, question, cfg.system_prompt, cfg.examples)
-    ids, pixels = im.processor_inputs(processor, text, pictures, chat=use_chat, where=where)
-    return text, ids, pixels
+        text = processor.apply_chat_template(vision_messages(question, cfg), add_generation_prompt=True, tokenize=False)
+        return text, True
+    question = im.plain_text(processor, problem.question, extra)
+    return build_prompt(None, question, cfg.system_prompt, cfg.examples), False
+
+
+def vision_prompt_length(processor: Any, problem: Problem, cfg: RolloutConfig, tokens_per_image: int) -> int:
+    """How many tokens `encode_vision_prompt` gives `problem`, without reading its pictures: its text's
+    tokens with each image token expanded to tokens_per_image (the memory estimate's prompt length)."""
+    text, use_chat = vision_prompt_text(processor, problem, cfg, len(problem.images))
+    ids = processor.tokenizer(text, add_special_tokens=not use_chat)["input_ids"]
+    return len(ids) + ids.count(processor.tokenizer.convert_tokens_to_ids(processor.image_token)) * (tokens_per_image - 1)
 
 
 def make_vision_rollouts(

@@ -158,7 +158,7 @@ def open_run(
     tokenizer = processor.tokenizer if vision else start.tokenizer()
     # A vision-language checkpoint's stop ids are completed from its processor's tokenizer, as sample's.
     stop_ids = tuple(stop_ids_for(tokenizer, start.stop_ids)) if vision else start.stop_ids
-    check_memory(cfg, start, tcfg, tokenizer, problems, mesh, sample_mesh, emit)
+    check_memory(cfg, start, tcfg, tokenizer, problems, mesh, sample_mesh, emit, processor)
     if vision:
         from mllmjax.vision_training import VisionTrainer, split_trainable, trained_parts
 
@@ -305,11 +305,11 @@ def _resumed_state(
 
 def check_memory(
     cfg: GRPOConfig, start: Any, tcfg: Any, tokenizer: Any, problems: Sequence[Any], mesh: Any,
-    sample_mesh: Any, emit: Emit,
+    sample_mesh: Any, emit: Emit, processor: Any = None,
 ) -> None:  # fmt: skip
     """Estimate the memory of a rollout and of one update (prompt length from the first 256
     problems), report both as 'memory' events, and stop before the optimizer state exists if
-    either cannot fit."""
+    either cannot fit. processor: a vision-language model's, which makes its prompts."""
     import jax
 
     from mllmjax import memory
@@ -321,10 +321,15 @@ def check_memory(
 
     rcfg = cfg.rollout_config(seed=0)
     # A vision-language model: its language model's estimate (the tower and projector are not counted),
-    # each image's expanded tokens counted in its prompt.
+    # its prompts as the processor makes them, each image's tokens expanded.
     text_cfg = getattr(start.cfg, "text", start.cfg)
-    per_image = getattr(start.cfg, "tokens_per_image", 0)
-    longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) + len(p.images) * per_image for p in problems[:256])
+    if processor is not None:
+        from mllmjax.rollout import vision_prompt_length
+
+        per_image = start.cfg.tokens_per_image
+        longest = max(vision_prompt_length(processor, p, rcfg, per_image) for p in problems[:256])
+    else:
+        longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) for p in problems[:256])
     if cfg.replay_prob > 0:  # a continuation prompt holds up to max_new_tokens - 1 completion tokens more
         longest += cfg.max_new_tokens - 1
     dtype = jax.tree.leaves(start.params)[0].dtype.name  # with LoRA, the base's
