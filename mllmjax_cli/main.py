@@ -11,6 +11,7 @@ import typer
 from mllmjax_cli import convert, export, grpo, rollout, sample, score, train
 from mllmjax_cli import eval as eval_cmd
 from mllmjax_cli.errors import err_console, handle_errors, set_debug
+from mllmjax_cli.helptext import prose
 
 app = typer.Typer(
     name="mllmjax",
@@ -95,6 +96,8 @@ def _start_distributed(
 
 for module in (convert, sample, rollout, score, train, grpo, eval_cmd, export):
     module.register(app)
+for command in app.registered_commands:  # one line per prose paragraph: Typer wraps it to the terminal
+    command.help = prose(command.help) if command.help else command.help
 
 
 def main() -> None:

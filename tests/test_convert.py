@@ -226,3 +226,18 @@ def test_help_lists_all_eight_commands():
     assert result.exit_code == 0
     for command in ("convert", "sample", "rollout", "score", "train", "grpo", "eval", "export"):
         assert command in result.output
+
+
+def test_help_prose_paragraphs_are_one_line_each():
+    """Typer prints a help text's later paragraphs line by line: each prose paragraph is one line (Typer
+    wraps it to the terminal), examples and click's \\b paragraphs keep their lines."""
+    from mllmjax_cli.helptext import prose
+    from mllmjax_cli.main import app
+
+    text = "First\nline.\n\nSecond one\nwraps here.\n\n  mllmjax x\n  mllmjax y\n\n\bkept\nas is\n"
+    assert prose(text) == "First line.\n\nSecond one wraps here.\n\n  mllmjax x\n  mllmjax y\n\n\bkept\nas is\n"
+    for command in app.registered_commands:
+        for paragraph in command.help.split("\n\n"):
+            lines = paragraph.split("\n")
+            laid_out = paragraph.startswith("\b") or any(line[:1].isspace() for line in lines)
+            assert laid_out or len(lines) == 1, (command.name, paragraph)
