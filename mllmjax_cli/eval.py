@@ -15,8 +15,10 @@ from rich.table import Table
 from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import Override, with_settings
-from mllmjax_cli.options import Force, Greedy, ImageField, Json, NumPrompts, Offset
+from mllmjax_cli.options import Force, Greedy, ImageField, Json, NumPrompts, Offset, image_dir_option
 from mllmjax_cli.rollout import SAMPLING_SETTINGS, drawn_pictures, reads_images, sample_any
+
+ImageDir = image_dir_option("OUT.images/ with -o, else a temporary folder removed at the end")
 
 HELP = """Evaluate a checkpoint on a held-out split: pass@1 (greedy by default), and with -k K samples per
 problem pass@k and maj@k (majority vote over extracted answers), plus the strict-format rate, mean length
@@ -60,14 +62,7 @@ def register(app: typer.Typer) -> None:
         force: Force = False,
         json_out: Json = False,
         image_field: ImageField = "images",
-        image_dir: Annotated[
-            Path | None,
-            typer.Option(
-                "--image-dir",
-                help="Where a visual built-in task (builtin:count, builtin:read) draws its pictures "
-                "(default: OUT.images/ with -o, else a temporary folder removed at the end).",
-            ),
-        ] = None,
+        image_dir: ImageDir = None,
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output

@@ -29,3 +29,15 @@ ImageField = Annotated[
         "(vision-language checkpoints).",
     ),
 ]
+
+
+def image_dir_option(default: str) -> object:
+    """The --image-dir option of a command that samples a visual built-in task; default: where its
+    pictures go without it."""
+    return Annotated[
+        Path | None,
+        typer.Option(
+            "--image-dir",
+            help=f"Where a visual built-in task (builtin:count, builtin:read) draws its pictures (default: {default}).",
+        ),
+    ]

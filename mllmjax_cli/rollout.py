@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,7 +14,7 @@ import typer
 from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import with_settings
-from mllmjax_cli.options import Force, Greedy, ImageField, NumPrompts, Offset, Shuffle
+from mllmjax_cli.options import Force, Greedy, ImageField, NumPrompts, Offset, Shuffle, image_dir_option
 from mllmjax_cli.progress import stage_progress
 
 if TYPE_CHECKING:
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from mllmjax.data import Problem
     from mllmjax.records import RolloutRecord
     from mllmjax.rollout import RolloutConfig
+
+ImageDir = image_dir_option("OUT.images/; needed with -o -")
 
 # The settings rollout and eval share: what to sample from, how, and on which devices.
 SAMPLING_SETTINGS = ("data", "split", "seed", "max_new_tokens", "temperature", "top_k", "top_p", "min_p",
@@ -76,16 +78,8 @@ def sample_problems(
     step = read_meta(ckpt).get("step", 0)
     load_mesh = make_mesh() if jax.process_count() > 1 else mesh
     checkpoint = load_checkpoint(ckpt, mesh=load_mesh, dtype=resolve_dtype(dtype))
-    start = time.perf_counter()
-    with stage_progress(label) as progress:
-        share = process_share(len(problems))
-        task = progress.add_task("", total=(share.stop - share.start) * cfg.group_size)
-
-        def on_batch(tokens: int, samples: int) -> None:
-            dt = max(time.perf_counter() - start, 1e-9)
-            rate = f"{samples / cfg.group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
-            progress.update(task, completed=samples, description=rate)
-
+    share = process_share(len(problems))
+    with _progress(label, share.stop - share.start, cfg.group_size) as on_batch:
         records = host_rollouts(
             checkpoint.params, checkpoint.cfg, checkpoint.tokenizer(), problems, cfg,
             stop_ids=checkpoint.stop_ids, policy=f"{ckpt}@{step}", mesh=mesh, meta=meta,
@@ -119,20 +113,28 @@ def sample_vision_problems(
     processor = load_processor(ckpt)
     checkpoint = load_checkpoint(ckpt, mesh=mesh, dtype=resolve_dtype(dtype), vision_language=True)
     stop_ids = stop_ids_for(processor.tokenizer, checkpoint.stop_ids)
-    start = time.perf_counter()
-    with stage_progress(label) as progress:
-        task = progress.add_task("", total=len(problems) * cfg.group_size)
-
-        def on_batch(tokens: int, samples: int) -> None:
-            dt = max(time.perf_counter() - start, 1e-9)
-            rate = f"{samples / cfg.group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
-            progress.update(task, completed=samples, description=rate)
-
+    with _progress(label, len(problems), cfg.group_size) as on_batch:
         use_mesh = mesh if mesh.devices.size > 1 else None
         return make_vision_rollouts(
             checkpoint.params, checkpoint.cfg, processor, problems, cfg, stop_ids=stop_ids,
             policy=f"{ckpt}@{step}", mesh=use_mesh, meta=meta, on_batch=on_batch,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _progress(label: str, prompts: int, group_size: int) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar over prompts x group_size samples; yields the sampler's on_batch(tokens, samples),
+    which shows prompts/s and tokens/s."""
+    start = time.perf_counter()
+    with stage_progress(label) as progress:
+        task = progress.add_task("", total=prompts * group_size)
+
+        def on_batch(tokens: int, samples: int) -> None:
+            dt = max(time.perf_counter() - start, 1e-9)
+            rate = f"{samples / group_size / dt:.2f} prompts/s, {tokens / dt:.0f} tok/s"
+            progress.update(task, completed=samples, description=rate)
+
+        yield on_batch
 
 
 def reads_images(ckpt: Path, data: str) -> tuple[bool, bool]:
@@ -223,14 +225,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[str, typer.Option("-o", "--out", help='Records file ("-" = stdout).')] = "-",
         force: Force = False,
         image_field: ImageField = "images",
-        image_dir: Annotated[
-            Path | None,
-            typer.Option(
-                "--image-dir",
-                help="Where a visual built-in task (builtin:count, builtin:read) draws its pictures "
-                "(default: OUT.images/; needed with -o -).",
-            ),
-        ] = None,
+        image_dir: ImageDir = None,
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output
