@@ -25,8 +25,9 @@ ImageField = Annotated[
     str,
     typer.Option(
         "--image-field",
-        help="Record field holding a prompt's images: a path or a list of paths, relative to the data file "
-        "(vision-language checkpoints).",
+        # the same help as grpo's setting (GRPOConfig.image_field): one flag, one meaning
+        help="Data record field holding a prompt's images (a path or a list of paths, relative to the data "
+        "file); read on a vision-language checkpoint.",
     ),
 ]
 
