@@ -346,10 +346,12 @@ class Trainer:
         text = self._text_params(params)
         cdt = self._compute_dtype or text["embed"].dtype
         p, rows = batch.completion_start, batch.prompt_rows if self.cfg.shared_prompt else 1
-        embeds = self._input_embeds(params, batch, cdt)
-        inputs, shared = (batch.tokens if embeds is None else embeds, batch.positions, batch.valid), None
+        embeds, reach = self._input_embeds(params, batch, cdt), self._reach(batch)
+        inputs = (batch.tokens if embeds is None else embeds, batch.positions, batch.valid, reach)
+        shared = None
         if rows > 1:
-            inputs, shared = tuple(fold_groups(x, p, rows) for x in inputs), (p, rows)
+            inputs = tuple(None if x is None else fold_groups(x, p, rows) for x in inputs)
+            shared = (p, rows)
         hidden, _, aux = forward(
             text,
             self.text_cfg,
@@ -362,6 +364,7 @@ class Trainer:
             kernel=self._kernel(resolve_attention(self.cfg.attention, cdt)),
             with_aux=True,
             shared=shared,
+            reach=inputs[3],
         )
         targets, start = batch.tokens, p
         if rows > 1:  # each row's last prompt state and its completion's: [B, 1 + C, D]
@@ -390,6 +393,10 @@ class Trainer:
     def _input_embeds(self, params: Params, batch: Batch, dtype: Any) -> jax.Array | None:
         """The first layer's input [B, T, D] when it is not the tokens' embeddings (a vision-language
         model's, with image features in place), else None."""
+        return None
+
+    def _reach(self, batch: Batch) -> jax.Array | None:
+        """How far ahead each token sees [B, T] (`transformer.forward(reach=)`), or None: causal."""
         return None
 
     def _policy(self, params: Params, base: Params | None, key: jax.Array | None = None) -> Params:

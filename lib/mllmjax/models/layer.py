@@ -36,6 +36,8 @@ class LayerContext:
     its own earlier tokens, never to another completion: what S separate rows of prompt + completion
     compute, with the prompt's tokens computed once (and, in a backward pass, their gradient the sum
     of the S rows').
+    reach [B, T]: how far ahead each new token sees (`mllmjax.models.blocks.attention`), or None
+    (causal): Gemma 3's image tokens see their whole image. Only prompt tokens reach ahead.
     """
 
     rope: Any
@@ -49,6 +51,7 @@ class LayerContext:
     ring: RingWrite | None = None
     windows: tuple[int | None, ...] = ()
     shared: tuple[int, int] | None = None
+    reach: jax.Array | None = None
 
     def at(self, layer: int | jax.Array) -> LayerContext:
         return dataclasses.replace(self, layer=layer)
@@ -90,14 +93,22 @@ class LayerContext:
         if kv is None and self.shared is not None:
             return self._attend_shared(q, k, v, options), None
         if kv is None:
-            return attend(q, k, v, self.q_pos, self.k_pos, self.kernel, **options), None
+            return attend(q, k, v, self.q_pos, self.k_pos, self.kernel, reach=self.reach, **options), None
         if self.windows and self.windows[self.layer] is not None:
             return self._attend_ring(q, k, v, kv, options)
         assert self.index is not None
         kv = write_layer(kv, k, v, self.index, self.per_layer)
         keys, values = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
         out = attend(
-            q, keys, values, self.q_pos, self.k_pos, self.kernel, cache_layout=self.per_layer, **options
+            q,
+            keys,
+            values,
+            self.q_pos,
+            self.k_pos,
+            self.kernel,
+            cache_layout=self.per_layer,
+            reach=self.reach,
+            **options,
         )
         return out, kv
 
@@ -106,8 +117,9 @@ class LayerContext:
         the completions over the prompt and themselves (`attention_shared_prompt`, XLA)."""
         assert self.shared is not None
         p, s = self.shared
+        reach = None if self.reach is None else self.reach[:, :p]
         prompt = attend(
-            q[:, :p], k[:, :p], v[:, :p], self.q_pos[:, :p], self.k_pos[:, :p], self.kernel, **options
+            q[:, :p], k[:, :p], v[:, :p], self.q_pos[:, :p], self.k_pos[:, :p], self.kernel, reach=reach, **options
         )
         rows = attention_shared_prompt(q, k, v, self.q_pos, self.k_pos, p, s, **options)
         return jnp.concatenate([prompt, rows], axis=1)
@@ -141,6 +153,7 @@ class LayerContext:
             self.ring.key_pos,
             self.kernel,
             cache_layout=True,
+            reach=self.reach,
             **options,
         )
         return out, kv

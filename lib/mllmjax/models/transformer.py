@@ -169,6 +169,7 @@ def forward(
     rope: Any = None,
     with_aux: bool = False,
     shared: tuple[int, int] | None = None,
+    reach: jax.Array | None = None,
 ) -> Any:
     """Run the model; return (final-normed hidden states [B, T, D], updated cache or None), and with
     with_aux a third item: the sum over layers of what the family's blocks report besides
@@ -189,6 +190,7 @@ def forward(
     these positions, if the caller has them (default: computed here).
     shared: (P, S) when the rows are shared-prompt groups (`fold_groups`): a prompt of P tokens, then
     S completions that each continue it and see only it and themselves (`LayerContext.shared`). No cache.
+    reach: [B, T] positions, how far ahead each token sees (`LayerContext.reach`; None: causal).
     """
     if shared is not None and cache is not None:
         raise ValueError("a forward over shared-prompt groups takes no cache")
@@ -213,6 +215,7 @@ def forward(
         ring=ring,
         windows=cache.windows if cache is not None else (),
         shared=shared,
+        reach=None if reach is None else reach.astype(jnp.int32),
     )
     x = embed_tokens(params, cfg, tokens, cdt) if embeds is None else embeds.astype(cdt)  # [B, T, D]
 

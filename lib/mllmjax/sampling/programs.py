@@ -124,13 +124,15 @@ def _prefill(
     compute_dtype: Any,
     unroll: bool,
     embeds: jax.Array | None = None,
+    reach: jax.Array | None = None,
 ) -> DecodeState:
     """Prefill B prompts [B, P] once, repeat for n samples each, sample every row's first token.
 
     prefix [1, C]: tokens every prompt starts with (then `tokens` are the rest of each prompt): they
     are prefilled once, their cache repeated over the B rows, and the rest prefilled after them.
     embeds [B, P, D]: the prompts as input embeddings instead of tokens (None then): a vision-language
-    model's text embeddings with its image features in place (`mllmjax.models.vision.llava`)."""
+    model's text embeddings with its image features in place (`mllmjax.models.vision`). reach [B, P]:
+    how far ahead each prompt token sees (`transformer.forward`), or None (causal)."""
     b, p = valid.shape
     cdt = jnp.dtype(compute_dtype)
     fam = family(cfg)
@@ -143,8 +145,10 @@ def _prefill(
         _, cache = forward(params, cfg, prefix, jnp.arange(start)[None, :], cache=cache, compute_dtype=cdt)
         cache = repeat_rows(cache, b)
     positions = start + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    if reach is not None:
+        reach = start + reach
     hidden, cache = forward(
-        params, cfg, tokens, positions, embeds=embeds, valid=valid, cache=cache, compute_dtype=cdt
+        params, cfg, tokens, positions, embeds=embeds, valid=valid, cache=cache, compute_dtype=cdt, reach=reach
     )
     last_idx = jnp.max(jnp.where(valid, jnp.arange(p)[None, :], -1), axis=1)  # [B]
     # Right or left padding: the next slot is the one after the last valid token.
@@ -323,11 +327,12 @@ def compiled_embeds(
     """(whole run, prefill) as `compiled` gives them, for prompts given as input embeddings [B, P, D]
     instead of tokens (a vision-language model's prompts with their images in place): the prefill
     reads the embeddings, then decode runs on tokens as for text (the streaming decode program is
-    `compiled`'s). The B prompts are prefilled once and their cache repeated for the n samples each."""
+    `compiled`'s). The B prompts are prefilled once and their cache repeated for the n samples each.
+    reach [B, P]: the index up to which each prompt token sees (its own, or its image's last token's)."""
     static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype, unroll=unroll)
     shapes = dict(n=n, out_len=out_len)
 
-    def run(params, embeds, valid, limit, keys, stop_ids):
+    def run(params, embeds, valid, limit, keys, stop_ids, reach):
         _count_trace()
         state = _prefill(
             params,
@@ -337,13 +342,14 @@ def compiled_embeds(
             keys,
             stop_ids,
             embeds=embeds,
+            reach=reach,
             cache_len=windows[0],
             **shapes,
             **static,
         )
         return _decode_windows(params, state, stop_ids, windows=windows, out_len=out_len, **static)
 
-    def prefill(params, embeds, valid, limit, keys, stop_ids):
+    def prefill(params, embeds, valid, limit, keys, stop_ids, reach):
         _count_trace()
         return _prefill(
             params,
@@ -353,6 +359,7 @@ def compiled_embeds(
             keys,
             stop_ids,
             embeds=embeds,
+            reach=reach,
             cache_len=windows[-1],
             **shapes,
             **static,

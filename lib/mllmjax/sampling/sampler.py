@@ -229,10 +229,16 @@ def _check_embeds(cfg: ModelConfig, prompts: Sequence[jax.Array]) -> None:
 
 
 def _pack_embeds(
-    cfg: ModelConfig, prompts: Sequence[jax.Array], rows: int, max_new_tokens: int, dtype: Any
-) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+    cfg: ModelConfig,
+    prompts: Sequence[jax.Array],
+    rows: int,
+    max_new_tokens: int,
+    dtype: Any,
+    reach: Sequence[Any] | None = None,
+) -> tuple[jax.Array, np.ndarray, np.ndarray, np.ndarray]:
     """`_pack` for prompts given as input embeddings [T_i, D]: right-padded with zeros into [rows, P, D]
-    (on the device they are on), with the valid mask and per-row new-token limits."""
+    (on the device they are on), with the valid mask, per-row new-token limits and each token's reach
+    [rows, P] (its own index, or what `reach` gives: per prompt an int array [T_i] or None)."""
     lengths = [int(x.shape[0]) for x in prompts]
     p = prompt_bucket(max(lengths))
     padded = [
@@ -245,7 +251,11 @@ def _pack_embeds(
         valid[r, :length] = True
         limit[r] = min(max_new_tokens, cfg.max_position_embeddings - length)
     valid[len(prompts) :, 0] = True  # filler rows hold one token so nothing is all-padding
-    return jnp.stack(padded), valid, limit
+    reaches = np.broadcast_to(np.arange(p, dtype=np.int32), (rows, p)).copy()
+    for r, row in enumerate(reach or ()):
+        if row is not None:
+            reaches[r, : lengths[r]] = np.asarray(row, np.int32)
+    return jnp.stack(padded), valid, limit, reaches
 
 
 def generate_embeds(
@@ -264,12 +274,15 @@ def generate_embeds(
     unroll_layers: bool | None = None,
     first_index: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    reach: Sequence[Any] | None = None,
 ) -> list[Completion]:
     """`generate` for prompts given as input embeddings [T_i, D] (the first layer's input: a
     vision-language model's text embeddings with its image features in place), decoded with the text
     model's params and config. Each prompt is prefilled once and its cache repeated for its n samples;
     then decoding is the text sampler's. Same keys, ordering and finish reasons as `generate` (no
-    shared-prefix prefill: prompts with images rarely share one)."""
+    shared-prefix prefill: prompts with images rarely share one). reach: per prompt None or an int
+    array [T_i], the index up to which each of its tokens sees in the prefill (Gemma 3's image tokens
+    see their whole image: `mllmjax.models.vision.vlm.prompt_reach`); None: causal."""
     strategy = strategy if strategy is not None else Greedy()
     _validate_run(n, max_new_tokens, max_batch)
     if not prompts:
@@ -286,14 +299,18 @@ def generate_embeds(
     for start in range(0, len(order), per_batch):
         chunk = order[start : start + per_batch]
         rows = bucket(len(chunk))
-        embeds, valid, limit = _pack_embeds(cfg, [prompts[i] for i in chunk], rows, max_new_tokens, cdt)
+        chunk_reach = None if reach is None else [reach[i] for i in chunk]
+        embeds, valid, limit, reaches = _pack_embeds(
+            cfg, [prompts[i] for i in chunk], rows, max_new_tokens, cdt, chunk_reach
+        )
         keys = _row_keys(seed, [first_index + i for i in chunk] + [0] * (rows - len(chunk)), n)
         windows = decode_windows(embeds.shape[1], out_len)
         run, _ = compiled_embeds(cfg, strategy, cdt.name, n, windows, out_len, unrolled(unroll_layers))
         args = (embeds, valid, limit, keys)
         if mesh is not None:
             args = place_rows(args, mesh)
-        out_ids, out_lp, count, stopped = (to_host(x) for x in run(params, *args, stops))
+            (reaches,) = place_rows((reaches,), mesh)
+        out_ids, out_lp, count, stopped = (to_host(x) for x in run(params, *args, stops, reaches))
         for c, i in enumerate(chunk):
             results[i] = []
             for j in range(n):
@@ -327,11 +344,13 @@ def stream(
     compute_dtype: Any = None,
     unroll_layers: bool | None = None,
     embeds: jax.Array | None = None,
+    reach: Any = None,
 ) -> Iterator[StreamChunk]:
     """Decode one prompt, yielding its tokens every `chunk` steps (the same tokens `generate` gives
     for prompt 0 with this seed). The loop state is donated between chunks, so the cache stays in
     place on the device; unrolled (CPU), the layers are sliced and transposed once for all chunks.
-    embeds [T, D]: the prompt as input embeddings (`generate_embeds`); prompt_ids is then None."""
+    embeds [T, D]: the prompt as input embeddings (`generate_embeds`); prompt_ids is then None; reach
+    [T]: its tokens' reach, as `generate_embeds` takes it."""
     strategy = strategy if strategy is not None else Greedy()
     _validate_run(1, max_new_tokens, 1)
     if chunk < 1:
@@ -349,11 +368,11 @@ def stream(
         state = prefill(params, tokens, valid, limit, keys, stops)
     else:
         _check_embeds(cfg, [embeds])
-        packed, valid, limit = _pack_embeds(cfg, [embeds], 1, max_new_tokens, cdt)
+        packed, valid, limit, reaches = _pack_embeds(cfg, [embeds], 1, max_new_tokens, cdt, [reach])
         windows = (packed.shape[1] + out_len,)
         _, prefill = compiled_embeds(cfg, strategy, cdt.name, 1, windows, out_len, unroll)
         _, _, decode = compiled(cfg, strategy, cdt.name, 1, windows, out_len, unroll)
-        state = prefill(params, packed, valid, limit, keys, stops)
+        state = prefill(params, packed, valid, limit, keys, stops, reaches)
     if per_layer_cache(cfg, unroll):  # slice (and, on CPU, transpose) the layers once, not every chunk
         params = sliced_layers(cfg, unroll)(params)
     sent = 0

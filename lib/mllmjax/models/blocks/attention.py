@@ -6,6 +6,10 @@ empty cache slots carry position -1, so one code path serves the full forward, c
 one-token decode, and a padded row computes exactly what the unpadded row would (masked keys get
 probability 0).
 
+A query may also see keys ahead of it, up to its `reach` (a position >= its own; default its own): the
+image tokens of Gemma 3's vision-language model see every token of their image, HF's bidirectional
+"blockwise" mask. A window still counts back from the query's own position.
+
 The options a family passes through `LayerContext.attend`: `scale` (the score multiplier, default
 head_dim ** -0.5; Gemma's query_pre_attn_scalar ** -0.5), `softcap` (scores -> c * tanh(scores / c)
 before the mask, Gemma 2) and `window` (a Python int, or a traced scalar when the layers are scanned
@@ -49,9 +53,13 @@ def qkv_bias_specs(n: int, k: int, h: int) -> dict[str, ParamSpec]:
     }
 
 
-def visible(q_pos: jax.Array, k_pos: jax.Array, window: Window = None) -> jax.Array:
-    """[B, T, S]: key s is visible to query t iff 0 <= k_pos <= q_pos (and q_pos - k_pos < window)."""
-    seen = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+def visible(
+    q_pos: jax.Array, k_pos: jax.Array, window: Window = None, reach: jax.Array | None = None
+) -> jax.Array:
+    """[B, T, S]: key s is visible to query t iff 0 <= k_pos <= reach (default q_pos), and q_pos - k_pos
+    < window. reach [B, T]: how far ahead each query sees (see the module docstring)."""
+    upper = q_pos if reach is None else reach
+    seen = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= upper[:, :, None])
     if window is None:
         return seen
     return seen & (q_pos[:, :, None] - k_pos[:, None, :] < window)
@@ -73,12 +81,13 @@ def attention(
     scale: float | None = None,
     softcap: float | None = None,
     window: Window = None,
+    reach: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention with the position-derived causal mask.
 
     q: [B, T, N, H]; k, v: [B, S, K, H], or with cache_layout the per-layer cache's k [B, K, H, S] and
-    v [B, K, S, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key). scale, softcap, window: see the
-    module docstring.
+    v [B, K, S, H]; q_pos: [B, T]; k_pos: [B, S] (-1 = not a key). scale, softcap, window, reach: see
+    the module docstring.
     """
     b, t, n, h = q.shape
     if cache_layout:
@@ -95,7 +104,7 @@ def attention(
     scale = h**-0.5 if scale is None else scale
     scores = jnp.einsum(f"BKMH,{k_minor}->BKMS", qh, k, preferred_element_type=jnp.float32) * scale
     scores = scores_of(scores.reshape(b, kv, g, t, -1), softcap)
-    scores = jnp.where(visible(q_pos, k_pos, window)[:, None, None], scores, MASKED)
+    scores = jnp.where(visible(q_pos, k_pos, window, reach)[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
     out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)  # [B, K, G*T, H]
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -120,7 +129,13 @@ def causal_blocks(t: int) -> int:
 
 
 def attention_causal(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, **options: Any
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    reach: jax.Array | None = None,
+    **options: Any,
 ) -> jax.Array:
     """`attention` of a sequence over itself (k, v: [B, T, K, H], the queries' own tokens), skipping the
     key blocks after each query block.
@@ -129,8 +144,10 @@ def attention_causal(
     as positions increase along each row's valid tokens, as every batch here is laid out (left-padded
     prompts, then completions). With n blocks (`causal_blocks`) the products and the saved
     probabilities shrink to (n + 1) / 2n of the full square. options: `attention`'s scale, softcap
-    and window.
+    and window. With a reach (queries that see keys ahead of them) it is the full square, unsplit.
     """
+    if reach is not None:
+        return attention(q, k, v, q_pos, k_pos, reach=reach, **options)
     t = q.shape[1]
     n = causal_blocks(t)
     block = t // n

@@ -78,19 +78,20 @@ def attend(
     scale: float | None = None,
     softcap: float | None = None,
     window: Window = None,
+    reach: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of q [B, T, N, H] over k, v with the position mask, by the kernel's backend.
 
     cache_layout None: k, v [B, T, K, H] are the queries' own tokens (full forward). True/False: k, v
     are a KV cache (per-layer layout or [B, S, K, H]), which always goes through XLA. scale, softcap,
-    window: see `attention`. The fused kernels take a scale but neither soft-capping nor a window:
-    a layer with either runs through XLA.
+    window, reach: see `attention`. The fused kernels take a scale but neither soft-capping, a window
+    nor a reach: a layer with any of them runs through XLA.
     """
     options = dict(scale=scale, softcap=softcap, window=window)
     if cache_layout is not None:
-        return attention(q, k, v, q_pos, k_pos, cache_layout=cache_layout, **options)
-    if softcap is not None or window is not None or kernel.name == "xla":
-        return attention_causal(q, k, v, q_pos, k_pos, **options)
+        return attention(q, k, v, q_pos, k_pos, cache_layout=cache_layout, reach=reach, **options)
+    if softcap is not None or window is not None or reach is not None or kernel.name == "xla":
+        return attention_causal(q, k, v, q_pos, k_pos, reach, **options)
     if kernel.name == "pallas":
         return attention_pallas(q, k, v, q_pos, k_pos, kernel, scale=scale)
     impl = "xla" if kernel.name == "fused-xla" else kernel.name
