@@ -18,7 +18,8 @@ SOURCE is a hub id (Qwen/Qwen2.5-7B), a local HF folder (safetensors, sharded wi
 a single .safetensors/.bin file with config.json beside it, a .gguf file, or `smollm2-135m` for the
 embedded SmolLM2-135M-Instruct.
 
-A LLaVA folder (LlavaForConditionalGeneration, safetensors) converts too, with its processor files;
+A vision-language folder (LlavaForConditionalGeneration, Gemma3ForConditionalGeneration; safetensors)
+converts too, with its processor files;
 `mllmjax export` writes it back; `sample`, `rollout`, `eval`, `train` and `grpo` run it.
 
 Examples:

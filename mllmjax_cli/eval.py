@@ -25,7 +25,7 @@ problem pass@k and maj@k (majority vote over extracted answers), plus the strict
 and truncation rate. Correctness is `score`'s `correct` reward. A table goes to stderr; --json prints the
 numbers as JSON on stdout; -o keeps the completions as rollout records.
 
-A vision-language (LLaVA) checkpoint is evaluated on prompts with images, as `rollout` samples them: a
+A vision-language checkpoint (LLaVA, Gemma 3) is evaluated on prompts with images, as `rollout` samples them: a
 visual built-in task (builtin:count, builtin:read; its pictures drawn into --image-dir, default
 OUT.images/ with -o, else a temporary folder removed at the end) or data records with --image-field.
 

@@ -17,8 +17,9 @@ A LoRA checkpoint (train/grpo with --lora-rank) exports with its adapters merged
 the default for one), or with --adapter as a PEFT adapter folder (adapter_config.json,
 adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base_model, DIR)` loads.
 
-A LLaVA checkpoint (converted from an HF LlavaForConditionalGeneration folder) exports as that model, with
-its processor files: `transformers.LlavaForConditionalGeneration.from_pretrained(HF_DIR)` loads it.
+A vision-language checkpoint (converted from an HF LlavaForConditionalGeneration or
+Gemma3ForConditionalGeneration folder) exports as that model, with its processor files:
+`transformers.AutoModelForImageTextToText.from_pretrained(HF_DIR)` loads it.
 
 Examples:
 

@@ -28,7 +28,7 @@ GSM8K, G=16, 1 prompt per step, 2 PPO epochs, temperature 1, top-k 50, 1024 new 
 --lora-rank R trains rank-R LoRA adapters on the frozen start model (the KL reference) and saves
 checkpoints that hold only the adapters (README: LoRA).
 
-A vision-language (LLaVA) --model runs with images: a visual built-in task (builtin:count,
+A vision-language --model (LLaVA, Gemma 3) runs with images: a visual built-in task (builtin:count,
 builtin:read; pictures drawn into RUN/images/ as they are used) or data records with --image-field;
 the language model and projector train, the tower stays frozen unless --train-vision.
 

@@ -35,7 +35,7 @@ completion per line, with prompt and completion ids, the sampled tokens' log-pro
 gold answer and the checkpoint they came from. Deterministic for a seed. `-o -` streams to stdout so
 `mllmjax score -` can read it.
 
-On a vision-language (LLaVA) checkpoint prompts may hold images: a data record's --image-field (a path
+On a vision-language checkpoint (LLaVA, Gemma 3) prompts may hold images: a data record's --image-field (a path
 or a list of paths, relative to the data file), or the picture of a visual built-in task (builtin:count,
 builtin:read), drawn into --image-dir (default OUT.images/). The checkpoint's own processor prepares
 them, the vision tower runs once per prompt and the G samples share its prefill. Records with images

@@ -4,7 +4,7 @@ Plain text for a person (one prompt streams as it decodes), JSON Lines for scrip
 rollout record's field names). Prompts come from arguments, a file, or stdin (`--prompts -`): one JSON
 object with a "prompt" field per line, or one plain-text prompt per line.
 
-On a vision-language (LLaVA) checkpoint a prompt may hold images (`--image`, or an "images" field of
+On a vision-language checkpoint (LLaVA, Gemma 3) a prompt may hold images (`--image`, or an "images" field of
 paths in a JSON line): the checkpoint's own HF processor builds the prompt (its chat template's image
 slots, the image token expansion, the pixel preprocessing), the vision tower turns it into input
 embeddings once per prompt, and the sampler decodes from them (`sampling.generate_embeds`).
@@ -107,8 +107,8 @@ def encode(tokenizer: Any, prompt: str, *, chat: bool, system: str | None) -> li
 def register(app: typer.Typer) -> None:
     @app.command(
         name="sample",
-        help="Generate completions with the JAX decoder. On a vision-language (LLaVA) checkpoint a prompt "
-        "may hold images (--image, or an \"images\" list in --prompts JSON lines), which the checkpoint's "
+        help="Generate completions with the JAX decoder. On a vision-language checkpoint (LLaVA, Gemma 3) a "
+        "prompt may hold images (--image, or an \"images\" list in --prompts JSON lines), which the checkpoint's "
         "own processor prepares." + EXAMPLES,
         short_help="Generate completions with the JAX decoder.",
     )
@@ -239,7 +239,7 @@ def _sample_vision(ckpt, records, strategy, n, s, chat, system, json_out, out, m
     decodes from them (`sampling.generate_embeds`, or `stream` for one prompt on a terminal)."""
     from mllmjax.checkpoint import load_checkpoint, resolve_dtype, stop_ids_for
     from mllmjax.images import load_processor
-    from mllmjax.models.vision import llava
+    from mllmjax.models.vision import vlm
     from mllmjax.records import write_text_atomic
     from mllmjax.sharding import make_mesh
 
@@ -252,16 +252,26 @@ def _sample_vision(ckpt, records, strategy, n, s, chat, system, json_out, out, m
     for i, (ids, _) in enumerate(inputs):
         if len(ids) >= context:
             raise BadInputError(f"prompt {i + 1} is {len(ids)} tokens; the model's context is {context}")
-    embeds = [llava.prompt_embeds(params, cfg, ids, pixels) for ids, pixels in inputs]
+    embeds = [vlm.prompt_embeds(params, cfg, ids, pixels) for ids, pixels in inputs]
+    reach = [vlm.prompt_reach(cfg, ids) for ids, _ in inputs]
     stop_ids = stop_ids_for(tokenizer, checkpoint.stop_ids)
     texts, ids = [r.text for r in records], [x[0] for x in inputs]
     if len(records) == 1 and n == 1 and not json_out and out == "-":
         _stream_one(
-            params["text"], cfg.text, None, strategy, tokenizer, s.max_new_tokens, stop_ids, s.seed, embeds[0]
+            params["text"],
+            cfg.text,
+            None,
+            strategy,
+            tokenizer,
+            s.max_new_tokens,
+            stop_ids,
+            s.seed,
+            embeds[0],
+            reach[0],
         )
         return
     completions = _run_batch(
-        params["text"], cfg.text, embeds, strategy, n, s, stop_ids, device_mesh, embeds=True
+        params["text"], cfg.text, embeds, strategy, n, s, stop_ids, device_mesh, embeds=True, reach=reach
     )
     sink = io.StringIO()
     _write(sink, completions, texts, ids, tokenizer, json_out, images=[r.images for r in records])
@@ -287,7 +297,7 @@ def _encode_prompts(
 
 
 def _stream_one(
-    params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, stop_ids, seed, embeds=None
+    params, cfg, prompt_ids, strategy, tokenizer, max_new_tokens, stop_ids, seed, embeds=None, reach=None
 ) -> None:
     from mllmjax.sampling import stream
 
@@ -303,6 +313,7 @@ def _stream_one(
         stop_ids=stop_ids,
         seed=seed,
         embeds=embeds,
+        reach=reach,
     ):
         ids += chunk.ids
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -329,8 +340,10 @@ def _run_batch(
     device_mesh: Mesh,
     *,
     embeds: bool = False,
+    reach: list[Any] | None = None,
 ) -> list[Any]:
-    """Decode every prompt n times; `ids` are token ids, or with embeds=True input embeddings [T, D]."""
+    """Decode every prompt n times; `ids` are token ids, or with embeds=True input embeddings [T, D]
+    (reach: their tokens' reach, `generate_embeds`)."""
     from mllmjax.sampling import generate, generate_embeds
 
     start = time.perf_counter()
@@ -342,6 +355,7 @@ def _run_batch(
             progress.update(task, completed=samples, description=f"{rate:.1f} tok/s")
 
         use_mesh = device_mesh if device_mesh.devices.size > 1 else None
+        extra = dict(reach=reach) if embeds else {}
         return (generate_embeds if embeds else generate)(
             params,
             cfg,
@@ -354,6 +368,7 @@ def _run_batch(
             max_batch=s.batch_size,
             mesh=use_mesh,
             on_batch=on_batch,
+            **extra,
         )
 
 

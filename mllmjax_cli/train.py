@@ -23,11 +23,11 @@ loss router_aux) are shown and saved as OUT/train_metrics.jsonl.
 With --lora-rank R only rank-R adapters are trained, on the frozen base (also the KL reference), and OUT
 holds just the adapters; train a LoRA checkpoint on with the same --lora-* flags (README: LoRA).
 
-A vision-language (LLaVA) checkpoint trains on rollouts with images (schema mllmjax.rollout/2, from
+A vision-language checkpoint (LLaVA, Gemma 3) trains on rollouts with images (schema mllmjax.rollout/2, from
 `mllmjax rollout` on it) and on text rollouts: each record's images are checked against their SHA-256
 and prepared by the checkpoint's own processor. The language model and the projector train, the vision
 tower stays frozen (--train-vision trains it, --no-train-projector freezes the projector), and OUT is a
-whole LLaVA checkpoint (with the processor's files) that sample, rollout and export read. --lora-rank
+whole vision-language checkpoint (with the processor's files) that sample, rollout and export read. --lora-rank
 is refused on one for now. Records with images on a text checkpoint are an error.
 
 The learning-rate schedule (linear warm-up, cosine to 0) spans --steps x --ppo-epochs x --minibatches

@@ -292,8 +292,27 @@ LLAVAS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
         ),
     ),
 }
+# Gemma 3 with vision: a SigLIP tower of 8 x 8 patches pooled 2 x 2 into 16 image tokens, a 2-layer
+# Gemma 3 (one sliding layer, window 6: narrower than an image) under the same vocabulary.
+GEMMA3_VISION: dict[str, Any] = dict(
+    tower=dict(image_size=32, patch_size=4, vision_use_head=False),
+    text=dict(
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=80,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=12,
+    ),
+    mm_tokens_per_image=16,
+)
+# Every vision-language model of the tests: the LLaVAs and Gemma 3.
+VLMS = (*LLAVAS, "siglip-gemma3")
 LLAVA_VOCAB = 96
-IMAGE_TOKEN = 95  # the last id: "<image>" in `make_llava_processor`'s tokenizer
+IMAGE_TOKEN = 95  # the last id: "<image>" in `make_llava_processor`'s tokenizer, Gemma 3's image token
+BOI_TOKEN, EOI_TOKEN = 93, 94  # Gemma 3's <start_of_image>, <end_of_image>
 
 
 def tower_config(kind: str) -> Any:
@@ -313,10 +332,37 @@ def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def make_llava(name: str, seed: int = 0) -> Any:
-    """A tiny random LlavaForConditionalGeneration of `LLAVAS[name]` (float32, eval mode)."""
+def make_gemma3_vision(seed: int = 0) -> Any:
+    """A tiny random Gemma3ForConditionalGeneration of `GEMMA3_VISION` (float32, eval mode); its
+    projection matrix (zeros when HF builds it) random too."""
     import transformers
 
+    vision = transformers.SiglipVisionConfig(**{**TOWER_SIZES, **GEMMA3_VISION["tower"]})
+    text = transformers.Gemma3TextConfig(
+        vocab_size=LLAVA_VOCAB, num_hidden_layers=2, max_position_embeddings=256, **GEMMA3_VISION["text"]
+    )
+    config = transformers.Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=GEMMA3_VISION["mm_tokens_per_image"],
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=BOI_TOKEN,
+        eoi_token_index=EOI_TOKEN,
+    )
+    torch.manual_seed(seed)
+    model = randomise(transformers.Gemma3ForConditionalGeneration(config), seed + 1)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    return model
+
+
+def make_llava(name: str, seed: int = 0) -> Any:
+    """A tiny random LlavaForConditionalGeneration of `LLAVAS[name]` (float32, eval mode), or with
+    name "siglip-gemma3" a Gemma 3 with vision (`make_gemma3_vision`)."""
+    import transformers
+
+    if name == "siglip-gemma3":
+        return make_gemma3_vision(seed)
     kind, text_cls, text_sizes, settings = LLAVAS[name]
     text = getattr(transformers, text_cls)(
         vocab_size=LLAVA_VOCAB,
@@ -343,11 +389,47 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
+# The same with Gemma 3's image slot: the processor expands <start_of_image> into the image's tokens.
+GEMMA3_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace("<image>\n", "<start_of_image>")
+
+
+def make_gemma3_processor(model: Any) -> Any:
+    """A Gemma3Processor for `make_gemma3_vision`, built offline: `make_tokenizer` with Gemma 3's three
+    image tokens (as its tokenizer names them) and its image processor (PIL backend) at the tower's
+    size."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+
+    words = make_tokenizer(BOI_TOKEN)
+    words.add_tokens(["<start_of_image>", "<end_of_image>", "<image_soft_token>"], special_tokens=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words.backend_tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="[UNK]",
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
+    assert [tokenizer.boi_token_id, tokenizer.image_token_id] == [BOI_TOKEN, IMAGE_TOKEN]
+    size = model.config.vision_config.image_size
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=model.config.mm_tokens_per_image,
+    )
+
+
 def make_llava_processor(model: Any) -> Any:
     """A LlavaProcessor for a `make_llava` model, built offline: `make_tokenizer` with "<image>" as the
-    image token, and a CLIP image processor (PIL backend) at the tower's image size."""
+    image token, and a CLIP image processor (PIL backend) at the tower's image size (a Gemma 3 model's
+    processor: `make_gemma3_processor`)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
+    if model.config.model_type == "gemma3":
+        return make_gemma3_processor(model)
     vision = model.config.vision_config
     tokenizer = make_tokenizer(LLAVA_VOCAB - 1)
     tokenizer.add_tokens(["<image>"], special_tokens=True)

@@ -1,4 +1,4 @@
-"""`mllmjax grpo` on a vision-language (LLaVA) checkpoint, on a tiny LLaVA built offline (the
+"""`mllmjax grpo` on a vision-language checkpoint, on a tiny LLaVA and Gemma 3 built offline (the
 `converted` fixture of test_vision_sample): the visual built-in task runs with its pictures through
 rollout, score and train; the run directory keeps the pictures its steps used; the checkpoints are the
 whole LLaVA with the tower frozen; a step on 8 fake devices equals the step on one; the run resumes
@@ -52,8 +52,8 @@ def run_dir(converted, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
     return root / "ck", out
 
 
-@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
-def test_grpo_runs_a_visual_task_with_its_pictures_and_saves_the_whole_llava(run_dir):
+@pytest.mark.parametrize("converted", ["clip-llama", "siglip-gemma3"], indirect=True)
+def test_grpo_runs_a_visual_task_with_its_pictures_and_saves_the_whole_model(run_dir):
     start, out = run_dir
     rows = [m for m in _lines(out / "metrics.jsonl") if "reward" in m]
     assert [m["step"] for m in rows] == [1, 2] and all(m["updates"] > 0 for m in rows)
@@ -74,9 +74,10 @@ def test_grpo_runs_a_visual_task_with_its_pictures_and_saves_the_whole_llava(run
             assert hashlib.sha256(path.read_bytes()).hexdigest() == image["sha256"]
             used.add(path.name)
     assert len(used) == 2 * 2  # two new prompts per step
-    # The checkpoint is the whole LLaVA: the tower frozen bitwise, the projector and language model trained.
+    # The checkpoint is the whole model: the tower frozen bitwise, the projector and language model trained.
     meta = read_meta(out / "checkpoints" / "step_2", vision_language=True)
-    assert meta["family"] == "llava" and meta["trained"] == ["projector", "text"]
+    assert meta["family"] == read_meta(start, vision_language=True)["family"]
+    assert meta["trained"] == ["projector", "text"]
     before, after = _params(start), _params(out / "checkpoints" / "step_2")
     assert before.keys() == after.keys()
     for key in before:
@@ -134,28 +135,47 @@ def test_a_step_on_8_devices_equals_the_step_on_one_and_resumes_exactly(run_dir,
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_sample_mesh_decodes_the_same_and_compute_dtype_decodes_in_bfloat16(run_dir, tmp_path):
+    """--sample-mesh (tensor-parallel decode on a resharded copy): step 1's completions are the 8-device
+    fsdp run's. --compute-dtype bfloat16: the rollouts' log-probs move by bfloat16's rounding, no more."""
+    start, out = run_dir
+    want = _lines(out / "rollouts" / "step_1.jsonl")
+    tensor, bf16 = tmp_path / "tensor", tmp_path / "bf16"
+    for flags, where in ((["--sample-mesh", "data=4,tensor=2"], tensor), (["--compute-dtype", "bfloat16"], bf16)):
+        result = run("grpo", "--model", start, *TINY, "--steps", 1, "--eval-every", 0, *flags, "-o", where)
+        assert result.exit_code == 0, result.output
+    for got, ref in zip(_lines(tensor / "rollouts" / "step_1.jsonl"), want, strict=True):
+        assert got["completion_ids"] == ref["completion_ids"]
+        np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-5)
+    # the first sampled token's log-prob, where both runs drew the same token
+    pairs = [(g["logprobs"][0], r["logprobs"][0]) for g, r in zip(_lines(bf16 / "rollouts" / "step_1.jsonl"), want,
+             strict=True) if g["completion_ids"][:1] == r["completion_ids"][:1]]  # fmt: skip
+    assert len(pairs) >= 2
+    diffs = [abs(a - b) for a, b in pairs]
+    assert max(diffs) <= 0.05 and max(diffs) > 0
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
 def test_what_a_vision_run_does_not_support_is_one_line_and_writes_nothing(converted, tmp_path):  # noqa: F811
     _, root = converted
     out = tmp_path / "run"
     for flags, fragment in (
         (["--lora-rank", 4], "LoRA"),
         (["--replay-prob", 0.5], "--replay-prob"),
-        (["--compute-dtype", "bfloat16"], "--compute-dtype"),
-        (["--sample-mesh", "tensor=8"], "--sample-mesh"),
     ):
         result = run("grpo", "--model", root / "ck", *TINY, "--steps", 1, *flags, "-o", out)
         _expect_bad(result, "vision-language", fragment)
         assert not out.exists()
 
 
-@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+@pytest.mark.parametrize("converted", ["clip-llama", "siglip-gemma3"], indirect=True)
 def test_the_memory_estimates_prompt_length_is_the_processors(converted, tmp_path):  # noqa: F811
     """`vision_prompt_length` (grpo's memory estimate, no picture read) equals the ids the processor
     makes with the pictures: a visual task's prompts, one whose question holds its image slot, a text one."""
     from PIL import Image
 
     from mllmjax.data import Problem, load_problems
-    from mllmjax.images import load_processor
+    from mllmjax.images import load_processor, slot_token
     from mllmjax.rollout import RolloutConfig, encode_vision_prompt, vision_prompt_length
     from mllmjax.settings import Settings
 
@@ -165,10 +185,30 @@ def test_the_memory_estimates_prompt_length_is_the_processors(converted, tmp_pat
     cfg = RolloutConfig.from_settings(Settings(), seed=0)
     problems = load_problems("builtin:count", num=2, image_dir=tmp_path)
     problems += [
-        Problem(id="slot", question="w1 <image> w2", answer="1", images=(str(root / "a.png"),)),
+        Problem(id="slot", question=f"w1 {slot_token(processor)} w2", answer="1", images=(str(root / "a.png"),)),
         Problem(id="text", question="w3 w4", answer="2"),
     ]
     for p in problems:
         pictures = [Image.open(x) for x in p.images]
         _, ids, _ = encode_vision_prompt(processor, p, cfg, pictures)
         assert vision_prompt_length(processor, p, cfg, per_image) == len(ids), p.id
+
+
+@pytest.mark.parametrize("converted", ["clip-llama", "siglip-gemma3"], indirect=True)
+def test_the_memory_estimate_counts_the_tower_and_projector(converted):  # noqa: F811
+    """Against HF's parameter counts: the frozen tower is its params; the trained projector adds AdamW's
+    two slots and the KL reference at all times, and in an update its float32 gradient accumulator plus
+    one gradient and the new state (params and slots)."""
+    from mllmjax.memory import vision_language_bytes
+
+    model, root = converted
+    cfg = load_checkpoint(root / "ck", vision_language=True, load_params=False).cfg
+    tower = 4 * sum(p.numel() for p in model.model.vision_tower.parameters())
+    projector = 4 * sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    alive, update = vision_language_bytes(
+        cfg, ("projector", "text"), param_dtype="float32", optimizer="adamw", beta=0.04
+    )
+    assert alive == tower + projector * (1 + 2 + 1)
+    assert update == alive + 2 * projector + 3 * projector
+    frozen, _ = vision_language_bytes(cfg, ("text",), param_dtype="float32", optimizer="adamw", beta=0.04)
+    assert frozen == tower + projector

@@ -121,7 +121,7 @@ def test_score_keeps_schema_2_and_refuses_a_changed_image(count_rollout, tmp_pat
     assert not (tmp_path / "s2.jsonl").exists()
 
 
-@pytest.mark.parametrize("converted", ["clip-llama", "siglip-qwen2"], indirect=True)
+@pytest.mark.parametrize("converted", ["clip-llama", "siglip-qwen2", "siglip-gemma3"], indirect=True)
 def test_greedy_rollout_with_record_images_matches_hf_generate(converted, tmp_path):  # noqa: F811
     """Data records with images (a list, a single path, none): greedy rollouts equal HF's greedy
     decoding of the same prompt ids and pixels, the prompt ids are what the processor makes of the

@@ -1,5 +1,5 @@
-"""`mllmjax sample` with images on a LLaVA checkpoint (tiny random models built offline,
-`hf_models.make_llava`): greedy decoding matches HF's `generate` token for token (log-probs within
+"""`mllmjax sample` with images on LLaVA and Gemma 3 vision checkpoints (tiny random models built
+offline, `hf_models.make_llava`): greedy decoding matches HF's `generate` token for token (log-probs within
 1e-4) on inputs the checkpoint's own processor makes, through the library and the CLI, and bad input
 is one line, exit 2, nothing written."""
 
@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import IMAGE_TOKEN, LLAVAS, make_llava, make_llava_processor, save_hf_model
+from hf_models import IMAGE_TOKEN, VLMS, make_llava, make_llava_processor, save_hf_model
 from PIL import Image
 from typer.testing import CliRunner
 
 from mllmjax.checkpoint import load_checkpoint
-from mllmjax.models.vision import llava
+from mllmjax.models.vision import vlm
 from mllmjax.sampling import generate_embeds, stream
 from mllmjax_cli.main import app
 
 runner = CliRunner()
 NEW = 32
 TOL = 1e-4
-# The random models' matrices times this: at HF's initial scale a tiny model repeats one token whatever
+# The random LLaVAs' matrices times this: at HF's initial scale a tiny LLaVA repeats one token whatever
 # its input; scaled, what it decodes depends on the image and on the tokens before.
 SCALE = 8.0
 
@@ -39,16 +39,17 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (20, 30)) -> Path
     return path
 
 
-@pytest.fixture(scope="module", params=sorted(LLAVAS))
+@pytest.fixture(scope="module", params=sorted(VLMS))
 def converted(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """(the HF model, a folder holding hf/ (its save_pretrained with a processor), ck/ (its
     conversion), and images a.png, b.png)."""
     root = tmp_path_factory.mktemp(request.param)
     model = make_llava(request.param)
+    scale = 1.0 if "gemma3" in request.param else SCALE  # Gemma's own scaling makes it vary already
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(SCALE)
+                p.mul_(scale)
     model.save_pretrained(root / "hf")
     make_llava_processor(model).save_pretrained(root / "hf")
     result = run("convert", root / "hf", "-o", root / "ck", "--dtype", "float32")
@@ -109,24 +110,26 @@ def test_greedy_with_an_image_matches_hf_generate(converted):
 
     ckpt = load_checkpoint(root / "ck", vision_language=True)
     ids, pixels = inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy()
-    embeds = llava.prompt_embeds(ckpt.params, ckpt.cfg, ids, pixels)
-    [c] = generate_embeds(ckpt.params["text"], ckpt.cfg.text, [embeds], max_new_tokens=NEW)
+    embeds = vlm.prompt_embeds(ckpt.params, ckpt.cfg, ids, pixels)
+    reach = vlm.prompt_reach(ckpt.cfg, ids)  # Gemma 3: the image's tokens see the whole image
+    text_params, text_cfg = ckpt.params["text"], ckpt.cfg.text
+    [c] = generate_embeds(text_params, text_cfg, [embeds], max_new_tokens=NEW, reach=[reach])
     assert c.ids == ref_ids and c.finish_reason == "length"
     assert np.abs(np.array(c.logprobs) - np.array(ref_lps)).max() <= TOL
 
     # n samples share the prompt's one prefill: its cache is repeated over their rows
-    pair = generate_embeds(ckpt.params["text"], ckpt.cfg.text, [embeds], n=2, max_new_tokens=NEW)
+    pair = generate_embeds(text_params, text_cfg, [embeds], n=2, max_new_tokens=NEW, reach=[reach])
     assert [c.ids for c in pair] == [ref_ids, ref_ids]
 
-    chunks = stream(ckpt.params["text"], ckpt.cfg.text, None, max_new_tokens=NEW, embeds=embeds)
+    chunks = stream(text_params, text_cfg, None, max_new_tokens=NEW, embeds=embeds, reach=reach)
     assert [t for chunk in chunks for t in chunk.ids] == ref_ids
 
     # the image is read: another image, another completion
     other = hf_inputs(root, "w1 w2", ["b.png"])
-    embeds_b = llava.prompt_embeds(
-        ckpt.params, ckpt.cfg, other["input_ids"][0], other["pixel_values"].numpy()
-    )
-    [b] = generate_embeds(ckpt.params["text"], ckpt.cfg.text, [embeds_b], max_new_tokens=NEW)
+    other_ids = other["input_ids"][0].numpy()
+    embeds_b = vlm.prompt_embeds(ckpt.params, ckpt.cfg, other_ids, other["pixel_values"].numpy())
+    reach_b = [vlm.prompt_reach(ckpt.cfg, other_ids)]
+    [b] = generate_embeds(text_params, text_cfg, [embeds_b], max_new_tokens=NEW, reach=reach_b)
     assert b.ids == hf_greedy(model, other)[0] != ref_ids
 
 

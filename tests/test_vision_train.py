@@ -1,5 +1,6 @@
 """`mllmjax train` on a LLaVA checkpoint with image rollouts (the tiny LLaVAs of test_vision_sample): one
-update's gradient equals torch autograd of the same GRPO loss on HF's LlavaForConditionalGeneration;
+update's gradient equals torch autograd of the same GRPO loss on HF's LlavaForConditionalGeneration
+and Gemma3ForConditionalGeneration;
 the frozen tower stays bit for bit (and trains with --train-vision); rollout -> score -> train ->
 sample/export works on the checkpoint it writes; bad input is one line, exit 2, nothing written."""
 
@@ -30,7 +31,8 @@ from test_vision_sample import (  # noqa: F401  (converted: the fixture, reused)
 
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax.loss import LossConfig
-from mllmjax.models.vision import llava
+from mllmjax.models.registry import model_config_from_hf
+from mllmjax.models.vision import vlm
 from mllmjax.records import read_records, write_records
 from mllmjax.trainer import Batch, TrainConfig
 from mllmjax.vision_training import VisionTrainer, split_trainable, trained_parts
@@ -70,24 +72,27 @@ def _grpo_batch(root: Path) -> tuple[Batch, dict]:
         position_ids=torch.tensor(positions, dtype=torch.long),
         pixel_values=torch.cat([x["pixel_values"] for x in rows[:3]]),
     )
+    if "token_type_ids" in rows[0]:  # Gemma 3: the prompt's image tokens, which see their whole image
+        hf["token_type_ids"] = torch.tensor(tokens == IMAGE_TOKEN, dtype=torch.long)
     return batch, hf
 
 
-@pytest.fixture(scope="module")
-def unscaled(tmp_path_factory) -> tuple[torch.nn.Module, Path, llava.LlavaConfig, dict]:
-    """(the tiny clip-llama LLaVA at HF's initial scale, a folder with its processor in ck/ and the
+@pytest.fixture(scope="module", params=["clip-llama", "siglip-gemma3"])
+def unscaled(request, tmp_path_factory) -> tuple[torch.nn.Module, Path, object, dict]:
+    """(a tiny vision-language model at HF's initial scale, a folder with its processor in ck/ and the
     images a.png, b.png, its config and params as the loader reads them). Not `converted`'s scaled-up
     weights: at those, float32 torch's own tower gradients are 3e-4 from float64's, and a comparison at
     1e-4 would measure rounding, not the math. One LLaVA: what training adds (the per-row merge, the
     frozen tower's features) is the same code for every tower and strategy, whose forward
-    test_vision_sample checks against HF on both."""
+    test_vision_sample checks against HF on both; and Gemma 3, whose projector pools and whose image
+    tokens see their whole image in training too."""
     root = tmp_path_factory.mktemp("unscaled")
-    model = make_llava("clip-llama")
+    model = make_llava(request.param)
     make_llava_processor(model).save_pretrained(root / "ck")
     write_image(root / "a.png", 0)
     write_image(root / "b.png", 1, (33, 17))
-    cfg = llava.config_from_hf(model.config.to_dict())
-    return model, root, cfg, llava.params_from_hf(cfg, checkpoint_tensors(model))
+    cfg = model_config_from_hf(model.config.to_dict())
+    return model, root, cfg, vlm.module(cfg).params_from_hf(cfg, checkpoint_tensors(model))
 
 
 def test_training_step_gradient_matches_torch_autograd(unscaled):
@@ -111,7 +116,7 @@ def test_training_step_gradient_matches_torch_autograd(unscaled):
     loss.backward()
     grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    ref = llava.params_from_hf(model_cfg, checkpoint_tensors(model, grads))
+    ref = vlm.module(model_cfg).params_from_hf(model_cfg, checkpoint_tensors(model, grads))
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
 
     def check(got) -> None:
@@ -143,6 +148,43 @@ def test_training_step_gradient_matches_torch_autograd(unscaled):
     got, _, _ = trainer.grads(trained, prepared)
     assert set(got) == {"projector", "text"}
     check(got)
+
+
+@pytest.mark.parametrize("unscaled", ["siglip-gemma3"], indirect=True)  # LLaVA's prompt is causal text
+def test_rows_sharing_a_prompt_with_an_image_equal_the_per_row_forward(unscaled):
+    """--shared-prompt runs a group's prompt (its image tokens, which on Gemma 3 see their whole image)
+    once: the log-probs and gradient equal the per-row forward's."""
+    _, root, model_cfg, params = unscaled
+    ids = hf_inputs(root, "w1 w2", ["a.png"])
+    prompt, pixels = ids["input_ids"][0].numpy(), ids["pixel_values"].numpy()
+    p, c = len(prompt), 5
+    rng = np.random.default_rng(4)
+    tokens = np.concatenate([np.tile(prompt, (2, 1)), rng.integers(1, IMAGE_TOKEN, (2, c))], axis=1)
+    valid = np.ones(tokens.shape, bool)
+    valid[1, -2:] = False  # completions of two lengths
+    batch = Batch(
+        tokens=jnp.asarray(tokens, jnp.int32),
+        positions=jnp.asarray(np.broadcast_to(np.arange(p + c), tokens.shape), jnp.int32),
+        valid=jnp.asarray(valid),
+        completion=jnp.asarray(valid & (np.arange(p + c) >= p)),
+        advantages=jnp.asarray([0.5, -1.0], jnp.float32),
+        pixels=jnp.asarray(np.stack([pixels, pixels])),
+        completion_start=p,
+        prompt_rows=2,
+    )
+    config = TrainConfig(loss=LossConfig(beta=0.0), train_vision=True)
+    shared = VisionTrainer(model_cfg, config, frozen={})
+    rows = VisionTrainer(model_cfg, dataclasses.replace(config, shared_prompt=False), frozen={})
+    want, got = np.asarray(rows.logprobs(params, batch)), np.asarray(shared.logprobs(params, batch))
+    assert np.abs(got - want).max() <= 1e-5 and (got[:, p:][valid[:, p:]] < 0).all()
+    g_shared, _, _ = shared.grads(params, batch)
+    g_rows, _, _ = rows.grads(params, batch)
+    vision = max(np.abs(np.asarray(x)).max() for x in jax.tree.leaves(g_rows["vision"]))
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_shared), jax.tree.leaves(g_rows), strict=True):
+        name = jax.tree_util.keystr(path)
+        # the tower's k_bias: exactly 0 in the math, rounding noise on both sides (see above)
+        scale = vision if name == "['vision']['layers']['k_bias']" else np.abs(np.asarray(y)).max()
+        assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 1e-5 * scale, name
 
 
 # One epoch (one update program to compile), the schedule over two steps so that the resumed run's
@@ -182,7 +224,7 @@ def trained(count_rollout, tmp_path_factory):  # noqa: F811
 def test_train_keeps_the_frozen_tower_bitwise_and_trains_it_with_train_vision(trained, tmp_path):
     root, scored, ck1 = trained
     start, after = _params(root / "ck"), _params(ck1)
-    for part in llava.PARTS:  # the language model and projector move; the frozen tower is the same bits
+    for part in vlm.PARTS:  # the language model and projector move; the frozen tower is the same bits
         assert _changed(start[part], after[part]) == (part != "vision"), part
     meta = json.loads((ck1 / "mllmjax.json").read_text())
     assert meta["family"] == "llava" and meta["trained"] == ["projector", "text"] and meta["step"] == 1

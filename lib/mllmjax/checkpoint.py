@@ -6,7 +6,7 @@
     CKPT/params/         Orbax param tree, saved from sharded arrays, restorable onto any mesh
     CKPT/opt_state/      optimizer state + step + rng (train/grpo outputs only)
 
-A vision-language checkpoint (family "llava": params {"vision", "projector", "text"}, the HF processor's
+A vision-language checkpoint (family "llava" or "gemma3_vision": params {"vision", "projector", "text"}, the HF processor's
 files beside the tokenizer's) is read only by the commands that ask for one (convert and train write
 it, export, sample, rollout and train read it: `vision_language=True`); every other command (eval,
 grpo) is refused in `read_meta`, which each of them goes through before anything else

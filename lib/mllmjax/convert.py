@@ -8,7 +8,7 @@ checkpoint atomically. export: restore the params to host memory, write config +
 A vision-language model (`mllmjax.models.registry.VISION_LANGUAGE`, by its config's architecture) takes
 the same path through its own module: its config and loader (tower, projector and text model, each
 through its own name table), the HF processor's files copied beside the tokenizer's, and on export its
-own HF names (`llava.hf_tensors_from_params`).
+own HF names (its module's `hf_tensors_from_params`).
 """
 
 from __future__ import annotations
@@ -199,7 +199,8 @@ def export(
     A LoRA checkpoint is written with its adapters merged into the base's weights (merge=True asks for
     that explicitly; the default dtype is then the base's), or with adapter=True as a PEFT adapter
     folder (`export_adapter`). Both flags need a LoRA checkpoint and exclude each other. A
-    vision-language checkpoint is written as its HF model (`LlavaForConditionalGeneration`), with the
+    vision-language checkpoint is written as its HF model (`LlavaForConditionalGeneration`,
+    `Gemma3ForConditionalGeneration`), with the
     processor's files beside the tokenizer's.
 
     dtype: float32, bfloat16 or float16 (None: the checkpoint's). The weights go into one
@@ -229,9 +230,9 @@ def export(
         return export_adapter(ckpt_path, out, dtype=dtype, force=force)
     ckpt = load_checkpoint(ckpt_path, vision_language=vision)
     if vision:
-        from mllmjax.models.vision import llava
+        from mllmjax.models.vision import vlm
 
-        tensors = llava.hf_tensors_from_params
+        tensors = vlm.module(ckpt.cfg).hf_tensors_from_params
     else:
         tensors = hf_tensors_from_params
     target = np.dtype(resolve_dtype(dtype)) if dtype not in (None, "") else None
@@ -315,7 +316,7 @@ def export_adapter(
 def resolve_model(spec: str, *, dtype: str = "auto", on_convert: Callable[[str], None] | None = None) -> Path:
     """A checkpoint directory for `spec`: the checkpoint itself, or the cached conversion of a hub id,
     HF folder/file, GGUF or embedded model (converted on first use; the conversion is atomic, so an
-    interrupted one is redone). A vision-language model (LLaVA) resolves like a text one."""
+    interrupted one is redone). A vision-language model resolves like a text one."""
     from mllmjax.checkpoint import META_FILE
 
     path = Path(spec).expanduser()

@@ -1,7 +1,7 @@
 """Images for vision-language prompts: reading them, hashing them, and turning a prompt with images into
 token ids and pixels with the checkpoint's own HF processor.
 
-`sample --image` and `rollout` on a vision-language (LLaVA) checkpoint share this one path: the
+`sample --image` and `rollout` on a vision-language checkpoint share this one path: the
 processor (saved beside the checkpoint by `convert`) owns the chat template's image slots, the image
 token expansion and the pixel preprocessing (resize, crop, normalise), so mllmjax never re-implements
 any of them.
@@ -68,10 +68,23 @@ def use_chat_template(ckpt: str | Path, processor: Any, chat: bool | None) -> bo
     return use_chat
 
 
+def slot_token(processor: Any) -> str:
+    """The token a prompt's text holds per image, which the processor expands into the image's tokens:
+    LLaVA's image token, Gemma 3's <start_of_image>."""
+    return getattr(processor, "boi_token", None) or processor.image_token
+
+
+def expanded_text(processor: Any, text: str, tokens_per_image: int) -> str:
+    """A prompt's text with each image slot written out as the processor expands it (Gemma 3: its
+    `full_image_sequence`; LLaVA: tokens_per_image image tokens)."""
+    full = getattr(processor, "full_image_sequence", None) or processor.image_token * tokens_per_image
+    return text.replace(slot_token(processor), full)
+
+
 def image_slots(processor: Any, text: str, num_images: int, *, where: str) -> int:
-    """How many image slots to add before `text` for its images: none when the text holds image tokens
-    (they are its slots, and must be as many as the images), else one per image."""
-    image_token = processor.image_token
+    """How many image slots to add before `text` for its images: none when the text holds image slots
+    (`slot_token`: they are its slots, and must be as many as the images), else one per image."""
+    image_token = slot_token(processor)
     slots = text.count(image_token)
     if slots and num_images != slots:
         raise BadInputError(
@@ -104,5 +117,5 @@ def processor_inputs(
 
 
 def plain_text(processor: Any, text: str, extra_slots: int) -> str:
-    """A prompt's text without a chat template: one image token line per extra slot, then the text."""
-    return (processor.image_token + "\n") * extra_slots + text
+    """A prompt's text without a chat template: one image slot line per extra slot, then the text."""
+    return (slot_token(processor) + "\n") * extra_slots + text

@@ -326,6 +326,38 @@ def estimate_training(
     return MemoryEstimate(parts, available)
 
 
+def vision_language_bytes(
+    cfg: Any,
+    trained: Sequence[str],
+    *,
+    param_dtype: Any,
+    optimizer: str,
+    beta: float,
+    mesh: Any = None,
+    donated: bool = False,
+) -> tuple[int, int]:
+    """(bytes per device alive during a rollout, during an update) of a vision-language model's tower
+    and projector, which its language model's estimate leaves out. A frozen part is its params; a
+    trained one (`trained`: part names) also has, as `estimate_training` counts them, optimizer slots
+    and with beta > 0 the reference copy at all times, and during an update a float32 accumulator plus
+    one micro-batch's gradient and the new state. Their activations are not counted: the tower runs
+    once per batch outside the gradient when frozen, and the projector's are one image's tokens wide."""
+    sizes = _mesh_sizes(mesh)
+    specs = cfg.param_specs()
+    frozen = trained_bytes = 0
+    for part in ("vision", "projector"):
+        n = param_bytes_per_device(cfg, param_dtype, sizes, specs=specs[part])
+        if part in trained:
+            trained_bytes += n
+        else:
+            frozen += n
+    p_bytes = _dtype_bytes(param_dtype)
+    slots = _OPTIMIZER_SLOTS.get(optimizer, 2) * trained_bytes
+    alive = frozen + trained_bytes + slots + (trained_bytes if beta > 0 else 0)
+    grads = trained_bytes // p_bytes * (4 + p_bytes)
+    return alive, alive + grads + (0 if donated else trained_bytes + slots)
+
+
 def _lora_training(
     cfg: ModelConfig, lcfg: Any, sizes: Mapping[str, int], params: int, activations: float, logits: float,
     optimizer: str, donated: bool, tokens: int, c_bytes: int, experts: int, mesh: Any, available: int | None,

@@ -9,7 +9,7 @@ trainer can use them as old log-probs.
 Determinism: problem i of a run is sampled with keys derived from (seed, i), so the same seed gives the
 same records whatever the batch size.
 
-Vision-language (LLaVA) checkpoints: `make_vision_rollouts` builds each prompt with the checkpoint's own
+Vision-language checkpoints (LLaVA, Gemma 3 with vision): `make_vision_rollouts` builds each prompt with the checkpoint's own
 HF processor (`mllmjax.images`: chat template image slots, image token expansion, pixel preprocessing),
 runs the vision tower once per prompt, and decodes the G samples of a prompt from its one prefill
 (`sampling.generate_embeds`); records of prompts with images carry them (schema mllmjax.rollout/2:
@@ -215,9 +215,11 @@ def vision_prompt_text(processor: Any, problem: Problem, cfg: RolloutConfig, num
 def vision_prompt_length(processor: Any, problem: Problem, cfg: RolloutConfig, tokens_per_image: int) -> int:
     """How many tokens `encode_vision_prompt` gives `problem`, without reading its pictures: its text's
     tokens with each image token expanded to tokens_per_image (the memory estimate's prompt length)."""
+    from mllmjax import images as im
+
     text, use_chat = vision_prompt_text(processor, problem, cfg, len(problem.images))
-    ids = processor.tokenizer(text, add_special_tokens=not use_chat)["input_ids"]
-    return len(ids) + ids.count(processor.tokenizer.convert_tokens_to_ids(processor.image_token)) * (tokens_per_image - 1)
+    text = im.expanded_text(processor, text, tokens_per_image)
+    return len(processor.tokenizer(text, add_special_tokens=not use_chat)["input_ids"])
 
 
 def make_vision_rollouts(
@@ -234,14 +236,16 @@ def make_vision_rollouts(
     mesh: Any = None,
     meta: dict[str, Any] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    compute_dtype: Any = None,
 ) -> list[RolloutRecord]:
-    """`make_rollouts` on a vision-language (LLaVA) checkpoint: params {"vision", "projector", "text"},
-    model_cfg its LlavaConfig, processor its HF processor. Every image is read (and hashed) before any
+    """`make_rollouts` on a vision-language checkpoint: params {"vision", "projector", "text"},
+    model_cfg its config (`mllmjax.models.vision`), processor its HF processor, compute_dtype the
+    tower's, projector's and decoder's (default the params'). Every image is read (and hashed) before any
     device work; each prompt's input embeddings (text embeddings with its image features in place) are
     made once, and its G samples share its prefill. A problem without images is a text prompt of the
     same model, written as a /1 record."""
     from mllmjax import images as im
-    from mllmjax.models.vision import llava
+    from mllmjax.models.vision import vlm
     from mllmjax.sampling.sampler import generate_embeds
 
     paths = list(dict.fromkeys(path for p in problems for path in p.images))
@@ -255,7 +259,7 @@ def make_vision_rollouts(
                 f"problem {p.id}: its prompt is {len(ids)} tokens (with its images); the model's context "
                 f"is {context}"
             )
-    embeds = [llava.prompt_embeds(params, model_cfg, ids, pixels) for _, ids, pixels in encoded]
+    embeds = [vlm.prompt_embeds(params, model_cfg, ids, pixels, compute_dtype) for _, ids, pixels in encoded]
     completions = generate_embeds(
         params["text"],
         model_cfg.text,
@@ -269,6 +273,8 @@ def make_vision_rollouts(
         mesh=mesh,
         first_index=first_index,
         on_batch=on_batch,
+        reach=[vlm.prompt_reach(model_cfg, ids) for _, ids, _ in encoded],
+        compute_dtype=compute_dtype,
     )
     records = []
     for c in completions:

@@ -13,9 +13,9 @@ Design decisions:
 - The train state (optimizer state, update count, RNG) is saved beside the params as `opt_state/`, so
   `--resume` continues bit for bit. The KL reference is the policy the run started from: its path is
   kept in mllmjax.json as `reference` and reloaded on resume (only when beta > 0).
-- A vision-language (LLaVA) checkpoint trains on records with images (schema /2) and text records
+- A vision-language checkpoint (LLaVA, Gemma 3) trains on records with images (schema /2) and text records
   alike (`mllmjax.vision_training`: what trains, the pixels, the frozen tower); its output is the whole
-  LLaVA checkpoint with the processor's files, and mllmjax.json keeps the parts that trained
+  vision-language checkpoint with the processor's files, and mllmjax.json keeps the parts that trained
   (`trained`), which --resume must train again. A text checkpoint refuses records with images.
 """
 
@@ -279,12 +279,17 @@ def train_checkpoint(
     if cfg.lora.enabled:
         check_lora_start(head, cfg.lora)
     widths = padded_shape(*_longest(records))
-    # A vision-language model: its language model's estimate (the tower and projector are not counted).
+    dtype = head.meta.get("dtype", "float32")
     estimate = memory.for_train_config(
         text_cfg, cfg, rows=len(records) // cfg.minibatches, seq_len=sum(widths), completion_len=widths[1],
-        param_dtype=head.meta.get("dtype", "float32"), mesh=mesh, donated=True,
-        prompt_rows=prompt_rows(prompt_keys(records)),
+        param_dtype=dtype, mesh=mesh, donated=True, prompt_rows=prompt_rows(prompt_keys(records)),
     )  # fmt: skip
+    if vision:  # its language model's estimate, plus the tower and projector
+        _, extra = memory.vision_language_bytes(
+            head.cfg, trained_parts(cfg), param_dtype=dtype, optimizer=cfg.optim.name, beta=cfg.loss.beta,
+            mesh=mesh, donated=True,
+        )  # fmt: skip
+        estimate = memory.MemoryEstimate({**estimate.parts, "tower+projector": extra}, estimate.available)
     estimate = memory.with_process(estimate)  # on the CPU, plus what the process holds already
     if on_memory is not None:
         on_memory(estimate)
@@ -459,9 +464,9 @@ def _train_vision(
     on_update: Callable[[dict[str, float]], None] | None,
     source: str,
 ) -> TrainResult:
-    """`train_checkpoint` on a vision-language (LLaVA) checkpoint: the records' pixels from its
+    """`train_checkpoint` on a vision-language checkpoint: the records' pixels from its
     processor, the trained parts (`vision_training.trained_parts`) as the state's params, the frozen
-    ones beside them; OUT is the whole LLaVA checkpoint."""
+    ones beside them; OUT is the whole vision-language checkpoint."""
     from mllmjax import images as im
     from mllmjax.vision_training import VisionTrainer, record_pixels, split_trainable, trained_parts
 

@@ -1,5 +1,5 @@
-"""Training a vision-language (LLaVA) checkpoint on scored rollouts with images (schema
-mllmjax.rollout/2; text-only /1 records too).
+"""Training a vision-language checkpoint (LLaVA, Gemma 3 with vision) on scored rollouts with images
+(schema mllmjax.rollout/2; text-only /1 records too).
 
 Design decisions:
 - What trains: the language model always, the projector by default (`--no-train-projector` freezes
@@ -12,8 +12,9 @@ Design decisions:
   every forward on the batch's pixels.
 - Each row carries its own images (`Batch.pixels` [B, K, C, H, W], padded to the most images a row
   has), so shuffled minibatches and micro-batches keep them with their rows; a row's prompt image
-  tokens take its images' features in order (`llava.merge_row_features`). A completion token that
-  happens to be the image token's id stays a token, as the sampler embedded it.
+  tokens take its images' features in order (`vlm.merge_row_features`); Gemma 3's see their whole image
+  (`vlm.image_reach`). A completion token that happens to be the image token's id stays a token, as
+  the sampler embedded it.
 - The pixels are the checkpoint's own HF processor's, made from the record's prompt text and image
   files exactly as rollout made them (`mllmjax.images.processor_inputs`); the ids it gives must be the
   record's prompt_ids, and each record's prompt must hold as many image tokens as its images fill.
@@ -33,19 +34,19 @@ import numpy as np
 from mllmjax.errors import BadInputError
 from mllmjax.models.params import Params
 from mllmjax.models.transformer import embed_tokens, join_params, split_params
-from mllmjax.models.vision import llava
+from mllmjax.models.vision import vlm
 from mllmjax.records import CONTINUATION_KEY, RolloutRecord
 from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState, validate_batch
 
 
 def trained_parts(cfg: TrainConfig) -> tuple[str, ...]:
-    """The parts of a LLaVA's params ({"vision", "projector", "text"}) that `cfg` trains, in order."""
+    """The parts of a vision-language model's params ({"vision", "projector", "text"}) that `cfg` trains, in order."""
     on = {"vision": cfg.train_vision, "projector": cfg.train_projector, "text": True}
-    return tuple(part for part in llava.PARTS if on[part])
+    return tuple(part for part in vlm.PARTS if on[part])
 
 
 def split_trainable(params: Params, parts: Sequence[str]) -> tuple[Params, Params]:
-    """(the trained parts, the frozen ones) of a LLaVA's params."""
+    """(the trained parts, the frozen ones) of a vision-language model's params."""
     return (
         {k: v for k, v in params.items() if k in parts},
         {k: v for k, v in params.items() if k not in parts},
@@ -60,13 +61,13 @@ def refuse_lora(ckpt: Any) -> None:
 
 
 class VisionTrainer(Trainer):
-    """The `Trainer` of a LLaVA: the state's params are the trained parts (`trained_parts`), `frozen`
+    """The `Trainer` of a vision-language model: the state's params are the trained parts (`trained_parts`), `frozen`
     the others; the forward runs the language model from its input embeddings with the image features
     in place. ref_params: the whole starting model (beta > 0)."""
 
     def __init__(
         self,
-        model_cfg: llava.LlavaConfig,
+        model_cfg: Any,
         cfg: TrainConfig,
         *,
         frozen: Params,
@@ -78,15 +79,15 @@ class VisionTrainer(Trainer):
             refuse_lora("the model")
         super().__init__(model_cfg, cfg, ref_params=ref_params, donate=donate, mesh=mesh)
         self.parts = trained_parts(cfg)
-        missing = [p for p in llava.PARTS if p not in self.parts and p not in frozen]
+        missing = [p for p in vlm.PARTS if p not in self.parts and p not in frozen]
         if missing:
             raise BadInputError(f"the frozen params lack the {', '.join(missing)}")
-        self.base = {k: frozen[k] for k in llava.PARTS if k not in self.parts}
+        self.base = {k: frozen[k] for k in vlm.PARTS if k not in self.parts}
         self._features_jit = jax.jit(self._tower_features)
 
     def full_params(self, params: Params) -> Params:
         """The whole model's params: the trained parts `params` with the frozen ones."""
-        return {k: params[k] if k in params else self.base[k] for k in llava.PARTS}
+        return {k: params[k] if k in params else self.base[k] for k in vlm.PARTS}
 
     # --------------------------------------------------------------------------- frozen tower
     def _dtype(self, params: Params) -> Any:
@@ -95,7 +96,7 @@ class VisionTrainer(Trainer):
     def _tower_features(self, vision: Params, pixels: jax.Array) -> jax.Array:
         """The projector's input [B, K, P, F] of pixels [B, K, C, H, W]."""
         b, k = pixels.shape[:2]
-        feats = llava.tower_features(
+        feats = vlm.module(self.model_cfg).tower_features(
             vision, self.model_cfg, pixels.reshape(b * k, *pixels.shape[2:]), self._dtype(vision)
         )
         return feats.reshape(b, k, *feats.shape[1:])
@@ -132,24 +133,26 @@ class VisionTrainer(Trainer):
         return params["text"]
 
     def _input_embeds(self, params: Params, batch: Batch, dtype: Any) -> jax.Array:
-        cfg: llava.LlavaConfig = self.model_cfg  # type: ignore[assignment]
+        cfg = self.model_cfg
+        m = vlm.module(cfg)
         x = embed_tokens(params["text"], self.text_cfg, batch.tokens, dtype)
         feats = batch.image_features
         if feats is None:
             if batch.pixels is None:
                 return x
             b, k = batch.pixels.shape[:2]
-            feats = llava.tower_features(
+            feats = m.tower_features(
                 params["vision"], cfg, batch.pixels.reshape(b * k, *batch.pixels.shape[2:]), dtype
             )
             feats = feats.reshape(b, k, *feats.shape[1:])
-        projected = llava.project_features(params["projector"], cfg, feats, dtype)
-        return llava.merge_row_features(
-            x, batch.tokens, projected, cfg.image_token_id, batch.completion_start
-        )
+        projected = m.project_features(params["projector"], cfg, feats, dtype)
+        return vlm.merge_row_features(x, batch.tokens, projected, cfg.image_token_id, batch.completion_start)
+
+    def _reach(self, batch: Batch) -> jax.Array | None:
+        return vlm.image_reach(self.model_cfg, batch.tokens, batch.positions, batch.completion_start)
 
 
-def check_image_tokens(records: Sequence[RolloutRecord], cfg: llava.LlavaConfig, *, source: str) -> None:
+def check_image_tokens(records: Sequence[RolloutRecord], cfg: Any, *, source: str) -> None:
     """BadInputError unless each record's prompt holds as many image tokens as its images fill (on the
     host, before any work: the forward cannot raise on what the ids hold)."""
     for i, r in enumerate(records, start=1):
@@ -164,7 +167,7 @@ def check_image_tokens(records: Sequence[RolloutRecord], cfg: llava.LlavaConfig,
 
 
 def record_pixels(
-    records: Sequence[RolloutRecord], processor: Any, cfg: llava.LlavaConfig, *, source: str
+    records: Sequence[RolloutRecord], processor: Any, cfg: Any, *, source: str
 ) -> np.ndarray | None:
     """Each record's pixels [B, K, C, H, W] (K: the most images a record has; zeros pad), made by the
     checkpoint's processor from the record's prompt and image files as rollout made them; None when no

@@ -1,6 +1,7 @@
-"""Vision towers and LLaVA against HF transformers (torch, float32), on tiny random models: every hidden
-state of CLIP and SigLIP towers, and LLaVA logits through the real path (save_pretrained -> our
-loader -> forward) for a batch of prompts with images, one of them left-padded."""
+"""Vision towers, LLaVA and Gemma 3 with vision against HF transformers (torch, float32), on tiny random
+models: every hidden state of CLIP and SigLIP towers, and the vision-language models' logits through
+the real path (save_pretrained -> our loader -> forward) for a batch of prompts with images, one of
+them left-padded (Gemma 3's image tokens attending to their whole image, as HF's mask has them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import IMAGE_TOKEN, LLAVAS, make_llava
+from hf_models import IMAGE_TOKEN, VLMS, make_llava
 from hf_models import LLAVA_VOCAB as VOCAB
 from hf_models import VISION_TOWERS as TOWERS
 from hf_models import randomise as _randomise
@@ -17,7 +18,7 @@ from hf_models import tower_config as _tower_config
 
 from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
 from mllmjax.models import registry, transformer
-from mllmjax.models.vision import llava, tower
+from mllmjax.models.vision import gemma3_vision, llava, tower, vlm
 from mllmjax.weights.table import hf_tensors_from_params
 
 TOWER_TOL = 1e-5
@@ -69,13 +70,13 @@ def test_siglip_tower_without_its_pooling_head():
     assert dict(hf_tensors_from_params(cfg, params, rules=tower.HF_NAMES)).keys() == model.state_dict().keys()
 
 
-@pytest.fixture(scope="module", params=sorted(LLAVAS))
+@pytest.fixture(scope="module", params=sorted(VLMS))
 def saved_llava(request, tmp_path_factory):
     """(HF model, our config, our params loaded from its save_pretrained folder)."""
     model = make_llava(request.param)
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
-    cfg, params = llava.load_hf(folder)
+    cfg, params = vlm.load_hf(folder)
     return model, cfg, params
 
 
@@ -102,16 +103,23 @@ def test_llava_logits_match_hf(saved_llava):
     ids, mask = _prompts(cfg, 3)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     pixels = _pixels(cfg.vision, 2, 4)
-    ours = np.asarray(llava.logits(params, cfg, ids, pixels, positions, valid=mask.astype(bool)))
+    ours = np.asarray(vlm.logits(params, cfg, ids, pixels, positions, valid=mask.astype(bool)))
+    inputs = dict(
+        input_ids=torch.tensor(ids),
+        pixel_values=torch.tensor(pixels),
+        attention_mask=torch.tensor(mask),
+        position_ids=torch.tensor(positions),
+    )
+    gemma = cfg.bidirectional_images
     with torch.no_grad():
-        ref = model(
-            input_ids=torch.tensor(ids),
-            pixel_values=torch.tensor(pixels),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(positions),
-        ).logits.numpy()
+        # Gemma 3's processor marks the image tokens (token_type_ids 1), which opens their mask
+        types = dict(token_type_ids=torch.tensor(ids == IMAGE_TOKEN, dtype=torch.long)) if gemma else {}
+        ref = model(**inputs, **types).logits.numpy()
+        causal = model(**inputs).logits.numpy() if gemma else None
     real = mask.astype(bool)
     assert np.abs(ours[real] - ref[real]).max() <= TOL
+    if gemma:  # the bidirectional image blocks change what follows them: the test sees the mask
+        assert np.abs(causal[real] - ref[real]).max() > 100 * TOL
 
 
 def test_llava_config_reads_hf(saved_llava):
@@ -120,6 +128,10 @@ def test_llava_config_reads_hf(saved_llava):
     assert cfg.image_token_id == IMAGE_TOKEN
     assert cfg.text.tie_word_embeddings == hf.text_config.tie_word_embeddings
     assert ("lm_head" in params["text"]) == (not hf.text_config.tie_word_embeddings)
+    if cfg.family == "gemma3_vision":
+        assert (cfg.tokens_per_image, cfg.pool, cfg.vision.grid) == (16, 2, 8)
+        assert (cfg.boi_token_id, cfg.eoi_token_id) == (hf.boi_token_index, hf.eoi_token_index)
+        return
     assert ("fc1_bias" in params["projector"]) == hf.multimodal_projector_bias
     assert max(cfg.feature_layers) <= cfg.vision.num_layers
 
@@ -131,18 +143,32 @@ def test_every_checkpoint_spelling_loads_the_same(saved_llava):
     state = model.state_dict()
     assert any(n.startswith("model.vision_tower.") for n in state)
     v452 = {n.replace("model.vision_tower.", "model.vision_tower.vision_model."): t for n, t in state.items()}
+    load = vlm.module(cfg).params_from_hf
     for spelling in (state, v452):
-        loaded = llava.params_from_hf(cfg, spelling)
+        loaded = load(cfg, spelling)
         assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), loaded, params))
     with pytest.raises(WeightsError, match="unexpected tensor"):
-        llava.params_from_hf(cfg, {**state, "model.extra.weight": torch.zeros(1)})
+        load(cfg, {**state, "model.extra.weight": torch.zeros(1)})
 
 
 def test_image_token_count_is_checked(saved_llava):
     _, cfg, params = saved_llava
     ids, _ = _prompts(cfg, 5)
     with pytest.raises(BadInputError, match="image tokens"):
-        llava.logits(params, cfg, ids, _pixels(cfg.vision, 1, 6))
+        vlm.logits(params, cfg, ids, _pixels(cfg.vision, 1, 6))
+
+
+def test_image_reach_spans_each_run_of_image_tokens():
+    """Hand-computed: left padding, two images of 2 and 3 tokens, an image token in the completion
+    (after prompt_len) that stays a causal token."""
+    cfg = type("Cfg", (), dict(bidirectional_images=True, image_token_id=9))()
+    ids = np.array([[0, 0, 5, 9, 9, 6, 9, 9, 9, 7, 9]])
+    positions = np.array([[0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    reach = np.asarray(vlm.image_reach(cfg, ids, positions, prompt_len=10))
+    np.testing.assert_array_equal(reach, [[0, 0, 0, 2, 2, 3, 6, 6, 6, 7, 8]])
+    np.testing.assert_array_equal(vlm.prompt_reach(cfg, [9, 9, 4, 9]), [1, 1, 2, 3])
+    cfg.bidirectional_images = False
+    assert vlm.image_reach(cfg, ids, positions) is None and vlm.prompt_reach(cfg, [9]) is None
 
 
 def test_embeds_run_what_tokens_run():
@@ -192,3 +218,19 @@ def test_llava_config_refuses():
     for change, message in cases:
         with pytest.raises(UnsupportedModelError, match=message):
             llava.config_from_hf({**base, **change})
+
+
+def test_gemma3_vision_config_refuses():
+    from hf_models import make_gemma3_vision
+
+    base = make_gemma3_vision().config.to_dict()
+    assert gemma3_vision.config_from_hf(base).tokens_per_image == 16
+    cases = [
+        ({"mm_tokens_per_image": 12}, "square"),
+        ({"mm_tokens_per_image": 9}, "divides"),
+        ({"image_token_index": VOCAB}, "outside the vocabulary"),
+        ({"vision_config": {**base["vision_config"], "model_type": "clip_vision_model"}}, "SigLIP"),
+    ]
+    for change, message in cases:
+        with pytest.raises(UnsupportedModelError, match=message):
+            gemma3_vision.config_from_hf({**base, **change})

@@ -40,7 +40,7 @@ class RunContext:
     hooks: tuple[Hook, ...]
     # LoRA: the "lora" entry of the run's checkpoints (config, base path and hash); None without LoRA.
     lora_entry: dict[str, Any] | None = None
-    # A vision-language (LLaVA) model: its HF processor, which builds every prompt with its images
+    # A vision-language model (LLaVA, Gemma 3): its HF processor, which builds every prompt with its images
     # (`grpo.vision`); None for a text model.
     processor: Any = None
 
@@ -313,32 +313,60 @@ def check_memory(
     import jax
 
     from mllmjax import memory
-    from mllmjax.grpo.stages import reuses_state_buffers
     from mllmjax.rollout import encode_prompt
-    from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
-    from mllmjax.sampling.sampler import unrolled
-    from mllmjax.training import padded_shape
 
     rcfg = cfg.rollout_config(seed=0)
-    # A vision-language model: its language model's estimate (the tower and projector are not counted),
-    # its prompts as the processor makes them, each image's tokens expanded.
-    text_cfg = getattr(start.cfg, "text", start.cfg)
-    if processor is not None:
+    if processor is not None:  # its prompts as the processor makes them, each image's tokens expanded
         from mllmjax.rollout import vision_prompt_length
 
         per_image = start.cfg.tokens_per_image
         longest = max(vision_prompt_length(processor, p, rcfg, per_image) for p in problems[:256])
     else:
         longest = max(len(encode_prompt(tokenizer, p, rcfg)[1]) for p in problems[:256])
+    dtype = jax.tree.leaves(start.params)[0].dtype.name  # with LoRA, the base's
+    rollout, update = run_estimates(cfg, start.cfg, tcfg, longest, dtype, mesh, sample_mesh)
+    # On the CPU, plus what the process holds besides the loaded parameters.
+    rollout, update = (memory.with_process(e, start.params) for e in (rollout, update))
+    for name, estimate in (("rollout", rollout), ("update", update)):
+        emit("memory", {"line": estimate.describe(name), "bytes": estimate.total})
+    rollout.check("use a smaller --batch-size or --max-new-tokens, or more devices in --sample-mesh")
+    update.check(memory.TRAIN_HINT)
+
+
+def run_estimates(
+    cfg: GRPOConfig,
+    model_cfg: Any,
+    tcfg: Any,
+    longest: int,
+    param_dtype: str,
+    mesh: Any,
+    sample_mesh: Any,
+    backend: str | None = None,
+) -> tuple[Any, Any]:
+    """Per-device (rollout, update) `memory.MemoryEstimate`s of a run whose longest prompt has `longest`
+    tokens, from shapes alone (no process memory): `check_memory`'s, and scripts/vlm_memory_plan.py's for
+    a model not at hand. A vision-language model: its language model's estimate plus the tower and
+    projector ("tower+projector", `memory.vision_language_bytes`). backend: where the run would be
+    ("cpu", "gpu", "tpu"; default this process's), which decides the CPU-only parts."""
+    import jax
+
+    from mllmjax import memory
+    from mllmjax.grpo.stages import reuses_state_buffers
+    from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
+    from mllmjax.sampling.sampler import unrolled
+    from mllmjax.training import padded_shape
+
+    text_cfg = getattr(model_cfg, "text", model_cfg)
+    on_cpu = (backend or jax.default_backend()) == "cpu"
     if cfg.replay_prob > 0:  # a continuation prompt holds up to max_new_tokens - 1 completion tokens more
         longest += cfg.max_new_tokens - 1
-    dtype = jax.tree.leaves(start.params)[0].dtype.name  # with LoRA, the base's
     # Not donated: the updates take over a copy, and the state the step started from stays alive
     # beside it (to roll the step back), which is the "new state" of a non-donated update.
     widths = padded_shape(longest, cfg.max_new_tokens)
     update = memory.for_train_config(
         text_cfg, tcfg, rows=cfg.prompts_per_step * cfg.group_size // cfg.minibatches,
-        seq_len=sum(widths), completion_len=widths[1], param_dtype=dtype, mesh=mesh, prompt_rows=cfg.group_size,
+        seq_len=sum(widths), completion_len=widths[1], param_dtype=param_dtype, mesh=mesh,
+        prompt_rows=cfg.group_size,
     )  # fmt: skip
     # A rollout decodes up to batch-size rows (whole groups) while the train state, the KL reference
     # and, with --sample-mesh, a resharded copy of the parameters are alive.
@@ -347,9 +375,9 @@ def check_memory(
     share = -(-groups // jax.process_count())
     prompts = bucket(min(max(1, cfg.batch_size // cfg.group_size), share))
     decode = memory.estimate_sampling(
-        text_cfg, rows=prompts * cfg.group_size, param_dtype=dtype, compute_dtype=cfg.compute_dtype,
+        text_cfg, rows=prompts * cfg.group_size, param_dtype=param_dtype, compute_dtype=cfg.compute_dtype,
         cache_len=decode_windows(prompt_bucket(longest), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)),
-        mesh=sample_mesh, out_major=unrolled(),
+        mesh=sample_mesh, out_major=unrolled() if backend is None else on_cpu,
     )  # fmt: skip
     rollout = memory.MemoryEstimate(
         {
@@ -362,13 +390,19 @@ def check_memory(
             "kv_cache": decode.parts["kv_cache"],
             "logits": decode.parts["logits"],
             # On the kept CPU heap the state the last step started from waits for the next step's copy.
-            "spare state": update.parts["new state"] if reuses_state_buffers() else 0,
+            "spare state": update.parts["new state"] if on_cpu and reuses_state_buffers() else 0,
         },
         update.available,
     )
-    # On the CPU, plus what the process holds besides the loaded parameters.
-    rollout, update = (memory.with_process(e, start.params) for e in (rollout, update))
-    for name, estimate in (("rollout", rollout), ("update", update)):
-        emit("memory", {"line": estimate.describe(name), "bytes": estimate.total})
-    rollout.check("use a smaller --batch-size or --max-new-tokens, or more devices in --sample-mesh")
-    update.check(memory.TRAIN_HINT)
+    if text_cfg is not model_cfg:
+        from mllmjax.vision_training import trained_parts
+
+        during = memory.vision_language_bytes(
+            model_cfg, trained_parts(tcfg), param_dtype=param_dtype, optimizer=tcfg.optim.name,
+            beta=tcfg.loss.beta, mesh=mesh,
+        )  # fmt: skip
+        rollout, update = (
+            memory.MemoryEstimate({**e.parts, "tower+projector": n}, e.available)
+            for e, n in zip((rollout, update), during, strict=True)
+        )
+    return rollout, update

@@ -1,4 +1,4 @@
-"""A GRPO run on a vision-language (LLaVA) checkpoint: what differs from a text run.
+"""A GRPO run on a vision-language checkpoint (LLaVA, Gemma 3): what differs from a text run.
 
 - Prompts are built by the checkpoint's own HF processor with their images and sampled by
   `rollout.make_vision_rollouts` (the tower runs once per prompt, its G samples share the prefill),
@@ -10,9 +10,11 @@
   --no-train-projector, the tower only with --train-vision: `vision_training.VisionTrainer`); rollouts
   and checkpoints use the whole model (`RunContext.policy`). Each step's batch carries its records'
   pixels, made by the processor from the records' prompts and pictures (`vision_training.record_pixels`).
-- Not yet: LoRA, several processes, the replay buffer (its continuations would need their images),
-  --compute-dtype (the vision decode runs in the parameters' dtype), --sample-mesh (the vision decode
-  reads the parameters where training keeps them). Each is refused before anything is written.
+- --compute-dtype runs the tower, projector and decoder of the rollouts in it (training's forward
+  already does); --sample-mesh decodes on a copy of the whole model resharded onto that mesh, as a
+  text run's rollouts do.
+- Not yet: LoRA, several processes, the replay buffer (its continuations would need their images).
+  Each is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ def check_vision_run(cfg: GRPOConfig, tcfg: Any, start_checkpoint: Path) -> None
     refused = {
         "several processes": jax.process_count() > 1,
         "--replay-prob": cfg.replay_prob > 0,
-        "--compute-dtype": cfg.compute_dtype is not None,
-        "--sample-mesh": cfg.sample_mesh is not None,
     }
     for what, on in refused.items():
         if on:
@@ -62,16 +62,20 @@ def rollouts(
     meta: dict[str, Any] | None = None,
     on_batch: Any = None,
 ) -> list[Any]:
-    """`rollout.make_vision_rollouts` of `problems` under the whole model's params, their visual task
-    pictures drawn first (`data.visual.draw_missing`)."""
+    """`rollout.make_vision_rollouts` of `problems` under the whole model's params (resharded onto the
+    decode mesh, where --sample-mesh makes it another), their visual task pictures drawn first
+    (`data.visual.draw_missing`), in the run's compute dtype."""
     from mllmjax.data.visual import draw_missing
     from mllmjax.rollout import make_vision_rollouts
+    from mllmjax.sharding import shard_params
 
     draw_missing(problems)
+    if ctx.sample_mesh is not ctx.mesh:  # a copy on the decode mesh, alive while this call runs
+        params = shard_params(params, ctx.model_cfg, ctx.sample_mesh)
     mesh = ctx.sample_mesh if ctx.sample_mesh.devices.size > 1 else None
     return make_vision_rollouts(
         params, ctx.model_cfg, ctx.processor, problems, rcfg, stop_ids=ctx.stop_ids, policy=policy,
-        first_group=first_group, mesh=mesh, meta=meta, on_batch=on_batch,
+        first_group=first_group, mesh=mesh, meta=meta, on_batch=on_batch, compute_dtype=ctx.cfg.compute_dtype,
     )  # fmt: skip
 
 

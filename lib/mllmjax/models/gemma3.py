@@ -7,7 +7,8 @@ on the others); no soft-capping unless the config asks for it.
     x = x + Norm(GeGLU(Norm(x)))
 
 HF's default layer pattern makes every sixth layer global. The multimodal checkpoints
-(`Gemma3ForConditionalGeneration`) are a vision tower around this model: refused here.
+(`Gemma3ForConditionalGeneration`) are this model behind a vision tower:
+`mllmjax.models.vision.gemma3_vision`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllmjax.errors import UnsupportedModelError
 from mllmjax.models.blocks import rope as rope_lib
 from mllmjax.models.blocks.rope import rope_tables
 from mllmjax.models.cache import LayerKV
@@ -32,9 +32,6 @@ from mllmjax.models.params import Params, Rule
 ARCHITECTURES = ("Gemma3ForCausalLM",)
 MODEL_TYPES = ("gemma3_text",)
 GGUF_ARCHITECTURE = "gemma3"
-
-MULTIMODAL = ("Gemma3ForConditionalGeneration",)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Gemma3Config(Gemma2Config):
@@ -61,18 +58,7 @@ class Gemma3Config(Gemma2Config):
 Config = Gemma3Config
 
 
-def refuse_architecture(hf: dict[str, Any]) -> None:
-    """A clear refusal of the multimodal Gemma 3 checkpoints (the registry asks every family)."""
-    archs = [a for a in hf.get("architectures") or () if a in MULTIMODAL]
-    if archs or hf.get("model_type") == "gemma3":
-        raise UnsupportedModelError(
-            f"{archs[0] if archs else 'Gemma 3 multimodal'} (vision + text) is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)} (Gemma 3 text)"
-        )
-
-
 def config_from_hf(hf: dict[str, Any]) -> Gemma3Config:
-    refuse_architecture(hf)
     fields = read_gemma(hf, "gemma3")
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and SLIDING in params:  # transformers 5: one entry per layer type

@@ -36,11 +36,14 @@ FAMILIES: dict[str, ModuleType] = {
 
 
 # Modules, imported on first use: they import this module (their text model is one of FAMILIES).
-VISION_LANGUAGE: tuple[str, ...] = ("mllmjax.models.vision.llava",)
+VISION_LANGUAGE: tuple[str, ...] = (
+    "mllmjax.models.vision.llava",
+    "mllmjax.models.vision.gemma3_vision",
+)
 
 
 def vision_language_models() -> dict[str, ModuleType]:
-    """The vision-language modules by family name ("llava")."""
+    """The vision-language modules by family name ("llava", "gemma3_vision")."""
     modules = [importlib.import_module(name) for name in VISION_LANGUAGE]
     return {m.Config.family: m for m in modules}
 

@@ -17,30 +17,41 @@ are what the family's own loader would give, under "text".
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllmjax.errors import BadInputError, UnsupportedModelError, WeightsError
+from mllmjax.errors import UnsupportedModelError
 from mllmjax.models import registry, transformer
 from mllmjax.models.blocks.activations import ACTIVATIONS
 from mllmjax.models.blocks.mlp import plain_mlp
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params, ParamSpec, Rule
-from mllmjax.models.vision import tower
-from mllmjax.weights import table
+from mllmjax.models.vision import tower, vlm
+
+# The shared machinery (`vlm`), under the names callers of this module have always used.
+from mllmjax.models.vision.vlm import (  # noqa: F401
+    PARTS,
+    check_image_tokens,
+    forward,
+    image_features,
+    input_embeds,
+    load_hf,
+    logits,
+    merge_image_features,
+    merge_row_features,
+    part_of,
+    prompt_embeds,
+)
 
 ARCHITECTURES = ("LlavaForConditionalGeneration",)
 MODEL_TYPES = ("llava",)
 # Text families whose HF model embeds tokens without a multiplier: the image features go in as they are.
 TEXT_FAMILIES = ("llama", "qwen2")
 STRATEGIES = ("default", "full")
-PARTS = ("vision", "projector", "text")  # the subtrees of the params
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,6 +99,7 @@ class LlavaConfig:
     `vision_feature_select_strategy`."""
 
     family: ClassVar[str] = "llava"
+    bidirectional_images: ClassVar[bool] = False  # image tokens attend causally, like text
 
     vision: tower.VisionConfig
     projector: ProjectorConfig
@@ -165,34 +177,6 @@ def param_specs(cfg: LlavaConfig) -> dict[str, Any]:
     }
 
 
-# Where each part of a LLaVA checkpoint lives, in the spellings its writers use (the original llava-hf
-# checkpoints, transformers 4.52+, transformers 5): (prefix, part, the part's own name for the prefix).
-_PARTS = (
-    ("model.vision_tower.", "vision", ""),
-    ("vision_tower.", "vision", ""),
-    ("model.multi_modal_projector.", "projector", ""),
-    ("multi_modal_projector.", "projector", ""),
-    ("model.language_model.", "text", "model."),
-    ("language_model.model.", "text", "model."),
-    ("language_model.lm_head.", "text", "lm_head."),
-    ("lm_head.", "text", "lm_head."),
-)
-
-
-def part_of(name: str) -> tuple[str, str] | None:
-    """(part, the tensor's name within the part's own model) of a LLaVA checkpoint tensor, or None:
-    'language_model.model.layers.0.mlp.up_proj.weight' -> ('text', 'model.layers.0.mlp.up_proj.weight')."""
-    for prefix, part, ours in _PARTS:
-        if name.startswith(prefix):
-            return part, ours + name[len(prefix) :]
-    return None
-
-
-def _in_part(part: str, name: str) -> str | None:
-    found = part_of(name)
-    return found[1] if found is not None and found[0] == part else None
-
-
 def params_from_hf(
     cfg: LlavaConfig,
     source: Any,
@@ -202,32 +186,10 @@ def params_from_hf(
     on_tensor: Callable[[str], None] | None = None,
 ) -> Params:
     """{"vision", "projector", "text"} params from a LLaVA checkpoint's HF-named tensors (a WeightSource
-    or a name -> array mapping): each part through its own name table, on a view of the source that
-    names its tensors as the part's own model does (`mllmjax.weights.table.Renamed`). shardings: a
-    tree shaped like the params, or None. A tensor outside the three parts is a WeightsError."""
-    names = list(source) if isinstance(source, Mapping) else source.tensor_names()
-    stray = [n for n in names if part_of(n) is None]
-    if stray:
-        raise WeightsError(
-            f"unexpected tensor {stray[0]!r} in a LLaVA checkpoint (not in its vision tower, projector "
-            "or language model)"
-        )
-    shardings = shardings or {}
-    options = dict(dtype=dtype, on_tensor=on_tensor)
-    view = {part: table.Renamed(source, functools.partial(_in_part, part)) for part in PARTS}
-    return {
-        "vision": tower.params_from_hf(
-            cfg.vision, view["vision"], shardings=shardings.get("vision"), **options
-        ),
-        "projector": table.params_from_hf(
-            cfg.projector,
-            view["projector"],
-            rules=PROJECTOR_HF_NAMES,
-            shardings=shardings.get("projector"),
-            **options,
-        ),
-        "text": table.params_from_hf(cfg.text, view["text"], shardings=shardings.get("text"), **options),
-    }
+    or a name -> array mapping), each part through its own table (`vlm.params_from_hf`)."""
+    return vlm.params_from_hf(
+        cfg, source, PROJECTOR_HF_NAMES, dtype=dtype, shardings=shardings, on_tensor=on_tensor
+    )
 
 
 # Export writes the original llava-hf checkpoints' names, which every transformers version loads
@@ -246,35 +208,7 @@ def hf_tensors_from_params(
     """Yield (HF name, array in HF layout) of every tensor of a LLaVA checkpoint, for export: each part
     through its own table (the text model's without a tied head, which HF ties again), under the
     names `_SAVED` gives."""
-    parts = (
-        ("vision", cfg.vision, tower.HF_NAMES),
-        ("projector", cfg.projector, PROJECTOR_HF_NAMES),
-        ("text", cfg.text, None),
-    )
-    for part, part_cfg, rules in parts:
-        for name, arr in table.hf_tensors_from_params(part_cfg, params[part], dtype, rules=rules):
-            ours, saved = next((o, s) for o, s in _SAVED[part] if name.startswith(o))
-            yield saved + name[len(ours) :], arr
-
-
-def load_hf(folder: str | Path, *, dtype: Any = np.float32) -> tuple[LlavaConfig, Params]:
-    """The config and params of an HF LLaVA folder (as `save_pretrained` writes it)."""
-    from mllmjax.weights.hf import open_hf_folder
-
-    source = open_hf_folder(Path(folder))
-    try:
-        cfg = config_from_hf(source.hf_config())
-        return cfg, params_from_hf(cfg, source, dtype=dtype)
-    finally:
-        source.close()
-
-
-def image_features(params: Params, cfg: LlavaConfig, pixels: jax.Array, dtype: Any) -> jax.Array:
-    """The projected features [N, tokens_per_image, D_text] of images pixels [N, C, H, W]: the tower's
-    features (`tower_features`) through the projector (`project_features`)."""
-    return project_features(
-        params["projector"], cfg, tower_features(params["vision"], cfg, pixels, dtype), dtype
-    )
+    return vlm.hf_tensors_from_params(cfg, params, PROJECTOR_HF_NAMES, _SAVED, dtype)
 
 
 def tower_features(vision: Params, cfg: LlavaConfig, pixels: jax.Array, dtype: Any) -> jax.Array:
@@ -294,133 +228,3 @@ def project_features(projector: Params, cfg: LlavaConfig, feats: jax.Array, dtyp
     return plain_mlp(
         feats.astype(dtype), p["fc1"], p.get("fc1_bias"), p["fc2"], p.get("fc2_bias"), cfg.projector.act
     )
-
-
-def merge_image_features(
-    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int
-) -> jax.Array:
-    """embeds [B, T, D] with its image tokens' rows replaced by the image features [N, P, D]: the k-th
-    image token of the batch, counted row by row, takes the k-th feature row (HF's masked_scatter), so
-    image n fills the n-th run of P image tokens. The count must match (`check_image_tokens`)."""
-    mask = input_ids == image_token_id
-    flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
-    index = jnp.cumsum(mask.reshape(-1)).reshape(mask.shape) - 1
-    picked = jnp.take(flat, jnp.clip(index, 0, flat.shape[0] - 1), axis=0)
-    return jnp.where(mask[..., None], picked, embeds)
-
-
-def merge_row_features(
-    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int, prompt_len: int
-) -> jax.Array:
-    """`merge_image_features` row by row, for training batches whose rows are shuffled: embeds [B, T,
-    D], input_ids [B, T], features [B, K, P, D] (row b's images, padded with unused ones to K). Only
-    image tokens before column prompt_len are slots (a sampled completion may hold the image token's
-    id, which the sampler embedded as a token); row b's k-th slot takes row b's k-th feature row."""
-    b, t = input_ids.shape
-    mask = (input_ids == image_token_id) & (jnp.arange(t) < prompt_len)[None, :]
-    flat = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)
-    index = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, flat.shape[1] - 1)
-    picked = jnp.take_along_axis(flat, index[..., None], axis=1)
-    return jnp.where(mask[..., None], picked, embeds)
-
-
-def check_image_tokens(cfg: LlavaConfig, input_ids: Any, num_images: int) -> None:
-    """BadInputError unless the prompts hold exactly the image tokens the images fill (read on the
-    host: the jitted forward cannot raise on what the ids hold)."""
-    count = int((np.asarray(input_ids) == cfg.image_token_id).sum())
-    want = num_images * cfg.tokens_per_image
-    if count != want:
-        raise BadInputError(
-            f"the prompts hold {count} image tokens (id {cfg.image_token_id}), but {num_images} images "
-            f"fill {want} ({cfg.tokens_per_image} each)"
-        )
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
-def forward(
-    params: Params,
-    cfg: LlavaConfig,
-    input_ids: jax.Array,
-    positions: jax.Array,
-    pixels: jax.Array | None = None,
-    *,
-    valid: jax.Array | None = None,
-    compute_dtype: Any = None,
-) -> jax.Array:
-    """The text model's final-normed hidden states [B, T, D] of prompts input_ids [B, T] whose image
-    tokens take the features of images pixels [N, C, H, W] (None: text only); positions, valid: as
-    `transformer.forward` takes them. The image tokens are not counted here (`check_image_tokens`)."""
-    text = params["text"]
-    dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else text["embed"].dtype
-    x = input_embeds(params, cfg, input_ids, pixels, compute_dtype=dtype)
-    hidden, _ = transformer.forward(
-        text, cfg.text, None, positions, embeds=x, valid=valid, compute_dtype=dtype
-    )
-    return hidden
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
-def input_embeds(
-    params: Params,
-    cfg: LlavaConfig,
-    input_ids: jax.Array,
-    pixels: jax.Array | None = None,
-    *,
-    compute_dtype: Any = None,
-) -> jax.Array:
-    """The text model's input embeddings [B, T, D] of prompts input_ids [B, T]: the token embeddings
-    with the features of images pixels [N, C, H, W] (None: text only) at the image tokens."""
-    text = params["text"]
-    dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else text["embed"].dtype
-    x = transformer.embed_tokens(text, cfg.text, input_ids, dtype)
-    if pixels is not None:
-        features = image_features(params, cfg, pixels, dtype)
-        x = merge_image_features(x, input_ids, features, cfg.image_token_id)
-    return x
-
-
-def prompt_embeds(params: Params, cfg: LlavaConfig, ids: Any, pixels: Any = None) -> jax.Array:
-    """One prompt's input embeddings [T, D] for the sampler (`sampling.generate_embeds`): ids [T] with
-    its image tokens, pixels [N, C, H, W] their images (or None), the tower run once for them. The
-    image tokens are checked on the host first; the ids are padded to a prompt bucket so prompts of
-    similar length share one compiled program."""
-    from mllmjax.sampling.buckets import prompt_bucket
-
-    ids = np.asarray(ids, np.int32).reshape(-1)
-    check_image_tokens(cfg, ids, 0 if pixels is None else len(pixels))
-    padded = np.full((1, prompt_bucket(len(ids))), int(cfg.image_token_id == 0), np.int32)  # no image token
-    padded[0, : len(ids)] = ids
-    pixels = None if pixels is None or len(pixels) == 0 else jnp.asarray(pixels)
-    return input_embeds(params, cfg, padded, pixels)[0, : len(ids)]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
-def _logits(
-    params: Params,
-    cfg: LlavaConfig,
-    input_ids: jax.Array,
-    positions: jax.Array,
-    pixels: jax.Array | None,
-    valid: jax.Array | None,
-    compute_dtype: Any,
-) -> jax.Array:
-    hidden = forward(params, cfg, input_ids, positions, pixels, valid=valid, compute_dtype=compute_dtype)
-    return transformer.logits_from_hidden(params["text"], hidden, softcap=cfg.text.final_logit_softcap)
-
-
-def logits(
-    params: Params,
-    cfg: LlavaConfig,
-    input_ids: Any,
-    pixels: Any = None,
-    positions: Any = None,
-    valid: Any = None,
-    compute_dtype: Any = None,
-) -> jax.Array:
-    """Full-sequence float32 logits [B, T, V] of prompts with images (see `forward`; positions default
-    to 0..T-1). Checks the image tokens on the host first, so it is not for use under a trace."""
-    check_image_tokens(cfg, input_ids, 0 if pixels is None else pixels.shape[0])
-    if positions is None:
-        shape = np.shape(input_ids)
-        positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)
-    return _logits(params, cfg, input_ids, positions, pixels, valid, compute_dtype)
