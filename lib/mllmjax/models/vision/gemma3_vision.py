@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mllmjax.errors import UnsupportedModelError
 from mllmjax.models import registry
 from mllmjax.models.blocks.norms import gemma_rms_norm
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params, ParamSpec, Rule
-from mllmjax.models.vision import tower, vlm
+from mllmjax.models.vision import tower
+
+# The loader and export every vision-language module shares (its projector table: PROJECTOR_HF_NAMES).
+from mllmjax.models.vision.vlm import hf_tensors_from_params, params_from_hf  # noqa: F401
 
 ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 MODEL_TYPES = ("gemma3",)
@@ -134,37 +135,6 @@ def param_specs(cfg: Gemma3VisionConfig) -> dict[str, Any]:
         "projector": cfg.projector.param_specs(),
         "text": cfg.text.param_specs(),
     }
-
-
-def params_from_hf(
-    cfg: Gemma3VisionConfig,
-    source: Any,
-    *,
-    dtype: Any = np.float32,
-    shardings: Params | None = None,
-    on_tensor: Callable[[str], None] | None = None,
-) -> Params:
-    """{"vision", "projector", "text"} params from a Gemma 3 multimodal checkpoint's HF-named tensors,
-    each part through its own table (`vlm.params_from_hf`)."""
-    return vlm.params_from_hf(
-        cfg, source, PROJECTOR_HF_NAMES, dtype=dtype, shardings=shardings, on_tensor=on_tensor
-    )
-
-
-# Export writes the names of Google's original Gemma 3 checkpoints, which every transformers version
-# with Gemma 3 loads: part -> (the prefix in the part's own names, the prefix written).
-_SAVED = {
-    "vision": (("", "vision_tower.vision_model."),),
-    "projector": (("", "multi_modal_projector."),),
-    "text": (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
-}
-
-
-def hf_tensors_from_params(
-    cfg: Gemma3VisionConfig, params: Params, dtype: Any = None
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, array in HF layout) of every tensor, for export (`vlm.hf_tensors_from_params`)."""
-    return vlm.hf_tensors_from_params(cfg, params, PROJECTOR_HF_NAMES, _SAVED, dtype)
 
 
 def tower_features(vision: Params, cfg: Gemma3VisionConfig, pixels: jax.Array, dtype: Any) -> jax.Array:

@@ -17,12 +17,10 @@ are what the family's own loader would give, under "text".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mllmjax.errors import UnsupportedModelError
 from mllmjax.models import registry, transformer
@@ -30,19 +28,21 @@ from mllmjax.models.blocks.activations import ACTIVATIONS
 from mllmjax.models.blocks.mlp import plain_mlp
 from mllmjax.models.config import ModelConfig
 from mllmjax.models.params import Params, ParamSpec, Rule
-from mllmjax.models.vision import tower, vlm
+from mllmjax.models.vision import tower
 
 # The shared machinery (`vlm`), under the names callers of this module have always used.
 from mllmjax.models.vision.vlm import (  # noqa: F401
     PARTS,
     check_image_tokens,
     forward,
+    hf_tensors_from_params,
     image_features,
     input_embeds,
     load_hf,
     logits,
     merge_image_features,
     merge_row_features,
+    params_from_hf,
     part_of,
     prompt_embeds,
 )
@@ -175,40 +175,6 @@ def param_specs(cfg: LlavaConfig) -> dict[str, Any]:
         "projector": cfg.projector.param_specs(),
         "text": cfg.text.param_specs(),
     }
-
-
-def params_from_hf(
-    cfg: LlavaConfig,
-    source: Any,
-    *,
-    dtype: Any = np.float32,
-    shardings: Params | None = None,
-    on_tensor: Callable[[str], None] | None = None,
-) -> Params:
-    """{"vision", "projector", "text"} params from a LLaVA checkpoint's HF-named tensors (a WeightSource
-    or a name -> array mapping), each part through its own table (`vlm.params_from_hf`)."""
-    return vlm.params_from_hf(
-        cfg, source, PROJECTOR_HF_NAMES, dtype=dtype, shardings=shardings, on_tensor=on_tensor
-    )
-
-
-# Export writes the original llava-hf checkpoints' names, which every transformers version loads
-# (transformers 5's save_pretrained drops the tower's `vision_model.`, which older versions need):
-# part -> (the prefix in the part's own names, the prefix written).
-_SAVED = {
-    "vision": (("", "vision_tower.vision_model."),),
-    "projector": (("", "multi_modal_projector."),),
-    "text": (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
-}
-
-
-def hf_tensors_from_params(
-    cfg: LlavaConfig, params: Params, dtype: Any = None
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, array in HF layout) of every tensor of a LLaVA checkpoint, for export: each part
-    through its own table (the text model's without a tied head, which HF ties again), under the
-    names `_SAVED` gives."""
-    return vlm.hf_tensors_from_params(cfg, params, PROJECTOR_HF_NAMES, _SAVED, dtype)
 
 
 def tower_features(vision: Params, cfg: LlavaConfig, pixels: jax.Array, dtype: Any) -> jax.Array:

@@ -26,7 +26,7 @@ import numpy as np
 
 from mllmjax.errors import BadInputError, WeightsError
 from mllmjax.models import transformer
-from mllmjax.models.params import Params, Rule
+from mllmjax.models.params import Params
 from mllmjax.models.vision import tower
 from mllmjax.weights import table
 
@@ -71,16 +71,16 @@ def _in_part(part: str, name: str) -> str | None:
 def params_from_hf(
     cfg: Any,
     source: Any,
-    projector_rules: tuple[Rule, ...],
     *,
     dtype: Any = np.float32,
     shardings: Params | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> Params:
     """{"vision", "projector", "text"} params from a checkpoint's HF-named tensors (a WeightSource or a
-    name -> array mapping): each part through its own name table, on a view of the source that names
-    its tensors as the part's own model does (`mllmjax.weights.table.Renamed`). shardings: a tree
-    shaped like the params, or None. A tensor outside the three parts is a WeightsError."""
+    name -> array mapping): each part through its own name table (the projector's: its module's
+    `PROJECTOR_HF_NAMES`), on a view of the source that names its tensors as the part's own model does
+    (`mllmjax.weights.table.Renamed`). shardings: a tree shaped like the params, or None. A tensor
+    outside the three parts is a WeightsError."""
     names = list(source) if isinstance(source, Mapping) else source.tensor_names()
     stray = [n for n in names if part_of(n) is None]
     if stray:
@@ -98,7 +98,7 @@ def params_from_hf(
         "projector": table.params_from_hf(
             cfg.projector,
             view["projector"],
-            rules=projector_rules,
+            rules=module(cfg).PROJECTOR_HF_NAMES,
             shardings=shardings.get("projector"),
             **options,
         ),
@@ -106,24 +106,27 @@ def params_from_hf(
     }
 
 
-def hf_tensors_from_params(
-    cfg: Any,
-    params: Params,
-    projector_rules: tuple[Rule, ...],
-    saved: dict[str, tuple[tuple[str, str], ...]],
-    dtype: Any = None,
-) -> Iterator[tuple[str, np.ndarray]]:
+# Export writes the names of the original checkpoints (llava-hf's, Google's Gemma 3), which every
+# transformers version loads (transformers 5's save_pretrained drops the tower's `vision_model.`, which
+# older versions need): part -> (the prefix in the part's own names, the prefix written).
+SAVED = {
+    "vision": (("", "vision_tower.vision_model."),),
+    "projector": (("", "multi_modal_projector."),),
+    "text": (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+}
+
+
+def hf_tensors_from_params(cfg: Any, params: Params, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, array in HF layout) of every tensor, for export: each part through its own table
-    (the text model's without a tied head, which HF ties again), renamed by `saved`: part -> (the
-    prefix in the part's own names, the prefix written)."""
+    (the text model's without a tied head, which HF ties again), under the names `SAVED` gives."""
     parts = (
         ("vision", cfg.vision, tower.HF_NAMES),
-        ("projector", cfg.projector, projector_rules),
+        ("projector", cfg.projector, module(cfg).PROJECTOR_HF_NAMES),
         ("text", cfg.text, None),
     )
     for part, part_cfg, rules in parts:
         for name, arr in table.hf_tensors_from_params(part_cfg, params[part], dtype, rules=rules):
-            ours, written = next((o, s) for o, s in saved[part] if name.startswith(o))
+            ours, written = next((o, w) for o, w in SAVED[part] if name.startswith(o))
             yield written + name[len(ours) :], arr
 
 
