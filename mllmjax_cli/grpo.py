@@ -30,7 +30,8 @@ checkpoints that hold only the adapters (README: LoRA).
 
 A vision-language --model (LLaVA, Gemma 3) runs with images: a visual built-in task (builtin:count,
 builtin:read; pictures drawn into RUN/images/ as they are used) or data records with --image-field;
-the language model and projector train, the tower stays frozen unless --train-vision.
+the language model and projector train, the tower stays frozen unless --train-vision; with
+--lora-rank the adapters train on its language model alone.
 
 --config FILE (TOML or YAML, keys are flag names) or a shipped recipe name sets any flag; flags given on
 the command line override it. Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and

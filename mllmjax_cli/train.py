@@ -27,8 +27,9 @@ A vision-language checkpoint (LLaVA, Gemma 3) trains on rollouts with images (sc
 `mllmjax rollout` on it) and on text rollouts: each record's images are checked against their SHA-256
 and prepared by the checkpoint's own processor. The language model and the projector train, the vision
 tower stays frozen (--train-vision trains it, --no-train-projector freezes the projector), and OUT is a
-whole vision-language checkpoint (with the processor's files) that sample, rollout and export read. --lora-rank
-is refused on one for now. Records with images on a text checkpoint are an error.
+whole vision-language checkpoint (with the processor's files) that sample, rollout and export read. With
+--lora-rank the adapters train on its language model alone (tower and projector frozen) and OUT holds
+them. Records with images on a text checkpoint are an error.
 
 The learning-rate schedule (linear warm-up, cosine to 0) spans --steps x --ppo-epochs x --minibatches
 optimizer updates; a scripted loop that calls train once per step passes the loop's --steps and --resume.

@@ -102,8 +102,8 @@ def test_export_round_trip_is_exact(converted):
 
 def test_export_refuses_lora_flags_on_a_llava_checkpoint(converted, tmp_path):
     _, _, root = converted
-    for flag in ("--merge", "--adapter"):
-        _expect_bad(run("export", root / "ck", "-o", tmp_path / "x", flag), "vision-language")
+    for flag, fragment in (("--merge", "holds no LoRA adapters"), ("--adapter", "vision-language")):
+        _expect_bad(run("export", root / "ck", "-o", tmp_path / "x", flag), fragment)
     assert not (tmp_path / "x").exists()
 
 

@@ -156,11 +156,42 @@ def test_sample_mesh_decodes_the_same_and_compute_dtype_decodes_in_bfloat16(run_
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_lora_on_a_vision_model_saves_adapters_and_resumes_exactly(converted, tmp_path):  # noqa: F811
+    """--lora-rank: the checkpoints hold the language model's adapters on the start model (its tower
+    and projector untouched), `eval` reads one merged, and a run cut back to step 1 and resumed reaches
+    step 2's adapters bitwise."""
+    _, root = converted
+    out = tmp_path / "run"
+    result = run("grpo", "--model", root / "ck", *TINY, "--steps", 2, "--eval-every", 0, "--save-every", 1,
+                 "--keep", 2, "--lora-rank", 4, "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    step2 = out / "checkpoints" / "step_2"
+    assert read_meta(step2, vision_language=True)["lora"]["base"] == str((root / "ck").absolute())
+    adapters = _flat(load_checkpoint(step2, vision_language=True, adapters=True).params)
+    assert all(k.startswith("['layers']") for k in adapters)
+    before, after = _params(root / "ck"), _params(step2)
+    for key in before:
+        if not key.startswith("['text']"):
+            np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if k.startswith("['text']"))
+    result = run("eval", step2, "--data", "builtin:count", "--num-prompts", 1, "--max-new-tokens", 4, "--json")
+    assert result.exit_code == 0, result.output
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_2")
+    resumed = run("grpo", "--resume", cut)
+    assert resumed.exit_code == 0, resumed.output
+    got = _flat(load_checkpoint(cut / "checkpoints" / "step_2", vision_language=True, adapters=True).params)
+    for key in adapters:
+        np.testing.assert_array_equal(got[key], adapters[key], err_msg=key)
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
 def test_what_a_vision_run_does_not_support_is_one_line_and_writes_nothing(converted, tmp_path):  # noqa: F811
     _, root = converted
     out = tmp_path / "run"
     for flags, fragment in (
-        (["--lora-rank", 4], "LoRA"),
+        (["--lora-rank", 4, "--train-vision"], "--train-vision"),
         (["--replay-prob", 0.5], "--replay-prob"),
     ):
         result = run("grpo", "--model", root / "ck", *TINY, "--steps", 1, *flags, "-o", out)

@@ -30,6 +30,7 @@ from test_vision_sample import (  # noqa: F401  (converted: the fixture, reused)
 )
 
 from mllmjax.checkpoint import load_checkpoint
+from mllmjax.errors import BadInputError
 from mllmjax.loss import LossConfig
 from mllmjax.models.registry import model_config_from_hf
 from mllmjax.models.vision import vlm
@@ -95,14 +96,8 @@ def unscaled(request, tmp_path_factory) -> tuple[torch.nn.Module, Path, object, 
     return model, root, cfg, vlm.module(cfg).params_from_hf(cfg, checkpoint_tensors(model))
 
 
-def test_training_step_gradient_matches_torch_autograd(unscaled):
-    """The GRPO loss at epoch 0 (ratio 1, token aggregation, temperature 0.7): the gradient of every
-    part with --train-vision, and of the projector and language model with the tower frozen (its
-    features computed once, outside the gradient), equal torch autograd on the HF model."""
-    model, root, model_cfg, params = unscaled
-    batch, hf = _grpo_batch(root)
-    temperature = 0.7
-
+def _torch_grads(model, model_cfg, batch: Batch, hf: dict, temperature: float) -> tuple[torch.Tensor, dict]:
+    """(the GRPO loss at epoch 0, token aggregation, on HF's model; its gradient in our params' layout)."""
     model.zero_grad()
     logits = model(**hf).logits
     logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
@@ -116,7 +111,17 @@ def test_training_step_gradient_matches_torch_autograd(unscaled):
     loss.backward()
     grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    ref = vlm.module(model_cfg).params_from_hf(model_cfg, checkpoint_tensors(model, grads))
+    return loss, vlm.module(model_cfg).params_from_hf(model_cfg, checkpoint_tensors(model, grads))
+
+
+def test_training_step_gradient_matches_torch_autograd(unscaled):
+    """The GRPO loss at epoch 0 (ratio 1, token aggregation, temperature 0.7): the gradient of every
+    part with --train-vision, and of the projector and language model with the tower frozen (its
+    features computed once, outside the gradient), equal torch autograd on the HF model."""
+    model, root, model_cfg, params = unscaled
+    batch, hf = _grpo_batch(root)
+    temperature = 0.7
+    loss, ref = _torch_grads(model, model_cfg, batch, hf, temperature)
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
 
     def check(got) -> None:
@@ -148,6 +153,35 @@ def test_training_step_gradient_matches_torch_autograd(unscaled):
     got, _, _ = trainer.grads(trained, prepared)
     assert set(got) == {"projector", "text"}
     check(got)
+
+
+def test_lora_gradient_is_the_chain_rule_of_torchs(unscaled):
+    """--lora-rank on a vision-language model: the adapters sit on its language model, the tower and
+    projector frozen. W' = W + s a b with fresh b = 0, so dL/db = s a^T dL/dW (torch autograd's dL/dW
+    on the HF model) and dL/da = 0."""
+    from mllmjax import lora
+    from mllmjax.lora import LoraConfig
+
+    model, root, model_cfg, params = unscaled
+    batch, hf = _grpo_batch(root)
+    _, ref = _torch_grads(model, model_cfg, batch, hf, 1.0)
+    lcfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    config = TrainConfig(loss=LossConfig(beta=0.0), temperature=1.0, lora=lcfg)
+    assert trained_parts(config) == ()
+    trainer = VisionTrainer(model_cfg, config, frozen=params)
+    adapters = lora.init_adapters(model_cfg.text, lcfg, jax.random.key(0))
+    got, _, _ = trainer.grads(adapters, batch)
+    assert set(got["layers"]) == {"q", "v", "down"}
+    for name, g in got["layers"].items():
+        a, w = np.asarray(adapters["layers"][name]["a"], np.float64), np.asarray(ref["text"]["layers"][name], np.float64)
+        layers, rank = a.shape[0], a.shape[-1]
+        rows = a.reshape(layers, -1, rank)
+        want = lcfg.scale * np.einsum("lir,lio->lro", rows, w.reshape(layers, rows.shape[1], -1))
+        want = want.reshape(np.shape(g["b"]))
+        assert np.abs(np.asarray(g["b"]) - want).max() <= TOL * np.abs(want).max(), name
+        assert np.abs(np.asarray(g["a"])).max() == 0.0, name
+    with pytest.raises(BadInputError, match="--train-vision"):
+        VisionTrainer(model_cfg, dataclasses.replace(config, train_vision=True), frozen=params)
 
 
 @pytest.mark.parametrize("unscaled", ["siglip-gemma3"], indirect=True)  # LLaVA's prompt is causal text
@@ -279,6 +313,37 @@ def test_the_trained_checkpoint_samples_and_exports_as_a_llava(trained, tmp_path
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_lora_train_writes_adapters_that_sample_and_export_merged(trained, tmp_path):
+    """--lora-rank on a vision-language checkpoint: OUT holds the language model's adapters on the base;
+    read merged, the tower and projector are the base's bits and the language model moved; sample
+    --image reads it and export writes the merged model, which transformers loads."""
+    import transformers
+
+    root, scored, _ = trained
+    out = tmp_path / "lora"
+    result = run("train", root / "ck", scored, "-o", out, "--lora-rank", 4, "--lora-alpha", 8, *TRAIN)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "mllmjax.json").read_text())
+    assert meta["family"] == "llava" and meta["lora"]["base"] == str((root / "ck").absolute())
+    adapters = load_checkpoint(out, vision_language=True, adapters=True).params
+    assert set(adapters) == {"layers"} and set(adapters["layers"]) == set(meta["lora"]["targets"])
+    base, merged = _params(root / "ck"), _params(out)
+    for part in ("vision", "projector"):
+        assert not _changed(base[part], merged[part]), part
+    assert _changed(base["text"], merged["text"])
+    result = run("sample", out, "--image", root / "a.png", "w1 w2", "--greedy", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    assert run("export", out, "-o", tmp_path / "hf").exit_code == 0
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    q = model.state_dict()["model.language_model.layers.0.self_attn.q_proj.weight"].numpy()
+    np.testing.assert_array_equal(q, merged["text"]["layers"]["q"][0].reshape(q.shape[1], -1).T)
+    _expect_bad(run("export", out, "-o", tmp_path / "peft", "--adapter"), "--adapter", "merged")
+    _expect_bad(run("train", root / "ck", scored, "-o", tmp_path / "x", "--lora-rank", 4, "--train-vision"),
+                "--train-vision")  # fmt: skip
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
 def test_bad_records_are_one_line_and_write_nothing(trained, text_ckpt, tmp_path):  # noqa: F811
     root, scored, _ = trained
     # the records with copies of their pictures (never the fixture's own files), one copy then changed
@@ -302,9 +367,6 @@ def test_bad_records_are_one_line_and_write_nothing(trained, text_ckpt, tmp_path
     ids = [i for i in lines[0]["prompt_ids"] if i != IMAGE_TOKEN][:-1] + [IMAGE_TOKEN]
     few = write("few.jsonl", [dict(lines[0], prompt_ids=ids)])
     _expect_bad(run("train", root / "ck", few, "-o", tmp_path / "t"), "holds 1 image tokens")
-    # records with images on a text checkpoint; LoRA on a vision-language one
+    # records with images on a text checkpoint
     _expect_bad(run("train", text_ckpt, scored, "-o", tmp_path / "t"), "holds images", "is a text model")
-    _expect_bad(
-        run("train", root / "ck", scored, "-o", tmp_path / "t", "--lora-rank", 2), "LoRA", "not supported"
-    )
     assert not (tmp_path / "t").exists()

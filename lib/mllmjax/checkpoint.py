@@ -12,7 +12,8 @@ it, export, sample, rollout and train read it: `vision_language=True`); every ot
 grpo) is refused in `read_meta`, which each of them goes through before anything else
 (`refuse_vision_language`).
 
-A LoRA checkpoint (train/grpo with --lora-rank) holds the adapters in params/ and, in mllmjax.json,
+A LoRA checkpoint (train/grpo with --lora-rank) holds the adapters in params/ (a vision-language
+model's: its language model's adapters) and, in mllmjax.json,
 "lora": {rank, alpha, dropout, targets, base, base_hash} (`mllmjax.lora`). Loading one loads its base
 (refusing a base whose content hash differs) and gives the merged weights, or with adapters=True the
 adapters with the base beside them, for training on.
@@ -224,15 +225,18 @@ def _load_lora(
             f"{ckpt.path} holds LoRA adapters on the base {base_path}, which is gone; restore that "
             "checkpoint (or export this one with --merge where it still exists)"
         )
+    # A vision-language model's adapters sit on its language model (params["text"]).
+    text_cfg = getattr(ckpt.cfg, "text", ckpt.cfg)
+    vision = text_cfg is not ckpt.cfg
     if base is None or base.params is None or Path(base.path).absolute() != base_path.absolute():
-        base = load_checkpoint(base_path, mesh=mesh, dtype=dtype)
+        base = load_checkpoint(base_path, mesh=mesh, dtype=dtype, vision_language=vision)
     got = lora.content_hash(base.meta, base.params)
     if got != entry.get("base_hash"):
         raise ArtifactError(
             f"{ckpt.path}: its base {base_path} has changed since the adapters were trained "
             f"(content hash {got[:12]} != {str(entry.get('base_hash'))[:12]})"
         )
-    specs = lora.adapter_specs(ckpt.cfg, lcfg)
+    specs = lora.adapter_specs(text_cfg, lcfg)
     shardings = spec_shardings(specs, mesh) if mesh is not None else None
 
     def leaf(p: str, spec: Any) -> jax.ShapeDtypeStruct:
@@ -251,6 +255,8 @@ def _load_lora(
     signal_point("loaded")
     if adapters:
         ckpt.params, ckpt.base = trained, base
+    elif vision:
+        ckpt.params = {**base.params, "text": lora.merge(base.params["text"], trained, lcfg, text_cfg)}
     else:
         ckpt.params = lora.merge(base.params, trained, lcfg, ckpt.cfg)
     return ckpt

@@ -213,10 +213,10 @@ def export(
     ckpt_path, out = Path(ckpt_path), Path(out)
     meta = read_meta(ckpt_path, vision_language=True)
     vision = is_vision_language(str(meta.get("family", "")))
-    if vision and (merge or adapter):
+    if vision and adapter:
         raise BadInputError(
-            f"{ckpt_path} is a vision-language checkpoint, which has no LoRA adapters: export it "
-            "without --merge or --adapter"
+            f"{ckpt_path} is a vision-language checkpoint: --adapter (a PEFT adapter folder) is not "
+            "supported for one; export it merged (the default, or --merge with LoRA adapters)"
         )
     if merge and adapter:
         raise BadInputError("--merge and --adapter exclude each other: merged weights, or a PEFT adapter")

@@ -264,10 +264,9 @@ def train_checkpoint(
     if resume:
         require_opt_state(head)
     if vision:
-        from mllmjax.vision_training import check_image_tokens, refuse_lora, trained_parts
+        from mllmjax.vision_training import check_image_tokens, check_lora, trained_parts
 
-        if cfg.lora.enabled:
-            refuse_lora(ckpt_path)
+        check_lora(cfg, ckpt_path)
         parts = list(trained_parts(cfg))
         if resume and head.meta.get("trained", parts) != parts:
             raise BadInputError(
@@ -382,32 +381,36 @@ def check_lora_start(head: Checkpoint, lcfg: Any) -> None:
     another shape than `lcfg` asks for."""
     from mllmjax import lora
 
-    lora.resolved_targets(head.cfg, lcfg)
-    if head.lora is not None and not lora.same_adapters(head.lora, lcfg, head.cfg):
+    model_cfg = getattr(head.cfg, "text", head.cfg)  # a vision-language model's: its language model's
+    lora.resolved_targets(model_cfg, lcfg)
+    if head.lora is not None and not lora.same_adapters(head.lora, lcfg, model_cfg):
         raise BadInputError(
             f"{head.path} holds rank-{head.lora.rank} adapters (alpha {head.lora.alpha:g}, targets "
-            f"{','.join(lora.resolved_targets(head.cfg, head.lora))}); train them on with the same "
+            f"{','.join(lora.resolved_targets(model_cfg, head.lora))}); train them on with the same "
             "--lora-rank, --lora-alpha and --lora-targets"
         )
 
 
 def lora_start(
-    ckpt_path: Path, lcfg: Any, *, mesh: Mesh, dtype: Any = None
+    ckpt_path: Path, lcfg: Any, *, mesh: Mesh, dtype: Any = None, vision_language: bool = False
 ) -> tuple[Checkpoint, Params | None, dict[str, Any]]:
     """Where LoRA training starts from CKPT: (the base checkpoint, loaded; the adapters to continue,
     or None for fresh ones; the "lora" entry the outputs record). CKPT is a base model, or a LoRA
-    checkpoint whose adapters have the shape of `lcfg` (rank, alpha, targets)."""
+    checkpoint whose adapters have the shape of `lcfg` (rank, alpha, targets). vision_language: CKPT
+    may be a vision-language model (the adapters are its language model's)."""
     from mllmjax import lora
 
-    head = load_checkpoint(ckpt_path, load_params=False)
+    vl = dict(vision_language=vision_language)
+    head = load_checkpoint(ckpt_path, load_params=False, **vl)
     check_lora_start(head, lcfg)
     if head.lora is None:
-        base = load_checkpoint(ckpt_path, mesh=mesh, dtype=dtype)
+        base = load_checkpoint(ckpt_path, mesh=mesh, dtype=dtype, **vl)
         entry = lora.meta_entry(
-            lcfg, base.cfg, str(ckpt_path.absolute()), lora.content_hash(base.meta, base.params)
-        )
+            lcfg, getattr(base.cfg, "text", base.cfg), str(ckpt_path.absolute()),
+            lora.content_hash(base.meta, base.params),
+        )  # fmt: skip
         return base, None, entry
-    ckpt = load_checkpoint(ckpt_path, mesh=mesh, dtype=dtype, adapters=True)
+    ckpt = load_checkpoint(ckpt_path, mesh=mesh, dtype=dtype, adapters=True, **vl)
     assert ckpt.base is not None
     entry = {**head.meta["lora"], "dropout": lcfg.dropout}
     return ckpt.base, ckpt.params, entry
@@ -425,28 +428,39 @@ def _train_lora(
     resume: bool,
     force: bool,
     on_update: Callable[[dict[str, float]], None] | None,
+    vision: bool = False,
+    pixels: np.ndarray | None = None,
 ) -> TrainResult:
     """`train_checkpoint` with LoRA: adapters trained on the frozen base, which is the KL reference;
-    OUT holds the adapters (+ optimizer state) and names the base."""
+    OUT holds the adapters (+ optimizer state) and names the base. vision: a vision-language base,
+    whose language model carries the adapters (tower and projector frozen with it); pixels: the rows'
+    images."""
     from mllmjax import lora
     from mllmjax.sharding import spec_shardings
 
     if resume and head.lora is None:
         raise BadInputError(f"{ckpt_path} is not a LoRA checkpoint; --resume with --lora-rank needs one")
-    base, adapters, entry = lora_start(ckpt_path, cfg.lora, mesh=mesh)
-    trainer = Trainer(base.cfg, cfg, base=base.params, donate=True, mesh=mesh)
+    base, adapters, entry = lora_start(ckpt_path, cfg.lora, mesh=mesh, vision_language=vision)
+    if vision:
+        from mllmjax.vision_training import VisionTrainer
+
+        trainer: Trainer = VisionTrainer(base.cfg, cfg, frozen=base.params, donate=True, mesh=mesh)
+    else:
+        trainer = Trainer(base.cfg, cfg, base=base.params, donate=True, mesh=mesh)
     if adapters is None:
-        shardings = spec_shardings(lora.adapter_specs(base.cfg, cfg.lora), mesh)
+        model_cfg = getattr(base.cfg, "text", base.cfg)
+        shardings = spec_shardings(lora.adapter_specs(model_cfg, cfg.lora), mesh)
         adapters = lora.init_adapters(
-            base.cfg, cfg.lora, jax.random.fold_in(jax.random.key(seed), 7), shardings
+            model_cfg, cfg.lora, jax.random.fold_in(jax.random.key(seed), 7), shardings
         )
     if resume:
-        state = restore_train_state(load_checkpoint(ckpt_path, mesh=mesh, adapters=True, base=base), trainer)
+        ckpt = load_checkpoint(ckpt_path, mesh=mesh, adapters=True, base=base, vision_language=vision)
+        state = restore_train_state(ckpt, trainer)
     else:
         state = trainer.init_state(adapters, jax.random.key_data(jax.random.key(seed)))
     return _train_and_write(
         trainer, state, records, head, ckpt_path, out, mesh=mesh, force=force, on_update=on_update,
-        meta={"reference": entry["base"], "lora": entry},
+        meta={"reference": entry["base"], "lora": entry}, pixels=pixels,
     )  # fmt: skip
 
 
@@ -472,6 +486,11 @@ def _train_vision(
 
     parts = trained_parts(cfg)
     pixels = record_pixels(records, im.load_processor(ckpt_path), head.cfg, source=source)
+    if cfg.lora.enabled:  # adapters on its language model
+        return _train_lora(
+            ckpt_path, head, records, out, cfg, mesh=mesh, seed=seed, resume=resume, force=force,
+            on_update=on_update, vision=True, pixels=pixels,
+        )  # fmt: skip
     ckpt = load_checkpoint(ckpt_path, mesh=mesh, vision_language=True)
     trained, frozen = split_trainable(ckpt.params, parts)
     reference = ckpt.meta.get("reference", str(ckpt_path)) if resume else str(ckpt_path)

@@ -19,8 +19,10 @@ Design decisions:
   files exactly as rollout made them (`mllmjax.images.processor_inputs`); the ids it gives must be the
   record's prompt_ids, and each record's prompt must hold as many image tokens as its images fill.
   Every image's SHA-256 is checked first (`records.verify_images`).
-- LoRA on a vision-language checkpoint is refused for now (one line): its checkpoint would need the
-  trained projector beside the adapters.
+- LoRA (--lora-rank) puts its adapters on the language model alone, as PEFT's LoRA of a VLM's language
+  model does: the tower and the projector stay frozen with the base (--train-vision is refused with
+  it, --train-projector does not apply), the state's params are the adapters, and the checkpoint holds
+  them on the base, as a text LoRA checkpoint does.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax
 import numpy as np
 
 from mllmjax.errors import BadInputError
+from mllmjax.lora import attach
 from mllmjax.models.params import Params
 from mllmjax.models.transformer import embed_tokens, join_params, split_params
 from mllmjax.models.vision import vlm
@@ -40,7 +43,10 @@ from mllmjax.trainer import Batch, TrainConfig, Trainer, TrainState, validate_ba
 
 
 def trained_parts(cfg: TrainConfig) -> tuple[str, ...]:
-    """The parts of a vision-language model's params ({"vision", "projector", "text"}) that `cfg` trains, in order."""
+    """The parts of a vision-language model's params ({"vision", "projector", "text"}) that `cfg` trains
+    in full, in order: none with LoRA, whose adapters train on the frozen language model."""
+    if cfg.lora.enabled:
+        return ()
     on = {"vision": cfg.train_vision, "projector": cfg.train_projector, "text": True}
     return tuple(part for part in vlm.PARTS if on[part])
 
@@ -53,17 +59,21 @@ def split_trainable(params: Params, parts: Sequence[str]) -> tuple[Params, Param
     )
 
 
-def refuse_lora(ckpt: Any) -> None:
-    raise BadInputError(
-        f"{ckpt} is a vision-language checkpoint: LoRA (--lora-rank) on one is not supported yet; "
-        "train it without --lora-rank (the language model and projector train in full, the tower frozen)"
-    )
+def check_lora(cfg: TrainConfig, ckpt: Any) -> None:
+    """BadInputError for --train-vision with LoRA: the adapters are the language model's alone."""
+    if cfg.lora.enabled and cfg.train_vision:
+        raise BadInputError(
+            f"{ckpt} is a vision-language checkpoint: with --lora-rank the adapters train on its language "
+            "model and the tower stays frozen; drop --train-vision (or --lora-rank to train it in full)"
+        )
 
 
 class VisionTrainer(Trainer):
-    """The `Trainer` of a vision-language model: the state's params are the trained parts (`trained_parts`), `frozen`
-    the others; the forward runs the language model from its input embeddings with the image features
-    in place. ref_params: the whole starting model (beta > 0)."""
+    """The `Trainer` of a vision-language model: the state's params are the trained parts
+    (`trained_parts`), `frozen` the others; the forward runs the language model from its input
+    embeddings with the image features in place. ref_params: the whole starting model (beta > 0).
+    With LoRA the state's params are the language model's adapters and `frozen` the whole model (the
+    base, which is the KL reference too)."""
 
     def __init__(
         self,
@@ -75,9 +85,9 @@ class VisionTrainer(Trainer):
         donate: bool = False,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        if cfg.lora.enabled:
-            refuse_lora("the model")
-        super().__init__(model_cfg, cfg, ref_params=ref_params, donate=donate, mesh=mesh)
+        check_lora(cfg, "the model")
+        lora_base = frozen if cfg.lora.enabled else None
+        super().__init__(model_cfg, cfg, ref_params=ref_params, base=lora_base, donate=donate, mesh=mesh)
         self.parts = trained_parts(cfg)
         missing = [p for p in vlm.PARTS if p not in self.parts and p not in frozen]
         if missing:
@@ -117,17 +127,27 @@ class VisionTrainer(Trainer):
 
     # --------------------------------------------------------------------------- the forward
     def _split(self, params: Params | None) -> Params | None:
-        if not self._unroll or params is None or "text" not in params:
+        if not self._unroll or params is None:
             return params
+        if "text" not in params:  # LoRA adapters (the language model's), or parts without it
+            return split_params(params, self.text_cfg) if self.lora is not None and "layers" in params else params
         return {**params, "text": split_params(params["text"], self.text_cfg)}
 
     def _stack(self, grads: Params) -> Params:
-        if not self._unroll or "text" not in grads:
+        if not self._unroll:
+            return grads
+        if self.lora is not None:  # the adapters' gradient
+            return join_params(grads, self.text_cfg)
+        if "text" not in grads:
             return grads
         return {**grads, "text": join_params(grads["text"], self.text_cfg)}
 
     def _policy(self, params: Params, base: Params | None, key: jax.Array | None = None) -> Params:
-        return params if base is None else {**base, **params}
+        if base is None:
+            return params
+        if self.lora is not None:  # the adapters on the language model, the rest the base's
+            return {**base, "text": attach(base["text"], params, self.cfg.lora, self.text_cfg, key)}
+        return {**base, **params}
 
     def _text_params(self, params: Params) -> Params:
         return params["text"]

@@ -64,14 +64,16 @@ class RunContext:
 
         from mllmjax.lora import attach, merged_if_adapted
 
-        if self.vision:  # the trained parts with the frozen ones: the whole model
+        if self.vision and self.trainer.lora is None:  # the trained parts with the frozen ones
             return self.trainer.full_params(params)
         if self.trainer.lora is None:
             return params
-        attached = attach(self.trainer.base, params, self.trainer.lora, self.model_cfg)
+        base = self.trainer.base["text"] if self.vision else self.trainer.base
+        attached = attach(base, params, self.trainer.lora, getattr(self.model_cfg, "text", self.model_cfg))
         if self.sample_mesh is not self.mesh or jax.process_count() > 1:
-            return merged_if_adapted(attached)
-        return attached
+            attached = merged_if_adapted(attached)
+        # a vision-language model's adapters are its language model's
+        return {**self.trainer.base, "text": attached} if self.vision else attached
 
     def rollouts(
         self, params: Any, problems: Sequence[Any], rcfg: Any, *, policy: str, **kwargs: Any
@@ -146,12 +148,13 @@ def open_run(
         from mllmjax.images import load_processor
 
         processor = load_processor(start_checkpoint)
+    if vision and not tcfg.lora.enabled:
         start = load_checkpoint(start_checkpoint, mesh=mesh, dtype=resolve_dtype(cfg.dtype), vision_language=True)
     elif tcfg.lora.enabled:  # start: the base model; the adapters are fresh or the start checkpoint's
         from mllmjax.training import lora_start
 
         start, adapters, lora_entry = lora_start(
-            start_checkpoint, tcfg.lora, mesh=mesh, dtype=resolve_dtype(cfg.dtype)
+            start_checkpoint, tcfg.lora, mesh=mesh, dtype=resolve_dtype(cfg.dtype), vision_language=vision
         )
     else:
         start = load_checkpoint(start_checkpoint, mesh=mesh, dtype=resolve_dtype(cfg.dtype))
@@ -159,7 +162,12 @@ def open_run(
     # A vision-language checkpoint's stop ids are completed from its processor's tokenizer, as sample's.
     stop_ids = tuple(stop_ids_for(tokenizer, start.stop_ids)) if vision else start.stop_ids
     check_memory(cfg, start, tcfg, tokenizer, problems, mesh, sample_mesh, emit, processor)
-    if vision:
+    if vision and tcfg.lora.enabled:  # adapters on the language model; the whole model is the base
+        from mllmjax.vision_training import VisionTrainer
+
+        trainer = VisionTrainer(start.cfg, tcfg, frozen=start.params, donate=True, mesh=mesh)
+        initial = adapters if adapters is not None else _fresh_adapters(cfg, start.cfg.text, tcfg, mesh)
+    elif vision:
         from mllmjax.vision_training import VisionTrainer, split_trainable, trained_parts
 
         # The first state's params are the trained parts of the reference's buffers: the loop never
@@ -276,7 +284,8 @@ def _resumed_state(
 ) -> RunState:  # fmt: skip
     """The state of the last whole checkpoint, and metrics.jsonl cut back to its step. base: with
     LoRA, the base checkpoint already loaded (the saved checkpoints hold adapters on it). vision: a
-    vision-language run, whose checkpoints hold the whole model and whose state the trained parts."""
+    vision-language run, whose checkpoints hold the whole model and whose state the trained parts
+    (with LoRA: the adapters, as a text run's)."""
     from mllmjax.checkpoint import load_checkpoint, resolve_dtype
     from mllmjax.training import restore_train_state
 
@@ -289,7 +298,8 @@ def _resumed_state(
         )  # fmt: skip
         grpo_meta = ckpt.meta.get("grpo", {})
         step = int(grpo_meta.get("step", steps[-1]))
-        trained = {k: v for k, v in ckpt.params.items() if k in trainer.parts} if vision else None
+        whole = vision and base is None  # a vision-language run's checkpoint holds the whole model
+        trained = {k: v for k, v in ckpt.params.items() if k in trainer.parts} if whole else None
         state = RunState(
             restore_train_state(ckpt, trainer, params=trained), step=step, cursor=int(grpo_meta["cursor"])
         )

@@ -224,14 +224,16 @@ class GRPORun:
             faults.crash_point("checkpoint", step)
 
         start = str(ctx.start_checkpoint)
-        # A vision-language model's checkpoint is the whole model; its state holds the trained parts.
-        params = ctx.policy(state.train.params) if ctx.vision else state.train.params
+        # A vision-language model's checkpoint is the whole model; its state holds the trained parts
+        # (with LoRA, the adapters: saved as they are, on the base).
+        whole = ctx.vision and ctx.lora_entry is None
+        params = ctx.policy(state.train.params) if whole else state.train.params
         write_checkpoint(
             out, params=params, hf_config=ctx.hf_config, write_tokenizer=side_files,
             source=start, step=step, parent=start, force=True, opt_state=state_extras(state.train),
             extra_meta={"reference": ctx.reference, "updates": int(state.train.step),
                         **({"lora": ctx.lora_entry} if ctx.lora_entry is not None else {}),
-                        **({"trained": list(ctx.trainer.parts)} if ctx.vision else {}),
+                        **({"trained": list(ctx.trainer.parts)} if whole else {}),
                         "grpo": {"run": str(self.path), "step": step, "cursor": state.cursor,
                                  **({"replay": state.replay.to_json()} if state.replay is not None
                                     and ctx.cfg.replay_prob > 0 else {})}},

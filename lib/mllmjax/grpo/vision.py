@@ -13,8 +13,10 @@
 - --compute-dtype runs the tower, projector and decoder of the rollouts in it (training's forward
   already does); --sample-mesh decodes on a copy of the whole model resharded onto that mesh, as a
   text run's rollouts do.
-- Not yet: LoRA, several processes, the replay buffer (its continuations would need their images).
-  Each is refused before anything is written.
+- With --lora-rank the adapters train on the language model, the tower and projector frozen with the
+  base (`vision_training`); rollouts run the adapters attached to it, checkpoints hold the adapters.
+- Not yet: several processes, the replay buffer (its continuations would need their images). Each is
+  refused before anything is written.
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ def check_vision_run(cfg: GRPOConfig, tcfg: Any, start_checkpoint: Path) -> None
     support yet."""
     import jax
 
-    from mllmjax.vision_training import refuse_lora
+    from mllmjax.vision_training import check_lora
 
-    if tcfg.lora.enabled:
-        refuse_lora(start_checkpoint)
+    check_lora(tcfg, start_checkpoint)
     refused = {
         "several processes": jax.process_count() > 1,
         "--replay-prob": cfg.replay_prob > 0,
