@@ -135,36 +135,37 @@ def test_a_step_on_8_devices_equals_the_step_on_one_and_resumes_exactly(run_dir,
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
-def test_sample_mesh_decodes_the_same_and_compute_dtype_decodes_in_bfloat16(run_dir, tmp_path):
-    """--sample-mesh (tensor-parallel decode on a resharded copy): step 1's completions are the 8-device
-    fsdp run's. --compute-dtype bfloat16: the rollouts' log-probs move by bfloat16's rounding, no more."""
+def test_compute_dtype_decodes_in_bfloat16(run_dir, tmp_path):
+    """--compute-dtype bfloat16: the rollouts' log-probs move by bfloat16's rounding, no more."""
     start, out = run_dir
-    want = _lines(out / "rollouts" / "step_1.jsonl")
-    tensor, bf16 = tmp_path / "tensor", tmp_path / "bf16"
-    for flags, where in ((["--sample-mesh", "data=4,tensor=2"], tensor), (["--compute-dtype", "bfloat16"], bf16)):
-        result = run("grpo", "--model", start, *TINY, "--steps", 1, "--eval-every", 0, *flags, "-o", where)
-        assert result.exit_code == 0, result.output
-    for got, ref in zip(_lines(tensor / "rollouts" / "step_1.jsonl"), want, strict=True):
-        assert got["completion_ids"] == ref["completion_ids"]
-        np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-5)
+    bf16 = tmp_path / "bf16"
+    result = run("grpo", "--model", start, *TINY, "--steps", 1, "--eval-every", 0, "--compute-dtype", "bfloat16",
+                 "-o", bf16)  # fmt: skip
+    assert result.exit_code == 0, result.output
     # the first sampled token's log-prob, where both runs drew the same token
-    pairs = [(g["logprobs"][0], r["logprobs"][0]) for g, r in zip(_lines(bf16 / "rollouts" / "step_1.jsonl"), want,
-             strict=True) if g["completion_ids"][:1] == r["completion_ids"][:1]]  # fmt: skip
+    pairs = [(g["logprobs"][0], r["logprobs"][0]) for g, r in zip(_lines(bf16 / "rollouts" / "step_1.jsonl"),
+             _lines(out / "rollouts" / "step_1.jsonl"), strict=True) if g["completion_ids"][:1] == r["completion_ids"][:1]]  # fmt: skip
     assert len(pairs) >= 2
     diffs = [abs(a - b) for a, b in pairs]
     assert max(diffs) <= 0.05 and max(diffs) > 0
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
-def test_lora_on_a_vision_model_saves_adapters_and_resumes_exactly(converted, tmp_path):  # noqa: F811
+def test_lora_on_a_vision_model_saves_adapters_and_resumes_exactly(run_dir, tmp_path):
     """--lora-rank: the checkpoints hold the language model's adapters on the start model (its tower
     and projector untouched), `eval` reads one merged, and a run cut back to step 1 and resumed reaches
-    step 2's adapters bitwise."""
-    _, root = converted
+    step 2's adapters bitwise. With --sample-mesh (tensor-parallel decode on a resharded copy, the
+    adapters merged into it) step 1's completions, from fresh adapters (b = 0: the start model), are the
+    fsdp=8 run's."""
+    start, fsdp = run_dir
+    root = start.parent
     out = tmp_path / "run"
-    result = run("grpo", "--model", root / "ck", *TINY, "--steps", 2, "--eval-every", 0, "--save-every", 1,
-                 "--keep", 2, "--lora-rank", 4, "-o", out)  # fmt: skip
+    result = run("grpo", "--model", start, *TINY, "--steps", 2, "--eval-every", 0, "--save-every", 1,
+                 "--keep", 2, "--lora-rank", 4, "--sample-mesh", "data=4,tensor=2", "-o", out)  # fmt: skip
     assert result.exit_code == 0, result.output
+    for got, ref in zip(_lines(out / "rollouts" / "step_1.jsonl"), _lines(fsdp / "rollouts" / "step_1.jsonl"), strict=True):
+        assert got["completion_ids"] == ref["completion_ids"]
+        np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-5)
     step2 = out / "checkpoints" / "step_2"
     assert read_meta(step2, vision_language=True)["lora"]["base"] == str((root / "ck").absolute())
     adapters = _flat(load_checkpoint(step2, vision_language=True, adapters=True).params)

@@ -147,7 +147,7 @@ def tower_features(vision: Params, cfg: Gemma3VisionConfig, pixels: jax.Array, d
 def project_features(projector: Params, cfg: Gemma3VisionConfig, feats: jax.Array, dtype: Any) -> jax.Array:
     """The projector on tower features [..., g*g, Dv] -> [..., mm_tokens_per_image, D_text]: the patch
     grid averaged over k x k squares (float32 sums), the norm, the matrix."""
-    *lead, patches, width = feats.shape
+    *lead, _, width = feats.shape
     g, k = cfg.vision.grid, cfg.pool
     side = g // k
     x = feats.reshape(-1, side, k, side, k, width).astype(jnp.float32).mean(axis=(2, 4)).astype(dtype)
