@@ -363,7 +363,6 @@ def run_estimates(
     from mllmjax import memory
     from mllmjax.grpo.stages import reuses_state_buffers
     from mllmjax.sampling.buckets import MIN_NEW_BUCKET, bucket, decode_windows, prompt_bucket
-    from mllmjax.sampling.sampler import unrolled
     from mllmjax.training import padded_shape
 
     text_cfg = getattr(model_cfg, "text", model_cfg)
@@ -387,7 +386,7 @@ def run_estimates(
     decode = memory.estimate_sampling(
         text_cfg, rows=prompts * cfg.group_size, param_dtype=param_dtype, compute_dtype=cfg.compute_dtype,
         cache_len=decode_windows(prompt_bucket(longest), bucket(cfg.max_new_tokens, MIN_NEW_BUCKET)),
-        mesh=sample_mesh, out_major=unrolled() if backend is None else on_cpu,
+        mesh=sample_mesh, out_major=on_cpu,  # the CPU decode loop's output-major copy (`unrolled`)
     )  # fmt: skip
     rollout = memory.MemoryEstimate(
         {

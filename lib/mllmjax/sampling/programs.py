@@ -328,7 +328,8 @@ def compiled_embeds(
     instead of tokens (a vision-language model's prompts with their images in place): the prefill
     reads the embeddings, then decode runs on tokens as for text (the streaming decode program is
     `compiled`'s). The B prompts are prefilled once and their cache repeated for the n samples each.
-    reach [B, P]: the index up to which each prompt token sees (its own, or its image's last token's)."""
+    reach [B, P]: the index up to which each prompt token sees (its own, or its image's last token's),
+    or None: causal."""
     static = dict(cfg=cfg, strategy=strategy, compute_dtype=compute_dtype, unroll=unroll)
     shapes = dict(n=n, out_len=out_len)
 

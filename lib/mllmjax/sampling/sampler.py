@@ -238,7 +238,8 @@ def _pack_embeds(
 ) -> tuple[jax.Array, np.ndarray, np.ndarray, np.ndarray]:
     """`_pack` for prompts given as input embeddings [T_i, D]: right-padded with zeros into [rows, P, D]
     (on the device they are on), with the valid mask, per-row new-token limits and each token's reach
-    [rows, P] (its own index, or what `reach` gives: per prompt an int array [T_i] or None)."""
+    [rows, P] (its own index, or what `reach` gives: per prompt an int array [T_i] or None); None when
+    no prompt reaches ahead, so a causal prefill keeps the plain mask."""
     lengths = [int(x.shape[0]) for x in prompts]
     p = prompt_bucket(max(lengths))
     padded = [
@@ -251,8 +252,10 @@ def _pack_embeds(
         valid[r, :length] = True
         limit[r] = min(max_new_tokens, cfg.max_position_embeddings - length)
     valid[len(prompts) :, 0] = True  # filler rows hold one token so nothing is all-padding
+    if reach is None or all(row is None for row in reach):
+        return jnp.stack(padded), valid, limit, None
     reaches = np.broadcast_to(np.arange(p, dtype=np.int32), (rows, p)).copy()
-    for r, row in enumerate(reach or ()):
+    for r, row in enumerate(reach):
         if row is not None:
             reaches[r, : lengths[r]] = np.asarray(row, np.int32)
     return jnp.stack(padded), valid, limit, reaches
@@ -309,7 +312,7 @@ def generate_embeds(
         args = (embeds, valid, limit, keys)
         if mesh is not None:
             args = place_rows(args, mesh)
-            (reaches,) = place_rows((reaches,), mesh)
+            reaches = None if reaches is None else place_rows((reaches,), mesh)[0]
         out_ids, out_lp, count, stopped = (to_host(x) for x in run(params, *args, stops, reaches))
         for c, i in enumerate(chunk):
             results[i] = []
