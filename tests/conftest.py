@@ -17,9 +17,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The test process and the commands the tests run as subprocesses (dozens of grpo/rollout/sample runs
-# on the same tiny models) share one persistent compilation cache for the session, in a temp dir, as a
-# user's runs share ~/.cache/mllmjax/xla. Test modules compile the same programs of the same tiny
+# The test processes (pytest-xdist's workers inherit the directory through the environment of the
+# process that starts them) and the commands the tests run as subprocesses (dozens of grpo/rollout/sample
+# runs on the same tiny models) share one persistent compilation cache for the session, in a temp dir,
+# as a user's runs share ~/.cache/mllmjax/xla. Test modules compile the same programs of the same tiny
 # models again and again (each module's in-memory caches are dropped after it, see below), so most
 # of them load from it. Compiled or loaded, a program is the same executable: results do not change.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
