@@ -19,8 +19,8 @@ adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base_model, DIR)
 
 A vision-language checkpoint (converted from an HF LlavaForConditionalGeneration or
 Gemma3ForConditionalGeneration folder) exports as that model, with its processor files:
-`transformers.AutoModelForImageTextToText.from_pretrained(HF_DIR)` loads it (with LoRA adapters,
-merged; --adapter is not offered for one).
+`transformers.AutoModelForImageTextToText.from_pretrained(HF_DIR)` loads it. Its LoRA adapters (on the
+language model) export merged, or with --adapter as a PEFT folder for the VLM's own HF export.
 
 Examples:
 

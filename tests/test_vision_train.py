@@ -316,8 +316,11 @@ def test_the_trained_checkpoint_samples_and_exports_as_a_llava(trained, tmp_path
 def test_lora_train_writes_adapters_that_sample_and_export_merged(trained, tmp_path):
     """--lora-rank on a vision-language checkpoint: OUT holds the language model's adapters on the base;
     read merged, the tower and projector are the base's bits and the language model moved; sample
-    --image reads it and export writes the merged model, which transformers loads."""
+    --image reads it and export writes the merged model, which transformers loads; export --adapter
+    writes a PEFT folder that, on the base's HF export, gives the merged model's logits with an image
+    and puts adapters on the language model's modules only."""
     import transformers
+    from peft import PeftModel
 
     root, scored, _ = trained
     out = tmp_path / "lora"
@@ -337,10 +340,30 @@ def test_lora_train_writes_adapters_that_sample_and_export_merged(trained, tmp_p
     model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     q = model.state_dict()["model.language_model.layers.0.self_attn.q_proj.weight"].numpy()
     np.testing.assert_array_equal(q, merged["text"]["layers"]["q"][0].reshape(q.shape[1], -1).T)
-    _expect_bad(run("export", out, "-o", tmp_path / "peft", "--adapter"), "--adapter", "merged")
+
+    assert run("export", root / "ck", "-o", tmp_path / "base").exit_code == 0
+    assert run("export", out, "-o", tmp_path / "peft", "--adapter").exit_code == 0
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()  # (the adapters go into `base`)
+    adapted = [n for n, _ in peft.named_modules() if n.endswith(".lora_A.default")]
+    assert len(adapted) == model.config.text_config.num_hidden_layers * len(meta["lora"]["targets"])
+    assert all(n.startswith("base_model.model.model.language_model.layers.") for n in adapted), adapted
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    content = [{"type": "image"}, {"type": "text", "text": "w1 w2 w3"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    inputs = processor(text=text, images=[Image.open(root / "a.png")], return_tensors="pt",
+                       add_special_tokens=False)  # fmt: skip
+    with torch.no_grad():
+        got, ref = peft(**inputs).logits.numpy(), model.eval()(**inputs).logits.numpy()
+        with peft.disable_adapter():
+            before = peft(**inputs).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    assert np.abs(ref - before).max() > 1e-3  # the adapters count
+
     _expect_bad(run("train", root / "ck", scored, "-o", tmp_path / "x", "--lora-rank", 4, "--train-vision"),
                 "--train-vision")  # fmt: skip
-    assert not (tmp_path / "peft").exists() and not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)

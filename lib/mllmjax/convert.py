@@ -198,10 +198,10 @@ def export(
 
     A LoRA checkpoint is written with its adapters merged into the base's weights (merge=True asks for
     that explicitly; the default dtype is then the base's), or with adapter=True as a PEFT adapter
-    folder (`export_adapter`). Both flags need a LoRA checkpoint and exclude each other. A
-    vision-language checkpoint is written as its HF model (`LlavaForConditionalGeneration`,
-    `Gemma3ForConditionalGeneration`), with the
-    processor's files beside the tokenizer's.
+    folder (`export_adapter`; a vision-language model's are its language model's). Both flags need a
+    LoRA checkpoint and exclude each other. A vision-language checkpoint is written as its HF model
+    (`LlavaForConditionalGeneration`, `Gemma3ForConditionalGeneration`), with the processor's files
+    beside the tokenizer's.
 
     dtype: float32, bfloat16 or float16 (None: the checkpoint's). The weights go into one
     model.safetensors, or, when they take more than max_shard_bytes, into shards
@@ -213,11 +213,6 @@ def export(
     ckpt_path, out = Path(ckpt_path), Path(out)
     meta = read_meta(ckpt_path, vision_language=True)
     vision = is_vision_language(str(meta.get("family", "")))
-    if vision and adapter:
-        raise BadInputError(
-            f"{ckpt_path} is a vision-language checkpoint: --adapter (a PEFT adapter folder) is not "
-            "supported for one; export it merged (the default, or --merge with LoRA adapters)"
-        )
     if merge and adapter:
         raise BadInputError("--merge and --adapter exclude each other: merged weights, or a PEFT adapter")
     if (merge or adapter) and not isinstance(meta.get("lora"), dict):
@@ -227,7 +222,7 @@ def export(
         )
     check_output(out, force)
     if adapter:
-        return export_adapter(ckpt_path, out, dtype=dtype, force=force)
+        return export_adapter(ckpt_path, out, dtype=dtype, force=force, vision_language=vision)
     ckpt = load_checkpoint(ckpt_path, vision_language=vision)
     if vision:
         from mllmjax.models.vision import vlm
@@ -292,20 +287,36 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def export_adapter(
-    ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, force: bool = False
+    ckpt_path: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    vision_language: bool = False,
 ) -> ExportResult:
     """A LoRA checkpoint's adapters as a PEFT folder: adapter_config.json and adapter_model.safetensors
     (lora_A [r, in] and lora_B [out, r] per HF module), which `peft.PeftModel.from_pretrained(base, OUT)`
-    loads onto the base model (the base is named by its HF export in base_model_name_or_path)."""
+    loads onto the base model (the base is named by its HF export in base_model_name_or_path).
+
+    A vision-language checkpoint's adapters are its language model's: they are named as transformers
+    5 names that model's modules inside the VLM (`model.language_model.layers.{i}...`), and
+    target_modules matches those modules only (the tower has q_proj/v_proj of its own)."""
     from mllmjax import lora
     from mllmjax.weights.safetensors_io import write_safetensors
 
     ckpt_path, out = Path(ckpt_path), Path(out)
-    ckpt = load_checkpoint(ckpt_path, adapters=True)
+    ckpt = load_checkpoint(ckpt_path, adapters=True, vision_language=vision_language)
     lcfg = ckpt.lora
     target = np.dtype(resolve_dtype(dtype)) if dtype not in (None, "") else np.dtype(np.float32)
-    tensors, modules = lora.peft_tensors(ckpt.cfg, lcfg, jax.tree.map(np.asarray, ckpt.params), target)
-    config = lora.peft_config(lcfg, modules, str(ckpt.meta["lora"]["base"]))
+    adapters = jax.tree.map(np.asarray, ckpt.params)
+    base = str(ckpt.meta["lora"]["base"])
+    if vision_language:
+        old, new = lora.VLM_TEXT_MODULES
+        tensors, modules = lora.peft_tensors(ckpt.cfg.text, lcfg, adapters, target, rename=(old, new))
+        config = lora.peft_config(lcfg, modules, base, within=new)
+    else:
+        tensors, modules = lora.peft_tensors(ckpt.cfg, lcfg, adapters, target)
+        config = lora.peft_config(lcfg, modules, base)
     with atomic_dir(out, force) as tmp:
         write_safetensors(tmp / ADAPTER_FILE, tensors)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

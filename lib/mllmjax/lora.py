@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -317,13 +318,23 @@ def same_adapters(a: LoraConfig, b: LoraConfig, model_cfg: ModelConfig) -> bool:
 PEFT_PREFIX = "base_model.model."
 
 
+# A vision-language model's language model, as transformers 5 names its modules in memory (where PEFT
+# attaches adapters): `model.language_model.layers.{i}...` for LLaVA and Gemma 3 alike.
+VLM_TEXT_MODULES = ("model.", "model.language_model.")
+
+
 def peft_tensors(
-    model_cfg: ModelConfig, cfg: LoraConfig, adapters: Params, dtype: Any = np.float32
+    model_cfg: ModelConfig,
+    cfg: LoraConfig,
+    adapters: Params,
+    dtype: Any = np.float32,
+    rename: tuple[str, str] | None = None,
 ) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """(PEFT tensors, target module names): per layer and target, lora_A [r, in] and lora_B [out, r]
     under HF's module name (from the family's name table), in HF's input and output orders: our input
     dims flatten to HF's in_features and our output dims to its out_features, as the table's layouts
-    do for the weights themselves."""
+    do for the weights themselves. rename (old, new): module names starting with old start with new
+    instead (a vision-language model's language model: `VLM_TEXT_MODULES`)."""
     from mllmjax.models.registry import family
 
     rules = {rule.ours: rule for rule in family(model_cfg).HF_NAMES}
@@ -342,6 +353,8 @@ def peft_tensors(
             raise BadInputError(f"no HF module for LoRA target {name!r}")
         module = hf[: -len(".weight")]
         modules.append(module.rsplit(".", 1)[-1])
+        if rename is not None and module.startswith(rename[0]):
+            module = rename[1] + module[len(rename[0]) :]
         a_all = np.asarray(adapters["layers"][name]["a"], np.float32)
         b_all = np.asarray(adapters["layers"][name]["b"], np.float32)
         for i in range(model_cfg.num_layers):
@@ -354,8 +367,15 @@ def peft_tensors(
     return tensors, sorted(set(modules))
 
 
-def peft_config(cfg: LoraConfig, modules: Sequence[str], base: str) -> dict[str, Any]:
-    """adapter_config.json of a PEFT LoRA adapter with our config."""
+def peft_config(
+    cfg: LoraConfig, modules: Sequence[str], base: str, *, within: str | None = None
+) -> dict[str, Any]:
+    """adapter_config.json of a PEFT LoRA adapter with our config. within: the module names are those
+    under this prefix only (a vision-language model's language model, whose tower has modules of the
+    same short names): target_modules is then PEFT's regular expression over full module names."""
+    targets: list[str] | str = list(modules)
+    if within is not None:
+        targets = rf"{re.escape(within)}.*\.({'|'.join(map(re.escape, modules))})"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -363,7 +383,7 @@ def peft_config(cfg: LoraConfig, modules: Sequence[str], base: str) -> dict[str,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": list(modules),
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
