@@ -429,6 +429,13 @@ def test_the_replay_buffer_is_bounded_seeded_and_round_trips():
     a, _ = buf.draw(6, 0.5, np.random.default_rng(7))
     b, _ = buf.draw(6, 0.5, np.random.default_rng(7))
     assert a == b
+    # A vision-language run's completions that hold an image token are not continued (their prompt
+    # would hold image tokens no image fills); a group with none left gives no candidate.
+    records = [dataclasses.replace(_record(0, 0, 4), completion_ids=[5, 9, 5, 5]), _record(0, 1, 3),
+               dataclasses.replace(_record(1, 0, 4), completion_ids=[9, 5, 5, 5])]  # fmt: skip
+    got = step_candidates(records, {0: 3, 1: 4}, np.random.default_rng(0), avoid={9})
+    assert got == [(3, [5, 5, 5])]
+    assert len(step_candidates(records, {0: 3, 1: 4}, np.random.default_rng(0))) == 2
 
 
 def test_length_shaping_is_no_signal_for_dynamic_sampling():

@@ -107,15 +107,7 @@ def make_rollouts(
             "checkpoint can: `make_vision_rollouts`)"
         )
     encoded = [encode_prompt(tokenizer, p, cfg) for p in problems]
-    # Continuation prompts (the grpo replay buffer): the prompt followed by a partial completion.
-    continued: dict[int, dict[str, Any]] = {}
-    for i, p in enumerate(problems):
-        replay = p.meta.get(CONTINUATION_KEY)
-        if replay is not None:
-            prefix = tokenizer.decode(replay["prefix_ids"], skip_special_tokens=True)
-            text, ids = encoded[i]
-            encoded[i] = (text + prefix, ids + list(replay["prefix_ids"]))
-            continued[i] = {"prefix": prefix, "from_step": replay["from_step"]}
+    continued = _continue(problems, encoded, tokenizer)
     completions = generate(
         params,
         model_cfg,
@@ -137,6 +129,21 @@ def make_rollouts(
         extra = {CONTINUATION_KEY: continued[i]} if i in continued else {}
         records.append(_record(c, problems[i], *encoded[i], first_group, tokenizer, policy, {**(meta or {}), **extra}))
     return records
+
+
+def _continue(problems: Sequence[Problem], encoded: list[Any], tokenizer: Any) -> dict[int, dict[str, Any]]:
+    """Continuation prompts (the grpo replay buffer): each encoded (text, ids, ...) of a problem with a
+    continuation gets its partial completion appended, in place; returns {index: what its records'
+    meta[CONTINUATION_KEY] holds (the prefix's text and the step it came from)}."""
+    continued: dict[int, dict[str, Any]] = {}
+    for i, p in enumerate(problems):
+        replay = p.meta.get(CONTINUATION_KEY)
+        if replay is not None:
+            prefix = tokenizer.decode(replay["prefix_ids"], skip_special_tokens=True)
+            text, ids, *rest = encoded[i]
+            encoded[i] = (text + prefix, ids + list(replay["prefix_ids"]), *rest)
+            continued[i] = {"prefix": prefix, "from_step": replay["from_step"]}
+    return continued
 
 
 def _record(
@@ -243,7 +250,8 @@ def make_vision_rollouts(
     tower's, projector's and decoder's (default the params'). Every image is read (and hashed) before any
     device work; each prompt's input embeddings (text embeddings with its image features in place) are
     made once, and its G samples share its prefill. A problem without images is a text prompt of the
-    same model, written as a /1 record."""
+    same model, written as a /1 record. A continuation (the grpo replay buffer) is prompted as
+    `make_rollouts` prompts one: its partial completion after the prompt with its images."""
     from mllmjax import images as im
     from mllmjax.models.vision import vlm
     from mllmjax.sampling.sampler import generate_embeds
@@ -252,6 +260,7 @@ def make_vision_rollouts(
     opened = {path: im.open_image(path) for path in paths}
     digests = {path: im.file_sha256(path) for path in paths}
     encoded = [encode_vision_prompt(processor, p, cfg, [opened[x] for x in p.images]) for p in problems]
+    continued = _continue(problems, encoded, processor.tokenizer)
     context = model_cfg.text.max_position_embeddings
     for p, (_, ids, _) in zip(problems, encoded, strict=True):
         if len(ids) >= context:
@@ -281,8 +290,9 @@ def make_vision_rollouts(
         problem = problems[c.prompt_index]
         text, ids, _ = encoded[c.prompt_index]
         images = [{"path": x, "sha256": digests[x]} for x in problem.images] or None
+        extra = {CONTINUATION_KEY: continued[c.prompt_index]} if c.prompt_index in continued else {}
         records.append(
-            _record(c, problem, text, ids, first_group, processor.tokenizer, policy, dict(meta or {}), images)
+            _record(c, problem, text, ids, first_group, processor.tokenizer, policy, {**(meta or {}), **extra}, images)
         )
     return records
 

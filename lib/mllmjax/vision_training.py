@@ -207,12 +207,17 @@ def record_pixels(
         if not r.images:
             rows.append(None)
             continue
-        key = (r.prompt, tuple(x["path"] for x in r.images))
+        # A continuation's prompt is the processed prompt and a partial completion after it: the
+        # pixels come from the prompt before it.
+        prompt, continued = r.prompt, r.meta.get(CONTINUATION_KEY)
+        if continued is not None and continued.get("prefix") and prompt.endswith(continued["prefix"]):
+            prompt = prompt[: -len(continued["prefix"])]
+        key = (prompt, tuple(x["path"] for x in r.images))
         if key not in made:
             where = f"{source}:{i}"
             pictures = [im.open_image(x["path"]) for x in r.images]
-            ids, pixels = im.processor_inputs(processor, r.prompt, pictures, chat=use_chat, where=where)
-            if CONTINUATION_KEY not in r.meta and list(ids) != list(r.prompt_ids):
+            ids, pixels = im.processor_inputs(processor, prompt, pictures, chat=use_chat, where=where)
+            if continued is None and list(ids) != list(r.prompt_ids):
                 raise BadInputError(
                     f"{where}: prompt_ids are not what the checkpoint's processor makes of the record's "
                     "prompt and images: the records come from a different processor"

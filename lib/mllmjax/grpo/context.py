@@ -75,6 +75,17 @@ class RunContext:
         # a vision-language model's adapters are its language model's
         return {**self.trainer.base, "text": attached} if self.vision else attached
 
+    def image_token_ids(self) -> frozenset[int]:
+        """The ids of a vision-language model's image tokens (its image token and the slot the
+        processor expands, Gemma 3's <start_of_image>); none on a text run. The replay buffer does not
+        continue a completion that holds one: a prompt holds exactly the image tokens its images fill."""
+        if not self.vision:
+            return frozenset()
+        from mllmjax.images import slot_token
+
+        slot = self.processor.tokenizer.convert_tokens_to_ids(slot_token(self.processor))
+        return frozenset(x for x in (self.model_cfg.image_token_id, slot) if isinstance(x, int) and x >= 0)
+
     def rollouts(
         self, params: Any, problems: Sequence[Any], rcfg: Any, *, policy: str, **kwargs: Any
     ) -> list[Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,14 +154,16 @@ class ReplayBuffer:
 
 
 def step_candidates(
-    records: Sequence[Any], fresh: dict[int, int], rng: np.random.Generator
+    records: Sequence[Any], fresh: dict[int, int], rng: np.random.Generator, avoid: Collection[int] = ()
 ) -> list[tuple[int, list[int]]]:
     """One completion of two tokens or more, chosen uniformly, of each group of the step's records that
     was sampled from a fresh data prompt: (problem index, completion ids). `fresh` maps those groups to
-    their problems."""
+    their problems. avoid: token ids a completion must not hold to be continued (a vision-language
+    model's image tokens: a prompt holds exactly those its images fill)."""
+    avoid = frozenset(avoid)
     groups: dict[int, list[Any]] = {}
-    for r in records:
-        if r.group in fresh and len(r.completion_ids) >= 2:  # a cut must leave a token on each side
+    for r in records:  # a cut must leave a token on each side
+        if r.group in fresh and len(r.completion_ids) >= 2 and avoid.isdisjoint(r.completion_ids):
             groups.setdefault(r.group, []).append(r)
     out = []
     for group in sorted(groups):
@@ -172,9 +174,7 @@ def step_candidates(
 
 
 def continuation(problem: Any, entry: Entry) -> Any:
-    """The Problem of a continuation prompt: `problem` with the entry's partial completion to go on from
-    (`make_rollouts` appends it to the encoded prompt)."""
-    from mllmjax.data import Problem
-
+    """The Problem of a continuation prompt: `problem` (its images too) with the entry's partial
+    completion to go on from (`make_rollouts` appends it to the encoded prompt)."""
     meta = {**problem.meta, CONTINUATION_KEY: {"prefix_ids": list(entry.prefix_ids), "from_step": entry.step}}
-    return Problem(id=problem.id, question=problem.question, answer=problem.answer, meta=meta)
+    return dataclasses.replace(problem, meta=meta)

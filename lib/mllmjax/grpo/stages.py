@@ -127,7 +127,8 @@ def collect_rollouts(
     }  # fmt: skip
     if use_replay:
         rng = np.random.default_rng([cfg.seed, 5, step])
-        replay = replay.add(step_candidates(all_records, fresh, rng), step, rng)  # type: ignore[union-attr]
+        candidates = step_candidates(all_records, fresh, rng, avoid=ctx.image_token_ids())
+        replay = replay.add(candidates, step, rng)  # type: ignore[union-attr]
         counters["replayed"] = replayed
         counters["replay_buffer"] = len(replay.entries)  # type: ignore[union-attr]
     return kept, merge_summaries(summaries), counters, cursor, replay

@@ -15,8 +15,10 @@
   text run's rollouts do.
 - With --lora-rank the adapters train on the language model, the tower and projector frozen with the
   base (`vision_training`); rollouts run the adapters attached to it, checkpoints hold the adapters.
-- Not yet: several processes, the replay buffer (its continuations would need their images). Each is
-  refused before anything is written.
+- The replay buffer (--replay-prob) continues a completion after its prompt with the prompt's images
+  (`rollout.make_vision_rollouts`); a completion that holds an image token is not stored
+  (`RunContext.image_token_ids`).
+- Not yet: several processes, refused before anything is written.
 """
 
 from __future__ import annotations
@@ -40,16 +42,11 @@ def check_vision_run(cfg: GRPOConfig, tcfg: Any, start_checkpoint: Path) -> None
     from mllmjax.vision_training import check_lora
 
     check_lora(tcfg, start_checkpoint)
-    refused = {
-        "several processes": jax.process_count() > 1,
-        "--replay-prob": cfg.replay_prob > 0,
-    }
-    for what, on in refused.items():
-        if on:
-            raise BadInputError(
-                f"{start_checkpoint} is a vision-language checkpoint: grpo on one does not support {what} "
-                "yet; run it without"
-            )
+    if jax.process_count() > 1:
+        raise BadInputError(
+            f"{start_checkpoint} is a vision-language checkpoint: grpo on one does not support several "
+            "processes yet; run it without"
+        )
 
 
 def rollouts(
