@@ -1,12 +1,15 @@
-"""Test setup: 8 fake CPU devices for sharding tests (set before jax is imported anywhere), float32
-matmuls at full precision, one persistent compilation cache for the session (the test process and the
-commands it runs as subprocesses), and fixtures of the embedded SmolLM2."""
+"""Test setup: 8 fake CPU devices for sharding tests and quick compiles (`xla_flags`; set before jax
+is imported anywhere), float32 matmuls at full precision, one persistent compilation cache for the
+session (the test processes and the commands they run as subprocesses), and fixtures of the embedded
+SmolLM2."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_flags import xla_flags  # tests/: fake devices, -O0 compiles
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Commands run in tests compile afresh (no persistent cache in the user's home); tests/test_compile_cache.py

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hf_models import save_hf_model
 from typer.testing import CliRunner
+from xla_flags import xla_flags
 
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax_cli.main import app
@@ -76,7 +77,7 @@ def test_grpo_on_real_gemma3_270m(tmp_path):
             "--max-new-tokens", "12", "--eval-every", "0", "--ppo-epochs", "1", "--beta", "0", "-o", run]  # fmt: skip
     # As a user runs it, in its own process: a 270M model's buffers do not stay in the test process.
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "lib"), str(root)]), "XLA_FLAGS": ""}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "lib"), str(root)]), "XLA_FLAGS": xla_flags()}
     cmd = [sys.executable, "-m", "mllmjax_cli.launch", *map(str, args)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hf_models import save_hf_model
 from typer.testing import CliRunner
+from xla_flags import xla_flags
 
 from mllmjax.checkpoint import load_checkpoint, read_meta
 from mllmjax.convert import convert
@@ -64,7 +65,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 def _env() -> dict[str, str]:
     paths = [str(ROOT / "lib"), str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "XLA_FLAGS": ""}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "XLA_FLAGS": xla_flags()}
 
 
 def _grpo(args: list[str], crash: str | None = None, **kw) -> subprocess.CompletedProcess:

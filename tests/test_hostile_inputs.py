@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from hf_models import save_hf_model
+from xla_flags import xla_flags
 
 from mllmjax.convert import convert
 
@@ -50,7 +51,7 @@ def ckpt(models) -> Path:
 
 
 def run(args: list[str], cwd: Path, stdin: bytes = b"", env: dict[str, str] | None = None, stdout: int | None = None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), str(ROOT)]), "XLA_FLAGS": "",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "lib"), str(ROOT)]), "XLA_FLAGS": xla_flags(),
            "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(cwd / "tmp"), **(env or {})}  # fmt: skip
     cmd = [sys.executable, "-m", "mllmjax_cli.main", *args]
     out = subprocess.PIPE if stdout is None else stdout

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hf_models import save_hf_model
 from typer.testing import CliRunner
+from xla_flags import xla_flags
 
 from mllmjax.checkpoint import load_checkpoint
 from mllmjax.convert import convert
@@ -33,7 +34,7 @@ TRAIN = ["--ppo-epochs", "2", "--minibatches", "2", "--lr", "1e-3", "--steps", "
 
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "lib"), str(ROOT), str(ROOT / "tests")])
     return env
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 from test_vision_sample import _expect_bad, converted, run  # noqa: F401  (converted: the fixture)
+from xla_flags import xla_flags
 
 from mllmjax.checkpoint import load_checkpoint, read_meta
 
@@ -93,7 +94,7 @@ def test_grpo_runs_a_visual_task_with_its_pictures_and_saves_the_whole_model(run
 
 def _one_device(args: list[object]) -> subprocess.CompletedProcess:
     paths = [str(ROOT / "lib"), str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "XLA_FLAGS": ""}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "XLA_FLAGS": xla_flags()}
     return subprocess.run([sys.executable, "-m", "mllmjax_cli.main", "grpo", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
