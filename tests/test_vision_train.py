@@ -285,6 +285,17 @@ def test_train_keeps_the_frozen_tower_bitwise_and_trains_it_with_train_vision(tr
     assert _changed(after["text"], _params(tmp_path / "r")["text"])
 
 
+def _hf_inputs(hf_dir: Path, question: str, image: Path) -> dict:
+    """HF's model inputs of a one-picture chat prompt, made by the processor of the export at hf_dir."""
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(hf_dir)
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    return processor(text=text, images=[Image.open(image)], return_tensors="pt", add_special_tokens=False)
+
+
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
 def test_the_trained_checkpoint_samples_and_exports_as_a_llava(trained, tmp_path):
     """sample --image on the new checkpoint gives HF's greedy tokens of its export, which transformers
@@ -301,12 +312,7 @@ def test_the_trained_checkpoint_samples_and_exports_as_a_llava(trained, tmp_path
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     assert run("export", ck1, "-o", tmp_path / "hf").exit_code == 0
     model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
-    content = [{"type": "image"}, {"type": "text", "text": "w1 w2"}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)  # fmt: skip
-    inputs = processor(text=text, images=[Image.open(root / "a.png")], return_tensors="pt",
-                       add_special_tokens=False)  # fmt: skip
+    inputs = _hf_inputs(tmp_path / "hf", "w1 w2", root / "a.png")
     assert record["prompt_ids"] == inputs["input_ids"][0].tolist()
     want = until_stop(hf_greedy(model.eval(), inputs)[0], stop_ids(root))[:8]
     assert record["completion_ids"] == want
@@ -348,12 +354,7 @@ def test_lora_train_writes_adapters_that_sample_and_export_merged(trained, tmp_p
     adapted = [n for n, _ in peft.named_modules() if n.endswith(".lora_A.default")]
     assert len(adapted) == model.config.text_config.num_hidden_layers * len(meta["lora"]["targets"])
     assert all(n.startswith("base_model.model.model.language_model.layers.") for n in adapted), adapted
-    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
-    content = [{"type": "image"}, {"type": "text", "text": "w1 w2 w3"}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)  # fmt: skip
-    inputs = processor(text=text, images=[Image.open(root / "a.png")], return_tensors="pt",
-                       add_special_tokens=False)  # fmt: skip
+    inputs = _hf_inputs(tmp_path / "hf", "w1 w2 w3", root / "a.png")
     with torch.no_grad():
         got, ref = peft(**inputs).logits.numpy(), model.eval()(**inputs).logits.numpy()
         with peft.disable_adapter():

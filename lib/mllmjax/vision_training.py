@@ -217,7 +217,8 @@ def record_pixels(
             where = f"{source}:{i}"
             pictures = [im.open_image(x["path"]) for x in r.images]
             ids, pixels = im.processor_inputs(processor, prompt, pictures, chat=use_chat, where=where)
-            if continued is None and list(ids) != list(r.prompt_ids):
+            # (a continuation's prompt_ids are those of its prompt, then the partial completion's)
+            if list(ids) != list(r.prompt_ids if continued is None else r.prompt_ids[: len(ids)]):
                 raise BadInputError(
                     f"{where}: prompt_ids are not what the checkpoint's processor makes of the record's "
                     "prompt and images: the records come from a different processor"
