@@ -149,7 +149,7 @@ def open_run(
     if vision:
         from mllmjax.grpo.vision import check_vision_run
 
-        check_vision_run(cfg, tcfg, start_checkpoint)
+        check_vision_run(tcfg, start_checkpoint)
     mesh, sample_mesh = _meshes(cfg)
     # A bad --data fails before the model is loaded; a visual task's pictures are drawn into RUN/images
     # as its steps use them (`grpo.vision.rollouts`).

@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, Any
 from mllmjax.errors import BadInputError
 
 if TYPE_CHECKING:
-    from mllmjax.grpo.config import GRPOConfig
     from mllmjax.grpo.context import RunContext
 
 
-def check_vision_run(cfg: GRPOConfig, tcfg: Any, start_checkpoint: Path) -> None:
+def check_vision_run(tcfg: Any, start_checkpoint: Path) -> None:
     """BadInputError, before anything is loaded or written, for what a vision-language run does not
     support yet."""
     import jax

@@ -235,7 +235,7 @@ def _pack_embeds(
     max_new_tokens: int,
     dtype: Any,
     reach: Sequence[Any] | None = None,
-) -> tuple[jax.Array, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[jax.Array, np.ndarray, np.ndarray, np.ndarray | None]:
     """`_pack` for prompts given as input embeddings [T_i, D]: right-padded with zeros into [rows, P, D]
     (on the device they are on), with the valid mask, per-row new-token limits and each token's reach
     [rows, P] (its own index, or what `reach` gives: per prompt an int array [T_i] or None); None when
