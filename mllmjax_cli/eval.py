@@ -16,7 +16,7 @@ from mllmjax.settings import Settings
 from mllmjax_cli.errors import err_console, handle_errors
 from mllmjax_cli.flags import Override, with_settings
 from mllmjax_cli.options import Force, Greedy, ImageField, Json, NumPrompts, Offset, image_dir_option
-from mllmjax_cli.rollout import SAMPLING_SETTINGS, drawn_pictures, reads_images, sample_any
+from mllmjax_cli.rollout import SAMPLING_SETTINGS, drawn_pictures, load_drawn, reads_images, sample_any
 
 ImageDir = image_dir_option("OUT.images/ with -o, else a temporary folder removed at the end")
 
@@ -66,7 +66,6 @@ def register(app: typer.Typer) -> None:
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output
-        from mllmjax.data import load_problems
         from mllmjax.distributed import decode_mesh
         from mllmjax.errors import BadInputError
         from mllmjax.evaluation import summarize
@@ -85,16 +84,16 @@ def register(app: typer.Typer) -> None:
         cfg = RolloutConfig.from_settings(s, seed=s.seed, group_size=k, greedy=greedy)
         vision, visual_task = reads_images(ckpt, s.data)  # a clear error before the data is read
         with contextlib.ExitStack() as stack:
-            pictures = None
-            if visual_task and (image_dir is not None or out is not None):  # kept, beside -o's records
+            pictures, kept = None, image_dir is not None or out is not None
+            if visual_task and kept:  # kept, beside -o's records
                 pictures = image_dir or Path(f"{out}.images")
                 check_output(pictures, force)
                 stack.enter_context(drawn_pictures(pictures))
-            elif visual_task:  # only for this run
+            elif visual_task:  # only for this run (multi-host: each process's own)
                 pictures = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mllmjax-eval-")))
-            problems = load_problems(
+            problems = load_drawn(
                 s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
-                num=num_prompts, offset=offset, image_field=image_field, image_dir=pictures,
+                num=num_prompts, offset=offset, image_field=image_field, image_dir=pictures, shared=kept,
             )  # fmt: skip
             start = time.perf_counter()
             records = sample_any(

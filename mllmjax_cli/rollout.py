@@ -60,65 +60,46 @@ def sample_problems(
     dtype: str,
     meta: dict[str, Any],
     label: str = "rollout",
+    vision: bool = False,
 ) -> list[RolloutRecord]:
     """Load CKPT and sample cfg.group_size completions per problem on `mesh` (from
     `mllmjax.distributed.decode_mesh`), with a progress bar (prompts/s, tokens/s). Shared by rollout and
-    eval.
+    eval. vision: CKPT is a vision-language checkpoint, whose own processor prepares the prompts and
+    their images (`mllmjax.rollout.host_vision_rollouts`).
 
     Multi-host: the checkpoint is loaded over every host's devices (the default mesh), each host decodes
     its share of the problems on its own devices (`mesh`, one host's layout), and the records are
     gathered in problem order (the progress bar shows process 0's share)."""
     import jax
 
-    from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype
+    from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype, stop_ids_for
     from mllmjax.distributed import process_share
-    from mllmjax.rollout import gather_records, host_rollouts
+    from mllmjax.rollout import gather_records, host_rollouts, host_vision_rollouts
     from mllmjax.sharding import make_mesh
 
-    step = read_meta(ckpt).get("step", 0)
+    step = read_meta(ckpt, vision_language=vision).get("step", 0)
+    processor = None
+    if vision:  # its files are read before the weights
+        from mllmjax.images import load_processor
+
+        processor = load_processor(ckpt)
     load_mesh = make_mesh() if jax.process_count() > 1 else mesh
-    checkpoint = load_checkpoint(ckpt, mesh=load_mesh, dtype=resolve_dtype(dtype))
+    checkpoint = load_checkpoint(ckpt, mesh=load_mesh, dtype=resolve_dtype(dtype), vision_language=vision)
     share = process_share(len(problems))
+    common = {"policy": f"{ckpt}@{step}", "mesh": mesh, "meta": meta}
     with _progress(label, share.stop - share.start, cfg.group_size) as on_batch:
-        records = host_rollouts(
-            checkpoint.params, checkpoint.cfg, checkpoint.tokenizer(), problems, cfg,
-            stop_ids=checkpoint.stop_ids, policy=f"{ckpt}@{step}", mesh=mesh, meta=meta,
-            on_batch=on_batch,
-        )  # fmt: skip
+        if processor is not None:
+            stop_ids = stop_ids_for(processor.tokenizer, checkpoint.stop_ids)
+            records = host_vision_rollouts(
+                checkpoint.params, checkpoint.cfg, processor, problems, cfg, stop_ids=stop_ids,
+                on_batch=on_batch, **common,
+            )  # fmt: skip
+        else:
+            records = host_rollouts(
+                checkpoint.params, checkpoint.cfg, checkpoint.tokenizer(), problems, cfg,
+                stop_ids=checkpoint.stop_ids, on_batch=on_batch, **common,
+            )  # fmt: skip
     return gather_records(records)
-
-
-def sample_vision_problems(
-    ckpt: Path,
-    problems: list[Problem],
-    cfg: RolloutConfig,
-    *,
-    mesh: Mesh,
-    dtype: str,
-    meta: dict[str, Any],
-    label: str = "rollout",
-) -> list[RolloutRecord]:
-    """`sample_problems` for a vision-language checkpoint (one process): its processor prepares the
-    prompts and their images (`mllmjax.rollout.make_vision_rollouts`)."""
-    import jax
-
-    from mllmjax.checkpoint import load_checkpoint, read_meta, resolve_dtype, stop_ids_for
-    from mllmjax.errors import BadInputError
-    from mllmjax.images import load_processor
-    from mllmjax.rollout import make_vision_rollouts
-
-    if jax.process_count() > 1:
-        raise BadInputError("rollouts on a vision-language checkpoint run in one process so far")
-    step = read_meta(ckpt, vision_language=True).get("step", 0)
-    processor = load_processor(ckpt)
-    checkpoint = load_checkpoint(ckpt, mesh=mesh, dtype=resolve_dtype(dtype), vision_language=True)
-    stop_ids = stop_ids_for(processor.tokenizer, checkpoint.stop_ids)
-    with _progress(label, len(problems), cfg.group_size) as on_batch:
-        use_mesh = mesh if mesh.devices.size > 1 else None
-        return make_vision_rollouts(
-            checkpoint.params, checkpoint.cfg, processor, problems, cfg, stop_ids=stop_ids,
-            policy=f"{ckpt}@{step}", mesh=use_mesh, meta=meta, on_batch=on_batch,
-        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -168,12 +149,12 @@ def sample_any(
     meta: dict[str, Any],
     label: str = "rollout",
 ) -> list[RolloutRecord]:
-    """`sample_vision_problems` on a vision-language checkpoint, else `sample_problems`, which refuses
-    problems with images (their --image-field) with one line."""
+    """`sample_problems` of a vision-language checkpoint or a text one; the text one refuses problems
+    with images (their --image-field) with one line."""
     from mllmjax.errors import BadInputError
 
     if vision:
-        return sample_vision_problems(ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta=meta, label=label)
+        return sample_problems(ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta=meta, label=label, vision=True)
     with_images = next((p for p in problems if p.images), None)
     if with_images is not None:
         raise BadInputError(
@@ -186,10 +167,12 @@ def sample_any(
 @contextlib.contextmanager
 def drawn_pictures(folder: Path | None) -> Iterator[None]:
     """The folder a visual task draws its pictures into: replaced if it exists (--force was checked),
-    and removed again if the command fails or is interrupted, so nothing is left without its records."""
+    and removed again if the command fails or is interrupted, so nothing is left without its records.
+    Multi-host: process 0's alone (it draws them: `load_drawn`)."""
     from mllmjax import cleanup
+    from mllmjax.distributed import is_primary
 
-    if folder is None:
+    if folder is None or not is_primary():
         yield
         return
     if folder.is_dir():
@@ -203,6 +186,18 @@ def drawn_pictures(folder: Path | None) -> Iterator[None]:
         cleanup.remove(folder)
         raise
     cleanup.unregister(folder)
+
+
+def load_drawn(data: str, *, image_dir: Path | None, shared: bool = True, **kwargs: Any) -> list[Problem]:
+    """`load_problems` of --data; a visual task's pictures are drawn into image_dir by process 0 alone
+    when the folder is `shared` (every host sees it, as `drawn_pictures`' kept one), by every process
+    into its own otherwise, and every process waits until they are there. Shared by rollout and eval."""
+    from mllmjax.data import load_problems
+    from mllmjax.distributed import barrier, is_primary
+
+    problems = load_problems(data, image_dir=image_dir, draw=is_primary() or not shared, **kwargs)
+    barrier("pictures drawn")
+    return problems
 
 
 def register(app: typer.Typer) -> None:
@@ -229,7 +224,6 @@ def register(app: typer.Typer) -> None:
         **settings: Any,
     ) -> None:
         from mllmjax.checkpoint import check_output
-        from mllmjax.data import load_problems
         from mllmjax.distributed import decode_mesh
         from mllmjax.errors import BadInputError
         from mllmjax.prompts import load_system_prompt
@@ -254,7 +248,7 @@ def register(app: typer.Typer) -> None:
         meta = {"data": s.data, "split": s.split}
         start = time.perf_counter()
         with drawn_pictures(pictures):
-            problems = load_problems(
+            problems = load_drawn(
                 s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,
                 num=num_prompts, offset=offset, shuffle=shuffle, seed=s.seed, image_field=image_field,
                 image_dir=pictures,

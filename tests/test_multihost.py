@@ -36,6 +36,7 @@ def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(devices)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "lib"), str(ROOT), str(ROOT / "tests")])
+    env["PYTHONFAULTHANDLER"] = "1"  # a process stopped by SIGABRT prints its threads' stacks
     return env
 
 
@@ -69,12 +70,24 @@ def _start_pair(
 def _run_pair(
     args: list[str], timeout: int = 300, env: dict[str, str] | None = None
 ) -> list[subprocess.CompletedProcess]:
-    """Run a 2-process command to the end; (returncode, stdout, stderr) of each process."""
+    """Run a 2-process command to the end; (returncode, stdout, stderr) of each process. Past `timeout`
+    seconds both are stopped with SIGABRT, which makes them print where each thread was
+    (PYTHONFAULTHANDLER), and the test fails with that."""
     procs = _start_pair(args, env=env)
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGABRT)
+        where = [(p.communicate(timeout=60)[1] or "")[-6000:] for p in procs]
+        pytest.fail(f"a 2-process run took over {timeout} s; process 0:\n{where[0]}\nprocess 1:\n{where[1]}")
+    finally:
+        for p in procs:
+            p.kill()
     return results
 
 

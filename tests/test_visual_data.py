@@ -124,6 +124,29 @@ def test_undrawn_pictures_are_drawn_when_used(task, tmp_path):
     assert os.stat(lazy[1].images[0]).st_mtime_ns == stamp and all(os.path.isfile(p.images[0]) for p in lazy)
 
 
+def test_a_picture_stopped_while_drawn_is_not_left_half_written(tmp_path, monkeypatch):
+    """A run stopped while a picture is written (here: its PNG encoder fails after the first bytes)
+    leaves no file under the picture's name, which draw_missing would take for drawn on --resume, and
+    no temporary file; the next draw_missing writes it whole."""
+    [problem] = load_problems("builtin:count", num=1, image_dir=tmp_path, draw=False)
+    save = Image.Image.save
+
+    def stopped(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        visual.draw_missing([problem])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(Image.Image, "save", save)
+    visual.draw_missing([problem])
+    assert [x.name for x in tmp_path.iterdir()] == [os.path.basename(problem.images[0])]
+    [eager] = load_problems("builtin:count", num=1, image_dir=tmp_path / "eager")
+    assert open(problem.images[0], "rb").read() == open(eager.images[0], "rb").read()
+
+
 def test_visual_tasks_need_an_image_dir():
     with pytest.raises(BadInputError, match="visual task.*only a vision-language checkpoint"):
         load_problems("builtin:count", num=2)

@@ -13,11 +13,12 @@ Vision-language checkpoints (LLaVA, Gemma 3 with vision): `make_vision_rollouts`
 HF processor (`mllmjax.images`: chat template image slots, image token expansion, pixel preprocessing),
 runs the vision tower once per prompt, and decodes the G samples of a prompt from its one prefill
 (`sampling.generate_embeds`); records of prompts with images carry them (schema mllmjax.rollout/2:
-each image's path and SHA-256). One process only, for now.
+each image's path and SHA-256).
 
-Multi-host: `host_rollouts` gives each process its own contiguous share of the problems, decoded on
-its own devices (see mllmjax.distributed); problem i keeps its keys (seed, i) on whichever host samples
-it, so the records equal a one-process run's. `gather_records` joins the shares in problem order.
+Multi-host: `host_rollouts` (`host_vision_rollouts` on a vision-language checkpoint) gives each process
+its own contiguous share of the problems, decoded on its own devices (see mllmjax.distributed); problem
+i keeps its keys (seed, i) on whichever host samples it, so the records equal a one-process run's.
+`gather_records` joins the shares in problem order.
 """
 
 from __future__ import annotations
@@ -315,17 +316,44 @@ def host_rollouts(
     the copy lives only while this call runs. Multi-host: `mesh` is this host's own devices, the copy
     is a whole one on them, and the host decodes its contiguous share of the problems with their
     run-wide random streams and group numbers. Other keyword arguments go to `make_rollouts`."""
-    from mllmjax.distributed import host_local_copy, process_share
-    from mllmjax.lora import has_adapters
-    from mllmjax.sharding import param_shardings
-
-    share = process_share(len(problems))
-    if not has_adapters(params):  # LoRA weights come attached only where no copy is needed (grpo)
-        params = host_local_copy(params, lambda m: param_shardings(model_cfg, m), mesh)
+    params, share = _host_share(params, model_cfg, problems, mesh)
     return make_rollouts(
         params, model_cfg, tokenizer, problems[share], cfg, mesh=mesh,
         first_group=first_group + share.start, first_index=share.start, **kwargs,
     )  # fmt: skip
+
+
+def host_vision_rollouts(
+    params: Params,
+    model_cfg: Any,
+    processor: Any,
+    problems: Sequence[Problem],
+    cfg: RolloutConfig,
+    *,
+    mesh: Any,
+    first_group: int = 0,
+    **kwargs: Any,
+) -> list[RolloutRecord]:
+    """`host_rollouts` on a vision-language checkpoint: this process's share of the problems through
+    `make_vision_rollouts` (other keyword arguments go there), the whole model (tower, projector,
+    language model) copied onto this host's decode `mesh`. Every process reads its share's images; a
+    multi-host run keeps them on storage every host sees (as its checkpoints)."""
+    params, share = _host_share(params, model_cfg, problems, mesh)
+    return make_vision_rollouts(
+        params, model_cfg, processor, problems[share], cfg, mesh=mesh if mesh.devices.size > 1 else None,
+        first_group=first_group + share.start, first_index=share.start, **kwargs,
+    )  # fmt: skip
+
+
+def _host_share(params: Params, model_cfg: Any, problems: Sequence[Problem], mesh: Any) -> tuple[Params, slice]:
+    """(params on the decode `mesh`, this process's slice of `problems`): `host_rollouts`'s."""
+    from mllmjax.distributed import host_local_copy, process_share
+    from mllmjax.lora import has_adapters
+    from mllmjax.sharding import param_shardings
+
+    if not has_adapters(params):  # LoRA weights come attached only where no copy is needed (grpo)
+        params = host_local_copy(params, lambda m: param_shardings(model_cfg, m), mesh)
+    return params, process_share(len(problems))
 
 
 def gather_records(records: Sequence[Any]) -> list[Any]:

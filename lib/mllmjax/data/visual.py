@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -148,10 +149,17 @@ def picture_path(folder: Path, name: str) -> Path:
 
 
 def render_to(folder: Path, name: str, task: str, scene: dict[str, Any]) -> Path:
-    """Write the scene's picture as folder/name.png (PNG, no metadata) and return its path."""
+    """Write the scene's picture as folder/name.png (PNG, no metadata) and return its path. The file
+    appears whole or not at all (written beside it, then renamed): a run stopped while drawing leaves
+    no truncated picture that `draw_missing` would take for a drawn one on --resume."""
     folder.mkdir(parents=True, exist_ok=True)
     path = picture_path(folder, name)
-    draw(task, scene).save(path, format="PNG")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        draw(task, scene).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -18,7 +18,10 @@
 - The replay buffer (--replay-prob) continues a completion after its prompt with the prompt's images
   (`rollout.make_vision_rollouts`); a completion that holds an image token is not stored
   (`RunContext.image_token_ids`).
-- Not yet: several processes, refused before anything is written.
+- Several processes (as a text run): each samples its share of a step's prompts on its own devices
+  (`rollout.host_vision_rollouts`), process 0 draws the pictures into RUN/images (on storage every host
+  sees) before any host reads them, and every process makes the whole batch's pixels from the gathered
+  records for the update over all devices.
 """
 
 from __future__ import annotations
@@ -27,25 +30,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mllmjax.errors import BadInputError
-
 if TYPE_CHECKING:
     from mllmjax.grpo.context import RunContext
 
 
 def check_vision_run(tcfg: Any, start_checkpoint: Path) -> None:
     """BadInputError, before anything is loaded or written, for what a vision-language run does not
-    support yet."""
-    import jax
-
+    support (`vision_training.check_lora`: LoRA with --train-vision)."""
     from mllmjax.vision_training import check_lora
 
     check_lora(tcfg, start_checkpoint)
-    if jax.process_count() > 1:
-        raise BadInputError(
-            f"{start_checkpoint} is a vision-language checkpoint: grpo on one does not support several "
-            "processes yet; run it without"
-        )
 
 
 def rollouts(
@@ -59,20 +53,22 @@ def rollouts(
     meta: dict[str, Any] | None = None,
     on_batch: Any = None,
 ) -> list[Any]:
-    """`rollout.make_vision_rollouts` of `problems` under the whole model's params (resharded onto the
-    decode mesh, where --sample-mesh makes it another), their visual task pictures drawn first
-    (`data.visual.draw_missing`), in the run's compute dtype."""
+    """This process's share of the rollouts of `problems` (`rollout.host_vision_rollouts`) under the
+    whole model's params, copied onto the decode mesh where it is another (--sample-mesh, several
+    processes), in the run's compute dtype. The visual task pictures of all of `problems` are drawn
+    first by the process that writes the run directory (`data.visual.draw_missing`): every process
+    reads them, its share's now and all of them for the step's update."""
     from mllmjax.data.visual import draw_missing
-    from mllmjax.rollout import make_vision_rollouts
-    from mllmjax.sharding import shard_params
+    from mllmjax.distributed import barrier
+    from mllmjax.rollout import host_vision_rollouts
 
-    draw_missing(problems)
-    if ctx.sample_mesh is not ctx.mesh:  # a copy on the decode mesh, alive while this call runs
-        params = shard_params(params, ctx.model_cfg, ctx.sample_mesh)
-    mesh = ctx.sample_mesh if ctx.sample_mesh.devices.size > 1 else None
-    return make_vision_rollouts(
+    if ctx.primary:
+        draw_missing(problems)
+    barrier("grpo:pictures")
+    return host_vision_rollouts(
         params, ctx.model_cfg, ctx.processor, problems, rcfg, stop_ids=ctx.stop_ids, policy=policy,
-        first_group=first_group, mesh=mesh, meta=meta, on_batch=on_batch, compute_dtype=ctx.cfg.compute_dtype,
+        mesh=ctx.sample_mesh, first_group=first_group, meta=meta, on_batch=on_batch,
+        compute_dtype=ctx.cfg.compute_dtype,
     )  # fmt: skip
 
 
