@@ -85,11 +85,11 @@ def register(app: typer.Typer) -> None:
         vision, visual_task = reads_images(ckpt, s.data)  # a clear error before the data is read
         with contextlib.ExitStack() as stack:
             pictures, kept = None, image_dir is not None or out is not None
-            if visual_task and kept:  # kept, beside -o's records
+            if vision and kept:  # kept, beside -o's records
                 pictures = image_dir or Path(f"{out}.images")
                 check_output(pictures, force)
                 stack.enter_context(drawn_pictures(pictures))
-            elif visual_task:  # only for this run (multi-host: each process's own)
+            elif vision:  # only for this run (multi-host: each process's own)
                 pictures = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mllmjax-eval-")))
             problems = load_drawn(
                 s.data, split=s.split, question_field=s.question_field, answer_field=s.answer_field,

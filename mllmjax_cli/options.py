@@ -27,7 +27,7 @@ ImageField = Annotated[
         "--image-field",
         # the same help as grpo's setting (GRPOConfig.image_field): one flag, one meaning
         help="Data record field holding a prompt's images (a path or a list of paths, relative to the data "
-        "file); read on a vision-language checkpoint.",
+        "file, or a datasets Image feature); read on a vision-language checkpoint.",
     ),
 ]
 
@@ -39,6 +39,7 @@ def image_dir_option(default: str) -> object:
         Path | None,
         typer.Option(
             "--image-dir",
-            help=f"Where a visual built-in task (builtin:count, builtin:read) draws its pictures (default: {default}).",
+            help="Where a visual built-in task (builtin:count, builtin:read) draws its pictures, and images held "
+            f"in data records (a datasets Image feature) are written (default: {default}).",
         ),
     ]

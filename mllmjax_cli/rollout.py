@@ -168,11 +168,16 @@ def sample_any(
 def drawn_pictures(folder: Path | None) -> Iterator[None]:
     """The folder a visual task draws its pictures into: replaced if it exists (--force was checked),
     and removed again if the command fails or is interrupted, so nothing is left without its records.
-    Multi-host: process 0's alone (it draws them: `load_drawn`)."""
+    Multi-host: process 0's alone (it draws them: `load_drawn`), once every process has checked the
+    command's outputs (it must not find the folder process 0 just made)."""
     from mllmjax import cleanup
-    from mllmjax.distributed import is_primary
+    from mllmjax.distributed import barrier, is_primary
 
-    if folder is None or not is_primary():
+    if folder is None:
+        yield
+        return
+    barrier("outputs checked")
+    if not is_primary():
         yield
         return
     if folder.is_dir():
@@ -239,10 +244,10 @@ def register(app: typer.Typer) -> None:
             check_output(Path(out), force, file=True)
         cfg = RolloutConfig.from_settings(s, seed=s.seed, greedy=greedy)
         vision, visual_task = reads_images(ckpt, s.data)
-        pictures = None
-        if visual_task:
-            if image_dir is None and out == "-":
-                raise BadInputError(f"{s.data} draws pictures: with -o - give --image-dir DIR for them")
+        pictures = None  # a visual task's pictures, and the images data records hold themselves
+        if visual_task and image_dir is None and out == "-":
+            raise BadInputError(f"{s.data} draws pictures: with -o - give --image-dir DIR for them")
+        if vision and (image_dir is not None or out != "-"):
             pictures = image_dir if image_dir is not None else Path(f"{out}.images")
             check_output(pictures, force)
         meta = {"data": s.data, "split": s.split}

@@ -270,3 +270,50 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(
     assert run("score", rollouts, "-o", scored).exit_code == 0
     _expect_bad(run("train", text_ckpt, scored, "-o", tmp_path / "t"), "mllmjax.rollout/2", "is a text model")
     assert not out.exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_records_holding_their_images_roll_out_as_the_same_pictures_by_path(converted, tmp_path):  # noqa: F811
+    """A Parquet file written by `datasets` whose records hold their images (an Image feature):
+    rollout writes each image's bytes into OUT.images/ and samples what the same pictures given by
+    path sample (prompt ids, greedy completions, hashes); with -o - it needs --image-dir; a grpo step
+    on it writes them into RUN/images/ and its records point at them."""
+    import datasets
+
+    _, root = converted
+    write_image(tmp_path / "a.png", 0)
+    write_image(tmp_path / "b.png", 1, (33, 17))
+    by_path = [{"question": "w1 w2", "answer": "4", "images": ["a.png"]},
+               {"question": "w3", "answer": "5", "images": ["b.png", "a.png"]}]  # fmt: skip
+    (tmp_path / "paths.jsonl").write_text("".join(json.dumps(r) + "\n" for r in by_path))
+    held = [{**r, "images": [{"bytes": (tmp_path / n).read_bytes(), "path": None} for n in r["images"]]} for r in by_path]
+    features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "images": datasets.Sequence(datasets.Image())})  # fmt: skip
+    datasets.Dataset.from_list(held, features=features).to_parquet(str(tmp_path / "held.parquet"))
+    common = ["rollout", root / "ck", "--greedy", "-G", 1, "--max-new-tokens", 6]
+    for name in ("paths.jsonl", "held.parquet"):
+        result = run(*common, "--data", tmp_path / name, "-o", tmp_path / "out" / f"{name}.r.jsonl")
+        assert result.exit_code == 0, result.output
+    one, two = (records(tmp_path / "out" / f"{n}.r.jsonl") for n in ("paths.jsonl", "held.parquet"))
+    assert [r["prompt_ids"] for r in one] == [r["prompt_ids"] for r in two]
+    assert [r["completion_ids"] for r in one] == [r["completion_ids"] for r in two]
+    assert [[x["sha256"] for x in r["images"]] for r in one] == [[x["sha256"] for x in r["images"]] for r in two]
+    folder = tmp_path / "out" / "held.parquet.r.jsonl.images"
+    for r in two:
+        for x in r["images"]:
+            path = tmp_path / "out" / x["path"]
+            assert path.parent == folder and path.name == x["sha256"][:32] + ".png" and sha(path) == x["sha256"]
+    assert len(list(folder.iterdir())) == 2  # a.png, used twice, is one file
+    _expect_bad(run(*common, "--data", tmp_path / "held.parquet", "-o", "-"), "holds the images themselves", "--image-dir")
+
+    out = tmp_path / "run"
+    result = run("grpo", "--model", root / "ck", "--data", tmp_path / "held.parquet", "-G", 2, "--prompts-per-step", 2,
+                 "--max-new-tokens", 4, "--reward", "correct=1.0", "--reward-fn", "grpo_rewards:even=1",
+                 "--steps", 1, "--no-probe", "--eval-every", 0, "--save-rollouts", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    step = records(out / "rollouts" / "step_1.jsonl")
+    assert {x["sha256"] for r in step for x in r["images"]} == {sha(tmp_path / "a.png"), sha(tmp_path / "b.png")}
+    for r in step:
+        for x in r["images"]:
+            path = (out / "rollouts" / x["path"]).resolve()
+            assert path.parent == (out / "images").resolve() and sha(path) == x["sha256"]

@@ -180,5 +180,75 @@ def test_records_with_images(tmp_path):
         load_problems(str(data), image_field="images")
     rows[2]["images"] = [3]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(RecordError, match="must be an image file path or a list of them"):
+    with pytest.raises(RecordError, match="must be an image file path, a list of them, or image data"):
         load_problems(str(data), image_field="images")
+
+
+def _image_feature_parquet(path, rows) -> None:
+    """rows as a Parquet file written by `datasets`, their "image" and "images" columns an Image
+    feature and a list of Image features (stored as {"bytes", "path"} structs)."""
+    import datasets
+
+    features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "image": datasets.Image(), "images": datasets.Sequence(datasets.Image())})  # fmt: skip
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+
+def test_records_holding_their_images_a_datasets_image_feature(tmp_path):
+    """Images held in the records (a datasets Image feature, one or a list): written unchanged into
+    image_dir, named by their SHA-256, at load or (draw=False, a grpo run) when draw_missing meets
+    them; the problems carry those paths as for path records. Without image_dir, or with bytes that
+    are not an image: one error naming the record."""
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    Image.new("RGB", (5, 9), (4, 5, 6)).save(tmp_path / "b.jpg", format="JPEG")
+    raw = {n: (tmp_path / n).read_bytes() for n in ("a.png", "b.jpg")}
+    held = {n: {"bytes": raw[n], "path": None} for n in raw}  # as a hub dataset's Parquet holds them
+    rows = [
+        {"question": "q1", "answer": "1", "image": held["a.png"], "images": [held["b.jpg"], held["a.png"]]},
+        {"question": "q2", "answer": "2", "image": None, "images": []},
+    ]
+    data = tmp_path / "d.parquet"
+    _image_feature_parquet(data, rows)
+    folder = tmp_path / "imgs"
+    [one] = load_problems(str(data), num=1, image_field="image", image_dir=folder)
+    name = hashlib.sha256(raw["a.png"]).hexdigest()[:32] + ".png"
+    assert one.images == (str(folder / name),) and (folder / name).read_bytes() == raw["a.png"]
+    p = load_problems(str(data), image_field="images", image_dir=tmp_path / "lazy", draw=False)
+    assert not (tmp_path / "lazy").exists() and p[1].images == ()
+    assert [os.path.basename(x) for x in p[0].images] == [
+        hashlib.sha256(raw["b.jpg"]).hexdigest()[:32] + ".jpeg", hashlib.sha256(raw["a.png"]).hexdigest()[:32] + ".png"
+    ]  # fmt: skip
+    visual.draw_missing(p)
+    assert [open(x, "rb").read() for x in p[0].images] == [raw["b.jpg"], raw["a.png"]]
+    # An Image feature that names its file instead (bytes null): a path relative to the data file.
+    named = tmp_path / "named.jsonl"
+    named.write_text(json.dumps({"question": "q", "answer": "1", "image": {"bytes": None, "path": "b.jpg"}}) + "\n")
+    assert load_problems(str(named), image_field="image")[0].images == (str(tmp_path / "b.jpg"),)
+
+    with pytest.raises(BadInputError, match=r"d.parquet: row 1: field 'image' holds the images themselves.*--image-dir"):
+        load_problems(str(data), image_field="image")
+    rows[1]["image"] = {"bytes": b"not a picture", "path": None}
+    _image_feature_parquet(data, rows)
+    with pytest.raises(BadInputError, match=r"d.parquet: row 2: an image of 13 bytes.*not a readable image"):
+        load_problems(str(data), image_field="image", image_dir=folder)
+
+
+def test_a_hub_datasets_image_columns_are_read_undecoded():
+    """A hub dataset's Image columns (and lists of them) come as the {"bytes", "path"} the dataset
+    holds, so the bytes written are the dataset's own, not a re-encoding of the decoded picture."""
+    import io
+
+    import datasets
+
+    from mllmjax.data import _undecoded_images
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 4), (9, 8, 7)).save(buffer, format="JPEG")
+    features = datasets.Features({"q": datasets.Value("string"), "image": datasets.Image(),
+                                  "images": datasets.Sequence(datasets.Image())})  # fmt: skip
+    item = {"bytes": buffer.getvalue(), "path": None}
+    ds = datasets.Dataset.from_list([{"q": "x", "image": item, "images": [item, item]}], features=features)
+    assert isinstance(ds[0]["image"], Image.Image)  # what datasets gives by default
+    [row] = list(_undecoded_images(ds))
+    assert row["q"] == "x" and row["image"]["bytes"] == buffer.getvalue()
+    assert [x["bytes"] for x in row["images"]] == [buffer.getvalue()] * 2

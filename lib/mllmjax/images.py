@@ -19,6 +19,7 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,20 @@ def open_image(path: str | Path) -> Any:
     except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadInputError(f"image {path}: not a readable image ({reason})") from None
+
+
+def open_image_bytes(data: bytes) -> str:
+    """The format of the encoded image `data` ("png", "jpeg", ...), read whole now; BadInputError if
+    it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return (image.format or "png").lower()
+    except Exception as e:  # as open_image
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInputError(f"an image of {len(data)} bytes held in the record: not a readable image ({reason})") from None
 
 
 def file_sha256(path: str | Path) -> str:

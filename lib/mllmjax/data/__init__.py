@@ -12,6 +12,11 @@ Specs (the `--data` value):
 - Records of a file may carry images (`image_field`, "images" in `rollout`): a path or a list of paths,
   relative to the data file; each is read when the problems are loaded, so a missing or unreadable
   image is an error naming its record before any work.
+- Or the images themselves: a `datasets` Image feature (a Parquet file that `datasets` wrote holds
+  `{"bytes", "path"}` structs; a hub dataset's Image columns are read undecoded, as those). Their bytes
+  are written unchanged into the `image_dir` the caller gives, each file named by its SHA-256
+  (`IMAGE_DATA`), so a problem's images are paths like every other's and its records can carry their
+  hashes.
 
 Design decisions:
 
@@ -31,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import random
 import re
@@ -159,10 +166,11 @@ def load_problems(
     a directory, the hub split, or the built-in task's split.
 
     `image_field` names the record field of each problem's images (a path or a list of paths, relative
-    to the data file); None reads no images. A visual built-in task writes its pictures into
-    `image_dir` (required for those tasks: only callers that sample with images pass it); with
-    draw=False their paths are set but nothing is written (`visual.draw_missing` draws the pictures of
-    the problems a caller uses: a grpo run reads a few of a split's 20,000).
+    to the data file, or images held in the record: a `datasets` Image feature); None reads no images.
+    A visual built-in task writes its pictures, and a record's own images their files, into
+    `image_dir` (required for those: only callers that sample with images pass it); with draw=False
+    their paths are set but nothing is written (`visual.draw_missing` writes those of the problems a
+    caller uses: a grpo run reads a few of a split's 20,000).
     """
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise BadInputError(f"--num-prompts must be a positive integer, got {num!r}")
@@ -188,32 +196,81 @@ def load_problems(
     order = _select(len(records), num, offset, shuffle, seed, label=source.name)
     problems = [_to_problem(records[i], i, qf, af, where, f"{id_prefix}:{i}") for i in order]
     if image_field is not None:
-        problems = [
-            dataclasses.replace(p, images=_record_images(records[i], i, image_field, where, base))
-            for p, i in zip(problems, order, strict=True)
-        ]
+        folder = Path(image_dir).absolute() if image_dir is not None else None
+        with_images = []
+        for p, i in zip(problems, order, strict=True):
+            paths, data = _record_images(records[i], i, image_field, where, base, folder)
+            meta = {**p.meta, IMAGE_DATA: data} if data else p.meta
+            with_images.append(dataclasses.replace(p, images=paths, meta=meta))
+        problems = with_images
+        if draw:
+            visual.draw_missing(problems)
     return problems
 
 
-def _record_images(record: dict[str, Any], index: int, field: str, where: Any, base: Path) -> tuple[str, ...]:
-    """The absolute paths of a record's images (none without the field); each one is read now."""
-    from mllmjax.images import open_image
+# Problem.meta[IMAGE_DATA]: {path: bytes} of the images a record holds itself (a datasets Image feature),
+# written to those paths by `visual.draw_missing` (at once unless load_problems(draw=False)).
+IMAGE_DATA = "image_data"
+
+
+def _record_images(
+    record: dict[str, Any], index: int, field: str, where: Any, base: Path, folder: Path | None
+) -> tuple[tuple[str, ...], dict[str, bytes]]:
+    """(the absolute paths of a record's images, {path: bytes} of those it holds itself: written into
+    `folder`, named by their SHA-256); none without the field. Each one is read now."""
+    from mllmjax.images import open_image, open_image_bytes
 
     value = record.get(field)
     if value is None:
-        return ()
-    paths = [value] if isinstance(value, str) else value
-    if not isinstance(paths, list) or not all(isinstance(x, str) and x for x in paths):
-        raise _record_error(
-            where(index), f"field {field!r} must be an image file path or a list of them (--image-field)"
-        )
-    resolved = tuple(str((base / x).absolute()) for x in paths)
-    for path in resolved:
+        return (), {}
+    items = value if isinstance(value, list) else [value]
+    paths: list[str] = []
+    data: dict[str, bytes] = {}
+    for item in items:
+        raw = _image_bytes(item)
+        if raw is None:
+            path = item.get("path") if isinstance(item, dict) and item.get("bytes") is None else item
+            if not isinstance(path, str) or not path:
+                raise _record_error(
+                    where(index), f"field {field!r} must be an image file path, a list of them, or image "
+                    "data (a datasets Image feature) (--image-field)",
+                )  # fmt: skip
+            paths.append(str((base / path).absolute()))
+            continue
         try:
-            open_image(path)
+            kind = open_image_bytes(raw)
         except BadInputError as e:
             raise _record_error(where(index), str(e)) from None
-    return resolved
+        if folder is None:
+            raise _record_error(
+                where(index), f"field {field!r} holds the images themselves, which are written to files "
+                "for the records: give --image-dir",
+            )  # fmt: skip
+        path = str(folder / f"{hashlib.sha256(raw).hexdigest()[:32]}.{kind}")
+        paths.append(path)
+        data[path] = raw
+    for path in paths:
+        if path not in data:
+            try:
+                open_image(path)
+            except BadInputError as e:
+                raise _record_error(where(index), str(e)) from None
+    return tuple(paths), data
+
+
+def _image_bytes(item: Any) -> bytes | None:
+    """The encoded bytes of an image a record holds itself: a datasets Image feature's {"bytes", "path"}
+    (undecoded) or a decoded PIL image (its original bytes are gone: written as PNG, lossless); None
+    for anything else."""
+    if isinstance(item, dict) and isinstance(item.get("bytes"), bytes | bytearray):
+        return bytes(item["bytes"])
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        buffer = io.BytesIO()
+        item.save(buffer, format="PNG")
+        return buffer.getvalue()
+    return None
 
 
 def _select(size: int, num: int | None, offset: int, shuffle: bool, seed: int, *, label: str) -> list[int]:
@@ -326,7 +383,20 @@ def _read_hub(source: _Source, split: str) -> list[dict[str, Any]]:
             f"could not fetch hub dataset {label}, split {split!r}{where}: {cause}; without network access, "
             f"pass a local .jsonl/.parquet file (or a directory with {split}.jsonl) to --data instead"
         ) from e
-    return list(ds)
+    return list(_undecoded_images(ds))
+
+
+def _undecoded_images(ds: Any) -> Any:
+    """The dataset with its Image columns (and lists of images) read undecoded, as {"bytes", "path"}:
+    a record's images are written as the bytes the dataset holds (`_record_images`), not re-encoded."""
+    import datasets
+
+    for name, feature in (getattr(ds, "features", None) or {}).items():
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):  # List / Sequence of images
+            ds = ds.cast_column(name, dataclasses.replace(feature, feature=datasets.Image(decode=False)))
+    return ds
 
 
 def _hub_endpoint() -> str:

@@ -149,25 +149,36 @@ def picture_path(folder: Path, name: str) -> Path:
 
 
 def render_to(folder: Path, name: str, task: str, scene: dict[str, Any]) -> Path:
-    """Write the scene's picture as folder/name.png (PNG, no metadata) and return its path. The file
-    appears whole or not at all (written beside it, then renamed): a run stopped while drawing leaves
-    no truncated picture that `draw_missing` would take for a drawn one on --resume."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the scene's picture as folder/name.png (PNG, no metadata) and return its path."""
     path = picture_path(folder, name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        draw(task, scene).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_whole(path, lambda tmp: draw(task, scene).save(tmp, format="PNG"))
     return path
 
 
+def _write_whole(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` a file beside `path`, then rename it to `path`: the file appears whole or not at
+    all, so a run stopped while writing leaves no truncated picture that `draw_missing` would take for
+    a written one on --resume (and several processes may write the same file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def draw_missing(problems: Sequence[Any]) -> None:
-    """Draw the picture of each visual built-in problem (`load_problems(..., draw=False)`) whose file
-    is not there yet; other problems are left alone. The picture is a pure function of the scene, so
-    one drawn again (a resumed run) is the same file."""
+    """Write each picture of `problems` whose file is not there yet (`load_problems(..., draw=False)`):
+    a visual built-in problem's, drawn from its scene, and the images a data record held itself
+    (`data.IMAGE_DATA`), their bytes unchanged; other problems are left alone. Either is a pure
+    function of the problem, so one written again (a resumed run) is the same file."""
+    from mllmjax.data import IMAGE_DATA
+
     for p in problems:
+        for name, data in p.meta.get(IMAGE_DATA, {}).items():
+            if not Path(name).is_file():
+                _write_whole(Path(name), lambda tmp, data=data: tmp.write_bytes(data))
         if p.meta.get("task") in VISUAL_TASKS and "scene" in p.meta:
             for image in p.images:
                 path = Path(image)

@@ -50,7 +50,7 @@ class GRPOConfig(Settings):
     image_field: str = setting(
         "images",
         "Data record field holding a prompt's images (a path or a list of paths, relative to the data "
-        "file); read on a vision-language checkpoint.",
+        "file, or a datasets Image feature); read on a vision-language checkpoint.",
     )
 
     def __post_init__(self) -> None:
