@@ -264,6 +264,9 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(
     _expect_bad(run("eval", text_ckpt, "--data", data({"question": "w1", "images": ["a.png"]})), "is a text model")
     grpo = run("grpo", "--model", text_ckpt, "--data", "builtin:count", "--steps", 1, "-o", tmp_path / "run")
     _expect_bad(grpo, "visual task", "only a vision-language checkpoint")
+    grpo = run("grpo", "--model", text_ckpt, "--data", data({"question": "w1", "images": ["a.png"]}), "--steps", 1,
+               "-o", tmp_path / "run")  # fmt: skip
+    _expect_bad(grpo, "is a text model", "d.jsonl:0 has images", "--image-field images")
     assert not (tmp_path / "run").exists()
     _, rollouts = count_rollout
     scored = tmp_path / "s.jsonl"

@@ -273,19 +273,27 @@ def _meshes(cfg: GRPOConfig) -> tuple[Any, Any]:
 
 def _problems(cfg: GRPOConfig, pictures: Path | None = None) -> tuple[list[Any], list[Any]]:
     """The training problems and the held-out ones (none with --eval-every 0). pictures: on a
-    vision-language model, the folder a visual task's pictures go to (named, drawn when used), and the
-    records' --image-field is read; None reads no images."""
+    vision-language model, the folder a visual task's pictures go to (named, drawn when used) and the
+    images records hold themselves, and the records' --image-field is read; None: a text model, which
+    refuses records with images (BadInputError)."""
     from mllmjax.data import load_problems
 
     fields: dict[str, Any] = {"question_field": cfg.question_field, "answer_field": cfg.answer_field}
     if pictures is not None:
         fields.update(image_field=cfg.image_field, image_dir=pictures.absolute(), draw=False)
     problems = load_problems(cfg.data, split=cfg.split, **fields)
-    if not cfg.eval_every:
-        return problems, []
-    held_out = load_problems(
-        cfg.eval_data or cfg.data, split=cfg.eval_split, num=cfg.eval_num_prompts, **fields
-    )
+    held_out = []
+    if cfg.eval_every:
+        held_out = load_problems(
+            cfg.eval_data or cfg.data, split=cfg.eval_split, num=cfg.eval_num_prompts, **fields
+        )
+    if pictures is None:  # a text model: records with images are refused, as rollout refuses them
+        with_images = next((p for p in [*problems, *held_out] if p.meta.get(cfg.image_field)), None)
+        if with_images is not None:
+            raise BadInputError(
+                f"{cfg.model} is a text model; problem {with_images.id} has images (--image-field "
+                f"{cfg.image_field}), which need a vision-language checkpoint"
+            )
     return problems, held_out
 
 
