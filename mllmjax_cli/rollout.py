@@ -166,7 +166,8 @@ def sample_any(
 
 @contextlib.contextmanager
 def drawn_pictures(folder: Path | None) -> Iterator[None]:
-    """The folder a visual task draws its pictures into: replaced if it exists (--force was checked),
+    """The folder a visual task draws its pictures into (and records' own images are written to,
+    `mllmjax.data.IMAGE_DATA`): replaced if it exists (--force was checked),
     and removed again if the command fails or is interrupted, so nothing is left without its records.
     Multi-host: process 0's alone (it draws them: `load_drawn`), once every process has checked the
     command's outputs (it must not find the folder process 0 just made)."""
