@@ -2,8 +2,8 @@
 `converted` fixture of test_vision_sample): the visual built-in task runs with its pictures through
 rollout, score and train; the run directory keeps the pictures its steps used; the checkpoints are the
 whole LLaVA with the tower frozen; a step on 8 fake devices equals the step on one; the run resumes
-exactly; 2 processes x 4 devices equal 1 x 8 (grpo and rollout); what is not supported is one line,
-exit 2, nothing written."""
+exactly; 2 processes x 4 devices equal 1 x 8 (grpo, with and without LoRA, and rollout); what is not
+supported is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -297,6 +297,29 @@ def test_a_step_on_two_processes_equals_the_step_on_one(run_dir, tmp_path):
     assert len(pictures) == 2 * 2 + 2 and all(n.endswith(".png") and not n.startswith(".") for n in pictures)
     for name in pictures:
         assert (two / "images" / name).read_bytes() == (out / "images" / name).read_bytes()
+
+
+@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
+def test_lora_steps_on_two_processes_equal_the_steps_on_one(converted, tmp_path):  # noqa: F811
+    """--lora-rank on 2 processes x 4 devices: each host decodes with the adapters merged into its own
+    copy of the whole model, and the adapter checkpoints both processes write equal one process's on 8."""
+    from test_multihost import _run_pair
+
+    _, root = converted
+    args = ["grpo", "--model", str(root / "ck"), *TINY, "--steps", "2", "--eval-every", "0", "--save-every", "1",
+            "--keep", "2", "--lora-rank", "4"]  # fmt: skip
+    result = run(*args, "-o", tmp_path / "one")
+    assert result.exit_code == 0, result.output
+    pair = _run_pair([*args, "-o", str(tmp_path / "two")], timeout=600)
+    assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-3000:] + pair[1].stderr[-3000:]
+    for step in (1, 2):
+        one, two = (_lines(tmp_path / d / "rollouts" / f"step_{step}.jsonl") for d in ("one", "two"))
+        assert [r["completion_ids"] for r in one] == [r["completion_ids"] for r in two]
+        a, b = (_flat(load_checkpoint(tmp_path / d / "checkpoints" / f"step_{step}", vision_language=True,
+                                      adapters=True).params) for d in ("one", "two"))  # fmt: skip
+        assert a.keys() == b.keys() and all(k.startswith("['layers']") for k in a)
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
