@@ -154,7 +154,9 @@ def sample_any(
     from mllmjax.errors import BadInputError
 
     if vision:
-        return sample_problems(ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta=meta, label=label, vision=True)
+        return sample_problems(
+            ckpt, problems, cfg, mesh=mesh, dtype=dtype, meta=meta, label=label, vision=True
+        )
     with_images = next((p for p in problems if p.images), None)
     if with_images is not None:
         raise BadInputError(

@@ -283,7 +283,8 @@ def test_a_step_on_two_processes_equals_the_step_on_one(run_dir, tmp_path):
             assert (r2["reward"], r2["advantage"]) == (r1["reward"], r1["advantage"])
             np.testing.assert_allclose(r2["logprobs"], r1["logprobs"], atol=1e-5)
         for key in ("loss", "kl", "grad_norm", "reward"):
-            assert rows[two][step][key] == pytest.approx(rows[out][step][key], rel=1e-5, abs=1e-7), (step, key)
+            want = pytest.approx(rows[out][step][key], rel=1e-5, abs=1e-7)
+            assert rows[two][step][key] == want, (step, key)
         a, b = _params(out / "checkpoints" / f"step_{step}"), _params(two / "checkpoints" / f"step_{step}")
         assert a.keys() == b.keys()
         for key in a:
@@ -337,9 +338,11 @@ def test_rollout_on_two_processes_equals_one(converted, tmp_path):  # noqa: F811
     assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-3000:] + pair[1].stderr[-3000:]
     one, two = _lines(tmp_path / "one.jsonl"), _lines(tmp_path / "two.jsonl")
     def key(r: dict) -> tuple:  # the pictures by name and content (each file beside its records)
-        return r["group"], r["sample"], r["completion_ids"], [(Path(x["path"]).name, x["sha256"]) for x in r["images"]]
+        pictures = [(Path(x["path"]).name, x["sha256"]) for x in r["images"]]
+        return r["group"], r["sample"], r["completion_ids"], pictures
 
     assert [key(r) for r in one] == [key(r) for r in two]
-    np.testing.assert_allclose([x for r in one for x in r["logprobs"]], [x for r in two for x in r["logprobs"]], atol=1e-5)
+    logprobs = [[x for r in records for x in r["logprobs"]] for records in (one, two)]
+    np.testing.assert_allclose(logprobs[1], logprobs[0], atol=1e-5)
     names = sorted(p.name for p in (tmp_path / "two.jsonl.images").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "one.jsonl.images").iterdir()) and len(names) == 3

@@ -289,7 +289,10 @@ def test_records_holding_their_images_roll_out_as_the_same_pictures_by_path(conv
     by_path = [{"question": "w1 w2", "answer": "4", "images": ["a.png"]},
                {"question": "w3", "answer": "5", "images": ["b.png", "a.png"]}]  # fmt: skip
     (tmp_path / "paths.jsonl").write_text("".join(json.dumps(r) + "\n" for r in by_path))
-    held = [{**r, "images": [{"bytes": (tmp_path / n).read_bytes(), "path": None} for n in r["images"]]} for r in by_path]
+    held = [
+        {**r, "images": [{"bytes": (tmp_path / n).read_bytes(), "path": None} for n in r["images"]]}
+        for r in by_path
+    ]
     features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
                                   "images": datasets.Sequence(datasets.Image())})  # fmt: skip
     datasets.Dataset.from_list(held, features=features).to_parquet(str(tmp_path / "held.parquet"))
@@ -300,14 +303,17 @@ def test_records_holding_their_images_roll_out_as_the_same_pictures_by_path(conv
     one, two = (records(tmp_path / "out" / f"{n}.r.jsonl") for n in ("paths.jsonl", "held.parquet"))
     assert [r["prompt_ids"] for r in one] == [r["prompt_ids"] for r in two]
     assert [r["completion_ids"] for r in one] == [r["completion_ids"] for r in two]
-    assert [[x["sha256"] for x in r["images"]] for r in one] == [[x["sha256"] for x in r["images"]] for r in two]
+    hashes = [[[x["sha256"] for x in r["images"]] for r in records] for records in (one, two)]
+    assert hashes[0] == hashes[1]
     folder = tmp_path / "out" / "held.parquet.r.jsonl.images"
     for r in two:
         for x in r["images"]:
             path = tmp_path / "out" / x["path"]
-            assert path.parent == folder and path.name == x["sha256"][:32] + ".png" and sha(path) == x["sha256"]
+            assert path.parent == folder and path.name == x["sha256"][:32] + ".png"
+            assert sha(path) == x["sha256"]
     assert len(list(folder.iterdir())) == 2  # a.png, used twice, is one file
-    _expect_bad(run(*common, "--data", tmp_path / "held.parquet", "-o", "-"), "holds the images themselves", "--image-dir")
+    result = run(*common, "--data", tmp_path / "held.parquet", "-o", "-")
+    _expect_bad(result, "holds the images themselves", "--image-dir")
 
     out = tmp_path / "run"
     result = run("grpo", "--model", root / "ck", "--data", tmp_path / "held.parquet", "-G", 2, "--prompts-per-step", 2,
@@ -315,7 +321,8 @@ def test_records_holding_their_images_roll_out_as_the_same_pictures_by_path(conv
                  "--steps", 1, "--no-probe", "--eval-every", 0, "--save-rollouts", "-o", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     step = records(out / "rollouts" / "step_1.jsonl")
-    assert {x["sha256"] for r in step for x in r["images"]} == {sha(tmp_path / "a.png"), sha(tmp_path / "b.png")}
+    used = {x["sha256"] for r in step for x in r["images"]}
+    assert used == {sha(tmp_path / "a.png"), sha(tmp_path / "b.png")}
     for r in step:
         for x in r["images"]:
             path = (out / "rollouts" / x["path"]).resolve()

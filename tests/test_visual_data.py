@@ -222,10 +222,11 @@ def test_records_holding_their_images_a_datasets_image_feature(tmp_path):
     assert [open(x, "rb").read() for x in p[0].images] == [raw["b.jpg"], raw["a.png"]]
     # An Image feature that names its file instead (bytes null): a path relative to the data file.
     named = tmp_path / "named.jsonl"
-    named.write_text(json.dumps({"question": "q", "answer": "1", "image": {"bytes": None, "path": "b.jpg"}}) + "\n")
+    record = {"question": "q", "answer": "1", "image": {"bytes": None, "path": "b.jpg"}}
+    named.write_text(json.dumps(record) + "\n")
     assert load_problems(str(named), image_field="image")[0].images == (str(tmp_path / "b.jpg"),)
 
-    with pytest.raises(BadInputError, match=r"d.parquet: row 1: field 'image' holds the images themselves.*--image-dir"):
+    with pytest.raises(BadInputError, match=r"d.parquet: row 1: .* holds the images .*--image-dir"):
         load_problems(str(data), image_field="image")
     rows[1]["image"] = {"bytes": b"not a picture", "path": None}
     _image_feature_parquet(data, rows)

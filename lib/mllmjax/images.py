@@ -54,7 +54,9 @@ def open_image_bytes(data: bytes) -> str:
             return (image.format or "png").lower()
     except Exception as e:  # as open_image
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadInputError(f"an image of {len(data)} bytes held in the record: not a readable image ({reason})") from None
+        raise BadInputError(
+            f"an image of {len(data)} bytes held in the record: not a readable image ({reason})"
+        ) from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -345,7 +345,9 @@ def host_vision_rollouts(
     )  # fmt: skip
 
 
-def _host_share(params: Params, model_cfg: Any, problems: Sequence[Problem], mesh: Any) -> tuple[Params, slice]:
+def _host_share(
+    params: Params, model_cfg: Any, problems: Sequence[Problem], mesh: Any
+) -> tuple[Params, slice]:
     """(params on the decode `mesh`, this process's slice of `problems`): `host_rollouts`'s."""
     from mllmjax.distributed import host_local_copy, process_share
     from mllmjax.lora import has_adapters
