@@ -337,6 +337,7 @@ def test_rollout_on_two_processes_equals_one(converted, tmp_path):  # noqa: F811
     pair = _run_pair([*common, "-o", str(tmp_path / "two.jsonl")], timeout=600)
     assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-3000:] + pair[1].stderr[-3000:]
     one, two = _lines(tmp_path / "one.jsonl"), _lines(tmp_path / "two.jsonl")
+
     def key(r: dict) -> tuple:  # the pictures by name and content (each file beside its records)
         pictures = [(Path(x["path"]).name, x["sha256"]) for x in r["images"]]
         return r["group"], r["sample"], r["completion_ids"], pictures
