@@ -2,8 +2,8 @@
 `converted` fixture of test_vision_sample): the visual built-in task runs with its pictures through
 rollout, score and train; the run directory keeps the pictures its steps used; the checkpoints are the
 whole LLaVA with the tower frozen; a step on 8 fake devices equals the step on one; the run resumes
-exactly; 2 processes x 4 devices equal 1 x 8 (grpo, with and without LoRA, and rollout); what is not
-supported is one line, exit 2, nothing written."""
+exactly; a rollout on 2 processes x 4 devices equals 1 x 8; what is not supported (grpo on several
+processes among it) is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -259,68 +259,16 @@ def test_the_memory_estimate_counts_the_tower_and_projector(converted):  # noqa:
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
-def test_a_step_on_two_processes_equals_the_step_on_one(run_dir, tmp_path):
-    """The fixture's run (2 steps, held-out evaluations at steps 0 and 2) as 2 local processes x 4 fake
-    devices (test_multihost's set-up) against one process on 8: each process samples one of a step's
-    two prompts and one of the two held-out ones on its own devices, process 0 draws the pictures, and
-    the updates over all 8 devices (the pixels of both processes' records) give the same checkpoints."""
-    from test_multihost import _run_pair
-
-    start, out = run_dir
-    two = tmp_path / "two"
-    pair = _run_pair(["grpo", "--model", str(start), *TINY, "--steps", "2", "--eval-every", "2",
-                      "--eval-num-prompts", "2", "--save-every", "1", "--keep", "2", "-o", str(two)],
-                     timeout=600)  # fmt: skip
-    assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-3000:] + pair[1].stderr[-3000:]
-    assert "done: 2 steps" in pair[0].stderr and "done" not in pair[1].stderr
-    rows = {d: {m["step"]: m for m in _lines(d / "metrics.jsonl")} for d in (out, two)}
-    for step in (1, 2):
-        one_records, two_records = (_lines(d / "rollouts" / f"step_{step}.jsonl") for d in (out, two))
-        assert len(two_records) == 2 * 2
-        for r1, r2 in zip(one_records, two_records, strict=True):
-            assert (r2["group"], r2["completion_ids"]) == (r1["group"], r1["completion_ids"])
-            assert r2["images"][0]["sha256"] == r1["images"][0]["sha256"]
-            assert (r2["reward"], r2["advantage"]) == (r1["reward"], r1["advantage"])
-            np.testing.assert_allclose(r2["logprobs"], r1["logprobs"], atol=1e-5)
-        for key in ("loss", "kl", "grad_norm", "reward"):
-            want = pytest.approx(rows[out][step][key], rel=1e-5, abs=1e-7)
-            assert rows[two][step][key] == want, (step, key)
-        a, b = _params(out / "checkpoints" / f"step_{step}"), _params(two / "checkpoints" / f"step_{step}")
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
-    for step in (0, 2):
-        evals = [{k: v for k, v in rows[d][step].items() if k.startswith("eval/") and not k.endswith("_s")}
-                 for d in (out, two)]  # fmt: skip
-        assert evals[0] == evals[1] and evals[1]["eval/problems"] == 2
-    # The pictures of the steps' prompts and of the held-out ones, drawn once, each file whole.
-    pictures = sorted(p.name for p in (two / "images").iterdir())
-    assert len(pictures) == 2 * 2 + 2 and all(n.endswith(".png") and not n.startswith(".") for n in pictures)
-    for name in pictures:
-        assert (two / "images" / name).read_bytes() == (out / "images" / name).read_bytes()
-
-
-@pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
-def test_lora_steps_on_two_processes_equal_the_steps_on_one(converted, tmp_path):  # noqa: F811
-    """--lora-rank on 2 processes x 4 devices: each host decodes with the adapters merged into its own
-    copy of the whole model, and the adapter checkpoints both processes write equal one process's on 8."""
+def test_grpo_on_two_processes_is_refused_in_one_line(converted, tmp_path):  # noqa: F811
+    """grpo on a vision-language checkpoint with several processes (hangs seen in step 2's copy of the
+    model onto each host) is refused by both processes, one line, nothing written."""
     from test_multihost import _run_pair
 
     _, root = converted
-    args = ["grpo", "--model", str(root / "ck"), *TINY, "--steps", "2", "--eval-every", "0", "--save-every", "1",
-            "--keep", "2", "--lora-rank", "4"]  # fmt: skip
-    result = run(*args, "-o", tmp_path / "one")
-    assert result.exit_code == 0, result.output
-    pair = _run_pair([*args, "-o", str(tmp_path / "two")], timeout=600)
-    assert [p.returncode for p in pair] == [0, 0], pair[0].stderr[-3000:] + pair[1].stderr[-3000:]
-    for step in (1, 2):
-        one, two = (_lines(tmp_path / d / "rollouts" / f"step_{step}.jsonl") for d in ("one", "two"))
-        assert [r["completion_ids"] for r in one] == [r["completion_ids"] for r in two]
-        a, b = (_flat(load_checkpoint(tmp_path / d / "checkpoints" / f"step_{step}", vision_language=True,
-                                      adapters=True).params) for d in ("one", "two"))  # fmt: skip
-        assert a.keys() == b.keys() and all(k.startswith("['layers']") for k in a)
-        for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
+    out = tmp_path / "run"
+    pair = _run_pair(["grpo", "--model", str(root / "ck"), *TINY, "--steps", "1", "-o", str(out)], timeout=300)
+    assert [p.returncode for p in pair] == [2, 2], pair[0].stderr[-3000:] + pair[1].stderr[-3000:]
+    assert "does not support several processes" in pair[0].stderr and not out.exists()
 
 
 @pytest.mark.parametrize("converted", ["clip-llama"], indirect=True)
